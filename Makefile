@@ -1,0 +1,30 @@
+# The two commands from the README: `make serve` and `make test`. Both create the
+# virtual environment and install the pinned dependencies first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODEL ?= models/default
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install serve test bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[server,dev]'
+	touch $(STAMP)
+
+serve: install
+	$(PY) server.py --model-path $(MODEL) $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/bench_protocol.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,150 @@
+"""One configuration object, filled with the precedence CLI > environment > defaults.
+
+Every field ``name`` has an environment variable ``POLICY_SERVER_NAME`` and a CLI flag
+``--name`` (underscores become dashes). The launcher turns the merged config back into
+environment variables, so gunicorn workers read the same values with ``from_env()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from policy_server.errors import ConfigError
+
+ENV_PREFIX = "POLICY_SERVER_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _opt(default, help: str, kind: type | None = None):
+    return field(default=default, metadata={"help": help, "kind": kind or type(default)})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one server instance (all of its gunicorn workers)."""
+
+    model_path: str = _opt("models/default", "model directory following the models/ contract")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto picks CUDA when present)")
+    host: str = _opt("127.0.0.1", "address to bind; non-loopback needs an API key")
+    port: int = _opt(50000, "TCP port to bind")
+    workers: int = _opt(4, "gunicorn worker processes (each loads the model once)")
+    threads: int = _opt(8, "request threads per worker (gthread)")
+    torch_threads: int = _opt(0, "torch threads per worker; 0 means cores // workers")
+    api_key: str | None = _opt(None, "key required in X-API-Key on every route but /health, /ready", str)
+    allow_unauthenticated: bool = _opt(
+        False, "allow binding a non-loopback address without an API key (trusted networks only)"
+    )
+    max_body_bytes: int = _opt(64 * 1024 * 1024, "largest accepted request body (413 above)")
+    timeout_s: int = _opt(120, "gunicorn worker timeout: a silent worker is restarted after this")
+    graceful_timeout_s: int = _opt(30, "seconds a worker gets to finish in-flight requests on SIGTERM")
+    keepalive_s: int = _opt(75, "seconds an idle keep-alive connection stays open")
+    log_level: str = _opt("info", "debug, info, warning or error")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
+        """Defaults overridden by ``POLICY_SERVER_*`` variables."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        return cls(**values)
+
+    @classmethod
+    def from_sources(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> ServerConfig:
+        """CLI flags over environment variables over defaults."""
+        args = vars(_parser(cls).parse_args(argv))
+        return dataclasses.replace(cls.from_env(environ), **args)
+
+    def to_env(self) -> dict[str, str]:
+        """The config as ``POLICY_SERVER_*`` variables (unset fields left out)."""
+        env = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                env[ENV_PREFIX + f.name.upper()] = str(int(value) if isinstance(value, bool) else value)
+        return env
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that cannot serve safely."""
+        if not (0 < self.port < 65536):
+            raise ConfigError(f"port {self.port} is out of range")
+        for name in ("workers", "threads", "max_body_bytes", "timeout_s"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.torch_threads < 0:
+            raise ConfigError("torch_threads must be 0 (auto) or more")
+        if self.device != "auto" and self.device != "cpu" and not _is_cuda_device(self.device):
+            raise ConfigError(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ConfigError("api_key must be at least 8 characters")
+        if not is_loopback(self.host) and not self.api_key and not self.allow_unauthenticated:
+            raise ConfigError(
+                f"refusing to bind {self.host} without an API key: set --api-key "
+                "(POLICY_SERVER_API_KEY), or --allow-unauthenticated on a trusted network"
+            )
+
+    def torch_threads_per_worker(self, cores: int | None = None) -> int:
+        """Torch intra-op threads for one worker: explicit, or cores // workers (at least 1)."""
+        if self.torch_threads:
+            return self.torch_threads
+        cores = cores or len(os.sched_getaffinity(0))
+        return max(1, cores // self.workers)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and addresses in 127.0.0.0/8 or ::1."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_cuda_device(device: str) -> bool:
+    return device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit())
+
+
+def _parse(f: dataclasses.Field, raw: str):
+    kind = f.metadata["kind"]
+    name = ENV_PREFIX + f.name.upper()
+    if kind is bool:
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise ConfigError(f"{name}={raw!r} is not a boolean")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    return raw
+
+
+def _parser(cls) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="server.py",
+        description="Serve a robot policy over HTTP with gunicorn.",
+        argument_default=argparse.SUPPRESS,
+        epilog=f"Every flag can also be set as an environment variable {ENV_PREFIX}<NAME>.",
+    )
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.metadata["kind"]
+        help_text = f"{f.metadata['help']} (env {ENV_PREFIX}{f.name.upper()}, default {f.default!r})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, help=help_text, metavar=f.name.upper())
+    return parser

@@ -1,0 +1,51 @@
+"""The server's error types. Each maps to one HTTP status and a short public message."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base of the errors a route answers with JSON ``{"error": ..., "detail": ...}``."""
+
+    status = 500
+    error = "internal server error"
+
+    def __init__(self, detail: str = "", *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail or self.error)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class BadRequest(ServingError):
+    status, error = 400, "bad request"
+
+
+class Unauthorized(ServingError):
+    status, error = 401, "unauthorized"
+
+
+class LengthRequired(ServingError):
+    status, error = 411, "length required"
+
+
+class PayloadTooLarge(ServingError):
+    status, error = 413, "payload too large"
+
+
+class InvalidInput(ServingError):
+    status, error = 422, "invalid input"
+
+
+class InferenceFailed(ServingError):
+    status, error = 500, "inference failed"
+
+
+class NotReady(ServingError):
+    status, error = 503, "not ready"
+
+
+class ConfigError(ValueError):
+    """A server configuration that cannot start (bad value, unsafe bind, missing model)."""
+
+
+class ModelError(Exception):
+    """A model directory that does not follow the contract, or a policy that misbehaves."""

@@ -1,0 +1,51 @@
+"""``python server.py``: merge CLI, environment and defaults, check them, then exec gunicorn.
+
+The merged config travels to the workers as ``POLICY_SERVER_*`` environment variables, so
+the CLI and ``gunicorn -c gunicorn.conf.py`` with variables are one code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from policy_server.config import ServerConfig
+from policy_server.errors import ConfigError
+
+log = logging.getLogger("policy_server.launcher")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GUNICORN_CONF = os.path.join(ROOT, "gunicorn.conf.py")
+
+
+def build_config(argv: Sequence[str] | None = None, environ=None) -> ServerConfig:
+    """The merged, checked config with an absolute model path (workers run from ROOT)."""
+    config = ServerConfig.from_sources(argv, environ)
+    config = dataclasses.replace(config, model_path=os.path.abspath(config.model_path))
+    config.validate()
+    if not os.path.isfile(os.path.join(config.model_path, "policy.py")):
+        raise ConfigError(f"{config.model_path} is not a model directory (no policy.py)")
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = build_config(argv)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    env = {**os.environ, **config.to_env()}
+    command = [
+        sys.executable, "-m", "gunicorn",
+        "--config", GUNICORN_CONF,
+        "--chdir", ROOT,
+    ]
+    log.info(
+        "serving %s on http://%s:%d with %d workers x %d threads",
+        config.model_path, config.host, config.port, config.workers, config.threads,
+    )
+    os.execve(sys.executable, command, env)
