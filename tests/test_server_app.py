@@ -1,0 +1,199 @@
+"""Every route and status code through Flask's test client, with a fake policy."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from binary_protocol import binary_to_dict, dict_to_binary
+from policy_server.config import ServerConfig
+from server import create_app
+from tests.conftest import make_app
+from tests.fakes import FakePolicy, expected_action, fake_observation
+
+KEY = "test-key-0123456789"
+
+
+def post_infer(client, body: bytes, **kwargs):
+    # An explicit length, as every real HTTP client sends, also for an empty body.
+    return client.post(
+        "/infer", data=body, content_type="application/octet-stream",
+        environ_overrides={"CONTENT_LENGTH": str(len(body))}, **kwargs,
+    )
+
+
+def assert_error(response, status: int, *fragments: str) -> dict:
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.mimetype == "application/json"
+    payload = response.get_json()
+    assert set(payload) == {"error", "detail"}
+    text = payload["error"] + " " + payload["detail"]
+    for fragment in fragments:
+        assert fragment in text, text
+    return payload
+
+
+def test_infer_answers_the_policy_output_with_headers(client):
+    obs = fake_observation(1)
+    response = post_infer(client, dict_to_binary(obs))
+    assert response.status_code == 200
+    assert response.mimetype == "application/octet-stream"
+    assert response.headers["X-Model-Version"] == "fake-1"
+    stages = [part.split(";")[0].strip() for part in response.headers["Server-Timing"].split(",")]
+    assert stages == ["read", "decode", "infer", "encode"]
+    outputs = binary_to_dict(response.get_data())
+    assert set(outputs) == {"action"}
+    assert outputs["action"].dtype == np.float32 and outputs["action"].shape == (10, 7)
+    np.testing.assert_allclose(outputs["action"], expected_action(obs), rtol=1e-6)
+
+
+def test_big_endian_inputs_are_accepted(client):
+    obs = fake_observation(2)
+    big = {"state": obs["state"].astype(">f4"), "image": obs["image"]}
+    response = post_infer(client, dict_to_binary(big))
+    assert response.status_code == 200
+    np.testing.assert_allclose(binary_to_dict(response.get_data())["action"], expected_action(obs), rtol=1e-6)
+
+
+def test_health_ready_and_model_info(client):
+    assert client.get("/health").get_json() == {"status": "ok"}
+    assert client.get("/ready").get_json() == {"status": "ready", "model": "fake", "version": "fake-1"}
+    info = client.get("/model_info").get_json()
+    assert info["name"] == "fake" and info["version"] == "fake-1"
+    assert info["inputs"][0] == {"name": "state", "dtype": "float32", "shape": [6]}
+    assert info["outputs"] == [{"name": "action", "dtype": "float32", "shape": [10, 7]}]
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        (b"", "neither"),
+        (b"GET / HTTP/1.1\r\n", "neither"),
+        (b"PK5F\x02" + bytes(23), "version 2"),
+        (dict_to_binary({"x": np.zeros(3)})[:-1], "body has"),
+        (b"\x80\x05cos\nsystem\n(S'true'\ntR.", "os.system is not allowed"),
+    ],
+    ids=["empty", "garbage", "version", "truncated", "unsafe-pickle"],
+)
+def test_malformed_or_unsafe_body_is_400(client, body, fragment):
+    assert_error(post_infer(client, body), 400, "bad request", fragment)
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        (lambda o: o.pop("image"), ["missing input 'image'"]),
+        (lambda o: o.update(extra=np.zeros(1)), ["unexpected input 'extra'"]),
+        (lambda o: o.update(state=o["state"].astype(np.float64)), ["'state'", "float32", "float64"]),
+        (lambda o: o.update(image=np.zeros((8, 8, 4), np.uint8)), ["'image'", "[8, 8, 3]", "[8, 8, 4]"]),
+        (lambda o: o.update(state=[1.0] * 6), ["'state'", "array"]),
+    ],
+    ids=["missing", "extra", "dtype", "shape", "not-array"],
+)
+def test_input_not_matching_the_spec_is_422(client, change, fragments):
+    obs = fake_observation()
+    change(obs)
+    assert_error(post_infer(client, dict_to_binary(obs)), 422, "invalid input", *fragments)
+
+
+def test_missing_content_length_is_411(client):
+    response = client.post(
+        "/infer", input_stream=io.BytesIO(b"abc"), headers={"Transfer-Encoding": "chunked"},
+        content_type="application/octet-stream", environ_overrides={"CONTENT_LENGTH": ""},
+    )
+    assert_error(response, 411, "Content-Length")
+
+
+def test_body_over_the_limit_is_413_and_not_read():
+    app = make_app(max_body_bytes=1000)
+    stream = io.BytesIO(bytes(2000))
+    response = app.test_client().post("/infer", input_stream=stream, content_length=2000)
+    assert_error(response, 413, "2000", "1000")
+    assert stream.tell() == 0
+
+
+@pytest.mark.parametrize("length, fragment", [("abc", "not an integer"), ("-5", "negative"), ("100", "ended after 10")])
+def test_bad_content_length_is_400(client, length, fragment):
+    response = client.post("/infer", input_stream=io.BytesIO(bytes(10)), environ_overrides={"CONTENT_LENGTH": length})
+    assert_error(response, 400, fragment)
+
+
+def test_unknown_route_and_wrong_method_are_json(client):
+    assert_error(client.get("/nope"), 404, "not found")
+    response = client.get("/infer")
+    assert_error(response, 405, "method not allowed")
+    assert "POST" in response.headers["Allow"]
+
+
+def test_failing_forward_is_generic_500_with_traceback_only_in_log(caplog):
+    policy = FakePolicy()
+    app = make_app(policy)
+    policy.fail = True
+    with caplog.at_level(logging.ERROR):
+        response = post_infer(app.test_client(), dict_to_binary(fake_observation()))
+    payload = assert_error(response, 500, "inference failed")
+    assert "secret" not in response.get_data(as_text=True)
+    assert "secret internal failure detail" in caplog.text and "Traceback" in caplog.text
+    policy.fail = False
+    assert post_infer(app.test_client(), dict_to_binary(fake_observation())).status_code == 200
+    assert payload["detail"] == ""
+
+
+def test_ready_is_503_until_warm_then_200():
+    gate = threading.Event()
+    app = create_app(ServerConfig(), policy=FakePolicy(gate=gate))
+    client = app.test_client()
+    runtime = app.extensions["policy_runtime"]
+    runtime.start()
+    assert_error(client.get("/ready"), 503, "loading")
+    assert_error(post_infer(client, dict_to_binary(fake_observation())), 503, "loading")
+    assert_error(client.get("/model_info"), 503)
+    assert client.get("/health").status_code == 200
+    gate.set()
+    runtime.start(block=True)
+    assert client.get("/ready").status_code == 200
+    assert post_infer(client, dict_to_binary(fake_observation())).status_code == 200
+
+
+def test_failed_load_keeps_ready_503_with_a_pointer_to_the_log(tmp_path):
+    app = create_app(ServerConfig(model_path=str(tmp_path)))
+    app.extensions["policy_runtime"].start(block=True)
+    client = app.test_client()
+    assert_error(client.get("/ready"), 503, "failed to load", "log")
+    assert str(tmp_path) not in client.get("/ready").get_data(as_text=True)
+    assert client.get("/health").status_code == 200
+
+
+def test_first_request_starts_loading_without_the_gunicorn_hook():
+    app = create_app(ServerConfig(), policy=FakePolicy())
+    runtime = app.extensions["policy_runtime"]
+    assert not runtime.started
+    app.test_client().get("/health")
+    runtime.start(block=True)
+    assert runtime.ready
+
+
+class TestApiKey:
+    @pytest.fixture
+    def client(self):
+        return make_app(api_key=KEY).test_client()
+
+    @pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"X-API-Key": KEY + "x"}])
+    def test_protected_routes_need_the_key(self, client, headers):
+        body = dict_to_binary(fake_observation())
+        assert_error(post_infer(client, body, headers=headers), 401, "X-API-Key")
+        assert_error(client.get("/model_info", headers=headers), 401)
+        assert_error(client.get("/nope", headers=headers), 401)
+
+    def test_health_and_ready_are_open(self, client):
+        assert client.get("/health").status_code == 200
+        assert client.get("/ready").status_code == 200
+
+    def test_right_key_passes(self, client):
+        response = post_infer(client, dict_to_binary(fake_observation()), headers={"X-API-Key": KEY})
+        assert response.status_code == 200
+        assert client.get("/model_info", headers={"X-API-Key": KEY}).status_code == 200
