@@ -1,0 +1,190 @@
+"""request_tools against a scripted loopback HTTP server: errors, retries, timeouts, keep-alive."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import requests
+
+import request_tools
+from binary_protocol import dict_to_binary
+from request_tools import (
+    PolicyClient,
+    PolicyClientError,
+    PolicyConnectionError,
+    PolicyServerError,
+    PolicyTimeoutError,
+    send_inference_request,
+)
+from tests.serving import free_port
+
+ACTION = np.arange(70, dtype=np.float32).reshape(10, 7)
+
+
+class Script:
+    """What the stub answers: a list of modes consumed per request, the last one repeating."""
+
+    def __init__(self, *modes: str) -> None:
+        self.modes = list(modes)
+        self.requests: list[tuple[str, int, dict]] = []
+
+    def next_mode(self) -> str:
+        return self.modes.pop(0) if len(self.modes) > 1 else self.modes[0]
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def _answer(self):
+        script: Script = self.server.script  # type: ignore[attr-defined]
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        script.requests.append((self.path, self.client_address[1], dict(self.headers)))
+        mode = script.next_mode()
+        if mode == "drop":
+            self.close_connection = True
+            return
+        if mode == "slow":
+            time.sleep(1.0)
+        if mode == "422":
+            self._send(422, json.dumps({"error": "invalid input", "detail": "missing input 'image'"}).encode(), "application/json")
+        elif mode == "500-html":
+            self._send(500, b"<html>oops</html>", "text/html")
+        elif mode == "garbage":
+            self._send(200, b"not a frame", "application/octet-stream")
+        elif self.path in ("/health", "/ready"):
+            self._send(200, b'{"status": "ok"}', "application/json")
+        elif self.path == "/model_info":
+            self._send(200, b'{"name": "stub"}', "application/json")
+        else:
+            self._send(200, dict_to_binary({"action": ACTION}), "application/octet-stream", {"X-Model-Version": "v7"})
+
+    do_GET = do_POST = _answer
+
+    def _send(self, status, body, content_type, headers=None):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def stub():
+    servers = []
+
+    def start(*modes: str, port: int = 0):
+        server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        server.daemon_threads = True
+        server.script = Script(*modes)  # type: ignore[attr-defined]
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+OBS = {"state": np.zeros(6, np.float32)}
+
+
+def test_public_surface():
+    assert set(request_tools.__all__) == {
+        "PolicyClient", "PolicyClientError", "PolicyConnectionError", "PolicyServerError",
+        "PolicyTimeoutError", "send_inference_request",
+    }
+    for error in (PolicyServerError, PolicyTimeoutError, PolicyConnectionError):
+        assert issubclass(error, PolicyClientError)
+
+
+def test_infer_decodes_and_records_the_model_version(stub):
+    server, url = stub("ok")
+    with PolicyClient(url, api_key="k" * 10) as client:
+        outputs = client.infer(OBS)
+        assert client.last_model_version == "v7"
+    np.testing.assert_array_equal(outputs["action"], ACTION)
+    path, _, headers = server.script.requests[0]
+    assert path == "/infer"
+    assert headers["X-API-Key"] == "k" * 10
+    assert headers["Content-Type"] == "application/octet-stream"
+
+
+def test_client_error_is_not_retried_and_carries_the_servers_message(stub):
+    server, url = stub("422")
+    with PolicyClient(url, retries=3) as client, pytest.raises(PolicyServerError) as info:
+        client.infer(OBS)
+    assert (info.value.status, info.value.error, info.value.detail) == (422, "invalid input", "missing input 'image'")
+    assert len(server.script.requests) == 1
+
+
+def test_non_json_error_body_still_gives_a_server_error(stub):
+    _, url = stub("500-html")
+    with pytest.raises(PolicyServerError) as info:
+        send_inference_request(OBS, url + "/infer", retries=0)
+    assert info.value.status == 500 and "oops" in info.value.detail
+
+
+def test_dropped_connection_is_retried(stub):
+    server, url = stub("drop", "ok")
+    with PolicyClient(url, retries=2) as client:
+        np.testing.assert_array_equal(client.infer(OBS)["action"], ACTION)
+    assert len(server.script.requests) == 2
+
+
+def test_connection_refused_raises_after_retries_with_the_cause():
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with PolicyClient(url, retries=2) as client, pytest.raises(PolicyConnectionError) as info:
+        client.infer(OBS)
+    assert isinstance(info.value.__cause__, requests.exceptions.ConnectionError)
+    assert time.monotonic() - start >= request_tools.BACKOFF_S * 3 * 0.9  # 0.05 + 0.1 backoff
+
+
+def test_timeout_is_raised_and_not_retried(stub):
+    server, url = stub("slow")
+    with PolicyClient(url, timeout_s=0.2, retries=3) as client, pytest.raises(PolicyTimeoutError) as info:
+        client.infer(OBS)
+    assert isinstance(info.value.__cause__, requests.exceptions.Timeout)
+    assert len(server.script.requests) == 1
+
+
+def test_undecodable_answer_is_a_client_error(stub):
+    _, url = stub("garbage")
+    with pytest.raises(PolicyClientError, match="undecodable"):
+        send_inference_request(OBS, url + "/infer")
+
+
+def test_send_inference_request_keeps_the_connection_alive(stub):
+    server, url = stub("ok")
+    for _ in range(3):
+        send_inference_request(OBS, url + "/infer")
+    ports = {port for _, port, _ in server.script.requests}
+    assert len(server.script.requests) == 3 and len(ports) == 1
+
+
+def test_health_ready_and_model_info(stub):
+    _, url = stub("ok")
+    with PolicyClient(url) as client:
+        assert client.health() and client.ready()
+        assert client.model_info() == {"name": "stub"}
+    with PolicyClient(f"http://127.0.0.1:{free_port()}", retries=0) as down:
+        assert not down.health() and not down.ready()
+
+
+def test_unencodable_observation_fails_before_sending(stub):
+    server, url = stub("ok")
+    with PolicyClient(url) as client, pytest.raises(ValueError, match="dtype"):
+        client.infer({"x": np.array(["text"])})
+    assert server.script.requests == []

@@ -1,0 +1,168 @@
+"""End to end: a real gunicorn (2 gthread workers) serving the default policy, the real client."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from binary_protocol import dict_to_binary
+from policy_server.contract import TensorSpec
+from policy_server.model_loader import directory_digest, load_model_dir
+from policy_server.tensors import sample_inputs, split_outputs, stack_inputs
+from request_tools import PolicyClient, PolicyServerError, send_inference_request
+try:
+    from tests.hostile_payloads import hostile_payloads
+except ImportError:  # TEMP
+    hostile_payloads = None
+from tests.serving import ROOT, run_server
+
+pytestmark = pytest.mark.integration
+
+DEFAULT = str(ROOT / "models" / "default")
+KEY = "integration-key-123"
+SPEC = (TensorSpec("state", "float32", (6,)), TensorSpec("image", "uint8", (480, 640, 3)))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with run_server(tmp_path_factory.mktemp("server"), workers=2, args=("--model-path", "models/default")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The default policy in-process, for comparing the served answers."""
+    model = load_model_dir(DEFAULT, "cpu")
+
+    def run(obs):
+        batch = stack_inputs([obs], model.input_spec, "cpu")
+        return split_outputs(model.policy.forward(batch), 1, model.output_spec)[0]
+
+    return run
+
+
+def observation(seed: int) -> dict[str, np.ndarray]:
+    """A random reference observation: state float32[6], image uint8[480, 640, 3]."""
+    sample = sample_inputs(SPEC, batch=1, seed=seed)
+    return {name: value[0] for name, value in sample.items()}
+
+
+def test_client_gets_the_same_action_as_in_process(server, reference):
+    obs = observation(11)
+    with PolicyClient(server.base_url) as client:
+        outputs = client.infer(obs)
+        assert client.last_model_version == directory_digest(DEFAULT)
+    assert outputs["action"].shape == (10, 7) and outputs["action"].dtype == np.float32
+    np.testing.assert_allclose(outputs["action"], reference(obs)["action"], rtol=1e-5, atol=1e-6)
+    again = send_inference_request(obs, server.base_url + "/infer")
+    np.testing.assert_allclose(again["action"], outputs["action"], rtol=1e-5, atol=1e-6)
+
+
+def test_probes_and_model_info(server):
+    with PolicyClient(server.base_url) as client:
+        assert client.health() and client.ready()
+        info = client.model_info()
+    assert info["name"] == "default" and info["device"] == "cpu"
+    assert info["version"] == directory_digest(DEFAULT)
+    assert [s["name"] for s in info["inputs"]] == ["state", "image"]
+
+
+def test_concurrent_clients_each_get_their_own_answer(server, reference):
+    observations = [observation(100 + i) for i in range(16)]
+    expected = [reference(obs)["action"] for obs in observations]
+    failures: list[str] = []
+
+    def loop(i: int) -> None:
+        with PolicyClient(server.base_url) as client:
+            for round_ in range(4):
+                k = (i + round_) % len(observations)
+                got = client.infer(observations[k])["action"]
+                if not np.allclose(got, expected[k], rtol=1e-5, atol=1e-6):
+                    failures.append(f"thread {i} round {round_}: answer for another observation")
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures
+
+
+def _maps(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_torch_lives_in_the_workers_not_the_master(server):
+    workers = server.ready_workers()
+    assert len(workers) == 2
+    assert "libtorch" not in _maps(server.process.pid)
+    for pid in workers:
+        assert "libtorch" in _maps(pid)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert server.log().count(f"{threads} torch threads") == 2
+
+
+def test_hostile_bodies_get_400_and_the_server_keeps_serving(server, tmp_path, reference):
+    canary = tmp_path / "canary"
+    session = requests.Session()
+    payloads = hostile_payloads(str(canary))
+    assert len(payloads) >= 25
+    for payload in payloads:
+        response = session.post(server.base_url + "/infer", data=payload.body, timeout=30)
+        assert response.status_code == 400, (payload.family, payload.name, response.text)
+        assert response.json()["error"] == "bad request"
+        assert not canary.exists(), (payload.family, payload.name)
+    obs = observation(5)
+    np.testing.assert_allclose(
+        send_inference_request(obs, server.base_url + "/infer")["action"], reference(obs)["action"], rtol=1e-5, atol=1e-6
+    )
+    for pid in server.ready_workers():
+        os.kill(pid, 0)  # still alive
+    assert server.log().count("Booting worker") == 2  # no worker died and was replaced
+
+
+def _raw_post(server, headers: dict[str, str], body: bytes = b"") -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.putrequest("POST", "/infer")
+        for key, value in headers.items():
+            conn.putheader(key, value)
+        conn.endheaders()
+        if body:
+            conn.send(body)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_status_codes_over_the_wire(server):
+    status, _ = _raw_post(server, {"Transfer-Encoding": "chunked"}, b"5\r\nhello\r\n0\r\n\r\n")
+    assert status == 411
+    status, body = _raw_post(server, {"Content-Length": str(10**9)})
+    assert status == 413 and b"payload too large" in body
+    assert requests.get(server.base_url + "/nope", timeout=10).status_code == 404
+    assert requests.get(server.base_url + "/infer", timeout=10).status_code == 405
+    with PolicyClient(server.base_url) as client, pytest.raises(PolicyServerError) as info:
+        client.infer({"state": np.zeros(6, np.float32), "image": np.zeros((48, 64, 3), np.uint8)})
+    assert info.value.status == 422 and "'image'" in info.value.detail and "[480, 640, 3]" in info.value.detail
+
+
+def test_gunicorn_directly_with_environment_and_api_key(tmp_path):
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"]
+    env = {"POLICY_SERVER_API_KEY": KEY, "POLICY_SERVER_MODEL_PATH": DEFAULT}
+    with run_server(tmp_path, workers=1, command=command, env=env) as running:
+        obs = observation(1)
+        with PolicyClient(running.base_url) as anonymous, pytest.raises(PolicyServerError) as info:
+            anonymous.infer(obs)
+        assert info.value.status == 401
+        with PolicyClient(running.base_url, api_key=KEY) as client:
+            assert client.ready()
+            assert client.infer(obs)["action"].shape == (10, 7)
