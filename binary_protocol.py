@@ -27,16 +27,17 @@ either byte order). An array is pickled by numpy as
 only ones a decoder resolves. A client in another language writes exactly that
 opcode sequence (see DEVELOPMENT.md).
 
-Decoding never imports or calls anything outside that allow-list: the unpickler's
-``find_class`` answers from an exact table, the objects it hands to the pickle machine
-refuse ``BUILD``, array arguments are checked before numpy sees them, and the loaded
-tree is walked with caps on depth and visits. Every rejection raises
+Decoding never imports or calls anything outside that allow-list. It does not use
+CPython's unpickler: it implements only the opcodes a protocol-5 pickler emits for the
+allowed types (no memo PUT, EXT, INST/OBJ, persistent ids or sets), resolves exactly
+those three globals, allows BUILD only on a dtype with numpy's plain state, refuses
+non-str dict keys as they are inserted, checks array arguments before numpy sees them,
+and walks the result with caps on depth and visits. Every rejection raises
 :class:`ProtocolError`. Decoded arrays are read-only views into the body: no copy.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import pickle
 import struct
@@ -87,8 +88,6 @@ def _check_dtype(dtype: np.dtype, where: str) -> None:
 
 def _prepare(obj: Any, where: str, depth: int) -> Any:
     """Return ``obj`` in the form the wire allows, or raise ProtocolError."""
-    if depth > MAX_DEPTH:
-        raise ProtocolError(f"{where}: nesting deeper than {MAX_DEPTH}")
     if type(obj) in _SCALARS:
         return obj
     if isinstance(obj, np.generic):  # numpy scalar (np.float64 is also a float) -> 0-d array
@@ -98,6 +97,8 @@ def _prepare(obj: Any, where: str, depth: int) -> Any:
             raise ProtocolError(f"{where}: ndarray subclass {type(obj).__name__} is not supported")
         _check_dtype(obj.dtype, where)
         return obj if obj.flags.c_contiguous else obj.copy(order="C")
+    if isinstance(obj, (dict, list, tuple)) and depth >= MAX_DEPTH:
+        raise ProtocolError(f"{where}: nesting deeper than {MAX_DEPTH}")
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():
@@ -145,46 +146,67 @@ def dict_to_binary(data: dict) -> bytes:
 
 # ---------------------------------------------------------------------------------
 # Decoding
+#
+# The decoder does not use CPython's unpickler. It implements only the opcodes that a
+# protocol-5 pickler emits for the allowed types, so memo PUT (whose index sizes an
+# allocation), EXT (resolved from a process-wide cache before find_class), INST/OBJ,
+# persistent ids, sets and non-str dict keys (hash-collision attacks) have no code path.
+# The only callables a stream can reach are the two checked constructors below.
+
+_MAX_LONG_BYTES = 64  # ints up to 512 bits
+_MAX_DIM = 1 << 62
 
 
-class _Refuses:
-    """Base of every object the unpickler hands out: BUILD on it is refused.
-
-    ``__slots__ = ()`` leaves no ``__dict__`` for BUILD to write into, and
-    ``__setstate__`` raises, so a stream cannot mutate these objects.
-    """
+class _Token:
+    """Objects that exist only while decoding; none may appear in the result."""
 
     __slots__ = ()
 
-    def __setstate__(self, state: Any) -> None:
-        raise ProtocolError(f"BUILD on {type(self).__name__} is not allowed")
 
-    def __reduce__(self):  # never pickled back out
-        raise TypeError(f"{type(self).__name__} cannot be pickled")
-
-
-class _PendingDtype(_Refuses):
-    """Stands for ``numpy.dtype(name, False, True)`` until its one BUILD gives the byte order."""
-
-    __slots__ = ("name", "byteorder", "built")
+class _Global(_Token):
+    __slots__ = ("name",)
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+_FROMBUFFER = _Global("_frombuffer")
+_DTYPE = _Global("dtype")
+_GLOBALS = {
+    ("numpy._core.numeric", "_frombuffer"): _FROMBUFFER,  # numpy 2
+    ("numpy.core.numeric", "_frombuffer"): _FROMBUFFER,  # numpy 1
+    ("numpy", "dtype"): _DTYPE,
+}
+
+
+class _Dtype(_Token):
+    """``numpy.dtype(name, False, True)`` awaiting its optional BUILD with the byte order."""
+
+    __slots__ = ("name", "byteorder", "built")
+
+    def __init__(self, args: tuple) -> None:
+        if len(args) != 3 or args[1] is not False or args[2] is not True:
+            raise ProtocolError("dtype arguments are not the plain form (name, False, True)")
+        if type(args[0]) is not str or args[0] not in _DTYPE_NAMES:
+            raise ProtocolError(f"dtype {args[0]!r} is not allowed (kinds b, i, u, f, c only)")
+        self.name = args[0]
         self.byteorder = "="
         self.built = False
 
-    def __setstate__(self, state: Any) -> None:
-        # numpy's plain form: (3, byteorder, None, None, None, -1, -1, 0). Nothing else
-        # (subarrays, fields, metadata, flags) ever reaches numpy's C __setstate__.
+    def build(self, state: Any) -> None:
+        # numpy's plain form is (3, byteorder, None, None, None, -1, -1, 0); subarrays,
+        # fields, metadata and flags never reach numpy's C __setstate__ (numpy #30476).
         if self.built:
             raise ProtocolError("dtype state given twice")
         if (
             type(state) is not tuple
             or len(state) != 8
+            or type(state[0]) is not int
             or state[0] != 3
             or type(state[1]) is not str
             or state[1] not in _BYTEORDERS
             or state[2:] != (None, None, None, -1, -1, 0)
+            or any(type(v) is not int for v in state[5:])
         ):
             raise ProtocolError("dtype state is not the plain form")
         self.byteorder = state[1]
@@ -195,145 +217,310 @@ class _PendingDtype(_Refuses):
         return dtype if self.byteorder in "=|" else dtype.newbyteorder(self.byteorder)
 
 
-class _DtypeFactory(_Refuses):
-    """The allow-listed ``numpy.dtype``: only ``dtype(<numeric name>, False, True)``."""
+class _Buffer(_Token):
+    """An out-of-band buffer (NEXT_BUFFER) or in-band BYTEARRAY8 bytes: only an array may use it."""
 
-    __slots__ = ()
+    __slots__ = ("view", "index")
 
-    def __call__(self, *args: Any) -> _PendingDtype:
-        if len(args) != 3 or args[1] is not False or args[2] is not True:
-            raise ProtocolError("dtype arguments are not the plain form")
-        name = args[0]
-        if type(name) is not str or name not in _DTYPE_NAMES:
-            raise ProtocolError(f"dtype {name!r} is not allowed (kinds b, i, u, f, c only)")
-        return _PendingDtype(name)
+    def __init__(self, view: memoryview, index: int) -> None:
+        self.view = view
+        self.index = index  # -1 for in-band
 
 
-class _PendingArray(_Refuses):
-    """An array made by ``_frombuffer``; replaced by the ndarray when the tree is walked."""
+class _Decoder:
+    """One decode: checked array construction and the out-of-band buffer bookkeeping."""
 
-    __slots__ = ("array",)
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-
-
-class _FromBuffer(_Refuses):
-    """The allow-listed ``numpy._core.numeric._frombuffer``, with its arguments checked."""
-
-    __slots__ = ("oob", "used")
-
-    def __init__(self, oob: dict[int, int]) -> None:
-        self.oob = oob  # id(out-of-band memoryview) -> index
+    def __init__(self, buffers: list[memoryview]) -> None:
+        self.buffers = buffers
+        self.next_buffer = 0
         self.used: set[int] = set()
 
-    def __call__(self, *args: Any) -> _PendingArray:
+    def next_oob(self) -> _Buffer:
+        if self.next_buffer >= len(self.buffers):
+            raise ProtocolError("NEXT_BUFFER beyond the frame's out-of-band buffers")
+        buffer = _Buffer(self.buffers[self.next_buffer], self.next_buffer)
+        self.next_buffer += 1
+        return buffer
+
+    def frombuffer(self, args: tuple) -> np.ndarray:
         if len(args) not in (4, 5):
             raise ProtocolError("_frombuffer takes 4 or 5 arguments")
         buf, dtype, shape, order = args[:4]
         axis_order = args[4] if len(args) == 5 else None
-
-        if type(buf) is memoryview:
-            index = self.oob.get(id(buf))
-            if index is None:
-                raise ProtocolError("array buffer is not one of the frame's buffers")
-            if index in self.used:
-                raise ProtocolError(f"out-of-band buffer {index} used twice")
-            self.used.add(index)
-        elif type(buf) not in (bytes, bytearray):
+        if type(buf) is _Buffer:
+            if buf.index >= 0:
+                if buf.index in self.used:
+                    raise ProtocolError(f"out-of-band buffer {buf.index} used twice")
+                self.used.add(buf.index)
+            data: Any = buf.view
+        elif type(buf) is bytes:
+            data = buf
+        else:
             raise ProtocolError(f"array buffer of type {type(buf).__name__} is not allowed")
-        if type(dtype) is not _PendingDtype:
+        if type(dtype) is not _Dtype:
             raise ProtocolError("array dtype is not an allowed numpy.dtype")
         if type(shape) is not tuple or len(shape) > MAX_NDIM:
             raise ProtocolError(f"array shape must be a tuple of at most {MAX_NDIM} ints")
         for dim in shape:
-            if type(dim) is not int or dim < 0:
-                raise ProtocolError(f"array shape {shape!r} is not a tuple of non-negative ints")
+            if type(dim) is not int or not 0 <= dim <= _MAX_DIM:
+                raise ProtocolError("array shape is not a tuple of non-negative ints below 2**62")
         if type(order) is not str or order not in ("C", "F", "K"):
             raise ProtocolError(f"array order {order!r} is not allowed")
         if order == "K":
             if (
                 type(axis_order) is not tuple
-                or sorted(axis_order) != list(range(len(shape)))
                 or any(type(a) is not int for a in axis_order)
+                or sorted(axis_order) != list(range(len(shape)))
             ):
                 raise ProtocolError("array axis order is not a permutation of its axes")
         elif axis_order is not None:
             raise ProtocolError("axis order given without order 'K'")
-
         dt = dtype.resolve()
-        nbytes = memoryview(buf).nbytes
-        if math.prod(shape) * dt.itemsize != nbytes:
-            raise ProtocolError(
-                f"array of shape {shape} and dtype {dt} needs {math.prod(shape) * dt.itemsize} "
-                f"bytes, buffer has {nbytes}"
-            )
-        flat = np.frombuffer(buf, dtype=dt)
+        nbytes = memoryview(data).nbytes
+        needed = math.prod(shape) * dt.itemsize
+        if needed != nbytes:
+            raise ProtocolError(f"array of shape {shape} and dtype {dt} needs {needed} bytes, buffer has {nbytes}")
+        flat = np.frombuffer(data, dtype=dt)
         if order == "K":
-            return _PendingArray(flat.reshape(shape).transpose(axis_order))
-        return _PendingArray(flat.reshape(shape, order=order))
+            return flat.reshape(shape).transpose(axis_order)
+        return flat.reshape(shape, order=order)
 
 
-_DTYPE_FACTORY = _DtypeFactory()
-_FROMBUFFER_NAMES = frozenset(
-    [("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer")]
-)
+def _load(view: memoryview, buffers: list[memoryview], max_ops: int) -> Any:
+    """Run the restricted opcode set over ``view``; return the one object left at STOP.
 
-
-class _AllowListUnpickler(pickle.Unpickler):
-    """Resolves exactly three globals; never falls back to the default ``find_class``."""
-
-    def __init__(self, file: io.BytesIO, buffers: list[memoryview]) -> None:
-        super().__init__(file, fix_imports=False, buffers=buffers)
-        self._frombuffer = _FromBuffer({id(b): i for i, b in enumerate(buffers)})
-        self.n_buffers = len(buffers)
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _FROMBUFFER_NAMES:
-            return self._frombuffer
-        if (module, name) == ("numpy", "dtype"):
-            return _DTYPE_FACTORY
-        raise ProtocolError(f"global {module}.{name} is not allowed")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise ProtocolError("persistent ids are not allowed")
-
-
-class _Walk:
-    """Replace pending arrays with ndarrays and refuse anything else outside the allowed types.
-
-    Every visit counts against the node cap, so memo-shared subtrees cannot make the walk
-    run long.
+    Opcodes are read from a bytes copy of the pickle (fast indexing); in-band array bytes
+    are sliced from ``view`` itself, so they stay views into the body. Branches are ordered
+    by how often a protocol-5 pickle of an observation uses them.
     """
+    n = view.nbytes
+    data = bytes(view) if n <= 65536 else view
+    if n < 3 or data[0] != 0x80 or data[1] != 5:
+        raise ProtocolError("pickle does not start with PROTO 5")
+    decoder = _Decoder(buffers)
+    unpack_from = struct.unpack_from
+    stack: list[Any] = []
+    push = stack.append
+    marks: list[int] = []
+    memo: list[Any] = []
+    fence = 0  # items below the last MARK cannot be popped
+    pos = 2
+    ops = 0
+    while pos < n:
+        ops += 1
+        if ops > max_ops:
+            raise ProtocolError(f"more than {max_ops} pickle opcodes")
+        op = data[pos]
+        pos += 1
+        if op == 0x94:  # MEMOIZE
+            if len(stack) <= fence:
+                raise ProtocolError("MEMOIZE on an empty stack")
+            memo.append(stack[-1])
+        elif op == 0x8C:  # SHORT_BINUNICODE
+            if pos >= n:
+                break
+            end = pos + 1 + data[pos]
+            if end > n:
+                break
+            push(str(data[pos + 1 : end], "utf-8", "surrogatepass"))
+            pos = end
+        elif op == 0x4B:  # BININT1
+            if pos >= n:
+                break
+            push(data[pos])
+            pos += 1
+        elif op == 0x28:  # MARK
+            fence = len(stack)
+            marks.append(fence)
+        elif op == 0x93:  # STACK_GLOBAL
+            if len(stack) < fence + 2:
+                raise ProtocolError("STACK_GLOBAL needs a module and a name")
+            name = stack.pop()
+            module = stack.pop()
+            if type(module) is not str or type(name) is not str:
+                raise ProtocolError("STACK_GLOBAL module and name must be str")
+            found = _GLOBALS.get((module, name))
+            if found is None:
+                raise ProtocolError(f"global {module}.{name} is not allowed")
+            push(found)
+        elif op == 0x52:  # REDUCE
+            if len(stack) < fence + 2:
+                raise ProtocolError("REDUCE needs a callable and arguments")
+            args = stack.pop()
+            func = stack.pop()
+            if type(args) is not tuple:
+                raise ProtocolError("REDUCE arguments must be a tuple")
+            if func is _FROMBUFFER:
+                push(decoder.frombuffer(args))
+            elif func is _DTYPE:
+                push(_Dtype(args))
+            else:
+                raise ProtocolError(f"REDUCE on {type(func).__name__.lstrip('_')}, not an allowed global")
+        elif op == 0x74 or op == 0x75 or op == 0x65:  # TUPLE, SETITEMS, APPENDS: pop to MARK
+            if not marks:
+                raise ProtocolError("no MARK to pop to")
+            start = marks.pop()
+            items = stack[start:]
+            del stack[start:]
+            fence = marks[-1] if marks else 0
+            if op == 0x74:
+                push(tuple(items))
+                continue
+            if len(stack) <= fence:
+                raise ProtocolError("SETITEMS or APPENDS without a container below its MARK")
+            target = stack[-1]
+            if op == 0x65:
+                if type(target) is not list:
+                    raise ProtocolError(f"APPENDS on {type(target).__name__.lstrip('_')}")
+                target.extend(items)
+                continue
+            if type(target) is not dict:
+                raise ProtocolError(f"SETITEMS on {type(target).__name__.lstrip('_')}")
+            if len(items) % 2:
+                raise ProtocolError("SETITEMS with an odd number of items")
+            for i in range(0, len(items), 2):
+                if type(items[i]) is not str:
+                    raise ProtocolError(f"dict key of type {type(items[i]).__name__.lstrip('_')} is not allowed")
+                target[items[i]] = items[i + 1]
+        elif 0x85 <= op <= 0x87:  # TUPLE1, TUPLE2, TUPLE3
+            k = op - 0x84
+            if len(stack) < fence + k:
+                raise ProtocolError("TUPLE opcode on too short a stack")
+            items = tuple(stack[-k:])
+            del stack[-k:]
+            push(items)
+        elif op == 0x62:  # BUILD
+            if len(stack) < fence + 2:
+                raise ProtocolError("BUILD needs an object and a state")
+            state = stack.pop()
+            target = stack[-1]
+            if type(target) is not _Dtype:
+                raise ProtocolError(f"BUILD on {type(target).__name__.lstrip('_')} is not allowed")
+            target.build(state)
+        elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
+            width = 1 if op == 0x68 else 4
+            if pos + width > n:
+                break
+            index = data[pos] if width == 1 else unpack_from("<I", data, pos)[0]
+            pos += width
+            if index >= len(memo):
+                raise ProtocolError(f"memo index {index} was never stored")
+            push(memo[index])
+        elif op == 0x89:  # NEWFALSE
+            push(False)
+        elif op == 0x88:  # NEWTRUE
+            push(True)
+        elif op == 0x4E:  # NONE
+            push(None)
+        elif op == 0x97:  # NEXT_BUFFER
+            push(decoder.next_oob())
+        elif op == 0x98:  # READONLY_BUFFER: every buffer is a read-only view already
+            if len(stack) <= fence or type(stack[-1]) is not _Buffer:
+                raise ProtocolError("READONLY_BUFFER needs a buffer")
+        elif op == 0x7D:  # EMPTY_DICT
+            push({})
+        elif op == 0x5D:  # EMPTY_LIST
+            push([])
+        elif op == 0x29:  # EMPTY_TUPLE
+            push(())
+        elif op == 0x73:  # SETITEM
+            if len(stack) < fence + 3:
+                raise ProtocolError("SETITEM needs a dict, a key and a value")
+            value = stack.pop()
+            key = stack.pop()
+            target = stack[-1]
+            if type(target) is not dict:
+                raise ProtocolError(f"SETITEM on {type(target).__name__.lstrip('_')}")
+            if type(key) is not str:
+                raise ProtocolError(f"dict key of type {type(key).__name__.lstrip('_')} is not allowed")
+            target[key] = value
+        elif op == 0x61:  # APPEND
+            if len(stack) < fence + 2 or type(stack[-2]) is not list:
+                raise ProtocolError("APPEND needs a list")
+            value = stack.pop()
+            stack[-1].append(value)
+        elif op == 0x4A or op == 0x4D or op == 0x47:  # BININT, BININT2, BINFLOAT
+            fmt, width = {0x4A: ("<i", 4), 0x4D: ("<H", 2), 0x47: (">d", 8)}[op]
+            if pos + width > n:
+                break
+            push(unpack_from(fmt, data, pos)[0])
+            pos += width
+        elif op == 0x8A or op == 0x8B:  # LONG1, LONG4
+            width = 1 if op == 0x8A else 4
+            if pos + width > n:
+                break
+            k = data[pos] if width == 1 else unpack_from("<I", data, pos)[0]
+            if k > _MAX_LONG_BYTES:
+                raise ProtocolError(f"integer of {k} bytes exceeds {_MAX_LONG_BYTES}")
+            pos += width
+            if pos + k > n:
+                break
+            push(int.from_bytes(data[pos : pos + k], "little", signed=True))
+            pos += k
+        elif op in _SIZED:  # BINUNICODE, BINUNICODE8, SHORT_BINBYTES, BINBYTES, BINBYTES8, BYTEARRAY8
+            fmt, width = _SIZED[op]
+            if pos + width > n:
+                break
+            k = unpack_from(fmt, data, pos)[0]
+            pos += width
+            if pos + k > n:
+                break
+            if op == 0x58 or op == 0x8D:
+                push(str(data[pos : pos + k], "utf-8", "surrogatepass"))
+            elif op == 0x96:
+                push(_Buffer(view[pos : pos + k], -1))
+            else:
+                push(bytes(data[pos : pos + k]))
+            pos += k
+        elif op == 0x95:  # FRAME: a framing hint; its length must lie inside the pickle
+            if pos + 8 > n or pos + 8 + unpack_from("<Q", data, pos)[0] > n:
+                raise ProtocolError("FRAME longer than the pickle")
+            pos += 8
+        elif op == 0x2E:  # STOP
+            if pos != n:
+                raise ProtocolError(f"{n - pos} trailing bytes after STOP")
+            if marks or len(stack) != 1:
+                raise ProtocolError("STOP with a MARK open or more than one object")
+            if len(decoder.used) != len(buffers):
+                raise ProtocolError("frame carries out-of-band buffers that no array uses")
+            return stack[0]
+        else:
+            raise ProtocolError(f"pickle opcode 0x{op:02x} at byte {pos - 1} is not allowed")
+    raise ProtocolError(f"pickle truncated at byte {pos} of {n}")
 
-    def __init__(self, max_depth: int, max_nodes: int) -> None:
-        self.max_depth = max_depth
-        self.max_nodes = max_nodes
-        self.nodes = 0
 
-    def __call__(self, obj: Any, depth: int = 0) -> Any:
-        self.nodes += 1
-        if self.nodes > self.max_nodes:
-            raise ProtocolError(f"more than {self.max_nodes} objects")
-        if depth > self.max_depth:
-            raise ProtocolError(f"nesting deeper than {self.max_depth}")
-        kind = type(obj)
-        if kind is _PendingArray:
-            return obj.array
-        if kind in _SCALARS:
-            return obj
+# Length-prefixed opcodes: (struct format of the length, its width).
+_SIZED = {
+    0x58: ("<I", 4), 0x8D: ("<Q", 8),  # BINUNICODE, BINUNICODE8
+    0x43: ("<B", 1), 0x42: ("<I", 4), 0x8E: ("<Q", 8),  # SHORT_BINBYTES, BINBYTES, BINBYTES8
+    0x96: ("<Q", 8),  # BYTEARRAY8
+}
+
+
+_SCALARS_OUT = frozenset([str, bytes, int, float, bool, type(None), np.ndarray])
+
+
+def _check_tree(obj: Any, max_depth: int, max_nodes: int) -> None:
+    """Refuse decode-time tokens in the result and cap depth and visits (memo-shared
+    subtrees count at every visit, so a small body cannot make a walk run long)."""
+    visits = 0
+    stack = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        visits += 1
+        if visits > max_nodes:
+            raise ProtocolError(f"more than {max_nodes} objects")
+        kind = type(item)
+        if kind in _SCALARS_OUT:
+            continue
+        if depth >= max_depth:
+            raise ProtocolError(f"nesting deeper than {max_depth}")
         if kind is dict:
-            out = {}
-            for key, value in obj.items():
-                if type(key) is not str:
-                    raise ProtocolError(f"dict key of type {type(key).__name__} is not allowed")
-                out[key] = self(value, depth + 1)
-            return out
-        if kind is list:
-            return [self(v, depth + 1) for v in obj]
-        if kind is tuple:
-            return tuple(self(v, depth + 1) for v in obj)
-        raise ProtocolError(f"object of type {kind.__name__} is not allowed")
+            stack.extend((v, depth + 1) for v in item.values())
+        elif kind is list or kind is tuple:
+            stack.extend((v, depth + 1) for v in item)
+        else:
+            raise ProtocolError(f"object of type {kind.__name__.lstrip('_')} is not allowed in the result")
 
 
 def _split_frame(view: memoryview) -> tuple[memoryview, list[memoryview]]:
@@ -358,17 +545,15 @@ def _split_frame(view: memoryview) -> tuple[memoryview, list[memoryview]]:
     for length in (pickle_len, *lengths):
         pad = _pad(offset)
         if offset + pad + length > size:
-            raise ProtocolError(
-                f"frame claims {length} bytes at offset {offset + pad}, body has {size}"
-            )
-        if view[offset : offset + pad] != _ZERO_PAD[:pad]:
+            raise ProtocolError(f"frame claims {length} bytes at offset {offset + pad}, body has {size}")
+        if pad and view[offset : offset + pad] != _ZERO_PAD[:pad]:
             raise ProtocolError(f"non-zero padding at offset {offset}")
         slices.append((offset + pad, length))
         offset += pad + length
     if offset != size:
         raise ProtocolError(f"{size - offset} trailing bytes after the frame")
     (p_start, p_len), *rest = slices
-    return view[p_start : p_start + p_len], [view[s : s + n] for s, n in rest]
+    return view[p_start : p_start + p_len], [view[s : s + k] for s, k in rest]
 
 
 def binary_to_dict(
@@ -379,12 +564,11 @@ def binary_to_dict(
 ) -> dict:
     """Decode a version-1 frame or bare protocol-5 pickle into a dict.
 
-    Arrays are read-only views into ``body`` (zero-copy for out-of-band buffers), so
-    ``body`` must outlive them and must not be modified. Raises :class:`ProtocolError`
+    Arrays are read-only views into ``body`` (out-of-band and BYTEARRAY8 buffers: no copy),
+    so ``body`` must outlive them and must not be modified. Raises :class:`ProtocolError`
     naming the reason for anything the format does not allow.
     """
     try:
-        # Read-only, so that READONLY_BUFFER hands the unpickler back the very same views.
         view = memoryview(body).cast("B").toreadonly()
     except TypeError as exc:
         raise ProtocolError(f"body of type {type(body).__name__} is not bytes-like") from exc
@@ -394,19 +578,13 @@ def binary_to_dict(
         pickle_view, buffers = view, []
     else:
         raise ProtocolError("body is neither a PK5F frame nor a protocol-5 pickle")
-
-    stream = io.BytesIO(pickle_view)
-    unpickler = _AllowListUnpickler(stream, buffers)
     try:
-        loaded = unpickler.load()
+        loaded = _load(pickle_view, buffers, max_ops=16 * max_nodes)
     except ProtocolError:
         raise
-    except Exception as exc:  # truncated streams, bad opcodes, BUILD on builtins, ...
+    except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # numpy refusing a reshape, ...
         raise ProtocolError(f"malformed pickle: {type(exc).__name__}: {exc}") from exc
-    if stream.tell() != pickle_view.nbytes:
-        raise ProtocolError(f"{pickle_view.nbytes - stream.tell()} trailing bytes after the pickle")
-    if len(unpickler._frombuffer.used) != len(buffers):
-        raise ProtocolError("frame carries out-of-band buffers that no array uses")
     if type(loaded) is not dict:
-        raise ProtocolError(f"top level must be a dict, got {type(loaded).__name__}")
-    return _Walk(max_depth, max_nodes)(loaded)
+        raise ProtocolError(f"top level must be a dict, got {type(loaded).__name__.lstrip('_')}")
+    _check_tree(loaded, max_depth, max_nodes)
+    return loaded

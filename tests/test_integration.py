@@ -17,10 +17,7 @@ from policy_server.contract import TensorSpec
 from policy_server.model_loader import directory_digest, load_model_dir
 from policy_server.tensors import sample_inputs, split_outputs, stack_inputs
 from request_tools import PolicyClient, PolicyServerError, send_inference_request
-try:
-    from tests.hostile_payloads import hostile_payloads
-except ImportError:  # TEMP
-    hostile_payloads = None
+from tests.hostile_payloads import hostile_payloads
 from tests.serving import ROOT, run_server
 
 pytestmark = pytest.mark.integration

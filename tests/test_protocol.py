@@ -138,11 +138,15 @@ def test_read_only_arrays_reencode():
     assert_same_array(roundtrip(decoded)["x"], np.arange(10, dtype=np.int16))
 
 
-def test_bare_protocol5_pickle_is_accepted():
-    data = {"x": np.arange(4, dtype=np.float32), "y": [1, "two"]}
-    got = binary_to_dict(pickle.dumps(data, protocol=5))
+def test_bare_protocol5_pickle_is_accepted_and_zero_copy():
+    data = {"x": np.arange(4, dtype=np.float32), "y": [1, "two"], "z": np.arange(3.0)}
+    body = pickle.dumps(data, protocol=5)  # writable contiguous arrays travel as BYTEARRAY8
+    got = binary_to_dict(body)
     assert_same_array(got["x"], data["x"])
+    assert_same_array(got["z"], data["z"])
     assert got["y"] == [1, "two"]
+    assert np.shares_memory(got["x"], np.frombuffer(body, np.uint8))
+    assert not got["x"].flags.writeable
 
 
 # Hand-written pickles: what a numpy-1 or numpy-2 peer (or another language) sends.

@@ -75,7 +75,7 @@ def test_health_ready_and_model_info(client):
         (b"GET / HTTP/1.1\r\n", "neither"),
         (b"PK5F\x02" + bytes(23), "version 2"),
         (dict_to_binary({"x": np.zeros(3)})[:-1], "body has"),
-        (b"\x80\x05cos\nsystem\n(S'true'\ntR.", "os.system is not allowed"),
+        (b"\x80\x05\x8c\x02os\x8c\x06system\x93\x8c\x04true\x85R.", "os.system is not allowed"),
     ],
     ids=["empty", "garbage", "version", "truncated", "unsafe-pickle"],
 )
