@@ -226,6 +226,19 @@ class PolicyClient:
         """True once the model is loaded and warmed up."""
         return self._probe("/ready")
 
+    def wait_until_ready(self, timeout_s: float = 60.0, poll_s: float = 0.2) -> None:
+        """Poll /ready until the server answers 200; raise PolicyTimeoutError after ``timeout_s``.
+
+        Each gunicorn worker loads its own copy of the model, so under several workers a
+        few more polls may still land on one that is loading; a 503 from /infer is then
+        worth a short retry in the caller's loop.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if time.monotonic() >= deadline:
+                raise PolicyTimeoutError(f"{self.base_url} not ready within {timeout_s} s")
+            time.sleep(poll_s)
+
     def _probe(self, route: str) -> bool:
         try:
             self._call("GET", route)

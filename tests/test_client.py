@@ -188,3 +188,12 @@ def test_unencodable_observation_fails_before_sending(stub):
     with PolicyClient(url) as client, pytest.raises(ValueError, match="dtype"):
         client.infer({"x": np.array(["text"])})
     assert server.script.requests == []
+
+
+def test_wait_until_ready(stub):
+    server, url = stub("422", "422", "ok")  # /ready answers an error twice, then 200
+    with PolicyClient(url) as client:
+        client.wait_until_ready(timeout_s=5, poll_s=0.01)
+    assert len(server.script.requests) == 3
+    with PolicyClient(f"http://127.0.0.1:{free_port()}", retries=0) as down, pytest.raises(PolicyTimeoutError):
+        down.wait_until_ready(timeout_s=0.2, poll_s=0.05)
