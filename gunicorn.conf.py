@@ -38,8 +38,21 @@ if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"
 
 
+def _runtime(worker):
+    return getattr(worker.wsgi, "extensions", {}).get("policy_runtime")
+
+
 def post_worker_init(worker):
-    """Start loading the model in this worker, off the request path (/ready says when)."""
-    runtime = getattr(worker.wsgi, "extensions", {}).get("policy_runtime")
+    """Start this worker's batcher thread: it loads and warms the model off the request path
+    (/ready says when). ``worker.age`` counts spawned workers, so with several GPUs worker i
+    gets GPU i % n."""
+    runtime = _runtime(worker)
     if runtime is not None:
-        runtime.start()
+        runtime.start(worker_index=worker.age - 1)
+
+
+def worker_exit(server, worker):
+    """Answer every request the batcher accepted before the worker goes."""
+    runtime = _runtime(worker)
+    if runtime is not None:
+        runtime.stop(timeout_s=_config.graceful_timeout_s)

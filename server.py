@@ -19,6 +19,7 @@ from policy_server.web import (
     check_api_key,
     read_body,
     register_error_handlers,
+    request_deadline_s,
     server_timing,
 )
 
@@ -47,21 +48,23 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     @app.post("/infer")
     def infer():
         t0 = time.perf_counter()
+        deadline = time.monotonic() + request_deadline_s(config.deadline_ms)
         body = read_body(config.max_body_bytes)
-        t_read = time.perf_counter()
+        t1 = time.perf_counter()
         inputs = binary_to_dict(body)
         runtime.validate(inputs)
-        t1 = time.perf_counter()
-        outputs, version = runtime.infer(inputs)
         t2 = time.perf_counter()
-        payload = dict_to_binary(outputs)
+        pending = runtime.submit(inputs, deadline)
+        outputs, version = runtime.wait(pending)
         t3 = time.perf_counter()
+        payload = dict_to_binary(outputs)
+        t4 = time.perf_counter()
+        timing = server_timing(
+            read=t1 - t0, decode=t2 - t1, queue=pending.queue_s, compute=pending.compute_s, encode=t4 - t3
+        )
         return binary_response(
             payload,
-            {
-                "X-Model-Version": version,
-                "Server-Timing": server_timing(read=t_read - t0, decode=t1 - t_read, infer=t2 - t1, encode=t3 - t2),
-            },
+            {"X-Model-Version": version, "X-Batch-Size": str(pending.batch_size), "Server-Timing": timing},
         )
 
     @app.get("/health")

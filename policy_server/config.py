@@ -45,6 +45,18 @@ class ServerConfig:
     graceful_timeout_s: int = _opt(30, "seconds a worker gets to finish in-flight requests on SIGTERM")
     keepalive_s: int = _opt(75, "seconds an idle keep-alive connection stays open")
     log_level: str = _opt("info", "debug, info, warning or error")
+    max_batch_size: int = _opt(16, "most requests one forward pass takes (rows of the staging buffers)")
+    max_batch_delay_ms: float = _opt(
+        0.0, "0: never wait for company; > 0: wait up to this long from a batch's first arrival to fill it"
+    )
+    queue_size: int = _opt(256, "requests a worker queues before answering 503 with Retry-After")
+    deadline_ms: int = _opt(
+        2000, "default deadline; X-Deadline-Ms may lower it per request; past it before compute: 504"
+    )
+    autocast: str = _opt("off", "off, bf16 or fp16: mixed precision for the forward (CUDA; bf16 also on CPU)")
+    compile: bool = _opt(False, "torch.compile the policy module (slower start, warm-up compiles)")
+    quantize_int8: bool = _opt(False, "dynamic int8 quantization of Linear layers (CPU only)")
+    channels_last: bool = _opt(False, "convert the policy module to channels_last memory format")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -78,9 +90,15 @@ class ServerConfig:
         """Raise ConfigError for values that cannot serve safely."""
         if not (0 < self.port < 65536):
             raise ConfigError(f"port {self.port} is out of range")
-        for name in ("workers", "threads", "max_body_bytes", "timeout_s"):
+        for name in ("workers", "threads", "max_body_bytes", "timeout_s", "max_batch_size", "queue_size", "deadline_ms"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.max_batch_delay_ms < 0:
+            raise ConfigError("max_batch_delay_ms must be 0 or more")
+        if self.autocast not in ("off", "bf16", "fp16"):
+            raise ConfigError(f"autocast {self.autocast!r} is not off, bf16 or fp16")
+        if self.quantize_int8 and self.device.startswith("cuda"):
+            raise ConfigError("quantize_int8 is a CPU option")
         if self.torch_threads < 0:
             raise ConfigError("torch_threads must be 0 (auto) or more")
         if self.device != "auto" and self.device != "cpu" and not _is_cuda_device(self.device):
@@ -124,11 +142,11 @@ def _parse(f: dataclasses.Field, raw: str):
         if raw.lower() in _FALSE:
             return False
         raise ConfigError(f"{name}={raw!r} is not a boolean")
-    if kind is int:
+    if kind in (int, float):
         try:
-            return int(raw)
+            return kind(raw)
         except ValueError:
-            raise ConfigError(f"{name}={raw!r} is not an integer") from None
+            raise ConfigError(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
     return raw
 
 

@@ -1,7 +1,9 @@
-"""The policy inside one worker: load it off the request path, warm it up, run inference.
+"""The policy inside one worker: a batcher thread that loads, warms up, then serves batches.
 
 Torch is imported here only when :meth:`PolicyRuntime.start` runs, which gunicorn does in
 ``post_worker_init``: never in the master, so forked workers get clean CUDA and OpenMP.
+Loading, warm-up and every forward run on the one batcher thread, so nothing thread-local
+that torch sets up on first use is paid by a request.
 """
 
 from __future__ import annotations
@@ -9,38 +11,44 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from policy_server.batcher import Batcher, Request
 from policy_server.config import ServerConfig
-from policy_server.errors import ConfigError, InferenceFailed, ModelError, NotReady
+from policy_server.errors import ConfigError, ModelError, NotReady
 from policy_server.model_loader import LoadedModel, describe, load_model_dir
-from policy_server.tensors import sample_inputs, split_outputs, stack_inputs, validate_inputs
+from policy_server.tensors import sample_inputs, validate_inputs
 
 log = logging.getLogger(__name__)
 
 WARMUP_PASSES = 2
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` becomes ``cuda`` when torch sees a GPU, else ``cpu``; CUDA must exist if asked."""
+def resolve_device(name: str, worker_index: int = 0) -> str:
+    """``auto`` picks CUDA when torch sees a GPU, else CPU; with several GPUs, worker i
+    gets GPU i % n (``auto`` and ``cuda``). ``cuda:N`` must exist."""
     import torch
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name} requested but torch sees no CUDA device")
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name} requested, {torch.cuda.device_count()} present")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {name} requested but torch sees no CUDA device")
+    count = torch.cuda.device_count()
+    if name in ("auto", "cuda"):
+        return f"cuda:{worker_index % count}"
+    index = int(name.partition(":")[2])
+    if index >= count:
+        raise ConfigError(f"device {name} requested, {count} present")
     return name
 
 
 class PolicyRuntime:
-    """Holds the worker's loaded model and answers inference calls.
+    """Holds the worker's model and batcher, and answers inference calls.
 
     ``policy`` lets tests pass a ready object instead of loading ``config.model_path``.
     """
@@ -50,24 +58,35 @@ class PolicyRuntime:
         self._given_policy = policy
         self._model: LoadedModel | None = None
         self._failure: str | None = None
-        self._thread: threading.Thread | None = None
+        self._settled = threading.Event()  # loaded or failed
         self._start_lock = threading.Lock()
-        self._forward_lock = threading.Lock()
+        self.batcher = Batcher(
+            max_batch_size=config.max_batch_size,
+            max_delay_s=config.max_batch_delay_ms / 1000.0,
+            queue_size=config.queue_size,
+        )
+        self._started = False
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def start(self, *, block: bool = False) -> None:
-        """Load and warm up the model in a background thread (once); ``block`` waits for it."""
+    def start(self, *, block: bool = False, worker_index: int = 0) -> None:
+        """Start the batcher thread (once): load, warm up, serve. ``block`` waits until ready or failed."""
         with self._start_lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._load, name="policy-loader", daemon=True)
-                self._thread.start()
+            if not self._started:
+                self._started = True
+                threading.Thread(
+                    target=self._serve, args=(worker_index,), name="policy-batcher", daemon=True
+                ).start()
         if block:
-            self._thread.join()
+            self._settled.wait()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Refuse new requests and answer every accepted one (worker shutdown)."""
+        self.batcher.stop(timeout_s)
 
     @property
     def started(self) -> bool:
-        return self._thread is not None
+        return self._started
 
     @property
     def ready(self) -> bool:
@@ -78,36 +97,49 @@ class PolicyRuntime:
         """Why loading failed, or None."""
         return self._failure
 
-    def _load(self) -> None:
+    def _serve(self, worker_index: int) -> None:
         try:
-            threads = self.config.torch_threads_per_worker()
-            os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-            import torch
-
-            torch.set_num_threads(threads)
-            device = resolve_device(self.config.device)
-            if self._given_policy is not None:
-                model = describe(self._given_policy, name="policy", version="0", device=device)
-            else:
-                model = load_model_dir(self.config.model_path, device)
-            self._warm_up(model)
-            self._model = model
-            log.info(
-                "worker %d ready: %s version %s on %s, %d torch threads",
-                os.getpid(), model.name, model.version, device, threads,
-            )
+            model = self._load(worker_index)
         except Exception as exc:
             self._failure = f"{type(exc).__name__}: {exc}"
             log.exception("loading the model failed")
+            self._settled.set()
+            return
+        self._model = model
+        self._settled.set()
+        self.batcher.run()
 
-    def _warm_up(self, model: LoadedModel) -> None:
-        for i in range(WARMUP_PASSES):
-            sample = sample_inputs(model.input_spec, batch=1, seed=i)
-            outputs = model.policy.forward(stack_inputs([_row(sample)], model.input_spec, model.device))
-            rows = split_outputs(outputs, 1, model.output_spec)
-            for name, value in rows[0].items():
-                if value.dtype.kind in "fc" and not np.isfinite(value).all():
-                    raise ModelError(f"warm-up output {name!r} is not finite")
+    def _load(self, worker_index: int) -> LoadedModel:
+        from policy_server.executor import BatchExecutor, SpeedOptions, apply_speed_options
+
+        threads = self.config.torch_threads_per_worker()
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        import torch
+
+        torch.set_num_threads(threads)
+        device = resolve_device(self.config.device, worker_index)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        if self._given_policy is not None:
+            model = describe(self._given_policy, name="policy", version="0", device=device)
+        else:
+            model = load_model_dir(self.config.model_path, device)
+        options = SpeedOptions(
+            autocast=self.config.autocast,
+            compile=self.config.compile,
+            quantize_int8=self.config.quantize_int8,
+            channels_last=self.config.channels_last,
+        )
+        apply_speed_options(model, options)
+        executor = BatchExecutor(model, self.config.max_batch_size, options)
+        start = time.perf_counter()
+        warm_up(executor, model)
+        self.batcher.executor = executor
+        log.info(
+            "worker %d ready: %s version %s on %s, %d torch threads, warm-up %.2f s",
+            os.getpid(), model.name, model.version, device, threads, time.perf_counter() - start,
+        )
+        return model
 
     # -- serving --------------------------------------------------------------------
 
@@ -122,18 +154,23 @@ class PolicyRuntime:
     def validate(self, inputs: Mapping[str, Any]) -> None:
         validate_inputs(inputs, self.model.input_spec)
 
-    def infer(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
-        """Run one validated observation; return its outputs and the model version used."""
-        model = self.model
-        try:
-            batch = stack_inputs([inputs], model.input_spec, model.device)
-            with self._forward_lock:
-                outputs = model.policy.forward(batch)
-            return split_outputs(outputs, 1, model.output_spec)[0], model.version
-        except Exception as exc:
-            log.exception("forward pass failed")
-            raise InferenceFailed() from exc
+    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float) -> Request:
+        """Queue a validated observation (QueueFull, NotReady); ``wait`` for its answer."""
+        self.model  # noqa: B018 - NotReady before anything is queued
+        return self.batcher.submit(inputs, deadline)
+
+    def wait(self, request: Request) -> tuple[dict[str, np.ndarray], str]:
+        return self.batcher.wait(request)
 
 
-def _row(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {name: value[0] for name, value in batch.items()}
+def warm_up(executor, model: LoadedModel) -> None:
+    """Run the executor at batch 1 (twice) and at full batch on random inputs from the spec;
+    check the outputs are finite. Allocates staging and initialises kernels off the request path."""
+    sizes = [1] * WARMUP_PASSES + ([executor.max_batch_size] if executor.max_batch_size > 1 else [])
+    for seed, size in enumerate(sizes):
+        sample = sample_inputs(model.input_spec, batch=size, seed=seed)
+        requests = [SimpleNamespace(inputs={k: v[i] for k, v in sample.items()}) for i in range(size)]
+        rows, _ = executor.finish(executor.launch(requests))
+        for name, value in rows[0].items():
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                raise ModelError(f"warm-up output {name!r} is not finite")

@@ -1,4 +1,4 @@
-"""Request arrays to batched tensors and back: validation against specs, stacking, splitting."""
+"""Request arrays against a policy's specs: validation, and random samples for warm-up and tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from policy_server.contract import TensorSpec
-from policy_server.errors import InvalidInput, ModelError
+from policy_server.errors import InvalidInput
 
 
 def validate_inputs(inputs: Mapping[str, Any], spec: Sequence[TensorSpec]) -> None:
@@ -49,37 +49,3 @@ def sample_inputs(spec: Sequence[TensorSpec], batch: int = 1, seed: int = 0) -> 
         else:
             out[s.name] = rng.standard_normal(shape).astype(s.np_dtype)
     return out
-
-
-def stack_inputs(
-    requests: Sequence[Mapping[str, np.ndarray]], spec: Sequence[TensorSpec], device: Any
-) -> dict[str, Any]:
-    """Copy each request's arrays once into a batch tensor per input, on ``device``."""
-    import torch
-
-    batch = {}
-    for s in spec:
-        host = np.empty((len(requests), *s.shape), dtype=s.np_dtype)
-        for row, request in enumerate(requests):
-            host[row] = request[s.name]
-        tensor = torch.from_numpy(host)
-        batch[s.name] = tensor if str(device) == "cpu" else tensor.to(device)
-    return batch
-
-
-def split_outputs(
-    outputs: Mapping[str, Any], n: int, spec: Sequence[TensorSpec]
-) -> list[dict[str, np.ndarray]]:
-    """Per-request numpy rows of the batched outputs, checked against ``spec``."""
-    arrays = {}
-    for s in spec:
-        if s.name not in outputs:
-            raise ModelError(f"policy output lacks {s.name!r}")
-        array = outputs[s.name].detach().cpu().numpy()
-        if array.shape != (n, *s.shape) or array.dtype != s.np_dtype:
-            raise ModelError(
-                f"policy output {s.name!r} is {array.dtype.name}{list(array.shape)}, "
-                f"spec says {s.dtype}{[n, *s.shape]}"
-            )
-        arrays[s.name] = array
-    return [{name: array[i] for name, array in arrays.items()} for i in range(n)]

@@ -55,6 +55,20 @@ def read_body(max_bytes: int) -> bytes:
     return body
 
 
+def request_deadline_s(default_ms: int) -> float:
+    """Seconds this request may wait before compute: the default, or less via ``X-Deadline-Ms``."""
+    raw = request.headers.get("X-Deadline-Ms")
+    if raw is None:
+        return default_ms / 1000.0
+    try:
+        asked = float(raw)
+    except ValueError:
+        raise BadRequest("X-Deadline-Ms is not a number") from None
+    if not asked > 0:
+        raise BadRequest("X-Deadline-Ms must be positive")
+    return min(asked, default_ms) / 1000.0
+
+
 def binary_response(body: bytes, headers: dict[str, str]) -> Response:
     return Response(body, status=200, mimetype=BINARY_MIMETYPE, headers=headers)
 

@@ -15,8 +15,9 @@ import requests
 from binary_protocol import dict_to_binary
 from policy_server.contract import TensorSpec
 from policy_server.model_loader import directory_digest, load_model_dir
-from policy_server.tensors import sample_inputs, split_outputs, stack_inputs
+from policy_server.tensors import sample_inputs
 from request_tools import PolicyClient, PolicyServerError, send_inference_request
+from tests.fakes import run_in_process
 from tests.hostile_payloads import hostile_payloads
 from tests.serving import ROOT, run_server
 
@@ -38,11 +39,7 @@ def reference():
     """The default policy in-process, for comparing the served answers."""
     model = load_model_dir(DEFAULT, "cpu")
 
-    def run(obs):
-        batch = stack_inputs([obs], model.input_spec, "cpu")
-        return split_outputs(model.policy.forward(batch), 1, model.output_spec)[0]
-
-    return run
+    return lambda obs: run_in_process(model, [obs])[0]
 
 
 def observation(seed: int) -> dict[str, np.ndarray]:

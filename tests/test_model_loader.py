@@ -15,8 +15,8 @@ from policy_server.errors import ModelError
 from policy_server.launcher import ROOT
 from policy_server.model_loader import directory_digest, load_model_dir
 from policy_server.runtime import PolicyRuntime
-from policy_server.tensors import sample_inputs, split_outputs, stack_inputs
-from tests.fakes import FakePolicy
+from policy_server.tensors import sample_inputs
+from tests.fakes import FakePolicy, run_in_process
 
 DEFAULT = ROOT + "/models/default"
 
@@ -38,9 +38,9 @@ def test_default_policy_batched_equals_unbatched():
     model = load_model_dir(DEFAULT, "cpu")
     batch = sample_inputs(model.input_spec, batch=4, seed=3)
     rows = [{k: v[i] for k, v in batch.items()} for i in range(4)]
-    together = split_outputs(model.policy.forward(stack_inputs(rows, model.input_spec, "cpu")), 4, model.output_spec)
+    together = run_in_process(model, rows)
     for i, row in enumerate(rows):
-        alone = split_outputs(model.policy.forward(stack_inputs([row], model.input_spec, "cpu")), 1, model.output_spec)[0]
+        alone = run_in_process(model, [row])[0]
         np.testing.assert_allclose(together[i]["action"], alone["action"], rtol=1e-5, atol=1e-5)
     assert not np.allclose(together[0]["action"], together[1]["action"])  # inputs matter
 

@@ -44,7 +44,8 @@ def test_infer_answers_the_policy_output_with_headers(client):
     assert response.mimetype == "application/octet-stream"
     assert response.headers["X-Model-Version"] == "fake-1"
     stages = [part.split(";")[0].strip() for part in response.headers["Server-Timing"].split(",")]
-    assert stages == ["read", "decode", "infer", "encode"]
+    assert stages == ["read", "decode", "queue", "compute", "encode"]
+    assert response.headers["X-Batch-Size"] == "1"
     outputs = binary_to_dict(response.get_data())
     assert set(outputs) == {"action"}
     assert outputs["action"].dtype == np.float32 and outputs["action"].shape == (10, 7)

@@ -1,0 +1,265 @@
+"""Dynamic batching in one worker: request threads enqueue, one batcher thread runs batches.
+
+Semantics (see ../shared/DESIGN.md, "Batching"):
+
+- A lone request never waits for company: with ``max_delay_s == 0`` the batcher takes
+  everything already queued (up to ``max_batch_size``) and runs at once, so batches form
+  from what arrived while the previous batch ran. With ``max_delay_s > 0`` it waits up to
+  that long, counted from the first request's arrival, to fill a batch.
+- Only compatible requests (same keys, dtypes and per-sample shapes) share a batch; the
+  others keep their place in the queue.
+- Bounded queue: full -> :class:`QueueFull` (503 with Retry-After) at once.
+- Each request has a deadline; one that passed before compute is answered
+  :class:`DeadlineExceeded` (504) and is not computed.
+- A batch whose execution raises fails only its own requests (500); the batcher lives on.
+- :meth:`Batcher.stop` refuses new work, answers everything already accepted, then ends.
+
+The device work is the ``executor``'s: ``launch(requests)`` starts a batch and returns a
+handle, ``finish(handle)`` returns one output dict per request plus the model version.
+An executor with ``pipelined = True`` (CUDA) gets the next batch launched before the
+previous one is finished, so its host-to-device copy overlaps the running forward.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from policy_server.errors import InferenceFailed, NotReady, ServingError
+
+log = logging.getLogger(__name__)
+
+# How long a request thread waits past its deadline for a batch that already started.
+RESULT_GRACE_S = 30.0
+
+
+class QueueFull(ServingError):
+    status, error = 503, "overloaded"
+
+
+class DeadlineExceeded(ServingError):
+    status, error = 504, "deadline exceeded"
+
+
+class Executor(Protocol):
+    pipelined: bool
+
+    def launch(self, requests: list[Request]) -> Any: ...
+
+    def finish(self, handle: Any) -> tuple[list[dict[str, np.ndarray]], str]: ...
+
+
+def compatibility_key(inputs: Mapping[str, np.ndarray]) -> tuple:
+    """Requests with equal keys can be stacked into one batch (byte order is converted)."""
+    return tuple(sorted((name, a.dtype.newbyteorder("=").str, a.shape) for name, a in inputs.items()))
+
+
+class Request:
+    """One queued observation and, once answered, its outputs or error and timings."""
+
+    __slots__ = (
+        "inputs", "key", "deadline", "enqueued", "started", "finished", "batch_size",
+        "outputs", "version", "error", "cancelled", "_done",
+    )
+
+    def __init__(self, inputs: Mapping[str, np.ndarray], deadline: float, now: float) -> None:
+        self.inputs = inputs
+        self.key = compatibility_key(inputs)
+        self.deadline = deadline
+        self.enqueued = now
+        self.started = 0.0
+        self.finished = 0.0
+        self.batch_size = 0
+        self.outputs: dict[str, np.ndarray] | None = None
+        self.version: str | None = None
+        self.error: BaseException | None = None
+        self.cancelled = False
+        self._done = threading.Event()
+
+    def resolve(self, outputs=None, version=None, error=None) -> None:
+        self.outputs, self.version, self.error = outputs, version, error
+        self.finished = time.monotonic()
+        self._done.set()
+
+    @property
+    def queue_s(self) -> float:
+        return max(0.0, (self.started or self.finished) - self.enqueued)
+
+    @property
+    def compute_s(self) -> float:
+        return max(0.0, self.finished - self.started) if self.started else 0.0
+
+
+class Batcher:
+    """A bounded request queue and the loop that turns it into batches."""
+
+    def __init__(
+        self,
+        executor: Executor | None = None,
+        *,
+        max_batch_size: int = 16,
+        max_delay_s: float = 0.0,
+        queue_size: int = 256,
+        on_batch: Callable[[list[Request]], None] | None = None,
+    ) -> None:
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.queue_size = queue_size
+        self.on_batch = on_batch
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.requests = 0
+
+    # -- request threads ------------------------------------------------------------
+
+    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float) -> Request:
+        """Queue one observation; QueueFull at once when the queue is full."""
+        request = Request(inputs, deadline, time.monotonic())
+        with self._cond:
+            if self._stopping:
+                raise NotReady("server is shutting down")
+            if len(self._queue) >= self.queue_size:
+                raise QueueFull(f"{len(self._queue)} requests queued", headers={"Retry-After": "1"})
+            self._queue.append(request)
+            self._cond.notify()
+        return request
+
+    def wait(self, request: Request) -> tuple[dict[str, np.ndarray], str]:
+        """Block until ``request`` is answered; return its outputs and model version."""
+        timeout = max(0.0, request.deadline - time.monotonic()) + RESULT_GRACE_S
+        if not request._done.wait(timeout):
+            request.cancelled = True
+            raise DeadlineExceeded("no answer in time")
+        if request.error is not None:
+            raise request.error
+        return request.outputs, request.version
+
+    def depth(self) -> int:
+        return len(self._queue)
+
+    # -- the batcher thread ---------------------------------------------------------
+
+    def start(self, name: str = "batcher") -> None:
+        self._thread = threading.Thread(target=self.run, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Refuse new requests, answer every queued one, end the loop."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def run(self) -> None:
+        """Serve batches until stopped and drained."""
+        executor = self.executor
+        inflight: tuple[Any, list[Request]] | None = None
+        while True:
+            batch = self._collect(block=inflight is None)
+            launched = None
+            if batch:
+                launched = self._launch(executor, batch)
+            if inflight is not None:
+                self._finish(executor, *inflight)
+                inflight = None
+            if launched is not None:
+                if executor.pipelined:
+                    inflight = launched
+                else:
+                    self._finish(executor, *launched)
+            if batch is None and inflight is None:
+                return
+
+    def _collect(self, block: bool) -> list[Request] | None:
+        """The next batch: [] when nothing is ready (non-blocking), None when stopped and empty."""
+        with self._cond:
+            while block and not self._queue and not self._stopping:
+                self._cond.wait()
+            self._drop_expired()
+            if not self._queue:
+                return None if self._stopping else []
+            if self.max_delay_s > 0 and block and not self._stopping:
+                first_arrival = self._queue[0].enqueued
+                while self._count_compatible() < self.max_batch_size and not self._stopping:
+                    remaining = first_arrival + self.max_delay_s - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                self._drop_expired()
+                if not self._queue:
+                    return []
+            return self._take_compatible()
+
+    def _count_compatible(self) -> int:
+        key = self._queue[0].key
+        return sum(1 for r in self._queue if r.key == key)
+
+    def _take_compatible(self) -> list[Request]:
+        key = self._queue[0].key
+        batch, rest = [], collections.deque()
+        while self._queue:
+            request = self._queue.popleft()
+            if request.key == key and len(batch) < self.max_batch_size:
+                batch.append(request)
+            else:
+                rest.append(request)
+        self._queue = rest
+        return batch
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        if not any(r.deadline <= now or r.cancelled for r in self._queue):
+            return
+        keep = collections.deque()
+        for request in self._queue:
+            if request.cancelled:
+                continue
+            if request.deadline <= now:
+                request.resolve(error=DeadlineExceeded("deadline passed while queued; not computed"))
+            else:
+                keep.append(request)
+        self._queue = keep
+
+    def _launch(self, executor: Executor, batch: list[Request]):
+        now = time.monotonic()
+        for request in batch:
+            request.started = now
+            request.batch_size = len(batch)
+        try:
+            return executor.launch(batch), batch
+        except Exception as exc:
+            self._fail(batch, exc)
+            return None
+
+    def _finish(self, executor: Executor, handle: Any, batch: list[Request]) -> None:
+        try:
+            outputs, version = executor.finish(handle)
+        except Exception as exc:
+            self._fail(batch, exc)
+            return
+        for request, output in zip(batch, outputs):
+            request.resolve(outputs=output, version=version)
+        self.batches += 1
+        self.requests += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(batch)
+
+    def _fail(self, batch: list[Request], exc: Exception) -> None:
+        if isinstance(exc, ServingError):
+            error: ServingError = exc
+        else:
+            log.error("batch of %d failed", len(batch), exc_info=exc)
+            error = InferenceFailed()
+        for request in batch:
+            request.resolve(error=error)

@@ -1,0 +1,184 @@
+"""Runs batches of requests on the model's device: one copy per input, staging reused.
+
+Each request's arrays (views into its request body) are copied once, straight into a
+preallocated staging buffer of ``max_batch_size`` rows per input. On CPU the forward reads
+the staging buffer in place. On CUDA the staging buffers are pinned and double-buffered:
+the host copy and the non-blocking host-to-device copy of batch k+1 (on a copy stream)
+overlap the forward of batch k (on a compute stream that waits on the copy's event); an
+event per slot is synchronized before the slot is refilled, ``record_stream`` tells the
+caching allocator that the compute stream uses the copied tensors, and outputs come back
+into pinned buffers whose event is synchronized before rows are split and answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from policy_server.contract import TensorSpec
+from policy_server.errors import ModelError
+from policy_server.model_loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """Optional speed-ups, each off by default (see DEVELOPMENT.md, "Tuning")."""
+
+    autocast: str = "off"  # off, bf16, fp16
+    compile: bool = False
+    quantize_int8: bool = False  # dynamic int8 for Linear layers, CPU only
+    channels_last: bool = False
+
+
+def apply_speed_options(model: LoadedModel, options: SpeedOptions) -> None:
+    """Transform the policy's module in place; only policies with a ``module`` attribute."""
+    module = getattr(model.policy, "module", None)
+    wanted = options.compile or options.quantize_int8 or options.channels_last
+    if module is None:
+        if wanted:
+            log.warning("speed options need a policy with .module (ModulePolicy); ignored")
+        return
+    if options.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if options.quantize_int8:
+        if model.device != "cpu":
+            raise ModelError("quantize_int8 is a CPU option")
+        module = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+    if options.compile:
+        module = torch.compile(module, dynamic=True)
+    model.policy.module = module
+
+
+class _Slot:
+    """Staging for one batch: host input buffers (pinned on CUDA) and host output buffers."""
+
+    def __init__(self, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], rows: int, pinned: bool) -> None:
+        def alloc(spec: TensorSpec) -> torch.Tensor:
+            return torch.empty((rows, *spec.shape), dtype=torch_dtype(spec.np_dtype), pin_memory=pinned)
+
+        self.host_in = {s.name: alloc(s) for s in inputs}
+        self.host_in_np = {name: t.numpy() for name, t in self.host_in.items()}
+        self.host_out = {s.name: alloc(s) for s in outputs} if pinned else {}
+        self.copied = torch.cuda.Event() if pinned else None  # H2D from host_in done
+        self.computed = torch.cuda.Event() if pinned else None  # forward and D2H done
+
+
+@dataclass
+class _Launched:
+    slot: _Slot
+    rows: int
+    outputs: dict[str, torch.Tensor] | None  # CPU: the forward's outputs
+
+
+class BatchExecutor:
+    """Executes batches for one loaded model (see the module docstring)."""
+
+    def __init__(self, model: LoadedModel, max_batch_size: int, options: SpeedOptions = SpeedOptions()) -> None:
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.device = torch.device(model.device)
+        self.pipelined = self.device.type == "cuda"
+        self.autocast = AUTOCAST_DTYPES.get(options.autocast)
+        if self.pipelined:
+            self.copy_stream = torch.cuda.Stream(self.device)
+            self.compute_stream = torch.cuda.Stream(self.device)
+        n_slots = 2 if self.pipelined else 1
+        self.slots = [_Slot(model.input_spec, model.output_spec, max_batch_size, self.pipelined) for _ in range(n_slots)]
+        self._next_slot = 0
+
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def _stage(self, slot: _Slot, requests: list) -> int:
+        rows = len(requests)
+        if rows > self.max_batch_size:
+            raise ValueError(f"batch of {rows} exceeds max_batch_size {self.max_batch_size}")
+        for spec in self.model.input_spec:
+            np.stack([r.inputs[spec.name] for r in requests], out=slot.host_in_np[spec.name][:rows])
+        return rows
+
+    def launch(self, requests: list) -> _Launched:
+        slot = self.slots[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % len(self.slots)
+        if not self.pipelined:
+            rows = self._stage(slot, requests)
+            batch = {name: t[:rows] for name, t in slot.host_in.items()}
+            with torch.inference_mode(), self._autocast():
+                outputs = self.model.policy.forward(batch)
+            return _Launched(slot, rows, outputs)
+
+        slot.copied.synchronize()  # the previous H2D from this slot must be done before refilling
+        slot.computed.synchronize()  # and its outputs read
+        rows = self._stage(slot, requests)
+        with torch.cuda.stream(self.copy_stream):
+            device_in = {
+                name: t[:rows].to(self.device, non_blocking=True) for name, t in slot.host_in.items()
+            }
+            slot.copied.record(self.copy_stream)
+        self.compute_stream.wait_event(slot.copied)
+        with torch.cuda.stream(self.compute_stream):
+            for tensor in device_in.values():
+                tensor.record_stream(self.compute_stream)
+            with torch.inference_mode(), self._autocast():
+                outputs = self.model.policy.forward(device_in)
+            for spec in self.model.output_spec:
+                out = _output(outputs, spec, rows)
+                slot.host_out[spec.name][:rows].copy_(out, non_blocking=True)
+            slot.computed.record(self.compute_stream)
+        return _Launched(slot, rows, None)
+
+    def finish(self, launched: _Launched) -> tuple[list[dict[str, np.ndarray]], str]:
+        rows, slot = launched.rows, launched.slot
+        if self.pipelined:
+            slot.computed.synchronize()
+            arrays = {s.name: _checked(slot.host_out[s.name][:rows].numpy(), s, rows) for s in self.model.output_spec}
+        else:
+            arrays = {}
+            for spec in self.model.output_spec:
+                out = _output(launched.outputs, spec, rows).detach()
+                if out.dtype != torch_dtype(spec.np_dtype):
+                    out = out.to(torch_dtype(spec.np_dtype))
+                array = _checked(out.cpu().numpy(), spec, rows)
+                if any(np.may_share_memory(array, staged) for staged in slot.host_in_np.values()):
+                    array = array.copy()  # the next batch overwrites the staging buffer
+                arrays[spec.name] = array
+        if self.pipelined:  # rows of reused pinned buffers: copy out before the slot is refilled
+            return [{name: a[i].copy() for name, a in arrays.items()} for i in range(rows)], self.model.version
+        return [{name: a[i] for name, a in arrays.items()} for i in range(rows)], self.model.version
+
+
+def _output(outputs: Any, spec: TensorSpec, rows: int) -> torch.Tensor:
+    """The named output, its shape checked before any copy could broadcast it."""
+    try:
+        out = outputs[spec.name]
+    except (KeyError, TypeError):
+        raise ModelError(f"policy output lacks {spec.name!r}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (rows, *spec.shape):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"policy output {spec.name!r} is {got}, spec says {[rows, *spec.shape]}")
+    return out
+
+
+def _checked(array: np.ndarray, spec: TensorSpec, rows: int) -> np.ndarray:
+    if array.shape != (rows, *spec.shape) or array.dtype != spec.np_dtype:
+        raise ModelError(
+            f"policy output {spec.name!r} is {array.dtype.name}{list(array.shape)}, "
+            f"spec says {spec.dtype}{[rows, *spec.shape]}"
+        )
+    return array
