@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -198,3 +199,51 @@ class TestApiKey:
         response = post_infer(client, dict_to_binary(fake_observation()), headers={"X-API-Key": KEY})
         assert response.status_code == 200
         assert client.get("/model_info", headers={"X-API-Key": KEY}).status_code == 200
+
+
+class TestQueueingOverHttp:
+    """Deadlines and back-pressure through the routes, with a slow fake policy."""
+
+    def busy_app(self, **config):
+        policy = FakePolicy()
+        app = make_app(policy, **config)
+        policy.delay_s = 0.5  # after warm-up: each forward now takes 0.5 s
+        return app
+
+    def occupy(self, app) -> threading.Thread:
+        """Start one request that keeps the batcher busy for 0.5 s."""
+        thread = threading.Thread(target=post_infer, args=(app.test_client(), dict_to_binary(fake_observation())))
+        thread.start()
+        time.sleep(0.1)
+        return thread
+
+    def test_deadline_header_gives_504_without_compute(self):
+        app = self.busy_app()
+        busy = self.occupy(app)
+        response = post_infer(app.test_client(), dict_to_binary(fake_observation()), headers={"X-Deadline-Ms": "50"})
+        busy.join()
+        assert_error(response, 504, "deadline", "not computed")
+
+    @pytest.mark.parametrize("value", ["soon", "0", "-5"])
+    def test_bad_deadline_header_is_400(self, client, value):
+        response = post_infer(client, dict_to_binary(fake_observation()), headers={"X-Deadline-Ms": value})
+        assert_error(response, 400, "X-Deadline-Ms")
+
+    def test_deadline_header_cannot_raise_the_default(self):
+        app = self.busy_app(deadline_ms=100)
+        busy = self.occupy(app)
+        response = post_infer(app.test_client(), dict_to_binary(fake_observation()), headers={"X-Deadline-Ms": "60000"})
+        busy.join()
+        assert response.status_code == 504
+
+    def test_full_queue_is_503_with_retry_after(self):
+        app = self.busy_app(queue_size=1)
+        busy = self.occupy(app)
+        queued = threading.Thread(target=post_infer, args=(app.test_client(), dict_to_binary(fake_observation())))
+        queued.start()
+        time.sleep(0.1)
+        response = post_infer(app.test_client(), dict_to_binary(fake_observation()))
+        busy.join()
+        queued.join()
+        assert_error(response, 503, "overloaded")
+        assert response.headers["Retry-After"] == "1"

@@ -1,0 +1,235 @@
+"""Batcher semantics with a fake executor of controllable latency (CPU only, no torch)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from policy_server.batcher import Batcher, DeadlineExceeded, QueueFull
+from policy_server.errors import InferenceFailed, NotReady
+
+
+class GatedExecutor:
+    """Records each batch; a batch whose first input is ``"hold"`` waits until ``release()``."""
+
+    pipelined = False
+
+    def __init__(self, fail_marker: float | None = None) -> None:
+        self.batches: list[list[float]] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.fail_marker = fail_marker
+
+    def launch(self, requests):
+        values = [float(r.inputs["x"].flat[0]) for r in requests]
+        self.batches.append(values)
+        if values[0] < 0:  # negative first value: hold the batch at the gate
+            self.entered.set()
+            self.gate.wait(10)
+        if self.fail_marker is not None and self.fail_marker in values:
+            raise RuntimeError("forward failed")
+        return requests
+
+    def finish(self, requests):
+        return [{"y": r.inputs["x"] * 2} for r in requests], "v1"
+
+    def release(self):
+        self.gate.set()
+
+
+def obs(value: float, shape=(2,)) -> dict:
+    return {"x": np.full(shape, value, dtype=np.float32)}
+
+
+def later(seconds: float = 10.0) -> float:
+    return time.monotonic() + seconds
+
+
+@pytest.fixture
+def make_batcher():
+    made = []
+
+    def make(executor=None, **kwargs):
+        executor = executor or GatedExecutor()
+        batcher = Batcher(executor, **kwargs)
+        batcher.start()
+        made.append((batcher, executor))
+        return batcher, executor
+
+    yield make
+    for batcher, executor in made:
+        executor.release()
+        batcher.stop(5)
+
+
+def hold(batcher, executor):
+    """Occupy the batcher with a batch held at the gate; return its request."""
+    request = batcher.submit(obs(-1.0), later())
+    assert executor.entered.wait(5)
+    return request
+
+
+def test_lone_request_runs_at_once_without_waiting_for_company(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8)
+    request = batcher.submit(obs(3.0), later())
+    outputs, version = batcher.wait(request)
+    np.testing.assert_array_equal(outputs["y"], np.full(2, 6.0, np.float32))
+    assert version == "v1" and request.batch_size == 1
+    assert executor.batches == [[3.0]]
+
+
+def test_requests_queued_during_a_forward_form_the_next_batch(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8)
+    first = hold(batcher, executor)
+    queued = [batcher.submit(obs(float(i)), later()) for i in range(1, 6)]
+    executor.release()
+    for request in [first, *queued]:
+        batcher.wait(request)
+    assert executor.batches == [[-1.0], [1.0, 2.0, 3.0, 4.0, 5.0]]
+    assert all(r.batch_size == 5 for r in queued)
+
+
+def test_batches_are_capped_at_max_batch_size(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=3)
+    first = hold(batcher, executor)
+    queued = [batcher.submit(obs(float(i)), later()) for i in range(1, 8)]
+    executor.release()
+    for request in [first, *queued]:
+        batcher.wait(request)
+    assert [len(b) for b in executor.batches] == [1, 3, 3, 1]
+    assert [v for b in executor.batches[1:] for v in b] == [float(i) for i in range(1, 8)]  # arrival order
+
+
+def test_delay_waits_from_the_first_arrival_to_fill_a_batch(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8, max_delay_s=0.3)
+    first = batcher.submit(obs(1.0), later())
+    time.sleep(0.1)
+    second = batcher.submit(obs(2.0), later())
+    batcher.wait(first)
+    batcher.wait(second)
+    assert executor.batches == [[1.0, 2.0]]
+    assert first.started - first.enqueued >= 0.3 - 0.01
+
+
+def test_delay_is_counted_from_arrival_not_from_when_the_batcher_is_free(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8, max_delay_s=0.3)
+    held = batcher.submit(obs(-1.0), later())
+    assert executor.entered.wait(5)  # the held batch itself waited its 0.3 s
+    late = batcher.submit(obs(5.0), later())
+    time.sleep(0.4)  # its delay has passed while the batcher was busy
+    released = time.monotonic()
+    executor.release()
+    batcher.wait(held)
+    batcher.wait(late)
+    assert late.started - released < 0.25  # ran as soon as the batcher was free, no second wait
+
+
+def test_delay_ends_early_when_the_batch_is_full(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=2, max_delay_s=5.0)
+    a = batcher.submit(obs(1.0), later())
+    b = batcher.submit(obs(2.0), later())
+    batcher.wait(a)
+    batcher.wait(b)
+    assert a.started - a.enqueued < 2.5 and executor.batches == [[1.0, 2.0]]
+
+
+def test_incompatible_requests_never_share_a_batch(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8)
+    first = hold(batcher, executor)
+    shapes = [(2,), (3,), (2,), (3,), (2,)]
+    queued = [batcher.submit(obs(float(i + 1), shape), later()) for i, shape in enumerate(shapes)]
+    executor.release()
+    for request in [first, *queued]:
+        batcher.wait(request)
+    assert executor.batches == [[-1.0], [1.0, 3.0, 5.0], [2.0, 4.0]]
+    different_dtype = batcher.submit({"x": np.ones(2, np.float64)}, later())
+    batcher.wait(different_dtype)
+    assert executor.batches[-1] == [1.0]
+
+
+def test_byte_order_does_not_split_batches(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8)
+    first = hold(batcher, executor)
+    little = batcher.submit(obs(1.0), later())
+    big = batcher.submit({"x": np.full(2, 2.0, ">f4")}, later())
+    executor.release()
+    for request in (first, little, big):
+        batcher.wait(request)
+    assert executor.batches[1] == [1.0, 2.0]
+
+
+def test_expired_requests_get_504_and_are_not_computed(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8)
+    first = hold(batcher, executor)
+    expiring = batcher.submit(obs(7.0), time.monotonic() + 0.05)
+    fresh = batcher.submit(obs(8.0), later())
+    time.sleep(0.15)
+    executor.release()
+    batcher.wait(first)
+    batcher.wait(fresh)
+    with pytest.raises(DeadlineExceeded) as info:
+        batcher.wait(expiring)
+    assert info.value.status == 504
+    assert 7.0 not in [v for b in executor.batches for v in b]
+
+
+def test_full_queue_answers_503_with_retry_after_at_once(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8, queue_size=2)
+    first = hold(batcher, executor)
+    accepted = [batcher.submit(obs(1.0), later()), batcher.submit(obs(2.0), later())]
+    started = time.monotonic()
+    with pytest.raises(QueueFull) as info:
+        batcher.submit(obs(3.0), later())
+    assert time.monotonic() - started < 0.5
+    assert info.value.status == 503 and info.value.headers == {"Retry-After": "1"}
+    executor.release()
+    for request in [first, *accepted]:
+        batcher.wait(request)
+
+
+def test_a_raising_forward_fails_only_its_batch(make_batcher):
+    executor = GatedExecutor(fail_marker=13.0)
+    batcher, _ = make_batcher(executor, max_batch_size=8)
+    first = hold(batcher, executor)
+    doomed = [batcher.submit(obs(13.0), later()), batcher.submit(obs(14.0), later())]
+    other_shape = batcher.submit(obs(15.0, (3,)), later())
+    executor.release()
+    batcher.wait(first)
+    for request in doomed:
+        with pytest.raises(InferenceFailed):
+            batcher.wait(request)
+    batcher.wait(other_shape)
+    after = batcher.submit(obs(16.0), later())
+    outputs, _ = batcher.wait(after)
+    assert outputs["y"][0] == 32.0
+
+
+def test_stop_answers_every_accepted_request_then_refuses(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=4)
+    first = hold(batcher, executor)
+    accepted = [batcher.submit(obs(float(i)), later()) for i in range(1, 11)]
+    stopper = threading.Thread(target=batcher.stop, args=(10,))
+    stopper.start()
+    time.sleep(0.05)
+    with pytest.raises(NotReady, match="shutting down"):
+        batcher.submit(obs(99.0), later())
+    executor.release()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    for i, request in enumerate([first, *accepted]):
+        outputs, _ = batcher.wait(request)
+        assert outputs["y"][0] == 2 * (-1.0 if i == 0 else float(i))
+    assert sum(len(b) for b in executor.batches) == 11
+
+
+def test_waiting_thread_gives_up_after_deadline_and_grace(monkeypatch, make_batcher):
+    monkeypatch.setattr("policy_server.batcher.RESULT_GRACE_S", 0.1)
+    batcher, executor = make_batcher(max_batch_size=8)
+    held = hold(batcher, executor)
+    with pytest.raises(DeadlineExceeded, match="no answer in time"):
+        held.deadline = time.monotonic()
+        batcher.wait(held)
+    assert held.cancelled
