@@ -69,11 +69,19 @@ class PolicyConnectionError(PolicyClientError):
 _local = threading.local()
 
 
+def _new_session(use_env_proxies: bool) -> requests.Session:
+    session = requests.Session()
+    # With trust_env, requests scans every environment variable for proxies and reads
+    # ~/.netrc on each call: measured ~0.9 ms per call here, a third of a round trip.
+    session.trust_env = use_env_proxies
+    return session
+
+
 def _thread_session() -> requests.Session:
     """One keep-alive session per thread for send_inference_request (Session is not thread-safe)."""
     session = getattr(_local, "session", None)
     if session is None:
-        session = _local.session = requests.Session()
+        session = _local.session = _new_session(use_env_proxies=False)
     return session
 
 
@@ -167,6 +175,8 @@ class PolicyClient:
         api_key: sent as ``X-API-Key`` when the server requires one.
         timeout_s: per-call timeout for connecting and for the answer.
         retries: retries of connection failures (inference is idempotent); 4xx never.
+        use_env_proxies: honour HTTP(S)_PROXY / NO_PROXY and ~/.netrc (off: they cost
+            about a millisecond per call, and a policy server is rarely behind a proxy).
     """
 
     def __init__(
@@ -176,6 +186,7 @@ class PolicyClient:
         api_key: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
+        use_env_proxies: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
@@ -183,7 +194,8 @@ class PolicyClient:
         self.retries = retries
         self.last_model_version: str | None = None
         self.last_server_timing: str | None = None
-        self._session = requests.Session()
+        self.last_batch_size: int | None = None
+        self._session = _new_session(use_env_proxies)
 
     def __enter__(self) -> PolicyClient:
         return self
@@ -211,6 +223,7 @@ class PolicyClient:
         response = self._call("POST", "/infer", data=dict_to_binary(dict(obs)), headers=_infer_headers(self.api_key))
         self.last_model_version = response.headers.get("X-Model-Version")
         self.last_server_timing = response.headers.get("Server-Timing")
+        self.last_batch_size = int(response.headers.get("X-Batch-Size", 0)) or None
         return _decode(response)
 
     def model_info(self) -> dict:

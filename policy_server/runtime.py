@@ -61,7 +61,7 @@ class PolicyRuntime:
         self._settled = threading.Event()  # loaded or failed
         self._start_lock = threading.Lock()
         self.batcher = Batcher(
-            max_batch_size=config.max_batch_size,
+            max_batch_size=config.batch_size_for("cpu"),  # set for the device once it is known
             max_delay_s=config.max_batch_delay_ms / 1000.0,
             queue_size=config.queue_size,
         )
@@ -131,13 +131,15 @@ class PolicyRuntime:
             channels_last=self.config.channels_last,
         )
         apply_speed_options(model, options)
-        executor = BatchExecutor(model, self.config.max_batch_size, options)
+        max_batch = self.config.batch_size_for(device)
+        executor = BatchExecutor(model, max_batch, options)
         start = time.perf_counter()
         warm_up(executor, model)
+        self.batcher.max_batch_size = max_batch
         self.batcher.executor = executor
         log.info(
-            "worker %d ready: %s version %s on %s, %d torch threads, warm-up %.2f s",
-            os.getpid(), model.name, model.version, device, threads, time.perf_counter() - start,
+            "worker %d ready: %s version %s on %s, %d torch threads, max batch %d, warm-up %.2f s",
+            os.getpid(), model.name, model.version, device, threads, max_batch, time.perf_counter() - start,
         )
         return model
 

@@ -96,3 +96,11 @@ def test_cli_help_lists_every_setting():
     assert result.returncode == 0
     for flag in ("--model-path", "--device", "--host", "--port", "--workers", "--threads", "--api-key"):
         assert flag in result.stdout
+
+
+def test_batch_size_auto_depends_on_the_device():
+    assert ServerConfig().batch_size_for("cpu") == 4
+    assert ServerConfig().batch_size_for("cuda:1") == 16
+    assert ServerConfig(max_batch_size=7).batch_size_for("cpu") == 7
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        ServerConfig(max_batch_size=-1).validate()

@@ -72,12 +72,14 @@ def test_concurrent_clients_each_get_their_own_answer(server, reference):
     observations = [observation(100 + i) for i in range(16)]
     expected = [reference(obs)["action"] for obs in observations]
     failures: list[str] = []
+    batch_sizes: list[int] = []
 
     def loop(i: int) -> None:
         with PolicyClient(server.base_url) as client:
             for round_ in range(4):
                 k = (i + round_) % len(observations)
                 got = client.infer(observations[k])["action"]
+                batch_sizes.append(client.last_batch_size)
                 if not np.allclose(got, expected[k], rtol=1e-5, atol=1e-6):
                     failures.append(f"thread {i} round {round_}: answer for another observation")
 
@@ -87,6 +89,7 @@ def test_concurrent_clients_each_get_their_own_answer(server, reference):
     for t in threads:
         t.join(120)
     assert not failures
+    assert len(batch_sizes) == 64 and max(batch_sizes) > 1  # requests did share batches
 
 
 def _maps(pid: int) -> str:

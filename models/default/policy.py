@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from policy_server.contract import TensorSpec
@@ -41,8 +42,15 @@ class CnnMlp(nn.Module):
         self.head = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, CHUNK * DOF))
 
     def forward(self, state: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        pixels = image.permute(0, 3, 1, 2).float().mul(2.0 / 255.0).sub(1.0)
-        features = torch.cat([self.encoder(pixels), self.state_mlp(state)], dim=1)
+        # The first conv sees pixels scaled to [-1, 1]: conv(w, 2x/255 - 1) equals
+        # conv(2w/255, x) with bias b - sum(w), so the scaling is folded into its weights
+        # instead of making two more passes over a float copy of every image.
+        first = self.encoder[0]
+        weight = first.weight * (2.0 / 255.0)
+        bias = first.bias - first.weight.sum(dim=(1, 2, 3))
+        pixels = image.permute(0, 3, 1, 2).float()  # NHWC memory, i.e. channels_last
+        x = F.conv2d(pixels, weight, bias, stride=first.stride, padding=first.padding)
+        features = torch.cat([self.encoder[1:](x), self.state_mlp(state)], dim=1)
         return {"action": self.head(features).view(-1, CHUNK, DOF)}
 
 
