@@ -24,7 +24,8 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(PY) benchmarks/bench_protocol.py
+	$(PY) benchmarks/bench_protocol.py --json bench-results/protocol.json
+	$(PY) benchmarks/bench_serving.py --json bench-results/serving.json
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -94,6 +94,7 @@ def main() -> None:
     for size, r in results["decode_vs_size"].items():
         log.info("%-12s %10d %16.1f %22.1f", size, r["image_bytes"], r["decode"]["p50_us"], r["pickle_inband_loads"]["p50_us"])
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
         log.info("wrote %s", args.json)

@@ -94,6 +94,7 @@ class BatchExecutor:
         self.pipelined = self.device.type == "cuda"
         self.autocast = AUTOCAST_DTYPES.get(options.autocast)
         if self.pipelined:
+            torch.cuda.synchronize(self.device)  # weights were uploaded on the default stream
             self.copy_stream = torch.cuda.Stream(self.device)
             self.compute_stream = torch.cuda.Stream(self.device)
         n_slots = 2 if self.pipelined else 1
