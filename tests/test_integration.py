@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import http.client
+import signal
+import time
 import os
 import sys
 import threading
@@ -163,3 +165,50 @@ def test_gunicorn_directly_with_environment_and_api_key(tmp_path):
         with PolicyClient(running.base_url, api_key=KEY) as client:
             assert client.ready()
             assert client.infer(obs)["action"].shape == (10, 7)
+
+
+SLOW_POLICY = '''
+import time
+from policy_server.contract import TensorSpec
+
+
+class Slow:
+    input_spec = (TensorSpec("x", "float32", (4,)),)
+    output_spec = (TensorSpec("y", "float32", (4,)),)
+
+    def forward(self, batch):
+        time.sleep(0.15)
+        return {"y": batch["x"] * 2}
+
+
+def load_model(model_dir, device):
+    return Slow()
+'''
+
+
+def test_sigterm_answers_every_accepted_request(tmp_path):
+    model_dir = tmp_path / "slow"
+    model_dir.mkdir()
+    (model_dir / "policy.py").write_text(SLOW_POLICY)
+    args = ("--model-path", str(model_dir), "--max-batch-size", "2", "--graceful-timeout-s", "30")
+    with run_server(tmp_path, workers=1, args=args) as running:
+        results: list[object] = [None] * 8
+
+        def call(i: int) -> None:
+            try:
+                with PolicyClient(running.base_url, retries=0, timeout_s=30) as client:
+                    results[i] = client.infer({"x": np.full(4, float(i), np.float32)})["y"]
+            except Exception as exc:  # recorded: the assertion below names it
+                results[i] = exc
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # all 8 accepted; 4 batches of 2 at 0.15 s each are still to run
+        running.process.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        assert running.process.wait(60) == 0
+    for i, result in enumerate(results):
+        assert isinstance(result, np.ndarray), f"request {i}: {result!r}"
+        np.testing.assert_array_equal(result, np.full(4, 2.0 * i, np.float32))
