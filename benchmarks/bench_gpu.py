@@ -26,6 +26,7 @@ from policy_server.batcher import Batcher  # noqa: E402
 from policy_server.executor import BatchExecutor  # noqa: E402
 from policy_server.model_loader import load_model_dir  # noqa: E402
 from policy_server.tensors import sample_inputs  # noqa: E402
+from benchmarks.timing import time_executor  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 MODEL = str(ROOT / "models" / "default")
@@ -97,15 +98,7 @@ def h2d(model, executor: BatchExecutor, batch: int, iters: int) -> dict:
 
 
 def executor_latency(model, executor: BatchExecutor, batch: int, iters: int) -> dict:
-    requests = [SimpleNamespace(inputs=o) for o in observations(model.input_spec, batch, seed=1)]
-    for _ in range(5):
-        executor.finish(executor.launch(requests))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        executor.finish(executor.launch(requests))
-        times.append(time.perf_counter() - t0)
-    ms = np.array(times) * 1e3
+    ms = time_executor(executor, observations(model.input_spec, batch, seed=1), iters, warmup=5) * 1e3
     return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
             "samples_per_s": batch / (float(np.median(ms)) / 1e3)}
 

@@ -28,6 +28,7 @@ from policy_server.config import ServerConfig  # noqa: E402
 from policy_server.executor import BatchExecutor, SpeedOptions, apply_speed_options  # noqa: E402
 from policy_server.model_loader import load_model_dir  # noqa: E402
 from policy_server.tensors import sample_inputs  # noqa: E402
+from benchmarks.timing import time_executor  # noqa: E402
 
 log = logging.getLogger("bench_options")
 MODEL = str(ROOT / "models" / "default")
@@ -43,14 +44,7 @@ def measure(options: SpeedOptions, device: str, batches: list[int], iters: int, 
         start = time.perf_counter()
         rows, _ = executor.finish(executor.launch(requests))  # first call: compiles, if compiling
         first_ms = (time.perf_counter() - start) * 1e3
-        for _ in range(3):
-            executor.finish(executor.launch(requests))
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            executor.finish(executor.launch(requests))
-            times.append(time.perf_counter() - t0)
-        ms = float(np.median(times)) * 1e3
+        ms = float(np.median(time_executor(executor, observations[:batch], iters))) * 1e3
         out[batch] = {"batch_ms": ms, "per_sample_ms": ms / batch, "first_call_ms": first_ms,
                       "actions": np.stack([r["action"] for r in rows])}
     return out

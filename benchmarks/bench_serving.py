@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import requests
@@ -42,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from binary_protocol import binary_to_dict, dict_to_binary  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
+from benchmarks.timing import time_executor  # noqa: E402
 
 log = logging.getLogger("bench_serving")
 MODEL = str(ROOT / "models" / "default")
@@ -315,15 +315,7 @@ def compute_floor(iters: int) -> dict:
         model = load_model_dir(MODEL, "cpu")
         for batch in (1, 8, 16):
             executor = BatchExecutor(model, max_batch_size=batch)
-            requests_ = [SimpleNamespace(inputs=obs)] * batch
-            for _ in range(3):
-                executor.finish(executor.launch(requests_))
-            times = []
-            for _ in range(max(3, iters // batch)):
-                t0 = time.perf_counter()
-                executor.finish(executor.launch(requests_))
-                times.append(time.perf_counter() - t0)
-            ms = float(np.median(times)) * 1e3
+            ms = float(np.median(time_executor(executor, [obs] * batch, max(3, iters // batch)))) * 1e3
             out[f"threads{threads}_batch{batch}"] = {"batch_ms": ms, "per_sample_ms": ms / batch}
     return out
 
