@@ -54,6 +54,9 @@ MAX_BUFFERS = 4096
 MAX_DEPTH = 32
 MAX_NODES = 100_000
 MAX_NDIM = 32
+# Opcodes allowed per allowed object: a real pickle uses 1-3 per value (an array ~20, but
+# arrays are few); the cap bounds the decoder's work to about half a second.
+OPS_PER_NODE = 4
 
 _HEADER = struct.Struct("<4sB3sIQ")  # magic, version, reserved, N, P
 _ZERO_PAD = bytes(ALIGNMENT)
@@ -75,6 +78,17 @@ def _pad(offset: int) -> int:
     return -offset % ALIGNMENT
 
 
+def _describe(obj: Any) -> str:
+    """A short, bounded description of a decoded object for an error message.
+
+    Never ``repr`` of what a stream built: a deep tuple makes repr recurse past the limit,
+    and memo-shared strings make it build gigabytes.
+    """
+    if type(obj) is str:
+        return repr(obj[:32])
+    return type(obj).__name__.lstrip("_")
+
+
 # ---------------------------------------------------------------------------------
 # Encoding
 
@@ -88,6 +102,12 @@ def _check_dtype(dtype: np.dtype, where: str) -> None:
 
 def _prepare(obj: Any, where: str, depth: int) -> Any:
     """Return ``obj`` in the form the wire allows, or raise ProtocolError."""
+    if type(obj) is str:
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(f"{where}: string is not valid UTF-8 (lone surrogate)") from None
+        return obj
     if type(obj) in _SCALARS:
         return obj
     if isinstance(obj, np.generic):  # numpy scalar (np.float64 is also a float) -> 0-d array
@@ -103,7 +123,8 @@ def _prepare(obj: Any, where: str, depth: int) -> Any:
         out = {}
         for key, value in obj.items():
             if not isinstance(key, str):
-                raise ProtocolError(f"{where}: dict key {key!r} is not a str")
+                raise ProtocolError(f"{where}: dict key of type {type(key).__name__} is not a str")
+            _prepare(key, f"{where} key", depth)
             out[key] = _prepare(value, f"{where}.{key}", depth + 1)
         return out
     if isinstance(obj, (list, tuple)):
@@ -188,7 +209,7 @@ class _Dtype(_Token):
         if len(args) != 3 or args[1] is not False or args[2] is not True:
             raise ProtocolError("dtype arguments are not the plain form (name, False, True)")
         if type(args[0]) is not str or args[0] not in _DTYPE_NAMES:
-            raise ProtocolError(f"dtype {args[0]!r} is not allowed (kinds b, i, u, f, c only)")
+            raise ProtocolError(f"dtype {_describe(args[0])} is not allowed (kinds b, i, u, f, c only)")
         self.name = args[0]
         self.byteorder = "="
         self.built = False
@@ -205,8 +226,11 @@ class _Dtype(_Token):
             or state[0] != 3
             or type(state[1]) is not str
             or state[1] not in _BYTEORDERS
-            or state[2:] != (None, None, None, -1, -1, 0)
+            or state[2] is not None
+            or state[3] is not None
+            or state[4] is not None
             or any(type(v) is not int for v in state[5:])
+            or state[5:] != (-1, -1, 0)
         ):
             raise ProtocolError("dtype state is not the plain form")
         self.byteorder = state[1]
@@ -265,7 +289,7 @@ class _Decoder:
             if type(dim) is not int or not 0 <= dim <= _MAX_DIM:
                 raise ProtocolError("array shape is not a tuple of non-negative ints below 2**62")
         if type(order) is not str or order not in ("C", "F", "K"):
-            raise ProtocolError(f"array order {order!r} is not allowed")
+            raise ProtocolError(f"array order {_describe(order)} is not allowed")
         if order == "K":
             if (
                 type(axis_order) is not tuple
@@ -322,7 +346,7 @@ def _load(view: memoryview, buffers: list[memoryview], max_ops: int) -> Any:
             end = pos + 1 + data[pos]
             if end > n:
                 break
-            push(str(data[pos + 1 : end], "utf-8", "surrogatepass"))
+            push(str(data[pos + 1 : end], "utf-8"))
             pos = end
         elif op == 0x4B:  # BININT1
             if pos >= n:
@@ -341,7 +365,7 @@ def _load(view: memoryview, buffers: list[memoryview], max_ops: int) -> Any:
                 raise ProtocolError("STACK_GLOBAL module and name must be str")
             found = _GLOBALS.get((module, name))
             if found is None:
-                raise ProtocolError(f"global {module}.{name} is not allowed")
+                raise ProtocolError(f"global {module[:64]}.{name[:64]} is not allowed")
             push(found)
         elif op == 0x52:  # REDUCE
             if len(stack) < fence + 2:
@@ -466,15 +490,18 @@ def _load(view: memoryview, buffers: list[memoryview], max_ops: int) -> Any:
             if pos + k > n:
                 break
             if op == 0x58 or op == 0x8D:
-                push(str(data[pos : pos + k], "utf-8", "surrogatepass"))
+                push(str(data[pos : pos + k], "utf-8"))
             elif op == 0x96:
                 push(_Buffer(view[pos : pos + k], -1))
             else:
                 push(bytes(data[pos : pos + k]))
             pos += k
         elif op == 0x95:  # FRAME: a framing hint; its length must lie inside the pickle
-            if pos + 8 > n or pos + 8 + unpack_from("<Q", data, pos)[0] > n:
-                raise ProtocolError("FRAME longer than the pickle")
+            if pos + 8 > n:
+                break
+            frame_len = unpack_from("<Q", data, pos)[0]
+            if frame_len == 0 or pos + 8 + frame_len > n:
+                raise ProtocolError("FRAME empty or longer than the pickle")
             pos += 8
         elif op == 0x2E:  # STOP
             if pos != n:
@@ -503,22 +530,23 @@ _SCALARS_OUT = frozenset([str, bytes, int, float, bool, type(None), np.ndarray])
 def _check_tree(obj: Any, max_depth: int, max_nodes: int) -> None:
     """Refuse decode-time tokens in the result and cap depth and visits (memo-shared
     subtrees count at every visit, so a small body cannot make a walk run long)."""
-    visits = 0
+    visits = 1
     stack = [(obj, 0)]
     while stack:
         item, depth = stack.pop()
-        visits += 1
-        if visits > max_nodes:
-            raise ProtocolError(f"more than {max_nodes} objects")
         kind = type(item)
         if kind in _SCALARS_OUT:
             continue
         if depth >= max_depth:
             raise ProtocolError(f"nesting deeper than {max_depth}")
-        if kind is dict:
-            stack.extend((v, depth + 1) for v in item.values())
-        elif kind is list or kind is tuple:
-            stack.extend((v, depth + 1) for v in item)
+        if kind is dict or kind is list or kind is tuple:
+            # Count children as they are pushed, so neither the work nor the stack can
+            # outgrow max_nodes (a list holding itself a million times, say).
+            visits += len(item)
+            if visits > max_nodes:
+                raise ProtocolError(f"more than {max_nodes} objects")
+            children = item.values() if kind is dict else item
+            stack.extend((v, depth + 1) for v in children)
         else:
             raise ProtocolError(f"object of type {kind.__name__.lstrip('_')} is not allowed in the result")
 
@@ -570,7 +598,7 @@ def binary_to_dict(
     """
     try:
         view = memoryview(body).cast("B").toreadonly()
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ProtocolError(f"body of type {type(body).__name__} is not bytes-like") from exc
     if view.nbytes >= 4 and view[:4] == MAGIC:
         pickle_view, buffers = _split_frame(view)
@@ -579,7 +607,7 @@ def binary_to_dict(
     else:
         raise ProtocolError("body is neither a PK5F frame nor a protocol-5 pickle")
     try:
-        loaded = _load(pickle_view, buffers, max_ops=16 * max_nodes)
+        loaded = _load(pickle_view, buffers, max_ops=OPS_PER_NODE * max_nodes)
     except ProtocolError:
         raise
     except (ValueError, TypeError, OverflowError, MemoryError) as exc:  # numpy refusing a reshape, ...

@@ -95,7 +95,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ProtocolError)
     def _protocol_error(exc: ProtocolError):
-        return error_response(400, "bad request", f"body rejected: {exc}")
+        return error_response(400, "bad request", f"body rejected: {str(exc)[:500]}")
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -15,7 +15,9 @@ import json
 import os
 import subprocess
 import sys
+import struct
 import textwrap
+import warnings
 import time
 from pathlib import Path
 
@@ -342,3 +344,66 @@ def test_memo_and_depth_caps_bound_the_walk():
         assert err is not None and expected in str(err)
         assert elapsed < 1.0
     assert binary_protocol.MAX_NODES <= 1_000_000 and binary_protocol.MAX_DEPTH <= 64
+
+
+# ---------------------------------------------------------------------------------
+# Found by fuzzing and review of the restricted decoder (each was a real break).
+
+F = b"\x8c\x13numpy._core.numeric\x8c\x0b_frombuffer\x93"
+DTYPE = b"\x8c\x05numpy\x8c\x05dtype\x93"
+
+
+def _rejected_quickly(body: bytes, limit_s: float = 1.0) -> str:
+    err, elapsed = _decode_outcome(body)
+    assert err is not None, "decoded instead of raising ProtocolError"
+    assert elapsed < limit_s, f"took {elapsed:.2f} s"
+    assert len(str(err)) < 600
+    return str(err)
+
+
+def test_deep_tuple_in_an_error_message_does_not_escape_as_recursion_error():
+    # repr() of a 1000-deep tuple used to raise RecursionError (a 500, not a 400).
+    as_dtype_name = b"\x80\x05}\x8c\x01x" + DTYPE + b"N" + b"\x85" * 1000 + b"\x89\x88\x87Rs."
+    as_order = (b"\x80\x05}\x8c\x01x" + F + b"(C\x08" + bytes(8) + DTYPE + b"\x8c\x02f4\x89\x88\x87RK\x02\x85N"
+                + b"\x85" * 1000 + b"tRs.")
+    assert "tuple" in _rejected_quickly(as_dtype_name)
+    assert "tuple" in _rejected_quickly(as_order)
+
+
+def test_memo_shared_strings_cannot_blow_up_an_error_message():
+    # repr() of a list holding one 60 kB string 10,000 times built a 600 MB message.
+    body = (b"\x80\x05}\x8c\x01x" + DTYPE + b"]X" + struct.pack("<I", 60000) + b"A" * 60000
+            + b"\x94a(" + b"h\x00" * 10000 + b"e\x89\x88\x87Rs.")
+    assert "list" in _rejected_quickly(body)
+
+
+def test_self_referential_list_walk_is_bounded():
+    # A list holding itself 100,000 times grew the walk's stack to ~32 x 100,000 entries.
+    body = b"\x80\x05}\x8c\x01x]\x94(" + b"h\x00" * 100_000 + b"es."
+    assert "more than" in _rejected_quickly(body)
+
+
+def test_opcode_floods_are_cut_off():
+    tuples = b"\x80\x05}\x8c\x01xN" + b"\x85" * 1_599_990 + b"s."
+    assert "opcodes" in _rejected_quickly(tuples, limit_s=1.5)
+    empty_frames = b"\x80\x05" + (b"\x95" + bytes(8)) * 1000 + b"}."
+    assert "FRAME" in _rejected_quickly(empty_frames)
+
+
+def test_strings_must_be_strict_utf8_both_ways():
+    lone_surrogate = b"\x80\x05}\x8c\x01x\x8c\x03\xed\xa0\x80s."
+    _rejected_quickly(lone_surrogate)
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        binary_protocol.dict_to_binary({"x": "\ud800"})
+    with pytest.raises(ProtocolError, match="UTF-8"):
+        binary_protocol.dict_to_binary({"\ud800": 1})
+
+
+def test_dtype_state_holding_an_array_is_refused_without_comparing_it():
+    array = F + b"(C\x08" + bytes(8) + DTYPE + b"\x8c\x02f4\x89\x88\x87RK\x02\x85\x8c\x01CtR"
+    state = b"(K\x03\x8c\x01<" + array + b"NNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"
+    body = b"\x80\x05}\x8c\x01x" + F + b"(C\x04" + bytes(4) + DTYPE + b"\x8c\x02f4\x89\x88\x87R" + state + b"b"
+    body += b"K\x01\x85\x8c\x01CtRs."
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "dtype state" in _rejected_quickly(body)
