@@ -524,7 +524,7 @@ _SIZED = {
 }
 
 
-_SCALARS_OUT = frozenset([str, bytes, int, float, bool, type(None), np.ndarray])
+_SCALARS_OUT = _SCALARS | {np.ndarray}
 
 
 def _check_tree(obj: Any, max_depth: int, max_nodes: int) -> None:

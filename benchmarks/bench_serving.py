@@ -139,24 +139,14 @@ def raw_http_client(port: int, body: bytes) -> Callable[[], int]:
 
 
 def socket_client(port: int, body: bytes) -> Callable[[], int]:
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    """The socket baseline's framing: u64 length, then a version-1 frame, each way."""
+    conn = _Conn(port)
     message = struct.pack("<Q", len(body)) + body
 
-    def recv_exact(n: int) -> bytes:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = sock.recv_into(view[got:])
-            if not k:
-                raise ConnectionError("socket baseline closed the connection")
-            got += k
-        return bytes(buf)
-
     def call() -> int:
-        sock.sendall(message)
-        (length,) = struct.unpack("<Q", recv_exact(8))
-        assert binary_to_dict(recv_exact(length))["action"].shape == (10, 7)
+        conn.sock.sendall(message)
+        (length,) = struct.unpack("<Q", conn.read_exact(8))
+        assert binary_to_dict(conn.read_exact(length))["action"].shape == (10, 7)
         return 0
 
     return call

@@ -144,9 +144,6 @@ class Batcher:
             raise request.error
         return request.outputs, request.version
 
-    def depth(self) -> int:
-        return len(self._queue)
-
     # -- the batcher thread ---------------------------------------------------------
 
     def start(self, name: str = "batcher") -> None:

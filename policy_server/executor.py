@@ -93,6 +93,7 @@ class BatchExecutor:
         self.device = torch.device(model.device)
         self.pipelined = self.device.type == "cuda"
         self.autocast = AUTOCAST_DTYPES.get(options.autocast)
+        self.out_dtypes = {s.name: torch_dtype(s.np_dtype) for s in model.output_spec}
         if self.pipelined:
             torch.cuda.synchronize(self.device)  # weights were uploaded on the default stream
             self.copy_stream = torch.cuda.Stream(self.device)
@@ -153,8 +154,8 @@ class BatchExecutor:
             arrays = {}
             for spec in self.model.output_spec:
                 out = _output(launched.outputs, spec, rows).detach()
-                if out.dtype != torch_dtype(spec.np_dtype):
-                    out = out.to(torch_dtype(spec.np_dtype))
+                if out.dtype != self.out_dtypes[spec.name]:
+                    out = out.to(self.out_dtypes[spec.name])
                 array = _checked(out.cpu().numpy(), spec, rows)
                 if any(np.may_share_memory(array, staged) for staged in slot.host_in_np.values()):
                     array = array.copy()  # the next batch overwrites the staging buffer
