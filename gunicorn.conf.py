@@ -48,7 +48,7 @@ def post_worker_init(worker):
     gets GPU i % n."""
     runtime = _runtime(worker)
     if runtime is not None:
-        runtime.start(worker_index=worker.age - 1)
+        runtime.start(worker_index=worker.age - 1, workers=worker.cfg.workers)
 
 
 def worker_exit(server, worker):

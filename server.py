@@ -13,29 +13,34 @@ from flask import Flask, jsonify
 
 from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server.config import ServerConfig
+from policy_server.lifecycle import ModelManager
 from policy_server.runtime import PolicyRuntime
 from policy_server.web import (
     binary_response,
-    check_api_key,
+    check_keys,
     read_body,
+    read_command,
     register_error_handlers,
     request_deadline_s,
     server_timing,
+    wait_seconds,
 )
 
 OPEN_ENDPOINTS = frozenset({"health", "ready"})
+ADMIN_ENDPOINTS = frozenset({"update_model", "load_model", "unload_model"})
 
 
 def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
-    """Build the app. The model is loaded later, by ``runtime.start()`` in the worker.
+    """Build the app. Models are loaded later, by ``runtime.start()`` in the worker.
 
-    ``policy`` (any object following the models/ contract) replaces loading
-    ``config.model_path``; tests use it to pass a fake.
+    ``policy`` (any object following the models/ contract) replaces the model store: that
+    one object is served, without hot reload. Tests use it to pass a fake.
     """
     config = config or ServerConfig.from_env()
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["MAX_CONTENT_LENGTH"] = max(config.max_body_bytes, config.max_update_bytes)
     runtime = PolicyRuntime(config, policy)
+    manager = ModelManager(config, runtime)
     app.extensions["policy_runtime"] = runtime
     register_error_handlers(app)
 
@@ -43,29 +48,43 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     def _before() -> None:
         if not runtime.started:  # served without gunicorn.conf.py's post_worker_init hook
             runtime.start()
-        check_api_key(config.api_key, OPEN_ENDPOINTS)
+        check_keys(config.api_key, config.admin_key, OPEN_ENDPOINTS, ADMIN_ENDPOINTS)
 
-    @app.post("/infer")
-    def infer():
+    def infer_with(name: str | None):
         t0 = time.perf_counter()
         deadline = time.monotonic() + request_deadline_s(config.deadline_ms)
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
         inputs = binary_to_dict(body)
-        runtime.validate(inputs)
-        t2 = time.perf_counter()
-        pending = runtime.submit(inputs, deadline)
-        outputs, version = runtime.wait(pending)
+        outputs, version, key = runtime.cached(name, inputs)
+        headers = {}
+        if outputs is None:
+            pending = runtime.submit(inputs, deadline, name)
+            t2 = time.perf_counter()
+            outputs, version = runtime.wait(pending)
+            runtime.remember(name, version, key, outputs)
+            queue_s, compute_s = pending.queue_s, pending.compute_s
+            headers["X-Batch-Size"] = str(pending.batch_size)
+        else:
+            t2, queue_s, compute_s = time.perf_counter(), 0.0, 0.0
+        if key is not None:
+            headers["X-Cache"] = "miss" if "X-Batch-Size" in headers else "hit"
         t3 = time.perf_counter()
         payload = dict_to_binary(outputs)
         t4 = time.perf_counter()
-        timing = server_timing(
-            read=t1 - t0, decode=t2 - t1, queue=pending.queue_s, compute=pending.compute_s, encode=t4 - t3
+        headers["Server-Timing"] = server_timing(
+            read=t1 - t0, decode=t2 - t1, queue=queue_s, compute=compute_s, encode=t4 - t3
         )
-        return binary_response(
-            payload,
-            {"X-Model-Version": version, "X-Batch-Size": str(pending.batch_size), "Server-Timing": timing},
-        )
+        headers["X-Model-Version"] = version
+        return binary_response(payload, headers)
+
+    @app.post("/infer")
+    def infer():
+        return infer_with(None)
+
+    @app.post("/models/<name>/infer")
+    def infer_named(name: str):
+        return infer_with(name)
 
     @app.get("/health")
     def health():
@@ -79,6 +98,26 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     @app.get("/model_info")
     def model_info():
         return jsonify(runtime.model.info())
+
+    @app.get("/models")
+    def list_models():
+        return jsonify({"default": runtime.default_name, "models": manager.models()})
+
+    @app.get("/models/<name>")
+    def named_model_info(name: str):
+        return jsonify(runtime.served(name).model.info())
+
+    @app.post("/update_model")
+    def update_model():
+        return jsonify(manager.update(read_command(config.max_update_bytes), wait_seconds()))
+
+    @app.post("/models/<name>/load")
+    def load_model(name: str):
+        return jsonify(manager.load(name, read_command(config.max_update_bytes), wait_seconds()))
+
+    @app.post("/models/<name>/unload")
+    def unload_model(name: str):
+        return jsonify(manager.unload(name, wait_seconds()))
 
     return app
 

@@ -28,6 +28,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -338,7 +339,8 @@ def main() -> None:
         "server": Target(
             "server",
             [sys.executable, "server.py", "--port", str(ports["server"]), "--workers", str(args.workers),
-             "--threads", str(max(4, args.clients)), "--model-path", MODEL, *args.server_args.split()],
+             "--threads", str(max(4, args.clients)), "--model-path", MODEL,
+             "--model-store", tempfile.mkdtemp(prefix="bench-store-"), *args.server_args.split()],
             {}, lambda p: raw_http_client(p, frame), ports["server"],
             real_client=lambda p: policy_client(f"http://127.0.0.1:{p}", obs),
         ),

@@ -16,6 +16,9 @@ Semantics (see ../shared/DESIGN.md, "Batching"):
 
 The device work is the ``executor``'s: ``launch(requests)`` starts a batch and returns a
 handle, ``finish(handle)`` returns one output dict per request plus the model version.
+With ``executor_for``, the executor is looked up per batch (by its first request's
+``model``): a hot reload replaces it between two batches, and a batch is launched and
+finished by one executor, so it never mixes model versions.
 An executor with ``pipelined = True`` (CUDA) gets the next batch launched before the
 previous one is finished, so its host-to-device copy overlaps the running forward.
 """
@@ -55,22 +58,26 @@ class Executor(Protocol):
     def finish(self, handle: Any) -> tuple[list[dict[str, np.ndarray]], str]: ...
 
 
-def compatibility_key(inputs: Mapping[str, np.ndarray]) -> tuple:
+def compatibility_key(inputs: Mapping[str, np.ndarray], model: Any = None) -> tuple:
     """Requests with equal keys can be stacked into one batch (byte order is converted)."""
-    return tuple(sorted((name, a.dtype.newbyteorder("=").str, a.shape) for name, a in inputs.items()))
+    return (model, *sorted((name, a.dtype.newbyteorder("=").str, a.shape) for name, a in inputs.items()))
 
 
 class Request:
     """One queued observation and, once answered, its outputs or error and timings."""
 
     __slots__ = (
-        "inputs", "key", "deadline", "enqueued", "started", "finished", "batch_size",
+        "inputs", "model", "spec", "key", "deadline", "enqueued", "started", "finished", "batch_size",
         "outputs", "version", "error", "cancelled", "_done",
     )
 
-    def __init__(self, inputs: Mapping[str, np.ndarray], deadline: float, now: float) -> None:
+    def __init__(
+        self, inputs: Mapping[str, np.ndarray], deadline: float, now: float, model: Any = None, spec: Any = None
+    ) -> None:
         self.inputs = inputs
-        self.key = compatibility_key(inputs)
+        self.model = model  # which model serves it (None: the batcher's one executor)
+        self.spec = spec  # the input spec it was validated against
+        self.key = compatibility_key(inputs, model)
         self.deadline = deadline
         self.enqueued = now
         self.started = 0.0
@@ -107,8 +114,10 @@ class Batcher:
         max_delay_s: float = 0.0,
         queue_size: int = 256,
         on_batch: Callable[[list[Request]], None] | None = None,
+        executor_for: Callable[[Request], Executor] | None = None,
     ) -> None:
         self.executor = executor
+        self.executor_for = executor_for
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
@@ -122,9 +131,11 @@ class Batcher:
 
     # -- request threads ------------------------------------------------------------
 
-    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float) -> Request:
+    def submit(
+        self, inputs: Mapping[str, np.ndarray], deadline: float, model: Any = None, spec: Any = None
+    ) -> Request:
         """Queue one observation; QueueFull at once when the queue is full."""
-        request = Request(inputs, deadline, time.monotonic())
+        request = Request(inputs, deadline, time.monotonic(), model, spec)
         with self._cond:
             if self._stopping:
                 raise NotReady("server is shutting down")
@@ -160,21 +171,20 @@ class Batcher:
 
     def run(self) -> None:
         """Serve batches until stopped and drained."""
-        executor = self.executor
-        inflight: tuple[Any, list[Request]] | None = None
+        inflight: tuple[Executor, Any, list[Request]] | None = None
         while True:
             batch = self._collect(block=inflight is None)
             launched = None
             if batch:
-                launched = self._launch(executor, batch)
+                launched = self._launch(batch)
             if inflight is not None:
-                self._finish(executor, *inflight)
+                self._finish(*inflight)
                 inflight = None
             if launched is not None:
-                if executor.pipelined:
+                if launched[0].pipelined:
                     inflight = launched
                 else:
-                    self._finish(executor, *launched)
+                    self._finish(*launched)
             if batch is None and inflight is None:
                 return
 
@@ -228,13 +238,14 @@ class Batcher:
                 keep.append(request)
         self._queue = keep
 
-    def _launch(self, executor: Executor, batch: list[Request]):
+    def _launch(self, batch: list[Request]):
         now = time.monotonic()
         for request in batch:
             request.started = now
             request.batch_size = len(batch)
         try:
-            return executor.launch(batch), batch
+            executor = self.executor if self.executor_for is None else self.executor_for(batch[0])
+            return executor, executor.launch(batch), batch
         except Exception as exc:
             self._fail(batch, exc)
             return None

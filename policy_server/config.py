@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from policy_server.errors import ConfigError
+from policy_server.store import NAME_PATTERN
 
 ENV_PREFIX = "POLICY_SERVER_"
 # Measured with benchmarks/bench_serving.py on 2 CPU cores (default policy, 16 clients):
@@ -33,7 +34,23 @@ def _opt(default, help: str, kind: type | None = None):
 class ServerConfig:
     """Settings of one server instance (all of its gunicorn workers)."""
 
-    model_path: str = _opt("models/default", "model directory following the models/ contract")
+    model_path: str = _opt("models/default", "model directory following the models/ contract; seeds the store")
+    model_name: str = _opt("default", "name of the default model in the store (what /infer serves)")
+    model_store: str = _opt(
+        "model-store", "model store directory shared by all workers and instances ('' = no store, no hot reload)"
+    )
+    model_root: str = _opt("models", "/update_model and /models/<name>/load accept model_path only inside this")
+    store_keep: int = _opt(5, "versions kept per model in the store (rollback targets)")
+    store_poll_ms: int = _opt(100, "how often each worker checks the store for a new current version")
+    admin_key: str | None = _opt(
+        None, "key required in X-Admin-Key by /update_model and model management (else the API key rules)", str
+    )
+    max_update_bytes: int = _opt(1 << 30, "largest accepted /update_model body (weights push)")
+    cache_size: int = _opt(0, "response cache entries per worker (0 = off)")
+    cache_ttl_s: float = _opt(60.0, "seconds a cached response stays valid")
+    run_dir: str | None = _opt(
+        None, "scratch directory of this instance (worker status); default: a fresh temp dir per start", str
+    )
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N (auto picks CUDA when present)")
     host: str = _opt("127.0.0.1", "address to bind; non-loopback needs an API key")
     port: int = _opt(50000, "TCP port to bind")
@@ -96,7 +113,10 @@ class ServerConfig:
         """Raise ConfigError for values that cannot serve safely."""
         if not (0 < self.port < 65536):
             raise ConfigError(f"port {self.port} is out of range")
-        for name in ("workers", "threads", "max_body_bytes", "timeout_s", "queue_size", "deadline_ms"):
+        for name in (
+            "workers", "threads", "max_body_bytes", "timeout_s", "queue_size", "deadline_ms",
+            "store_keep", "store_poll_ms", "max_update_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_batch_size < 0:
@@ -111,8 +131,14 @@ class ServerConfig:
             raise ConfigError("torch_threads must be 0 (auto) or more")
         if self.device != "auto" and self.device != "cpu" and not _is_cuda_device(self.device):
             raise ConfigError(f"device {self.device!r} is not auto, cpu, cuda or cuda:N")
-        if self.api_key is not None and len(self.api_key) < 8:
-            raise ConfigError("api_key must be at least 8 characters")
+        for name in ("api_key", "admin_key"):
+            key = getattr(self, name)
+            if key is not None and len(key) < 8:
+                raise ConfigError(f"{name} must be at least 8 characters")
+        if self.cache_size < 0 or self.cache_ttl_s <= 0:
+            raise ConfigError("cache_size must be 0 (off) or more and cache_ttl_s positive")
+        if not NAME_PATTERN.fullmatch(self.model_name):
+            raise ConfigError(f"model_name must match {NAME_PATTERN.pattern}")
         if not is_loopback(self.host) and not self.api_key and not self.allow_unauthenticated:
             raise ConfigError(
                 f"refusing to bind {self.host} without an API key: set --api-key "

@@ -23,6 +23,14 @@ class Unauthorized(ServingError):
     status, error = 401, "unauthorized"
 
 
+class Forbidden(ServingError):
+    status, error = 403, "forbidden"
+
+
+class Conflict(ServingError):
+    status, error = 409, "conflict"
+
+
 class LengthRequired(ServingError):
     status, error = 411, "length required"
 
@@ -33,6 +41,16 @@ class PayloadTooLarge(ServingError):
 
 class InvalidInput(ServingError):
     status, error = 422, "invalid input"
+
+
+class UnsupportedMediaType(ServingError):
+    status, error = 415, "unsupported media type"
+
+
+class InvalidModel(ServingError):
+    """A model update that failed validation: nothing was published."""
+
+    status, error = 422, "invalid model"
 
 
 class InferenceFailed(ServingError):

@@ -27,11 +27,13 @@ class LoadedModel:
     num_parameters: int
     input_spec: tuple[TensorSpec, ...]
     output_spec: tuple[TensorSpec, ...]
+    digest: str = ""  # of the model directory's files, when loaded from one
 
     def info(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "version": self.version,
+            "digest": self.digest,
             "device": self.device,
             "num_parameters": self.num_parameters,
             "inputs": [s.to_json() for s in self.input_spec],
@@ -39,12 +41,15 @@ class LoadedModel:
         }
 
 
-def directory_digest(model_dir: str) -> str:
-    """A short sha256 over every regular file's relative path and content, in sorted order."""
+def directory_digest(model_dir: str, suffix: str = "") -> str:
+    """A short sha256 over every regular file's relative path and content, in sorted order
+    (only files ending in ``suffix`` when given)."""
     digest = hashlib.sha256()
     for root, dirs, files in os.walk(model_dir):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(files):
+            if not name.endswith(suffix):
+                continue
             path = os.path.join(root, name)
             digest.update(os.path.relpath(path, model_dir).encode() + b"\0")
             with open(path, "rb") as fh:
@@ -53,7 +58,7 @@ def directory_digest(model_dir: str) -> str:
     return digest.hexdigest()[:12]
 
 
-def describe(policy: Any, *, name: str, version: str, device: str) -> LoadedModel:
+def describe(policy: Any, *, name: str, version: str, device: str, digest: str = "") -> LoadedModel:
     """Check that ``policy`` follows the contract and collect its facts."""
     for attr in ("input_spec", "output_spec", "forward"):
         if not hasattr(policy, attr):
@@ -69,23 +74,29 @@ def describe(policy: Any, *, name: str, version: str, device: str) -> LoadedMode
     count = policy.num_parameters() if hasattr(policy, "num_parameters") else 0
     return LoadedModel(
         policy=policy,
-        name=str(getattr(policy, "name", name)),
-        version=str(getattr(policy, "version", version)),
+        name=str(name if name is not None else getattr(policy, "name", "policy")),
+        version=str(version if version is not None else getattr(policy, "version", "0")),
         device=device,
         num_parameters=int(count),
         input_spec=specs[0],
         output_spec=specs[1],
+        digest=digest,
     )
 
 
-def load_model_dir(model_dir: str, device: str) -> LoadedModel:
-    """Import ``model_dir/policy.py`` under a private module name and call its ``load_model``."""
-    model_dir = os.path.abspath(model_dir)
+def _policy_module(model_dir: str):
+    """Import ``model_dir/policy.py`` under a private name derived from the directory's code.
+
+    Versions that differ only in weights (a trainer's pushes) share one module, so pushing
+    weights neither re-executes the code nor grows ``sys.modules``.
+    """
     entry = os.path.join(model_dir, "policy.py")
     if not os.path.isfile(entry):
         raise ModelError(f"{model_dir} has no policy.py")
-    version = directory_digest(model_dir)
-    module_name = f"_served_policy_{version}"
+    module_name = f"_served_policy_{directory_digest(model_dir, suffix='.py')}"
+    module = sys.modules.get(module_name)
+    if module is not None:
+        return module
     spec = importlib.util.spec_from_file_location(module_name, entry)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
@@ -93,10 +104,29 @@ def load_model_dir(model_dir: str, device: str) -> LoadedModel:
         spec.loader.exec_module(module)
         if not callable(getattr(module, "load_model", None)):
             raise ModelError(f"{entry} defines no load_model(model_dir, device)")
-        policy = module.load_model(model_dir, device)
-    except Exception:
+    except BaseException:
         sys.modules.pop(module_name, None)
         raise
-    loaded = describe(policy, name=os.path.basename(model_dir), version=version, device=device)
-    log.info("loaded model %s version %s on %s", loaded.name, loaded.version, device)
+    return module
+
+
+def load_model_dir(
+    model_dir: str, device: str, *, name: str | None = None, version: str | None = None
+) -> LoadedModel:
+    """Call ``load_model`` from ``model_dir/policy.py``.
+
+    ``name`` defaults to the policy's ``name`` (else the directory's), ``version`` to a digest
+    of the directory's files; the model store passes its own name and version number.
+    """
+    model_dir = os.path.abspath(model_dir)
+    digest = directory_digest(model_dir)
+    policy = _policy_module(model_dir).load_model(model_dir, device)
+    loaded = describe(
+        policy,
+        name=name if name is not None else getattr(policy, "name", os.path.basename(model_dir)),
+        version=version if version is not None else getattr(policy, "version", digest),
+        device=device,
+        digest=digest,
+    )
+    log.info("loaded model %s version %s (%s) on %s", loaded.name, loaded.version, digest, device)
     return loaded

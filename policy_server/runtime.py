@@ -1,18 +1,27 @@
-"""The policy inside one worker: a batcher thread that loads, warms up, then serves batches.
+"""The models inside one worker: loading, warm-up, hot swaps from the model store, and serving.
 
 Torch is imported here only when :meth:`PolicyRuntime.start` runs, which gunicorn does in
 ``post_worker_init``: never in the master, so forked workers get clean CUDA and OpenMP.
-Loading, warm-up and every forward run on the one batcher thread, so nothing thread-local
-that torch sets up on first use is paid by a request.
+
+Threads in a worker:
+
+- the *batcher thread* loads and warms the models at start, then runs every forward;
+- the *store watcher* polls the store's pointers; when one changes it loads and warms the
+  new version on its own thread (requests keep being served by the old one), then swaps
+  the reference the batcher looks up per batch. A batch is launched and finished by one
+  executor, so no batch mixes versions and no request waits on a load;
+- request threads validate, queue and wait (see :mod:`policy_server.batcher`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -20,9 +29,12 @@ import numpy as np
 
 from policy_server.batcher import Batcher, Request
 from policy_server.config import ServerConfig
-from policy_server.errors import ConfigError, ModelError, NotReady
+from policy_server.errors import ConfigError, InvalidInput, ModelError, NotReady
 from policy_server.model_loader import LoadedModel, describe, load_model_dir
+from policy_server.response_cache import ResponseCache, input_digest
+from policy_server.store import ModelStore, Pointer, UnknownModel
 from policy_server.tensors import sample_inputs, validate_inputs
+from policy_server.worker_status import WorkerStatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +59,59 @@ def resolve_device(name: str, worker_index: int = 0) -> str:
     return name
 
 
-class PolicyRuntime:
-    """Holds the worker's model and batcher, and answers inference calls.
+@dataclass(frozen=True)
+class Served:
+    """One model as this worker serves it."""
 
-    ``policy`` lets tests pass a ready object instead of loading ``config.model_path``.
+    model: LoadedModel
+    executor: Any  # BatchExecutor
+    generation: int  # of the store pointer it came from (0 without a store)
+    since: float  # wall-clock time it started serving
+
+
+class PolicyRuntime:
+    """Holds the worker's models and batcher, and answers inference calls.
+
+    ``policy`` lets tests pass a ready object instead of loading from the store; the
+    server then serves that one object and has no hot reload.
     """
 
     def __init__(self, config: ServerConfig, policy: Any = None) -> None:
         self.config = config
         self._given_policy = policy
-        self._model: LoadedModel | None = None
+        self.default_name = config.model_name
+        self.store = (
+            ModelStore(config.model_store, config.store_keep) if policy is None and config.model_store else None
+        )
+        self.board = WorkerStatusBoard(config.run_dir)
+        self.cache = ResponseCache(config.cache_size, config.cache_ttl_s)
+        self.device = "cpu"
+        self._served: dict[str, Served] = {}  # replaced whole on every change, never mutated
+        self._generations: dict[str, int] = {}  # store pointer generation last acted on, per model
+        self._problems: dict[str, str] = {}  # model -> why its current version did not load here
+        self._candidates: dict[str, Served] = {}  # validated here, by digest: reused when published
         self._failure: str | None = None
         self._settled = threading.Event()  # loaded or failed
         self._start_lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one load or validation at a time per worker
+        self._stopping = threading.Event()
         self.batcher = Batcher(
             max_batch_size=config.batch_size_for("cpu"),  # set for the device once it is known
             max_delay_s=config.max_batch_delay_ms / 1000.0,
             queue_size=config.queue_size,
+            executor_for=self._executor_for,
         )
         self._started = False
+        self.instance_workers = 1
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def start(self, *, block: bool = False, worker_index: int = 0) -> None:
-        """Start the batcher thread (once): load, warm up, serve. ``block`` waits until ready or failed."""
+    def start(self, *, block: bool = False, worker_index: int = 0, workers: int = 1) -> None:
+        """Start the batcher thread (once): load, warm up, serve. ``block`` waits until ready or failed.
+
+        ``workers`` is how many workers this instance runs (an update waits for all of them).
+        """
+        self.instance_workers = workers
         with self._start_lock:
             if not self._started:
                 self._started = True
@@ -82,7 +123,9 @@ class PolicyRuntime:
 
     def stop(self, timeout_s: float | None = None) -> None:
         """Refuse new requests and answer every accepted one (worker shutdown)."""
+        self._stopping.set()
         self.batcher.stop(timeout_s)
+        self.board.remove()
 
     @property
     def started(self) -> bool:
@@ -90,40 +133,57 @@ class PolicyRuntime:
 
     @property
     def ready(self) -> bool:
-        return self._model is not None
+        return self.default_name in self._served
 
     @property
     def failure(self) -> str | None:
-        """Why loading failed, or None."""
+        """Why loading the default model failed, or None."""
         return self._failure
 
     def _serve(self, worker_index: int) -> None:
         try:
-            model = self._load(worker_index)
+            self._setup_torch(worker_index)
+            if self.store is None:
+                model = describe(
+                    self._given_policy, name=self.default_name,
+                    version=str(getattr(self._given_policy, "version", "0")), device=self.device,
+                )
+                self._install(self.default_name, self._build(model, generation=0))
+            else:
+                self.store.seed(self.default_name, self.config.model_path)
+                self.sync_with_store()
+                if not self.ready:
+                    raise ModelError(self._problems.get(self.default_name, "default model not in the store"))
         except Exception as exc:
             self._failure = f"{type(exc).__name__}: {exc}"
             log.exception("loading the model failed")
             self._settled.set()
             return
-        self._model = model
+        log.info(
+            "worker %d ready: serving %s on %s with %d torch threads", os.getpid(),
+            ", ".join(f"{name} version {s.model.version}" for name, s in sorted(self._served.items())),
+            self.device, self.config.torch_threads_per_worker(),
+        )
         self._settled.set()
+        if self.store is not None:
+            threading.Thread(target=self._watch, name="policy-store-watcher", daemon=True).start()
         self.batcher.run()
 
-    def _load(self, worker_index: int) -> LoadedModel:
-        from policy_server.executor import BatchExecutor, SpeedOptions, apply_speed_options
-
+    def _setup_torch(self, worker_index: int) -> None:
         threads = self.config.torch_threads_per_worker()
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
         import torch
 
         torch.set_num_threads(threads)
-        device = resolve_device(self.config.device, worker_index)
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        if self._given_policy is not None:
-            model = describe(self._given_policy, name="policy", version="0", device=device)
-        else:
-            model = load_model_dir(self.config.model_path, device)
+        self.device = resolve_device(self.config.device, worker_index)
+        if self.device.startswith("cuda"):
+            torch.cuda.set_device(self.device)
+        self.batcher.max_batch_size = self.config.batch_size_for(self.device)
+
+    def _build(self, model: LoadedModel, generation: int) -> Served:
+        """Apply the speed options, make an executor, warm it up (ModelError on non-finite outputs)."""
+        from policy_server.executor import BatchExecutor, SpeedOptions, apply_speed_options
+
         options = SpeedOptions(
             autocast=self.config.autocast,
             compile=self.config.compile,
@@ -131,38 +191,165 @@ class PolicyRuntime:
             channels_last=self.config.channels_last,
         )
         apply_speed_options(model, options)
-        max_batch = self.config.batch_size_for(device)
-        executor = BatchExecutor(model, max_batch, options)
+        executor = BatchExecutor(model, self.batcher.max_batch_size, options)
         start = time.perf_counter()
         warm_up(executor, model)
-        self.batcher.max_batch_size = max_batch
-        self.batcher.executor = executor
         log.info(
-            "worker %d ready: %s version %s on %s, %d torch threads, max batch %d, warm-up %.2f s",
-            os.getpid(), model.name, model.version, device, threads, max_batch, time.perf_counter() - start,
+            "worker %d loaded %s version %s on %s, max batch %d, warm-up %.2f s",
+            os.getpid(), model.name, model.version, self.device, executor.max_batch_size,
+            time.perf_counter() - start,
         )
-        return model
+        return Served(model, executor, generation, time.time())
+
+    def _install(self, name: str, served: Served | None) -> None:
+        """Swap (or remove) one model: the batcher picks it up at its next batch."""
+        models = dict(self._served)
+        if served is None:
+            models.pop(name, None)
+        else:
+            models[name] = served
+        self._served = models
+        self.cache.drop_model(name, keep_version=served.model.version if served else None)
+        self._publish_status()
+
+    def _publish_status(self) -> None:
+        self.board.publish({
+            "models": {
+                name: {"version": s.model.version, "generation": s.generation, "since": s.since}
+                for name, s in self._served.items()
+            },
+            "problems": dict(self._problems),
+            "generations": dict(self._generations),
+        })
+
+    # -- following the store ---------------------------------------------------------
+
+    def _watch(self) -> None:
+        interval = self.config.store_poll_ms / 1000.0
+        while not self._stopping.wait(interval):
+            try:
+                self.sync_with_store()
+            except Exception:  # keep watching: the next poll may find the store readable again
+                log.exception("checking the model store failed")
+
+    def sync_with_store(self) -> None:
+        """Act on every pointer that changed since the last call: load and swap, or unload."""
+        names = self.store.names()
+        for name in set(self._served) - set(names):
+            self._install(name, None)
+        for name in names:
+            pointer = self.store.pointer(name)
+            if pointer is None or pointer.generation == self._generations.get(name):
+                continue
+            self._follow(pointer)
+
+    def _follow(self, pointer: Pointer) -> None:
+        name = pointer.model
+        current = self._served.get(name)
+        if not pointer.loaded:
+            if name != self.default_name:
+                self._install(name, None)
+        elif current is None or current.model.version != str(pointer.version):
+            try:
+                served = self._load_version(pointer)
+            except Exception as exc:
+                self._problems[name] = f"version {pointer.version}: {type(exc).__name__}: {exc}"
+                log.exception("loading %s version %d failed; still serving the previous one", name, pointer.version)
+                self._generations[name] = pointer.generation
+                self._publish_status()
+                return
+            self._problems.pop(name, None)
+            self._generations[name] = pointer.generation
+            self._install(name, served)
+            return
+        else:
+            self._served = {**self._served, name: dataclasses.replace(current, generation=pointer.generation)}
+        self._generations[name] = pointer.generation
+        self._publish_status()
+
+    def _load_version(self, pointer: Pointer) -> Served:
+        with self._load_lock:
+            candidate = self._candidates.pop(pointer.digest, None)
+            if candidate is not None and candidate.model.name == pointer.model:
+                model = dataclasses.replace(candidate.model, version=str(pointer.version))
+                candidate.executor.model = model
+                return Served(model, candidate.executor, pointer.generation, time.time())
+            model = load_model_dir(
+                self.store.version_dir(pointer.model, pointer.version), self.device,
+                name=pointer.model, version=str(pointer.version),
+            )
+            return self._build(model, pointer.generation)
+
+    def validate_candidate(self, name: str, model_dir: str) -> LoadedModel:
+        """Load and warm up a candidate version on this worker's device, off the batcher thread.
+
+        Raises ModelError (or whatever the model's code raises) when it does not load, its
+        weights do not match strictly, or its warm-up outputs are not finite. A valid one is
+        kept, so this worker swaps to it without loading it again once it is published.
+        """
+        with self._load_lock:
+            model = load_model_dir(model_dir, self.device, name=name, version="candidate")
+            served = self._build(model, generation=0)
+            self._candidates = {model.digest: served}
+            return model
 
     # -- serving --------------------------------------------------------------------
 
+    def served(self, name: str | None = None) -> Served:
+        """A served model (default: the default one); NotReady or UnknownModel otherwise."""
+        name = name or self.default_name
+        served = self._served.get(name)
+        if served is not None:
+            return served
+        if name == self.default_name:
+            raise NotReady("model failed to load; see the server log" if self._failure else "model is loading")
+        raise UnknownModel(f"model {name!r} is not loaded")
+
     @property
     def model(self) -> LoadedModel:
-        """The loaded model; NotReady (503) while loading or after a failed load."""
-        model = self._model
-        if model is None:
-            raise NotReady("model failed to load; see the server log" if self._failure else "model is loading")
-        return model
+        """The default model; NotReady (503) while loading or after a failed load."""
+        return self.served().model
 
-    def validate(self, inputs: Mapping[str, Any]) -> None:
-        validate_inputs(inputs, self.model.input_spec)
+    def served_models(self) -> dict[str, Served]:
+        return dict(self._served)
 
-    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float) -> Request:
-        """Queue a validated observation (QueueFull, NotReady); ``wait`` for its answer."""
-        self.model  # noqa: B018 - NotReady before anything is queued
-        return self.batcher.submit(inputs, deadline)
+    def problems(self) -> dict[str, str]:
+        return dict(self._problems)
+
+    def submit(self, inputs: Mapping[str, Any], deadline: float, name: str | None = None) -> Request:
+        """Validate and queue an observation (InvalidInput, QueueFull, NotReady); ``wait`` for its answer."""
+        name = name or self.default_name
+        spec = self.served(name).model.input_spec
+        validate_inputs(inputs, spec)
+        return self.batcher.submit(inputs, deadline, model=name, spec=spec)
 
     def wait(self, request: Request) -> tuple[dict[str, np.ndarray], str]:
         return self.batcher.wait(request)
+
+    def _executor_for(self, request: Request):
+        """The batcher's per-batch lookup: the model's current executor."""
+        served = self._served.get(request.model)
+        if served is None:
+            raise UnknownModel(f"model {request.model!r} was unloaded")
+        spec = served.model.input_spec
+        if request.spec is not spec and request.spec != spec:  # a new version changed its inputs
+            try:
+                validate_inputs(request.inputs, spec)
+            except InvalidInput as exc:
+                raise InvalidInput(f"model {request.model!r} changed to version {served.model.version}: {exc.detail}")
+        return served.executor
+
+    def cached(self, name: str | None, inputs: Mapping[str, np.ndarray]) -> tuple[dict | None, str, bytes | None]:
+        """A cached answer for ``inputs`` from the current version: (outputs or None, version, key)."""
+        served = self.served(name)
+        if not self.cache.enabled:
+            return None, served.model.version, None
+        key = input_digest(inputs)
+        return self.cache.get(served.model.name, served.model.version, key), served.model.version, key
+
+    def remember(self, name: str | None, version: str, key: bytes | None, outputs: dict) -> None:
+        if key is not None:
+            self.cache.put(name or self.default_name, version, key, outputs)
 
 
 def warm_up(executor, model: LoadedModel) -> None:

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Iterable
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from binary_protocol import ProtocolError
+from binary_protocol import ProtocolError, binary_to_dict
 from policy_server.errors import (
     BadRequest,
     LengthRequired,
     PayloadTooLarge,
     ServingError,
     Unauthorized,
+    UnsupportedMediaType,
 )
 
 log = logging.getLogger(__name__)
@@ -23,13 +25,26 @@ log = logging.getLogger(__name__)
 BINARY_MIMETYPE = "application/octet-stream"
 
 
-def check_api_key(expected: str | None, open_endpoints: Iterable[str]) -> None:
-    """Raise Unauthorized unless ``X-API-Key`` matches (constant-time), or the route is open."""
-    if expected is None or request.endpoint in open_endpoints:
+def check_keys(
+    api_key: str | None, admin_key: str | None, open_endpoints: Iterable[str], admin_endpoints: Iterable[str]
+) -> None:
+    """Raise Unauthorized unless the request carries the key its route needs (constant-time).
+
+    Open routes need none; admin routes need ``X-Admin-Key`` when an admin key is set;
+    every other route (and admin routes without an admin key) needs ``X-API-Key`` when set.
+    """
+    if request.endpoint in open_endpoints:
         return
-    provided = request.headers.get("X-API-Key", "")
+    if admin_key is not None and request.endpoint in admin_endpoints:
+        _compare("X-Admin-Key", admin_key)
+    elif api_key is not None:
+        _compare("X-API-Key", api_key)
+
+
+def _compare(header: str, expected: str) -> None:
+    provided = request.headers.get(header, "")
     if not hmac.compare_digest(provided.encode(), expected.encode()):
-        raise Unauthorized("missing or wrong X-API-Key")
+        raise Unauthorized(f"missing or wrong {header}")
 
 
 def read_body(max_bytes: int) -> bytes:
@@ -67,6 +82,40 @@ def request_deadline_s(default_ms: int) -> float:
     if not asked > 0:
         raise BadRequest("X-Deadline-Ms must be positive")
     return min(asked, default_ms) / 1000.0
+
+
+def read_command(max_bytes: int) -> dict:
+    """A management body: JSON, or wire format v1 (a weights push); empty means ``{}``."""
+    mimetype = request.mimetype
+    if request.environ.get("CONTENT_LENGTH", "") in ("", "0"):
+        return {}
+    if mimetype == "application/json":
+        body = read_body(max_bytes)
+        try:
+            data = json.loads(body) if body else {}
+        except ValueError as exc:
+            raise BadRequest(f"body is not JSON: {exc}") from None
+    elif mimetype == BINARY_MIMETYPE:
+        data = binary_to_dict(read_body(max_bytes))
+    else:
+        raise UnsupportedMediaType(f"send application/json or {BINARY_MIMETYPE}, not {mimetype or 'nothing'!r}")
+    if not isinstance(data, dict):
+        raise BadRequest("body must be an object")
+    return data
+
+
+def wait_seconds() -> float | None:
+    """The ``wait_s`` query parameter: how long a management call waits for every worker."""
+    raw = request.args.get("wait_s")
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequest("wait_s is not a number") from None
+    if not 0 <= value <= 300:
+        raise BadRequest("wait_s must be between 0 and 300")
+    return value
 
 
 def binary_response(body: bytes, headers: dict[str, str]) -> Response:

@@ -60,6 +60,7 @@ def run_server(
     port = free_port()
     log_path = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("POLICY_SERVER_")}
+    full_env["POLICY_SERVER_MODEL_STORE"] = str(tmp_path / f"store-{port}")  # never the repo's
     full_env.update(env or {})
     full_env["PYTHONUNBUFFERED"] = "1"
     if command is None:

@@ -54,7 +54,8 @@ def test_client_gets_the_same_action_as_in_process(server, reference):
     obs = observation(11)
     with PolicyClient(server.base_url) as client:
         outputs = client.infer(obs)
-        assert client.last_model_version == directory_digest(DEFAULT)
+        assert client.last_model_version == "1"  # the first version in the fresh store
+        assert client.model_info()["digest"] == directory_digest(DEFAULT)
     assert outputs["action"].shape == (10, 7) and outputs["action"].dtype == np.float32
     np.testing.assert_allclose(outputs["action"], reference(obs)["action"], rtol=1e-5, atol=1e-6)
     again = send_inference_request(obs, server.base_url + "/infer")
@@ -66,7 +67,7 @@ def test_probes_and_model_info(server):
         assert client.health() and client.ready()
         info = client.model_info()
     assert info["name"] == "default" and info["device"] == "cpu"
-    assert info["version"] == directory_digest(DEFAULT)
+    assert info["version"] == "1" and info["digest"] == directory_digest(DEFAULT)
     assert [s["name"] for s in info["inputs"]] == ["state", "image"]
 
 

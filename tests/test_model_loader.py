@@ -112,6 +112,6 @@ def test_runtime_fails_warm_up_on_non_finite_outputs():
 
 
 def test_runtime_reports_missing_model_directory(tmp_path):
-    runtime = PolicyRuntime(ServerConfig(model_path=str(tmp_path / "nope")))
+    runtime = PolicyRuntime(ServerConfig(model_path=str(tmp_path / "nope"), model_store=str(tmp_path / "store")))
     runtime.start(block=True)
     assert not runtime.ready and "no policy.py" in runtime.failure

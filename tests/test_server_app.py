@@ -63,9 +63,9 @@ def test_big_endian_inputs_are_accepted(client):
 
 def test_health_ready_and_model_info(client):
     assert client.get("/health").get_json() == {"status": "ok"}
-    assert client.get("/ready").get_json() == {"status": "ready", "model": "fake", "version": "fake-1"}
+    assert client.get("/ready").get_json() == {"status": "ready", "model": "default", "version": "fake-1"}
     info = client.get("/model_info").get_json()
-    assert info["name"] == "fake" and info["version"] == "fake-1"
+    assert info["name"] == "default" and info["version"] == "fake-1"
     assert info["inputs"][0] == {"name": "state", "dtype": "float32", "shape": [6]}
     assert info["outputs"] == [{"name": "action", "dtype": "float32", "shape": [10, 7]}]
 

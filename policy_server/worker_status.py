@@ -1,0 +1,76 @@
+"""What each worker of one server instance serves, readable by its sibling workers.
+
+Every worker writes ``<run_dir>/workers/<pid>.json`` (atomically) whenever its set of
+served models changes; the worker that took an ``/update_model`` reads them all to tell
+when every worker serves the new version. Files of dead workers are ignored and removed.
+Without a run directory (one in-process app, as in tests) only this worker is known.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import threading
+from typing import Any
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class WorkerStatusBoard:
+    """Per-worker status documents under ``run_dir`` (or in memory when it is None)."""
+
+    def __init__(self, run_dir: str | None) -> None:
+        self.directory = os.path.join(run_dir, "workers") if run_dir else None
+        self._own: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        if self.directory:
+            os.makedirs(self.directory, exist_ok=True)
+
+    def _path(self, pid: int) -> str:
+        return os.path.join(self.directory, f"{pid}.json")
+
+    def publish(self, status: dict[str, Any]) -> None:
+        """Replace this worker's document."""
+        with self._lock:
+            self._own = status
+            if not self.directory:
+                return
+            fd, tmp = tempfile.mkstemp(prefix=".worker-", dir=self.directory)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(status, fh)
+            os.replace(tmp, self._path(os.getpid()))
+
+    def read(self) -> dict[int, dict[str, Any]]:
+        """Documents of the live workers, by pid."""
+        if not self.directory:
+            return {os.getpid(): self._own} if self._own is not None else {}
+        found = {}
+        for entry in os.listdir(self.directory):
+            stem, ext = os.path.splitext(entry)
+            if ext != ".json" or not stem.isdigit():
+                continue
+            pid = int(stem)
+            if not _alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, entry))
+                continue
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                with open(os.path.join(self.directory, entry)) as fh:
+                    found[pid] = json.load(fh)
+        return found
+
+    def remove(self) -> None:
+        """Forget this worker (on exit)."""
+        if self.directory:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(os.getpid()))
