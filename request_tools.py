@@ -17,6 +17,7 @@ Transport errors are chained (``raise ... from``). Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -173,6 +174,8 @@ class PolicyClient:
     Args:
         base_url: e.g. ``"http://127.0.0.1:50000"``.
         api_key: sent as ``X-API-Key`` when the server requires one.
+        admin_key: sent as ``X-Admin-Key`` on model management calls when the server has one.
+        model: the model ``infer`` asks for by default (None: the server's default model).
         timeout_s: per-call timeout for connecting and for the answer.
         retries: retries of connection failures (inference is idempotent); 4xx never.
         use_env_proxies: honour HTTP(S)_PROXY / NO_PROXY and ~/.netrc (off: they cost
@@ -184,12 +187,16 @@ class PolicyClient:
         base_url: str = "http://127.0.0.1:50000",
         *,
         api_key: str | None = None,
+        admin_key: str | None = None,
+        model: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
         use_env_proxies: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
+        self.admin_key = admin_key
+        self.model = model
         self.timeout_s = timeout_s
         self.retries = retries
         self.last_model_version: str | None = None
@@ -212,24 +219,83 @@ class PolicyClient:
             timeout_s=self.timeout_s, retries=self.retries, **kwargs,
         )
 
-    def infer(self, obs: Mapping[str, Any]) -> dict:
+    def infer(self, obs: Mapping[str, Any], model: str | None = None) -> dict:
         """Send one observation, return the policy's outputs (e.g. ``{"action": (10, 7)}``).
 
+        ``model`` (else the client's ``model``, else the server's default) picks the model.
         Sets ``last_model_version`` from the answer's ``X-Model-Version``.
 
         Raises:
             PolicyServerError, PolicyTimeoutError, PolicyConnectionError, ProtocolError.
         """
-        response = self._call("POST", "/infer", data=dict_to_binary(dict(obs)), headers=_infer_headers(self.api_key))
+        model = model or self.model
+        route = f"/models/{model}/infer" if model else "/infer"
+        response = self._call("POST", route, data=dict_to_binary(dict(obs)), headers=_infer_headers(self.api_key))
         self.last_model_version = response.headers.get("X-Model-Version")
         self.last_server_timing = response.headers.get("Server-Timing")
         self.last_batch_size = int(response.headers.get("X-Batch-Size", 0)) or None
         return _decode(response)
 
-    def model_info(self) -> dict:
-        """Name, version, device, parameter count and input/output specs of the served model."""
+    def model_info(self, model: str | None = None) -> dict:
+        """Name, version, digest, device, parameter count and input/output specs of a served model."""
+        model = model or self.model
+        return self._call("GET", f"/models/{model}" if model else "/model_info", headers=self._headers()).json()
+
+    def models(self) -> list[dict]:
+        """Every model the server knows: name, current version, state, device, kept versions."""
+        return self._call("GET", "/models", headers=self._headers()).json()["models"]
+
+    def update_model(
+        self,
+        *,
+        model_path: str | None = None,
+        weights: Mapping[str, Any] | None = None,
+        version: int | None = None,
+        model: str | None = None,
+        wait_s: float | None = None,
+    ) -> dict:
+        """Publish a new version to every worker and instance sharing the server's store.
+
+        Give exactly one of ``model_path`` (a model directory inside the server's model
+        root), ``weights`` (a state dict of arrays for the current architecture, e.g.
+        ``{k: v.cpu().numpy() for k, v in module.state_dict().items()}``) or ``version``
+        (roll back to a kept version). ``wait_s`` waits until every worker serves it.
+        Returns ``{"version": N, "previous": M, ...}``; a refused update raises
+        PolicyServerError (422 names the reason) and changes nothing. Never retried.
+        """
+        body: dict[str, Any] = {}
+        for key, value in (("model_path", model_path), ("weights", weights), ("version", version), ("model", model)):
+            if value is not None:
+                body[key] = dict(value) if key == "weights" else value
+        if weights is not None:
+            return self._manage("/update_model", wait_s, data=dict_to_binary(body),
+                                content_type="application/octet-stream")
+        return self._manage("/update_model", wait_s, json_body=body)
+
+    def load_model(self, name: str, model_path: str | None = None, wait_s: float | None = None) -> dict:
+        """Serve ``name`` on every worker (from ``model_path`` if given, else its current version)."""
+        return self._manage(f"/models/{name}/load", wait_s, json_body={"model_path": model_path} if model_path else {})
+
+    def unload_model(self, name: str, wait_s: float | None = None) -> dict:
+        """Stop serving ``name`` on every worker (its versions stay in the store)."""
+        return self._manage(f"/models/{name}/unload", wait_s, json_body={})
+
+    def _headers(self, admin: bool = False) -> dict[str, str]:
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
-        return self._call("GET", "/model_info", headers=headers).json()
+        if admin and self.admin_key:
+            headers["X-Admin-Key"] = self.admin_key
+        return headers
+
+    def _manage(self, route: str, wait_s: float | None, *, json_body: Any = None, data: bytes | None = None,
+                content_type: str = "application/json") -> dict:
+        headers = {**self._headers(admin=True), "Content-Type": content_type}
+        if json_body is not None:
+            data = json.dumps(json_body).encode()
+        return _request(
+            self._session, "POST", self.base_url + route,
+            timeout_s=self.timeout_s + (wait_s or 0.0), retries=0, data=data, headers=headers,
+            params={"wait_s": wait_s} if wait_s else None,
+        ).json()
 
     def health(self) -> bool:
         """True while the server process answers."""

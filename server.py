@@ -101,7 +101,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
 
     @app.get("/models")
     def list_models():
-        return jsonify({"default": runtime.default_name, "models": manager.models()})
+        return jsonify({"default": runtime.default_name, "models": manager.models(), "workers": manager.workers()})
 
     @app.get("/models/<name>")
     def named_model_info(name: str):

@@ -210,6 +210,13 @@ class ModelManager:
         all_ok = all(w["ok"] for w in report) and len(report) >= self.runtime.instance_workers
         return {"all_workers": all_ok, "workers": report, "switch_s": round(max(0.0, switch_s), 4)}
 
+    def workers(self) -> dict[str, dict[str, str]]:
+        """What each live worker of this instance serves: ``{pid: {model: version}}``."""
+        return {
+            str(pid): {name: m["version"] for name, m in doc.get("models", {}).items()}
+            for pid, doc in sorted(self.runtime.board.read().items())
+        }
+
     def models(self) -> list[dict[str, Any]]:
         """Every model this instance knows, with this worker's view of it."""
         served = self.runtime.served_models()

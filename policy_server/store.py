@@ -196,7 +196,8 @@ class ModelStore:
 
     def set_current(self, name: str, version: int) -> Pointer:
         """Rollback (or forward): point CURRENT at a kept version."""
-        with self._locked(check_name(name)):
+        self.require(name)  # before locking: the lock would create the model's directory
+        with self._locked(name):
             old = self.require(name)
             if version not in self.versions(name):
                 kept = self.versions(name)
@@ -216,7 +217,8 @@ class ModelStore:
 
     def set_loaded(self, name: str, loaded: bool) -> Pointer:
         """Mark a model served (load) or not (unload) by every worker sharing the store."""
-        with self._locked(check_name(name)):
+        self.require(name)
+        with self._locked(name):
             old = self.require(name)
             if old.loaded == loaded:
                 return old
