@@ -7,6 +7,8 @@ each worker loads its own copy in ``post_worker_init``.
 
 import logging
 import os
+import shutil
+import tempfile
 
 from policy_server.config import ServerConfig
 
@@ -20,6 +22,12 @@ logging.basicConfig(
 # Set in the master before any worker imports torch, so each worker's OpenMP pool is sized
 # for its share of the cores (torch.set_num_threads alone leaves OpenMP's default).
 os.environ.setdefault("OMP_NUM_THREADS", str(_config.torch_threads_per_worker()))
+
+# Per-instance scratch space (worker status files), inherited by the workers through the
+# environment: a fresh directory per start unless configured.
+_created_run_dir = _config.run_dir is None
+_run_dir = _config.run_dir or tempfile.mkdtemp(prefix="policy-server-")
+os.environ["POLICY_SERVER_RUN_DIR"] = _run_dir
 
 wsgi_app = "server:create_app()"
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
@@ -36,6 +44,16 @@ control_socket_disable = True  # gunicorn 27's runtime admin socket: unused surf
 max_requests = 0  # recycling a worker reloads the model: seconds of p99
 if os.path.isdir("/dev/shm"):
     worker_tmp_dir = "/dev/shm"
+
+
+def on_starting(server):
+    """Status files left by a previous run in a configured run directory describe dead workers."""
+    shutil.rmtree(os.path.join(_run_dir, "workers"), ignore_errors=True)
+
+
+def on_exit(server):
+    if _created_run_dir:
+        shutil.rmtree(_run_dir, ignore_errors=True)
 
 
 def _runtime(worker):

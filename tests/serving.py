@@ -58,6 +58,7 @@ def run_server(
     Readiness is read from the log: each worker logs "worker PID ready" once warmed up.
     """
     port = free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     log_path = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("POLICY_SERVER_")}
     full_env["POLICY_SERVER_MODEL_STORE"] = str(tmp_path / f"store-{port}")  # never the repo's
