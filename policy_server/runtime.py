@@ -176,8 +176,7 @@ class PolicyRuntime:
 
         torch.set_num_threads(threads)
         self.device = resolve_device(self.config.device, worker_index)
-        if self.device.startswith("cuda"):
-            torch.cuda.set_device(self.device)
+        self._bind_device()
         self.batcher.max_batch_size = self.config.batch_size_for(self.device)
 
     def _build(self, model: LoadedModel, generation: int) -> Served:
@@ -224,7 +223,15 @@ class PolicyRuntime:
 
     # -- following the store ---------------------------------------------------------
 
+    def _bind_device(self) -> None:
+        """torch's current CUDA device is per thread: set it on every thread that loads."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(self.device)
+
     def _watch(self) -> None:
+        self._bind_device()
         interval = self.config.store_poll_ms / 1000.0
         while not self._stopping.wait(interval):
             try:
@@ -288,6 +295,7 @@ class PolicyRuntime:
         kept, so this worker swaps to it without loading it again once it is published.
         """
         with self._load_lock:
+            self._bind_device()
             model = load_model_dir(model_dir, self.device, name=name, version="candidate")
             served = self._build(model, generation=0)
             self._candidates = {model.digest: served}

@@ -233,3 +233,73 @@ def test_waiting_thread_gives_up_after_deadline_and_grace(monkeypatch, make_batc
         held.deadline = time.monotonic()
         batcher.wait(held)
     assert held.cancelled
+
+
+class VersionedExecutor:
+    """A pipelined executor that answers its own version; finish blocks until released."""
+
+    pipelined = True
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.launched: list[list[float]] = []
+
+    def launch(self, requests):
+        self.launched.append([float(r.inputs["x"].flat[0]) for r in requests])
+        return requests
+
+    def finish(self, requests):
+        return [{"y": r.inputs["x"]} for r in requests], self.version
+
+
+def test_executor_swapped_between_batches_never_mixes_versions():
+    """executor_for is asked once per batch: a swap while a pipelined batch is in flight
+    lets that batch finish on the executor that launched it; the next batch uses the new one."""
+    old, new = VersionedExecutor("1"), VersionedExecutor("2")
+    current = {"m": old}
+    asked = []
+
+    def executor_for(request):
+        asked.append(request.model)
+        return current[request.model]
+
+    batcher = Batcher(max_batch_size=2, executor_for=executor_for)
+    first = [batcher.submit(obs(float(i)), later(), model="m") for i in range(2)]
+    batcher.start()
+    assert [batcher.wait(r)[1] for r in first] == ["1", "1"]
+    current["m"] = new
+    second = [batcher.submit(obs(float(i)), later(), model="m") for i in range(2, 4)]
+    assert [batcher.wait(r)[1] for r in second] == ["2", "2"]
+    batcher.stop(5)
+    assert old.launched == [[0.0, 1.0]] and new.launched == [[2.0, 3.0]]
+    assert asked == ["m", "m"]
+
+
+def test_requests_for_different_models_never_share_a_batch(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8)
+    held = hold(batcher, executor)
+    a = [batcher.submit(obs(1.0), later(), model="a") for _ in range(2)]
+    b = batcher.submit(obs(2.0), later(), model="b")
+    executor.release()
+    for request in [held, *a, b]:
+        batcher.wait(request)
+    assert executor.batches[1:] == [[1.0, 1.0], [2.0]]
+    assert b.batch_size == 1 and a[0].batch_size == 2
+
+
+def test_a_model_gone_between_submit_and_launch_fails_only_its_batch():
+    from policy_server.store import UnknownModel
+
+    def executor_for(request):
+        if request.model == "gone":
+            raise UnknownModel("model 'gone' was unloaded")
+        return GatedExecutor()
+
+    batcher = Batcher(max_batch_size=4, executor_for=executor_for)
+    batcher.start()
+    gone = batcher.submit(obs(1.0), later(), model="gone")
+    kept = batcher.submit(obs(2.0), later(), model="kept")
+    with pytest.raises(UnknownModel):
+        batcher.wait(gone)
+    assert batcher.wait(kept)[1] == "v1"
+    batcher.stop(5)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from request_tools import PolicyClient
+from request_tools import PolicyClient, PolicyServerError
 from tests.fakes import fake_observation
 from tests.serving import run_server
 from tests.tiny_model import tiny_weights, write_tiny_model
@@ -139,3 +139,25 @@ def test_a_worker_killed_while_loading_comes_back_serving_the_current_version(tm
             with PolicyClient(server.base_url) as fresh:  # a new connection each time
                 assert float(fresh.infer(fake_observation(i))["action"].flat[0]) == 1.0
                 assert fresh.last_model_version == "2"
+
+
+def test_several_models_served_at_once_through_the_client(tmp_path, root):
+    write_tiny_model(root / "second", tag=70.0)
+    admin_key = "admin-key-for-tests"
+    with store_server(tmp_path, root, tmp_path / "store", 2, "--admin-key", admin_key) as server:
+        with PolicyClient(server.base_url, admin_key=admin_key) as client:
+            with pytest.raises(PolicyServerError) as refused:
+                PolicyClient(server.base_url).load_model("second", model_path="second")
+            assert refused.value.status == 401
+            answer = client.load_model("second", model_path="second", wait_s=10)
+            assert (answer["model"], answer["version"], answer["all_workers"]) == ("second", 1, True)
+            assert {m["name"]: m["state"] for m in client.models()} == {"default": "serving", "second": "serving"}
+            for i in range(6):
+                with PolicyClient(server.base_url, model="second") as robot:  # a fresh connection each time
+                    assert float(robot.infer(fake_observation(i))["action"].flat[0]) == 70.0
+                    assert robot.model_info()["name"] == "second"
+                assert float(client.infer(fake_observation(i))["action"].flat[0]) == 0.0
+            assert client.unload_model("second", wait_s=10)["all_workers"]
+            with pytest.raises(PolicyServerError) as gone:
+                client.infer(fake_observation(0), model="second")
+            assert gone.value.status == 404
