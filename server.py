@@ -56,26 +56,21 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
         inputs = binary_to_dict(body)
-        outputs, version, key = runtime.cached(name, inputs)
-        headers = {}
-        if outputs is None:
-            pending = runtime.submit(inputs, deadline, name)
-            t2 = time.perf_counter()
-            outputs, version = runtime.wait(pending)
-            runtime.remember(name, version, key, outputs)
-            queue_s, compute_s = pending.queue_s, pending.compute_s
-            headers["X-Batch-Size"] = str(pending.batch_size)
-        else:
-            t2, queue_s, compute_s = time.perf_counter(), 0.0, 0.0
-        if key is not None:
-            headers["X-Cache"] = "miss" if "X-Batch-Size" in headers else "hit"
+        t2 = time.perf_counter()
+        answer = runtime.infer(inputs, deadline, name)
         t3 = time.perf_counter()
-        payload = dict_to_binary(outputs)
+        payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()
-        headers["Server-Timing"] = server_timing(
-            read=t1 - t0, decode=t2 - t1, queue=queue_s, compute=compute_s, encode=t4 - t3
-        )
-        headers["X-Model-Version"] = version
+        headers = {
+            "X-Model-Version": answer.version,
+            "Server-Timing": server_timing(
+                read=t1 - t0, decode=t2 - t1, queue=answer.queue_s, compute=answer.compute_s, encode=t4 - t3
+            ),
+        }
+        if answer.batch_size:
+            headers["X-Batch-Size"] = str(answer.batch_size)
+        if answer.cache:
+            headers["X-Cache"] = answer.cache
         return binary_response(payload, headers)
 
     @app.post("/infer")

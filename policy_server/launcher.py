@@ -22,9 +22,15 @@ GUNICORN_CONF = os.path.join(ROOT, "gunicorn.conf.py")
 
 
 def build_config(argv: Sequence[str] | None = None, environ=None) -> ServerConfig:
-    """The merged, checked config with an absolute model path (workers run from ROOT)."""
+    """The merged, checked config with absolute paths (workers run from ROOT)."""
     config = ServerConfig.from_sources(argv, environ)
-    config = dataclasses.replace(config, model_path=os.path.abspath(config.model_path))
+    config = dataclasses.replace(
+        config,
+        model_path=os.path.abspath(config.model_path),
+        model_root=os.path.abspath(config.model_root),
+        model_store=os.path.abspath(config.model_store) if config.model_store else "",
+        run_dir=os.path.abspath(config.run_dir) if config.run_dir else None,
+    )
     config.validate()
     if not os.path.isfile(os.path.join(config.model_path, "policy.py")):
         raise ConfigError(f"{config.model_path} is not a model directory (no policy.py)")

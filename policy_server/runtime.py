@@ -347,17 +347,34 @@ class PolicyRuntime:
                 raise InvalidInput(f"model {request.model!r} changed to version {served.model.version}: {exc.detail}")
         return served.executor
 
-    def cached(self, name: str | None, inputs: Mapping[str, np.ndarray]) -> tuple[dict | None, str, bytes | None]:
-        """A cached answer for ``inputs`` from the current version: (outputs or None, version, key)."""
+    def infer(self, inputs: Mapping[str, Any], deadline: float, name: str | None = None) -> Answer:
+        """One observation's answer: from the cache when on and fresh, else queued, batched and computed."""
         served = self.served(name)
-        if not self.cache.enabled:
-            return None, served.model.version, None
-        key = input_digest(inputs)
-        return self.cache.get(served.model.name, served.model.version, key), served.model.version, key
-
-    def remember(self, name: str | None, version: str, key: bytes | None, outputs: dict) -> None:
+        key = input_digest(inputs) if self.cache.enabled else None
         if key is not None:
-            self.cache.put(name or self.default_name, version, key, outputs)
+            hit = self.cache.get(served.model.name, served.model.version, key)
+            if hit is not None:
+                return Answer(hit, served.model.version, cache="hit")
+        request = self.submit(inputs, deadline, served.model.name)
+        outputs, version = self.wait(request)
+        if key is not None:
+            self.cache.put(served.model.name, version, key, outputs)
+        return Answer(
+            outputs, version, request.batch_size, request.queue_s, request.compute_s,
+            cache="miss" if key is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What :meth:`PolicyRuntime.infer` returns; ``batch_size`` is 0 for a cache hit."""
+
+    outputs: dict[str, np.ndarray]
+    version: str
+    batch_size: int = 0
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    cache: str | None = None  # "hit", "miss", or None when the cache is off
 
 
 def warm_up(executor, model: LoadedModel) -> None:

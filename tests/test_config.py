@@ -60,7 +60,9 @@ def test_non_loopback_without_key_is_refused(host):
 @pytest.mark.parametrize(
     "fields, match",
     [({"port": 0}, "port"), ({"workers": 0}, "workers"), ({"device": "tpu"}, "device"),
-     ({"api_key": "short"}, "api_key"), ({"torch_threads": -1}, "torch_threads")],
+     ({"api_key": "short"}, "api_key"), ({"torch_threads": -1}, "torch_threads"),
+     ({"admin_key": "short"}, "admin_key"), ({"store_keep": 0}, "store_keep"), ({"store_poll_ms": 0}, "store_poll_ms"),
+     ({"cache_size": -1}, "cache_size"), ({"model_name": "../x"}, "model_name")],
 )
 def test_invalid_values(fields, match):
     with pytest.raises(ConfigError, match=match):
@@ -77,6 +79,14 @@ def test_launcher_resolves_model_path_and_checks_it(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     config = build_config(["--model-path", "models/default"], environ={})
     assert config.model_path == os.path.join(ROOT, "models", "default")
+    monkeypatch.chdir(tmp_path)
+    config = build_config(
+        ["--model-path", os.path.join(ROOT, "models", "default"), "--model-store", "store", "--model-root", "m",
+         "--run-dir", "run"], environ={},
+    )
+    assert (config.model_store, config.model_root, config.run_dir) == (
+        str(tmp_path / "store"), str(tmp_path / "m"), str(tmp_path / "run"))
+    assert build_config(["--model-path", config.model_path, "--model-store", ""], environ={}).model_store == ""
     with pytest.raises(ConfigError, match="policy.py"):
         build_config(["--model-path", str(tmp_path)], environ={})
 
@@ -94,7 +104,8 @@ def test_cli_refuses_public_bind_without_key_before_starting():
 def test_cli_help_lists_every_setting():
     result = subprocess.run([sys.executable, "server.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    for flag in ("--model-path", "--device", "--host", "--port", "--workers", "--threads", "--api-key"):
+    for flag in ("--model-path", "--device", "--host", "--port", "--workers", "--threads", "--api-key",
+                 "--model-store", "--model-root", "--admin-key", "--store-keep", "--cache-size"):
         assert flag in result.stdout
 
 

@@ -310,3 +310,32 @@ def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(client, app)
     assert infer(client)[:2] == ("1", 1.0)
     states = {m["name"]: m for m in client.get("/models").get_json()["models"]}
     assert states["default"]["state"] == "failed" and states["default"]["version"] == "2"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_hot_swap_on_cuda_under_concurrent_requests(tmp_path, root):
+    """The pipelined CUDA executor: weight pushes while requests run; every answer matches its version."""
+    app = make_store_app(tmp_path, root, device="cuda")
+    client = app.test_client()
+    assert client.get("/model_info").get_json()["device"].startswith("cuda")
+    tags, errors, stop = {"1": 1.0}, [], threading.Event()
+
+    def load():
+        local = app.test_client()
+        while not stop.is_set():
+            version, value, _ = infer(local)
+            if version in tags and tags[version] != value:
+                errors.append((version, value))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(2, 6):
+        tags[str(i)] = 100.0 + i
+        assert push(client, tiny_weights(100.0 + i)).get_json()["all_workers"]
+    stop.set()
+    for t in threads:
+        t.join()
+    assert errors == [] and infer(client)[:2] == ("5", 105.0)
+    app.extensions["policy_runtime"].stop(5)
