@@ -249,28 +249,42 @@ def test_unknown_models_and_unloading_the_default(client):
     assert client.get("/models/nope").status_code == 404
 
 
-def test_requests_during_updates_always_match_their_version(client):
-    """No answer mixes versions: each action equals the tag of the version it names."""
-    tags = {"1": 1.0}
+def pushes_under_load(app, tags: list[float]) -> tuple[list, set]:
+    """Push each tag as the next version while 4 threads infer; return (mismatches, versions seen).
+
+    A mismatch is an answer whose action is not the tag of the version it names.
+    """
+    client = app.test_client()
+    version, value, _ = infer(client)
+    expected = {version: value}
     stop, errors, seen = threading.Event(), [], set()
 
     def load():
-        local = client.application.test_client()
+        local = app.test_client()
         while not stop.is_set():
             version, value, _ = infer(local)
             seen.add(version)
-            if version in tags and tags[version] != value:
+            if version in expected and expected[version] != value:
                 errors.append((version, value))
 
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
-    for i in range(2, 8):
-        tags[str(i)] = float(10 * i)
-        assert push(client, tiny_weights(10.0 * i)).get_json()["version"] == i
-    stop.set()
-    for t in threads:
-        t.join()
+    try:
+        for tag in tags:
+            answer = push(client, tiny_weights(tag)).get_json()
+            assert answer["all_workers"], answer
+            expected[str(answer["version"])] = tag
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    return errors, seen
+
+
+def test_requests_during_updates_always_match_their_version(app):
+    """No answer mixes versions: each action equals the tag of the version it names."""
+    errors, seen = pushes_under_load(app, [10.0 * i for i in range(2, 8)])
     assert errors == [] and len(seen) >= 3
 
 
@@ -317,25 +331,7 @@ def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(client, app)
 def test_hot_swap_on_cuda_under_concurrent_requests(tmp_path, root):
     """The pipelined CUDA executor: weight pushes while requests run; every answer matches its version."""
     app = make_store_app(tmp_path, root, device="cuda")
-    client = app.test_client()
-    assert client.get("/model_info").get_json()["device"].startswith("cuda")
-    tags, errors, stop = {"1": 1.0}, [], threading.Event()
-
-    def load():
-        local = app.test_client()
-        while not stop.is_set():
-            version, value, _ = infer(local)
-            if version in tags and tags[version] != value:
-                errors.append((version, value))
-
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for i in range(2, 6):
-        tags[str(i)] = 100.0 + i
-        assert push(client, tiny_weights(100.0 + i)).get_json()["all_workers"]
-    stop.set()
-    for t in threads:
-        t.join()
-    assert errors == [] and infer(client)[:2] == ("5", 105.0)
+    assert app.test_client().get("/model_info").get_json()["device"].startswith("cuda")
+    errors, _ = pushes_under_load(app, [100.0 + i for i in range(2, 6)])
+    assert errors == [] and infer(app.test_client())[:2] == ("5", 105.0)
     app.extensions["policy_runtime"].stop(5)
