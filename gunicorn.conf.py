@@ -8,6 +8,7 @@ each worker loads its own copy in ``post_worker_init``.
 import logging
 import os
 import shutil
+import sys
 import tempfile
 
 from policy_server.config import ServerConfig
@@ -15,10 +16,17 @@ from policy_server.config import ServerConfig
 _config = ServerConfig.from_env()
 _config.validate()
 
-logging.basicConfig(
-    level=_config.log_level.upper(),
-    format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s",
-)
+_LOG_FORMAT = "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s"
+logging.basicConfig(level=_config.log_level.upper(), format=_LOG_FORMAT, stream=sys.stdout)
+if _config.log_dir:  # also to files: every request line in access.log, warnings and errors in error.log
+    os.makedirs(_config.log_dir, exist_ok=True)
+    _access = logging.FileHandler(os.path.join(_config.log_dir, "access.log"))
+    _access.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logging.getLogger("policy_server.access").addHandler(_access)
+    _errors = logging.FileHandler(os.path.join(_config.log_dir, "error.log"))
+    _errors.setLevel(logging.WARNING)
+    _errors.setFormatter(logging.Formatter(_LOG_FORMAT))
+    logging.getLogger().addHandler(_errors)
 # Set in the master before any worker imports torch, so each worker's OpenMP pool is sized
 # for its share of the cores (torch.set_num_threads alone leaves OpenMP's default).
 os.environ.setdefault("OMP_NUM_THREADS", str(_config.torch_threads_per_worker()))
@@ -28,6 +36,10 @@ os.environ.setdefault("OMP_NUM_THREADS", str(_config.torch_threads_per_worker())
 _created_run_dir = _config.run_dir is None
 _run_dir = _config.run_dir or tempfile.mkdtemp(prefix="policy-server-")
 os.environ["POLICY_SERVER_RUN_DIR"] = _run_dir
+# prometheus_client reads this when a worker first imports it: every worker's metrics go
+# to mmap files here and /metrics sums them (policy_server/metrics.py).
+_metrics_dir = os.path.join(_run_dir, "metrics")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 wsgi_app = "server:create_app()"
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
@@ -47,11 +59,28 @@ if os.path.isdir("/dev/shm"):
 
 
 def on_starting(server):
-    """Status files left by a previous run in a configured run directory describe dead workers."""
-    shutil.rmtree(os.path.join(_run_dir, "workers"), ignore_errors=True)
+    """Files left by a previous run in a configured run directory describe dead workers."""
+    for kind in ("workers", "stats", "metrics"):
+        shutil.rmtree(os.path.join(_run_dir, kind), ignore_errors=True)
+    os.makedirs(_metrics_dir)
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges (queue depth, in-flight batches, versions) stop counting."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
 
 
 def on_exit(server):
+    """After every worker drained: the instance's final numbers, then the scratch space goes."""
+    from policy_server.stats import write_final_metrics
+
+    try:
+        path = write_final_metrics(_run_dir, _config.log_dir or "logs")
+        server.log.info("final metrics written to %s", path)
+    except OSError as exc:
+        server.log.error("writing final metrics failed: %s", exc)
     if _created_run_dir:
         shutil.rmtree(_run_dir, ignore_errors=True)
 

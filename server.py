@@ -6,15 +6,18 @@ Run ``python server.py --help`` for the CLI (it starts gunicorn with gunicorn.co
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, Response, g, jsonify
 
 from binary_protocol import binary_to_dict, dict_to_binary
+from policy_server import metrics, observability
 from policy_server.config import ServerConfig
 from policy_server.lifecycle import ModelManager
 from policy_server.runtime import PolicyRuntime
+from policy_server.stats import summarize
 from policy_server.web import (
     binary_response,
     check_keys,
@@ -26,7 +29,7 @@ from policy_server.web import (
     wait_seconds,
 )
 
-OPEN_ENDPOINTS = frozenset({"health", "ready"})
+OPEN_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics"})
 ADMIN_ENDPOINTS = frozenset({"update_model", "load_model", "unload_model"})
 
 
@@ -43,6 +46,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     manager = ModelManager(config, runtime)
     app.extensions["policy_runtime"] = runtime
     register_error_handlers(app)
+    observability.install(app, runtime.stats)
 
     @app.before_request
     def _before() -> None:
@@ -57,7 +61,8 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         t1 = time.perf_counter()
         inputs = binary_to_dict(body)
         t2 = time.perf_counter()
-        answer = runtime.infer(inputs, deadline, name)
+        g.model = name or runtime.default_name
+        g.answer = answer = runtime.infer(inputs, deadline, name)
         t3 = time.perf_counter()
         payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()
@@ -89,6 +94,17 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     def ready():
         model = runtime.model  # NotReady -> 503 while loading or after a failed load
         return jsonify({"status": "ready", "model": model.name, "version": model.version})
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
+
+    @app.get("/stats")
+    def stats():
+        workers = runtime.stats_board.read()
+        workers[os.getpid()] = runtime.stats.snapshot()  # this worker's own, fresh
+        return jsonify(summarize(list(workers.values())))
 
     @app.get("/model_info")
     def model_info():

@@ -113,7 +113,8 @@ class Batcher:
         max_batch_size: int = 16,
         max_delay_s: float = 0.0,
         queue_size: int = 256,
-        on_batch: Callable[[list[Request]], None] | None = None,
+        on_launch: Callable[[list[Request]], None] | None = None,
+        on_finish: Callable[[list[Request]], None] | None = None,
         executor_for: Callable[[Request], Executor] | None = None,
     ) -> None:
         self.executor = executor
@@ -121,7 +122,8 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
-        self.on_batch = on_batch
+        self.on_launch = on_launch  # each batch before its launch (metrics)
+        self.on_finish = on_finish  # each launched batch once its requests are answered or failed
         self._queue: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -243,11 +245,14 @@ class Batcher:
         for request in batch:
             request.started = now
             request.batch_size = len(batch)
+        if self.on_launch is not None:
+            self.on_launch(batch)
         try:
             executor = self.executor if self.executor_for is None else self.executor_for(batch[0])
             return executor, executor.launch(batch), batch
         except Exception as exc:
             self._fail(batch, exc)
+            self._finished(batch)
             return None
 
     def _finish(self, executor: Executor, handle: Any, batch: list[Request]) -> None:
@@ -255,13 +260,24 @@ class Batcher:
             outputs, version = executor.finish(handle)
         except Exception as exc:
             self._fail(batch, exc)
-            return
-        for request, output in zip(batch, outputs):
-            request.resolve(outputs=output, version=version)
-        self.batches += 1
-        self.requests += len(batch)
-        if self.on_batch is not None:
-            self.on_batch(batch)
+        else:
+            for request, output in zip(batch, outputs):
+                request.resolve(outputs=output, version=version)
+            self.batches += 1
+            self.requests += len(batch)
+        self._finished(batch)
+
+    def _finished(self, batch: list[Request]) -> None:
+        if self.on_finish is not None:
+            try:
+                self.on_finish(batch)
+            except Exception:  # an observer never stops the batcher
+                log.exception("on_finish failed")
+
+    @property
+    def depth(self) -> int:
+        """Requests queued now."""
+        return len(self._queue)
 
     def _fail(self, batch: list[Request], exc: Exception) -> None:
         if isinstance(exc, ServingError):

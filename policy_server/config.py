@@ -66,6 +66,10 @@ class ServerConfig:
     graceful_timeout_s: int = _opt(30, "seconds a worker gets to finish in-flight requests on SIGTERM")
     keepalive_s: int = _opt(75, "seconds an idle keep-alive connection stays open")
     log_level: str = _opt("info", "debug, info, warning or error")
+    log_dir: str | None = _opt(
+        None, "also write access.log and error.log here (logs go to stdout always); final_metrics.json goes "
+        "here, else to logs/", str,
+    )
     max_batch_size: int = _opt(
         0, "most requests one forward takes; 0 = auto: 16 on CUDA, 4 on CPU (where bigger batches only add latency)"
     )

@@ -30,6 +30,7 @@ def build_config(argv: Sequence[str] | None = None, environ=None) -> ServerConfi
         model_root=os.path.abspath(config.model_root),
         model_store=os.path.abspath(config.model_store) if config.model_store else "",
         run_dir=os.path.abspath(config.run_dir) if config.run_dir else None,
+        log_dir=os.path.abspath(config.log_dir) if config.log_dir else None,
     )
     config.validate()
     if not os.path.isfile(os.path.join(config.model_path, "policy.py")):

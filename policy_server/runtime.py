@@ -22,51 +22,25 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from policy_server import metrics
 from policy_server.batcher import Batcher, Request
 from policy_server.config import ServerConfig
-from policy_server.errors import ConfigError, InvalidInput, ModelError, NotReady
+from policy_server.errors import InvalidInput, ModelError, NotReady
 from policy_server.model_loader import LoadedModel, describe, load_model_dir
 from policy_server.response_cache import ResponseCache, input_digest
+from policy_server.stats import RequestStats
+from policy_server.serving_model import Served, prepare, resolve_device
 from policy_server.store import ModelStore, Pointer, UnknownModel
-from policy_server.tensors import sample_inputs, validate_inputs
+from policy_server.tensors import validate_inputs
 from policy_server.worker_status import WorkerStatusBoard
 
 log = logging.getLogger(__name__)
 
-WARMUP_PASSES = 2
-
-
-def resolve_device(name: str, worker_index: int = 0) -> str:
-    """``auto`` picks CUDA when torch sees a GPU, else CPU; with several GPUs, worker i
-    gets GPU i % n (``auto`` and ``cuda``). ``cuda:N`` must exist."""
-    import torch
-
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
-        return "cpu"
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {name} requested but torch sees no CUDA device")
-    count = torch.cuda.device_count()
-    if name in ("auto", "cuda"):
-        return f"cuda:{worker_index % count}"
-    index = int(name.partition(":")[2])
-    if index >= count:
-        raise ConfigError(f"device {name} requested, {count} present")
-    return name
-
-
-@dataclass(frozen=True)
-class Served:
-    """One model as this worker serves it."""
-
-    model: LoadedModel
-    executor: Any  # BatchExecutor
-    generation: int  # of the store pointer it came from (0 without a store)
-    since: float  # wall-clock time it started serving
+STATS_INTERVAL_S = 1.0
 
 
 class PolicyRuntime:
@@ -84,6 +58,8 @@ class PolicyRuntime:
             ModelStore(config.model_store, config.store_keep) if policy is None and config.model_store else None
         )
         self.board = WorkerStatusBoard(config.run_dir)
+        self.stats = RequestStats()
+        self.stats_board = WorkerStatusBoard(config.run_dir, "stats", prune_dead=False)
         self.cache = ResponseCache(config.cache_size, config.cache_ttl_s)
         self.device = "cpu"
         self._served: dict[str, Served] = {}  # replaced whole on every change, never mutated
@@ -100,6 +76,8 @@ class PolicyRuntime:
             max_delay_s=config.max_batch_delay_ms / 1000.0,
             queue_size=config.queue_size,
             executor_for=self._executor_for,
+            on_launch=self._batch_launched,
+            on_finish=_batch_finished,
         )
         self._started = False
         self.instance_workers = 1
@@ -126,6 +104,7 @@ class PolicyRuntime:
         self._stopping.set()
         self.batcher.stop(timeout_s)
         self.board.remove()
+        self.stats_board.publish(self.stats.snapshot())  # the final numbers, for final_metrics.json
 
     @property
     def started(self) -> bool:
@@ -148,7 +127,7 @@ class PolicyRuntime:
                     self._given_policy, name=self.default_name,
                     version=str(getattr(self._given_policy, "version", "0")), device=self.device,
                 )
-                self._install(self.default_name, self._build(model, generation=0))
+                self._install(self.default_name, self._prepare(model, generation=0))
             else:
                 self.store.seed(self.default_name, self.config.model_path)
                 self.sync_with_store()
@@ -165,6 +144,7 @@ class PolicyRuntime:
             self.device, self.config.torch_threads_per_worker(),
         )
         self._settled.set()
+        threading.Thread(target=self._report, name="policy-stats", daemon=True).start()
         if self.store is not None:
             threading.Thread(target=self._watch, name="policy-store-watcher", daemon=True).start()
         self.batcher.run()
@@ -179,26 +159,8 @@ class PolicyRuntime:
         self._bind_device()
         self.batcher.max_batch_size = self.config.batch_size_for(self.device)
 
-    def _build(self, model: LoadedModel, generation: int) -> Served:
-        """Apply the speed options, make an executor, warm it up (ModelError on non-finite outputs)."""
-        from policy_server.executor import BatchExecutor, SpeedOptions, apply_speed_options
-
-        options = SpeedOptions(
-            autocast=self.config.autocast,
-            compile=self.config.compile,
-            quantize_int8=self.config.quantize_int8,
-            channels_last=self.config.channels_last,
-        )
-        apply_speed_options(model, options)
-        executor = BatchExecutor(model, self.batcher.max_batch_size, options)
-        start = time.perf_counter()
-        warm_up(executor, model)
-        log.info(
-            "worker %d loaded %s version %s on %s, max batch %d, warm-up %.2f s",
-            os.getpid(), model.name, model.version, self.device, executor.max_batch_size,
-            time.perf_counter() - start,
-        )
-        return Served(model, executor, generation, time.time())
+    def _prepare(self, model: LoadedModel, generation: int) -> Served:
+        return prepare(model, self.config, self.batcher.max_batch_size, generation)
 
     def _install(self, name: str, served: Served | None) -> None:
         """Swap (or remove) one model: the batcher picks it up at its next batch."""
@@ -208,6 +170,7 @@ class PolicyRuntime:
         else:
             models[name] = served
         self._served = models
+        metrics.set_model_version(name, served.model.version if served else "0")
         self.cache.drop_model(name, keep_version=served.model.version if served else None)
         self._publish_status()
 
@@ -222,6 +185,14 @@ class PolicyRuntime:
         })
 
     # -- following the store ---------------------------------------------------------
+
+    def _report(self) -> None:
+        """Share this worker's request statistics with its siblings, every second."""
+        while not self._stopping.wait(STATS_INTERVAL_S):
+            try:
+                self.stats_board.publish(self.stats.snapshot())
+            except OSError:
+                log.exception("writing request statistics failed")
 
     def _bind_device(self) -> None:
         """torch's current CUDA device is per thread: set it on every thread that loads."""
@@ -260,6 +231,7 @@ class PolicyRuntime:
             try:
                 served = self._load_version(pointer)
             except Exception as exc:
+                metrics.RELOAD_FAILURES.labels(name).inc()
                 self._problems[name] = f"version {pointer.version}: {type(exc).__name__}: {exc}"
                 log.exception("loading %s version %d failed; still serving the previous one", name, pointer.version)
                 self._generations[name] = pointer.generation
@@ -267,6 +239,8 @@ class PolicyRuntime:
                 return
             self._problems.pop(name, None)
             self._generations[name] = pointer.generation
+            if current is not None:
+                metrics.RELOADS.labels(name).inc()
             self._install(name, served)
             return
         else:
@@ -285,7 +259,7 @@ class PolicyRuntime:
                 self.store.version_dir(pointer.model, pointer.version), self.device,
                 name=pointer.model, version=str(pointer.version),
             )
-            return self._build(model, pointer.generation)
+            return self._prepare(model, pointer.generation)
 
     def validate_candidate(self, name: str, model_dir: str) -> LoadedModel:
         """Load and warm up a candidate version on this worker's device, off the batcher thread.
@@ -297,7 +271,7 @@ class PolicyRuntime:
         with self._load_lock:
             self._bind_device()
             model = load_model_dir(model_dir, self.device, name=name, version="candidate")
-            served = self._build(model, generation=0)
+            served = self._prepare(model, generation=0)
             self._candidates = {model.digest: served}
             return model
 
@@ -329,10 +303,18 @@ class PolicyRuntime:
         name = name or self.default_name
         spec = self.served(name).model.input_spec
         validate_inputs(inputs, spec)
-        return self.batcher.submit(inputs, deadline, model=name, spec=spec)
+        request = self.batcher.submit(inputs, deadline, model=name, spec=spec)
+        metrics.QUEUE_DEPTH.set(self.batcher.depth)
+        return request
 
     def wait(self, request: Request) -> tuple[dict[str, np.ndarray], str]:
         return self.batcher.wait(request)
+
+    def _batch_launched(self, batch: list[Request]) -> None:
+        metrics.QUEUE_DEPTH.set(self.batcher.depth)
+        metrics.INFLIGHT_BATCHES.inc()
+        for request in batch:
+            metrics.QUEUE_SECONDS.observe(request.queue_s)
 
     def _executor_for(self, request: Request):
         """The batcher's per-batch lookup: the model's current executor."""
@@ -354,7 +336,9 @@ class PolicyRuntime:
         if key is not None:
             hit = self.cache.get(served.model.name, served.model.version, key)
             if hit is not None:
+                metrics.CACHE_HITS.inc()
                 return Answer(hit, served.model.version, cache="hit")
+            metrics.CACHE_MISSES.inc()
         request = self.submit(inputs, deadline, served.model.name)
         outputs, version = self.wait(request)
         if key is not None:
@@ -377,14 +361,10 @@ class Answer:
     cache: str | None = None  # "hit", "miss", or None when the cache is off
 
 
-def warm_up(executor, model: LoadedModel) -> None:
-    """Run the executor at batch 1 (twice) and at full batch on random inputs from the spec;
-    check the outputs are finite. Allocates staging and initialises kernels off the request path."""
-    sizes = [1] * WARMUP_PASSES + ([executor.max_batch_size] if executor.max_batch_size > 1 else [])
-    for seed, size in enumerate(sizes):
-        sample = sample_inputs(model.input_spec, batch=size, seed=seed)
-        requests = [SimpleNamespace(inputs={k: v[i] for k, v in sample.items()}) for i in range(size)]
-        rows, _ = executor.finish(executor.launch(requests))
-        for name, value in rows[0].items():
-            if value.dtype.kind in "fc" and not np.isfinite(value).all():
-                raise ModelError(f"warm-up output {name!r} is not finite")
+def _batch_finished(batch: list[Request]) -> None:
+    metrics.INFLIGHT_BATCHES.dec()
+    model = str(batch[0].model)
+    metrics.BATCH_SIZE.labels(model).observe(len(batch))
+    metrics.COMPUTE_SECONDS.labels(model).observe(max(r.compute_s for r in batch))
+
+

@@ -1,8 +1,9 @@
-"""What each worker of one server instance serves, readable by its sibling workers.
+"""Per-worker JSON documents of one server instance, readable by its sibling workers.
 
-Every worker writes ``<run_dir>/workers/<pid>.json`` (atomically) whenever its set of
+What each worker serves: every worker writes ``<run_dir>/workers/<pid>.json`` (atomically) whenever its set of
 served models changes; the worker that took an ``/update_model`` reads them all to tell
 when every worker serves the new version. Files of dead workers are ignored and removed.
+The same mechanism carries each worker's request statistics (``kind="stats"``).
 Without a run directory (one in-process app, as in tests) only this worker is known.
 """
 
@@ -29,8 +30,9 @@ def _alive(pid: int) -> bool:
 class WorkerStatusBoard:
     """Per-worker status documents under ``run_dir`` (or in memory when it is None)."""
 
-    def __init__(self, run_dir: str | None) -> None:
-        self.directory = os.path.join(run_dir, "workers") if run_dir else None
+    def __init__(self, run_dir: str | None, kind: str = "workers", prune_dead: bool = True) -> None:
+        self.directory = os.path.join(run_dir, kind) if run_dir else None
+        self.prune_dead = prune_dead  # else a dead worker's last document stays (final statistics)
         self._own: dict[str, Any] | None = None
         self._lock = threading.Lock()
         if self.directory:
@@ -50,8 +52,8 @@ class WorkerStatusBoard:
                 json.dump(status, fh)
             os.replace(tmp, self._path(os.getpid()))
 
-    def read(self) -> dict[int, dict[str, Any]]:
-        """Documents of the live workers, by pid."""
+    def read(self, include_dead: bool = False) -> dict[int, dict[str, Any]]:
+        """Documents of the live workers (or of every worker that wrote one), by pid."""
         if not self.directory:
             return {os.getpid(): self._own} if self._own is not None else {}
         found = {}
@@ -60,9 +62,10 @@ class WorkerStatusBoard:
             if ext != ".json" or not stem.isdigit():
                 continue
             pid = int(stem)
-            if not _alive(pid):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.directory, entry))
+            if not include_dead and not _alive(pid):
+                if self.prune_dead:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.directory, entry))
                 continue
             with contextlib.suppress(FileNotFoundError, ValueError):
                 with open(os.path.join(self.directory, entry)) as fh:
@@ -71,6 +74,6 @@ class WorkerStatusBoard:
 
     def remove(self) -> None:
         """Forget this worker (on exit)."""
-        if self.directory:
+        if self.directory and self.prune_dead:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(os.getpid()))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import signal
 import time
 import os
@@ -191,7 +192,8 @@ def test_sigterm_answers_every_accepted_request(tmp_path):
     model_dir = tmp_path / "slow"
     model_dir.mkdir()
     (model_dir / "policy.py").write_text(SLOW_POLICY)
-    args = ("--model-path", str(model_dir), "--max-batch-size", "2", "--graceful-timeout-s", "30")
+    args = ("--model-path", str(model_dir), "--max-batch-size", "2", "--graceful-timeout-s", "30",
+            "--log-dir", str(tmp_path / "logs"))
     with run_server(tmp_path, workers=1, args=args) as running:
         results: list[object] = [None] * 8
 
@@ -213,3 +215,6 @@ def test_sigterm_answers_every_accepted_request(tmp_path):
     for i, result in enumerate(results):
         assert isinstance(result, np.ndarray), f"request {i}: {result!r}"
         np.testing.assert_array_equal(result, np.full(4, 2.0 * i, np.float32))
+    final = json.loads((tmp_path / "logs" / "final_metrics.json").read_text())
+    assert final["total_requests"] == 8 and final["failed_requests"] == 0
+    assert final["requests_by_route_status"]["/infer 200"] == 8

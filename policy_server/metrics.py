@@ -1,0 +1,71 @@
+"""Prometheus metrics, summed over every gunicorn worker.
+
+gunicorn.conf.py points ``PROMETHEUS_MULTIPROC_DIR`` at ``<run-dir>/metrics`` in the master
+before any worker imports prometheus_client, so each worker's values live in mmap files
+there and ``/metrics`` (whichever worker answers) aggregates all of them; the master marks
+dead workers so their live gauges disappear. Without that variable (one in-process app)
+the default registry is used. Names follow Prometheus conventions: seconds, ``_total``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+REQUESTS = Counter("policy_requests_total", "HTTP requests answered, by route and status", ["route", "status"])
+REQUEST_SECONDS = Histogram(
+    "policy_request_duration_seconds", "Time from reading a request to its answer, by route", ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_SECONDS = Histogram(
+    "policy_queue_wait_seconds", "Time a request waited in the queue before its batch started", buckets=LATENCY_BUCKETS
+)
+COMPUTE_SECONDS = Histogram(
+    "policy_batch_compute_seconds", "Time from launching a batch to its outputs on the host", ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram("policy_batch_size", "Requests per executed batch", ["model"], buckets=BATCH_BUCKETS)
+QUEUE_DEPTH = Gauge("policy_queue_depth", "Requests queued, over all workers", multiprocess_mode="livesum")
+INFLIGHT_BATCHES = Gauge("policy_inflight_batches", "Batches launched and not finished", multiprocess_mode="livesum")
+MODEL_VERSION = Gauge(
+    "policy_model_version", "Store version each live worker serves, per model", ["model"], multiprocess_mode="liveall"
+)
+RELOADS = Counter("policy_model_reloads_total", "New versions a worker swapped in", ["model"])
+RELOAD_FAILURES = Counter("policy_model_reload_failures_total", "New versions a worker failed to load", ["model"])
+UPDATES_REFUSED = Counter("policy_model_updates_refused_total", "Updates that failed validation (nothing published)")
+CACHE_HITS = Counter("policy_cache_hits_total", "Answers served from the response cache")
+CACHE_MISSES = Counter("policy_cache_misses_total", "Cache lookups that found nothing fresh")
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text exposition of every worker's metrics (or this process's, outside gunicorn)."""
+    if os.environ.get(MULTIPROC_ENV):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def set_model_version(model: str, version: str) -> None:
+    """Numeric store versions only (a fixed test policy's version may be any string)."""
+    if version.isdigit():
+        MODEL_VERSION.labels(model).set(int(version))
+
+
+def forget_model(model: str) -> None:
+    MODEL_VERSION.remove(model) if (model,) in MODEL_VERSION._metrics else None
