@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from policy_server import metrics
 from policy_server.config import ServerConfig
 from policy_server.errors import BadRequest, Conflict, Forbidden, InvalidModel, NotReady
 from policy_server.runtime import PolicyRuntime
@@ -163,6 +164,7 @@ class ModelManager:
             self.runtime.validate_candidate(name, staged)
         except Exception as exc:
             self.store.discard(staged)
+            metrics.UPDATES_REFUSED.inc()
             log.warning("update of %s refused: %s: %s", name, type(exc).__name__, exc)
             raise InvalidModel(f"validation failed, nothing published: {type(exc).__name__}: {str(exc)[:500]}") from None
         validated = time.perf_counter()

@@ -66,6 +66,3 @@ def set_model_version(model: str, version: str) -> None:
     if version.isdigit():
         MODEL_VERSION.labels(model).set(int(version))
 
-
-def forget_model(model: str) -> None:
-    MODEL_VERSION.remove(model) if (model,) in MODEL_VERSION._metrics else None

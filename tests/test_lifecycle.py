@@ -335,3 +335,19 @@ def test_hot_swap_on_cuda_under_concurrent_requests(tmp_path, root):
     errors, _ = pushes_under_load(app, [100.0 + i for i in range(2, 6)])
     assert errors == [] and infer(app.test_client())[:2] == ("5", 105.0)
     app.extensions["policy_runtime"].stop(5)
+
+
+def test_updates_show_in_the_metrics(client):
+    from tests.test_observability import metric
+
+    def scrape():
+        return client.get("/metrics").get_data(as_text=True)
+
+    before = scrape()
+    assert push(client, tiny_weights(2.0)).status_code == 200
+    assert push(client, _nan_weights()).status_code == 422
+    after = scrape()
+    assert metric(after, "policy_model_reloads_total", model="default") - metric(
+        before, "policy_model_reloads_total", model="default") == 1
+    assert metric(after, "policy_model_updates_refused_total") - metric(before, "policy_model_updates_refused_total") == 1
+    assert metric(after, "policy_model_version", model="default") == 2
