@@ -202,6 +202,7 @@ class PolicyClient:
         self.last_model_version: str | None = None
         self.last_server_timing: str | None = None
         self.last_batch_size: int | None = None
+        self.last_response_bytes = 0
         self._session = _new_session(use_env_proxies)
 
     def __enter__(self) -> PolicyClient:
@@ -234,6 +235,7 @@ class PolicyClient:
         self.last_model_version = response.headers.get("X-Model-Version")
         self.last_server_timing = response.headers.get("Server-Timing")
         self.last_batch_size = int(response.headers.get("X-Batch-Size", 0)) or None
+        self.last_response_bytes = len(response.content)
         return _decode(response)
 
     def model_info(self, model: str | None = None) -> dict:
