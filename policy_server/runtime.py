@@ -127,7 +127,7 @@ class PolicyRuntime:
                     self._given_policy, name=self.default_name,
                     version=str(getattr(self._given_policy, "version", "0")), device=self.device,
                 )
-                self._install(self.default_name, self._prepare(model, generation=0))
+                self._install(self.default_name, self._prepare(model))
             else:
                 self.store.seed(self.default_name, self.config.model_path)
                 self.sync_with_store()
@@ -159,8 +159,8 @@ class PolicyRuntime:
         self._bind_device()
         self.batcher.max_batch_size = self.config.batch_size_for(self.device)
 
-    def _prepare(self, model: LoadedModel, generation: int) -> Served:
-        return prepare(model, self.config, self.batcher.max_batch_size, generation)
+    def _prepare(self, model: LoadedModel) -> Served:
+        return prepare(model, self.config, self.batcher.max_batch_size)
 
     def _install(self, name: str, served: Served | None) -> None:
         """Swap (or remove) one model: the batcher picks it up at its next batch."""
@@ -177,7 +177,7 @@ class PolicyRuntime:
     def _publish_status(self) -> None:
         self.board.publish({
             "models": {
-                name: {"version": s.model.version, "generation": s.generation, "since": s.since}
+                name: {"version": s.model.version, "since": s.since}
                 for name, s in self._served.items()
             },
             "problems": dict(self._problems),
@@ -224,9 +224,11 @@ class PolicyRuntime:
     def _follow(self, pointer: Pointer) -> None:
         name = pointer.model
         current = self._served.get(name)
+        self._generations[name] = pointer.generation  # acted on, whatever the outcome
         if not pointer.loaded:
             if name != self.default_name:
                 self._install(name, None)
+                return
         elif current is None or current.model.version != str(pointer.version):
             try:
                 served = self._load_version(pointer)
@@ -234,18 +236,12 @@ class PolicyRuntime:
                 metrics.RELOAD_FAILURES.labels(name).inc()
                 self._problems[name] = f"version {pointer.version}: {type(exc).__name__}: {exc}"
                 log.exception("loading %s version %d failed; still serving the previous one", name, pointer.version)
-                self._generations[name] = pointer.generation
-                self._publish_status()
+            else:
+                self._problems.pop(name, None)
+                if current is not None:
+                    metrics.RELOADS.labels(name).inc()
+                self._install(name, served)
                 return
-            self._problems.pop(name, None)
-            self._generations[name] = pointer.generation
-            if current is not None:
-                metrics.RELOADS.labels(name).inc()
-            self._install(name, served)
-            return
-        else:
-            self._served = {**self._served, name: dataclasses.replace(current, generation=pointer.generation)}
-        self._generations[name] = pointer.generation
         self._publish_status()
 
     def _load_version(self, pointer: Pointer) -> Served:
@@ -254,12 +250,12 @@ class PolicyRuntime:
             if candidate is not None and candidate.model.name == pointer.model:
                 model = dataclasses.replace(candidate.model, version=str(pointer.version))
                 candidate.executor.model = model
-                return Served(model, candidate.executor, pointer.generation, time.time())
+                return Served(model, candidate.executor, time.time())
             model = load_model_dir(
                 self.store.version_dir(pointer.model, pointer.version), self.device,
                 name=pointer.model, version=str(pointer.version),
             )
-            return self._prepare(model, pointer.generation)
+            return self._prepare(model)
 
     def validate_candidate(self, name: str, model_dir: str) -> LoadedModel:
         """Load and warm up a candidate version on this worker's device, off the batcher thread.
@@ -271,7 +267,7 @@ class PolicyRuntime:
         with self._load_lock:
             self._bind_device()
             model = load_model_dir(model_dir, self.device, name=name, version="candidate")
-            served = self._prepare(model, generation=0)
+            served = self._prepare(model)
             self._candidates = {model.digest: served}
             return model
 

@@ -49,11 +49,10 @@ class Served:
 
     model: LoadedModel
     executor: Any  # BatchExecutor
-    generation: int  # of the store pointer it came from (0 without a store)
     since: float  # wall-clock time it started serving
 
 
-def prepare(model: LoadedModel, config: ServerConfig, max_batch_size: int, generation: int) -> Served:
+def prepare(model: LoadedModel, config: ServerConfig, max_batch_size: int) -> Served:
     """Apply the speed options, make an executor, warm it up (ModelError on non-finite outputs)."""
     from policy_server.executor import BatchExecutor, SpeedOptions, apply_speed_options
 
@@ -72,7 +71,7 @@ def prepare(model: LoadedModel, config: ServerConfig, max_batch_size: int, gener
         os.getpid(), model.name, model.version, model.device, executor.max_batch_size,
         time.perf_counter() - start,
     )
-    return Served(model, executor, generation, time.time())
+    return Served(model, executor, time.time())
 
 
 def warm_up(executor, model: LoadedModel) -> None:

@@ -81,24 +81,26 @@ def test_lone_request_runs_at_once_without_waiting_for_company(make_batcher):
     assert executor.batches == [[3.0]]
 
 
-def test_requests_queued_during_a_forward_form_the_next_batch(make_batcher):
-    batcher, executor = make_batcher(max_batch_size=8)
+def queue_behind_a_held_batch(batcher, executor, values) -> list:
+    """Hold the batcher, queue one request per value, release, wait for all; the queued requests."""
     first = hold(batcher, executor)
-    queued = [batcher.submit(obs(float(i)), later()) for i in range(1, 6)]
+    queued = [batcher.submit(obs(value), later()) for value in values]
     executor.release()
     for request in [first, *queued]:
         batcher.wait(request)
+    return queued
+
+
+def test_requests_queued_during_a_forward_form_the_next_batch(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8)
+    queued = queue_behind_a_held_batch(batcher, executor, [1.0, 2.0, 3.0, 4.0, 5.0])
     assert executor.batches == [[-1.0], [1.0, 2.0, 3.0, 4.0, 5.0]]
     assert all(r.batch_size == 5 for r in queued)
 
 
 def test_batches_are_capped_at_max_batch_size(make_batcher):
     batcher, executor = make_batcher(max_batch_size=3)
-    first = hold(batcher, executor)
-    queued = [batcher.submit(obs(float(i)), later()) for i in range(1, 8)]
-    executor.release()
-    for request in [first, *queued]:
-        batcher.wait(request)
+    queue_behind_a_held_batch(batcher, executor, [float(i) for i in range(1, 8)])
     assert [len(b) for b in executor.batches] == [1, 3, 3, 1]
     assert [v for b in executor.batches[1:] for v in b] == [float(i) for i in range(1, 8)]  # arrival order
 
