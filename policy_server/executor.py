@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,8 +73,14 @@ class _Slot:
         self.host_in = {s.name: alloc(s) for s in inputs}
         self.host_in_np = {name: t.numpy() for name, t in self.host_in.items()}
         self.host_out = {s.name: alloc(s) for s in outputs} if pinned else {}
-        self.copied = torch.cuda.Event() if pinned else None  # H2D from host_in done
-        self.computed = torch.cuda.Event() if pinned else None  # forward and D2H done
+
+        def event() -> torch.cuda.Event | None:
+            return torch.cuda.Event(enable_timing=True) if pinned else None
+
+        self.h2d_started = event()
+        self.copied = event()  # H2D from host_in done
+        self.d2h_started = event()  # forward done, D2H starts
+        self.computed = event()  # forward and D2H done
 
 
 @dataclass
@@ -85,7 +91,13 @@ class _Launched:
 
 
 class BatchExecutor:
-    """Executes batches for one loaded model (see the module docstring)."""
+    """Executes batches for one loaded model (see the module docstring).
+
+    ``on_transfer(h2d_s, d2h_s)``, when set, is called on CUDA after each finished batch with
+    the GPU-measured time of its host-to-device and device-to-host copies (metrics).
+    """
+
+    on_transfer: Callable[[float, float], None] | None = None
 
     def __init__(self, model: LoadedModel, max_batch_size: int, options: SpeedOptions = SpeedOptions()) -> None:
         self.model = model
@@ -129,6 +141,7 @@ class BatchExecutor:
         slot.computed.synchronize()  # and its outputs read
         rows = self._stage(slot, requests)
         with torch.cuda.stream(self.copy_stream):
+            slot.h2d_started.record(self.copy_stream)
             device_in = {
                 name: t[:rows].to(self.device, non_blocking=True) for name, t in slot.host_in.items()
             }
@@ -139,6 +152,7 @@ class BatchExecutor:
                 tensor.record_stream(self.compute_stream)
             with torch.inference_mode(), self._autocast():
                 outputs = self.model.policy.forward(device_in)
+            slot.d2h_started.record(self.compute_stream)
             for spec in self.model.output_spec:
                 out = _output(outputs, spec, rows)
                 slot.host_out[spec.name][:rows].copy_(out, non_blocking=True)
@@ -149,6 +163,11 @@ class BatchExecutor:
         rows, slot = launched.rows, launched.slot
         if self.pipelined:
             slot.computed.synchronize()
+            if self.on_transfer is not None:  # both copies are complete once computed is
+                self.on_transfer(
+                    slot.h2d_started.elapsed_time(slot.copied) / 1000.0,
+                    slot.d2h_started.elapsed_time(slot.computed) / 1000.0,
+                )
             arrays = {s.name: _checked(slot.host_out[s.name][:rows].numpy(), s, rows) for s in self.model.output_spec}
         else:
             arrays = {}

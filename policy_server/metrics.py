@@ -37,6 +37,15 @@ COMPUTE_SECONDS = Histogram(
     "policy_batch_compute_seconds", "Time from launching a batch to its outputs on the host", ["model"],
     buckets=LATENCY_BUCKETS,
 )
+TRANSFER_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+H2D_SECONDS = Histogram(
+    "policy_h2d_seconds", "GPU time of a batch's host-to-device input copy (CUDA only)", ["model"],
+    buckets=TRANSFER_BUCKETS,
+)
+D2H_SECONDS = Histogram(
+    "policy_d2h_seconds", "GPU time of a batch's device-to-host output copy (CUDA only)", ["model"],
+    buckets=TRANSFER_BUCKETS,
+)
 BATCH_SIZE = Histogram("policy_batch_size", "Requests per executed batch", ["model"], buckets=BATCH_BUCKETS)
 QUEUE_DEPTH = Gauge("policy_queue_depth", "Requests queued, over all workers", multiprocess_mode="livesum")
 INFLIGHT_BATCHES = Gauge("policy_inflight_batches", "Batches launched and not finished", multiprocess_mode="livesum")
@@ -59,6 +68,17 @@ def exposition() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def transfer_observer(model: str):
+    """``BatchExecutor.on_transfer`` for one model: both copy times into their histograms."""
+    h2d, d2h = H2D_SECONDS.labels(model), D2H_SECONDS.labels(model)
+
+    def observe(h2d_s: float, d2h_s: float) -> None:
+        h2d.observe(h2d_s)
+        d2h.observe(d2h_s)
+
+    return observe
 
 
 def set_model_version(model: str, version: str) -> None:

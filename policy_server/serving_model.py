@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from policy_server import metrics
 from policy_server.config import ServerConfig
 from policy_server.errors import ConfigError, ModelError
 from policy_server.model_loader import LoadedModel
@@ -66,6 +67,7 @@ def prepare(model: LoadedModel, config: ServerConfig, max_batch_size: int) -> Se
     executor = BatchExecutor(model, max_batch_size, options)
     start = time.perf_counter()
     warm_up(executor, model)
+    executor.on_transfer = metrics.transfer_observer(model.name)  # after warm-up: not counted
     log.info(
         "worker %d loaded %s version %s on %s, max batch %d, warm-up %.2f s",
         os.getpid(), model.name, model.version, model.device, executor.max_batch_size,

@@ -141,3 +141,25 @@ def test_gpu_pipelined_batches_under_concurrent_load_are_each_right():
     batcher.stop(10)
     assert not failures
     assert max(batch_sizes) > 1
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_transfer_times_are_reported_per_batch():
+    model = load_model_dir(DEFAULT, "cuda:0")
+    executor = BatchExecutor(model, max_batch_size=4)
+    seen = []
+    executor.on_transfer = lambda h2d, d2h: seen.append((h2d, d2h))
+    sample = sample_inputs(model.input_spec, batch=4, seed=2)
+    for rows in (1, 4, 2):
+        executor.finish(executor.launch([SimpleNamespace(inputs={k: v[i] for k, v in sample.items()})
+                                         for i in range(rows)]))
+    assert len(seen) == 3
+    # an image row is 0.9 MB: no copy takes zero time, and none takes a second
+    assert all(0.0 < h2d < 1.0 and 0.0 < d2h < 1.0 for h2d, d2h in seen), seen
+
+
+def test_cpu_batches_report_no_transfers():
+    executor = BatchExecutor(describe(EchoPolicy(), name="echo", version="1", device="cpu"), max_batch_size=2)
+    executor.on_transfer = lambda *times: pytest.fail(f"CPU batch reported transfers {times}")
+    executor.finish(executor.launch(requests([1.0])))
