@@ -6,8 +6,10 @@ Errors::
 
     PolicyClientError              base of everything this module raises
     ├── PolicyServerError          the server answered with an error status (.status, .error, .detail)
-    ├── PolicyTimeoutError         no answer within timeout_s
-    └── PolicyConnectionError      could not connect (after retries)
+    ├── PolicyTimeoutError         no answer within timeout_s (or the call's deadline)
+    ├── PolicyConnectionError      could not connect (after retries)
+    └── ObservationSpecError       an observation does not match the server's input spec
+                                   (.field names it); raised before anything is sent
 
 Transport errors are chained (``raise ... from``). Example::
 
@@ -19,21 +21,30 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import queue
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import requests
 
 from binary_protocol import ProtocolError, binary_to_dict, dict_to_binary
 
 __all__ = [
+    "ChunkRunner",
+    "LoopClock",
     "PolicyClient",
     "PolicyClientError",
     "PolicyConnectionError",
     "PolicyServerError",
     "PolicyTimeoutError",
+    "RunnerStats",
+    "ObservationSpecError",
+    "check_observation",
     "send_inference_request",
 ]
 
@@ -43,6 +54,8 @@ DEFAULT_URL = "http://127.0.0.1:50000/infer"
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_RETRIES = 3
 BACKOFF_S = 0.05
+# How long past its deadline the client still waits for an answer the server already started.
+DEADLINE_GRACE_S = 0.25
 
 
 class PolicyClientError(Exception):
@@ -65,6 +78,35 @@ class PolicyTimeoutError(PolicyClientError):
 
 class PolicyConnectionError(PolicyClientError):
     """The server could not be reached, after the configured retries."""
+
+
+class ObservationSpecError(PolicyClientError, ValueError):
+    """An observation does not match the model's input spec; ``field`` is the offending key."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"observation field {field!r}: {message}")
+        self.field = field
+
+
+def check_observation(obs: Mapping[str, Any], spec: list[dict]) -> None:
+    """Check ``obs`` against an input spec as ``/model_info`` gives it (name, dtype, shape).
+
+    Raises ObservationSpecError naming the first missing, unexpected or mismatched field.
+    """
+    expected = {entry["name"]: entry for entry in spec}
+    for name in expected:
+        if name not in obs:
+            raise ObservationSpecError(name, f"missing; the model expects {sorted(expected)}")
+    for name, value in obs.items():
+        entry = expected.get(name)
+        if entry is None:
+            raise ObservationSpecError(str(name), f"not an input of the model; it expects {sorted(expected)}")
+        if not isinstance(value, np.ndarray):
+            raise ObservationSpecError(name, f"is {type(value).__name__}, expected a numpy array")
+        if value.dtype.name != entry["dtype"]:
+            raise ObservationSpecError(name, f"dtype {value.dtype.name}, expected {entry['dtype']}")
+        if list(value.shape) != list(entry["shape"]):
+            raise ObservationSpecError(name, f"shape {list(value.shape)}, expected {list(entry['shape'])}")
 
 
 _local = threading.local()
@@ -93,17 +135,31 @@ def _request(
     *,
     timeout_s: float,
     retries: int,
+    deadline: float | None = None,
+    headers: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> requests.Response:
-    """One HTTP call; connection failures are retried with exponential backoff, nothing else."""
+    """One HTTP call; connection failures are retried with exponential backoff, nothing else.
+
+    With ``deadline`` (a ``time.monotonic()`` instant) every attempt tells the server how
+    much time is left (``X-Deadline-Ms``: it drops the request rather than compute it late),
+    waits no longer than that, and no attempt starts after it.
+    """
     for attempt in range(retries + 1):
+        attempt_timeout = timeout_s
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PolicyTimeoutError(f"{method} {url}: deadline passed before the answer")
+            headers = {**(headers or {}), "X-Deadline-Ms": f"{left * 1e3:.1f}"}
+            attempt_timeout = min(timeout_s, left + DEADLINE_GRACE_S)
         try:
-            response = session.request(method, url, timeout=timeout_s, **kwargs)
+            response = session.request(method, url, timeout=attempt_timeout, headers=headers, **kwargs)
         except requests.exceptions.ConnectTimeout as exc:
             error: PolicyClientError = PolicyConnectionError(f"connecting to {url} timed out")
             cause: Exception = exc
         except requests.exceptions.Timeout as exc:
-            raise PolicyTimeoutError(f"{method} {url}: no answer within {timeout_s} s") from exc
+            raise PolicyTimeoutError(f"{method} {url}: no answer within {attempt_timeout:.3g} s") from exc
         except requests.exceptions.ConnectionError as exc:
             error, cause = PolicyConnectionError(f"{method} {url}: {exc}"), exc
         except requests.exceptions.RequestException as exc:
@@ -114,6 +170,8 @@ def _request(
             return response
         if attempt < retries:
             delay = BACKOFF_S * 2**attempt
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                break
             log.debug("%s, retrying in %.2f s", error, delay)
             time.sleep(delay)
     raise error from cause
@@ -177,7 +235,11 @@ class PolicyClient:
         admin_key: sent as ``X-Admin-Key`` on model management calls when the server has one.
         model: the model ``infer`` asks for by default (None: the server's default model).
         timeout_s: per-call timeout for connecting and for the answer.
+        deadline_s: default per-call deadline for ``infer`` (None: none). The server drops
+            a request whose deadline passes before compute (504) instead of computing it late.
         retries: retries of connection failures (inference is idempotent); 4xx never.
+        check_spec: read each model's input spec from the server once (``/model_info``) and
+            check every observation against it before sending (ObservationSpecError).
         use_env_proxies: honour HTTP(S)_PROXY / NO_PROXY and ~/.netrc (off: they cost
             about a millisecond per call, and a policy server is rarely behind a proxy).
     """
@@ -190,7 +252,9 @@ class PolicyClient:
         admin_key: str | None = None,
         model: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        deadline_s: float | None = None,
         retries: int = DEFAULT_RETRIES,
+        check_spec: bool = True,
         use_env_proxies: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -198,7 +262,10 @@ class PolicyClient:
         self.admin_key = admin_key
         self.model = model
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         self.retries = retries
+        self.check_spec = check_spec
+        self._input_specs: dict[str | None, list[dict]] = {}
         self.last_model_version: str | None = None
         self.last_server_timing: str | None = None
         self.last_batch_size: int | None = None
@@ -220,23 +287,65 @@ class PolicyClient:
             timeout_s=self.timeout_s, retries=self.retries, **kwargs,
         )
 
-    def infer(self, obs: Mapping[str, Any], model: str | None = None) -> dict:
+    def infer(
+        self,
+        obs: Mapping[str, Any],
+        model: str | None = None,
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_s: float | None = None,
+    ) -> dict:
         """Send one observation, return the policy's outputs (e.g. ``{"action": (10, 7)}``).
 
         ``model`` (else the client's ``model``, else the server's default) picks the model.
-        Sets ``last_model_version`` from the answer's ``X-Model-Version``.
+        ``outputs`` asks for optional outputs the model lists in ``optional_outputs`` (e.g.
+        ``["attention"]``). ``deadline_s`` (else the client's ``deadline_s``) bounds the whole
+        call: past it the server drops the request (PolicyServerError 504) and the client
+        stops waiting (PolicyTimeoutError). Sets ``last_model_version`` and friends.
 
         Raises:
-            PolicyServerError, PolicyTimeoutError, PolicyConnectionError, ProtocolError.
+            ObservationSpecError (before sending), PolicyServerError, PolicyTimeoutError,
+            PolicyConnectionError, ProtocolError.
         """
         model = model or self.model
+        deadline_s = deadline_s if deadline_s is not None else self.deadline_s
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        if self.check_spec:
+            self.check_observation(obs, model)
         route = f"/models/{model}/infer" if model else "/infer"
-        response = self._call("POST", route, data=dict_to_binary(dict(obs)), headers=_infer_headers(self.api_key))
+        try:
+            response = _request(
+                self._session, "POST", self.base_url + route, timeout_s=self.timeout_s, retries=self.retries,
+                deadline=deadline, data=dict_to_binary(dict(obs)), headers=_infer_headers(self.api_key),
+                params={"outputs": ",".join(outputs)} if outputs else None,
+            )
+        except PolicyServerError as exc:
+            if exc.status == 422:  # the served model may have changed its inputs: ask again next time
+                self._input_specs.pop(model, None)
+            raise
         self.last_model_version = response.headers.get("X-Model-Version")
         self.last_server_timing = response.headers.get("Server-Timing")
         self.last_batch_size = int(response.headers.get("X-Batch-Size", 0)) or None
         self.last_response_bytes = len(response.content)
         return _decode(response)
+
+    def input_spec(self, model: str | None = None, refresh: bool = False) -> list[dict]:
+        """The model's inputs as the server declares them (read once, then cached)."""
+        model = model or self.model
+        if refresh or model not in self._input_specs:
+            self._input_specs[model] = self.model_info(model)["inputs"]
+        return self._input_specs[model]
+
+    def check_observation(self, obs: Mapping[str, Any], model: str | None = None) -> None:
+        """Check ``obs`` against the model's input spec (ObservationSpecError names the field).
+
+        A mismatch against the cached spec re-reads it once, since a hot update may have
+        changed the model's inputs.
+        """
+        try:
+            check_observation(obs, self.input_spec(model))
+        except ObservationSpecError:
+            check_observation(obs, self.input_spec(model, refresh=True))
 
     def model_info(self, model: str | None = None) -> dict:
         """Name, version, digest, device, parameter count and input/output specs of a served model."""
@@ -326,3 +435,244 @@ class PolicyClient:
             return True
         except (PolicyServerError, PolicyConnectionError):
             return False
+
+
+# -- the robot loop -----------------------------------------------------------------------
+
+
+@dataclass
+class RunnerStats:
+    """What a :class:`ChunkRunner` did: counts, latencies and the model versions it played."""
+
+    steps: int = 0  # actions handed out by act()
+    requests: int = 0  # chunk requests sent
+    chunks: int = 0  # chunks received and played
+    failures: int = 0  # requests that failed (error, timeout, deadline): the runner retried
+    starved_steps: int = 0  # steps with no action left in the chunk: the fallback was played
+    stale_chunks: int = 0  # chunks that arrived after their last action's step: dropped
+    skipped_actions: int = 0  # leading actions of received chunks whose step had passed
+    latencies_s: list[float] = field(default_factory=list)  # of each successful request
+    versions: dict[str, int] = field(default_factory=dict)  # model version -> chunks played
+    errors: list[str] = field(default_factory=list)  # the last few failure messages
+
+
+class ChunkRunner:
+    """Plays action chunks at the loop's rate and fetches the next chunk in the background.
+
+    Call :meth:`act` once per control step with the current observation; it returns the
+    action to apply now and never waits on the network once the first chunk is in. When
+    ``request_ahead`` or fewer actions are left, the current observation is sent on a
+    background thread; the answer (computed from the observation of step ``s`` and arriving
+    at step ``t``) replaces the chunk from its action ``t - s`` on, so the plan stays aligned
+    in time. A late answer lets the current chunk play on; a failed one (error, timeout,
+    server restart) is retried with exponential backoff while the remaining actions play, and
+    once they run out the ``fallback`` action (zeros: stop, for velocity or delta actions) is
+    played and counted in ``stats.starved_steps``.
+
+    Args:
+        policy: a :class:`PolicyClient` (requests carry a deadline: the chunk's horizon), or
+            any callable mapping an observation to outputs (e.g. an in-process policy).
+        rate_hz: the loop's control rate.
+        action_key: the output holding the chunk, shape ``[horizon, *action_shape]``.
+        request_ahead: actions left when the next chunk is requested; None adapts it to the
+            observed latency (the 90th percentile of recent requests, in steps, plus one).
+        fallback: the action played when no action is left.
+        first_chunk_timeout_s: how long the first :meth:`act` of an episode waits for a chunk.
+        max_backoff_s: cap of the retry backoff after failures.
+
+    Not thread-safe: one loop thread calls :meth:`act`; the runner owns one request thread,
+    so a PolicyClient given to it must not be used elsewhere meanwhile.
+    """
+
+    def __init__(
+        self,
+        policy: PolicyClient | Callable[[Mapping[str, Any]], Mapping[str, Any]],
+        *,
+        rate_hz: float,
+        action_key: str = "action",
+        request_ahead: int | None = None,
+        fallback: np.ndarray | None = None,
+        first_chunk_timeout_s: float = 30.0,
+        max_backoff_s: float = 2.0,
+    ) -> None:
+        if rate_hz <= 0:
+            raise ValueError("rate_hz must be positive")
+        self.policy = policy
+        self.rate_hz = rate_hz
+        self.action_key = action_key
+        self.request_ahead = request_ahead
+        self.fallback = fallback
+        self.first_chunk_timeout_s = first_chunk_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.stats = RunnerStats()
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._answer: tuple[int, int, Any] | None = None  # (episode, step asked, outputs or error)
+        self._thread = threading.Thread(target=self._serve_requests, name="chunk-runner", daemon=True)
+        self._thread.start()
+        self.reset()
+
+    def __enter__(self) -> ChunkRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        """Start a new episode: forget the chunk (an answer still in flight is discarded)."""
+        with self._lock:
+            self._episode = getattr(self, "_episode", 0) + 1
+            self._answer = None
+            self._inflight = False
+        self._step = 0
+        self._chunk: np.ndarray | None = None
+        self._index = 0
+        self._retry_at = 0.0
+        self._backoff_s = BACKOFF_S
+        self._last_action: np.ndarray | None = None
+
+    def close(self) -> None:
+        """Stop the request thread (after the request in flight, if any)."""
+        self._jobs.put(None)
+        self._thread.join(timeout=self.first_chunk_timeout_s)
+
+    @property
+    def horizon_s(self) -> float | None:
+        """Seconds the current chunk covers, or None before the first one."""
+        return None if self._chunk is None else len(self._chunk) / self.rate_hz
+
+    def act(self, obs: Mapping[str, Any]) -> np.ndarray:
+        """The action for this control step (``obs`` is the observation at this step)."""
+        step = self._step
+        self._step += 1
+        self._take_answer(step)
+        if self._chunk is None:
+            self._wait_first_chunk(obs, step)
+        if self._index < len(self._chunk):
+            action = self._chunk[self._index]
+            self._index += 1
+        else:
+            self.stats.starved_steps += 1
+            action = self.fallback if self.fallback is not None else np.zeros_like(self._chunk[0])
+        self.stats.steps += 1
+        left = len(self._chunk) - self._index
+        if left <= self._ahead() and not self._inflight and time.monotonic() >= self._retry_at:
+            self._ask(obs, step)
+        return action
+
+    def _ahead(self) -> int:
+        if self.request_ahead is not None:
+            return self.request_ahead
+        recent = sorted(self.stats.latencies_s[-20:])
+        if not recent:
+            return len(self._chunk) // 2
+        p90 = recent[min(len(recent) - 1, int(0.9 * len(recent)))]
+        return min(len(self._chunk) - 1, math.ceil(p90 * self.rate_hz) + 1)
+
+    def _ask(self, obs: Mapping[str, Any], step: int) -> None:
+        with self._lock:
+            self._inflight = True
+            episode = self._episode
+        self.stats.requests += 1
+        # The answer is worthless once every action in it is in the past.
+        deadline_s = (len(self._chunk) - 1) / self.rate_hz if self._chunk is not None else self.first_chunk_timeout_s
+        self._jobs.put((episode, step, dict(obs), deadline_s))
+
+    def _wait_first_chunk(self, obs: Mapping[str, Any], step: int) -> None:
+        give_up = time.monotonic() + self.first_chunk_timeout_s
+        while self._chunk is None:
+            if not self._inflight:
+                if self._retry_at >= give_up:
+                    break
+                time.sleep(max(0.0, self._retry_at - time.monotonic()))
+                self._ask(obs, step)
+            with self._lock:
+                arrived = self._arrived.wait_for(
+                    lambda: self._answer is not None, timeout=max(0.0, give_up - time.monotonic())
+                )
+            if not arrived:
+                break
+            self._take_answer(step)
+        if self._chunk is None:
+            last = self.stats.errors[-1] if self.stats.errors else "no answer"
+            raise PolicyTimeoutError(f"no first chunk within {self.first_chunk_timeout_s} s ({last})")
+
+    def _take_answer(self, step: int) -> None:
+        with self._lock:
+            answer, self._answer = self._answer, None
+            if answer is not None:
+                self._inflight = False
+        if answer is None:
+            return
+        asked_at, result, latency_s, version = answer[1:]
+        if isinstance(result, BaseException):
+            self.stats.failures += 1
+            self.stats.errors = [*self.stats.errors[-9:], f"step {asked_at}: {result}"]
+            self._retry_at = time.monotonic() + self._backoff_s
+            self._backoff_s = min(self.max_backoff_s, self._backoff_s * 2)
+            log.warning("chunk request failed (%s); retrying in %.2f s", result, self._retry_at - time.monotonic())
+            return
+        self._backoff_s = BACKOFF_S
+        self.stats.latencies_s.append(latency_s)
+        chunk = np.asarray(result[self.action_key])
+        offset = step - asked_at if self._chunk is not None else 0
+        if offset >= len(chunk):
+            self.stats.stale_chunks += 1
+            return
+        self._chunk, self._index = chunk, offset
+        self.stats.chunks += 1
+        self.stats.skipped_actions += offset
+        if version is not None:
+            self.stats.versions[version] = self.stats.versions.get(version, 0) + 1
+
+    def _serve_requests(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            episode, step, obs, deadline_s = job
+            start = time.monotonic()
+            version = None
+            try:
+                if isinstance(self.policy, PolicyClient):
+                    result: Any = self.policy.infer(obs, deadline_s=deadline_s)
+                    version = self.policy.last_model_version
+                else:
+                    result = self.policy(obs)
+                    if self.action_key not in result:
+                        raise PolicyClientError(f"policy output has no {self.action_key!r}")
+            except Exception as exc:  # noqa: BLE001 - the loop goes on; the failure is reported
+                result = exc
+            with self._lock:
+                if episode == self._episode:
+                    self._answer = (episode, step, result, time.monotonic() - start, version)
+                    self._arrived.notify_all()
+
+
+class LoopClock:
+    """Paces a control loop at ``rate_hz`` (absolute schedule, so sleep jitter does not
+    accumulate) and records how it kept up: ``tick()`` once per step, after the step's work."""
+
+    def __init__(self, rate_hz: float) -> None:
+        self.period_s = 1.0 / rate_hz
+        self.start = self._next = time.perf_counter()
+        self.ticks = 0
+        self.overruns = 0  # steps whose work took longer than the period
+        self.periods_s: list[float] = []
+        self._last = self.start
+
+    def tick(self) -> None:
+        self.ticks += 1
+        self._next += self.period_s
+        now = time.perf_counter()
+        if now > self._next:
+            self.overruns += 1
+            self._next = now  # late: start the next period now rather than sprint to catch up
+        else:
+            time.sleep(self._next - now)
+        now = time.perf_counter()
+        self.periods_s.append(now - self._last)
+        self._last = now
+
+    @property
+    def achieved_hz(self) -> float:
+        elapsed = self._last - self.start
+        return self.ticks / elapsed if elapsed > 0 else 0.0

@@ -25,6 +25,7 @@ from policy_server.web import (
     read_command,
     register_error_handlers,
     request_deadline_s,
+    requested_outputs,
     server_timing,
     wait_seconds,
 )
@@ -62,7 +63,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         inputs = binary_to_dict(body)
         t2 = time.perf_counter()
         g.model = name or runtime.default_name
-        g.answer = answer = runtime.infer(inputs, deadline, name)
+        g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs())
         t3 = time.perf_counter()
         payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()

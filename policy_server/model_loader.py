@@ -7,11 +7,12 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from policy_server.contract import TensorSpec
-from policy_server.errors import ModelError
+from policy_server.errors import BadRequest, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,17 @@ class LoadedModel:
     input_spec: tuple[TensorSpec, ...]
     output_spec: tuple[TensorSpec, ...]
     digest: str = ""  # of the model directory's files, when loaded from one
+    optional_outputs: tuple[str, ...] = ()  # computed always, answered only when asked for
+
+    def answered_outputs(self, asked: Iterable[str] | None) -> frozenset[str]:
+        """The outputs one request gets: every non-optional one plus the optional ones it
+        asked for (BadRequest naming any output this model does not have)."""
+        names = [s.name for s in self.output_spec]
+        asked = set(asked or ())
+        unknown = sorted(asked - set(names))
+        if unknown:
+            raise BadRequest(f"model {self.name!r} has no output {', '.join(map(repr, unknown))}; outputs: {names}")
+        return frozenset(n for n in names if n not in self.optional_outputs or n in asked)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -38,6 +50,7 @@ class LoadedModel:
             "num_parameters": self.num_parameters,
             "inputs": [s.to_json() for s in self.input_spec],
             "outputs": [s.to_json() for s in self.output_spec],
+            "optional_outputs": list(self.optional_outputs),
         }
 
 
@@ -71,6 +84,10 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
         if len({s.name for s in spec}) != len(spec):
             raise ModelError(f"policy.{attr} repeats a name")
         specs.append(spec)
+    optional = tuple(str(n) for n in getattr(policy, "optional_outputs", ()))
+    output_names = {s.name for s in specs[1]}
+    if not set(optional) <= output_names or set(optional) == output_names:
+        raise ModelError(f"policy.optional_outputs {list(optional)} must name some, not all, of its outputs")
     count = policy.num_parameters() if hasattr(policy, "num_parameters") else 0
     return LoadedModel(
         policy=policy,
@@ -81,6 +98,7 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
         input_spec=specs[0],
         output_spec=specs[1],
         digest=digest,
+        optional_outputs=optional,
     )
 
 

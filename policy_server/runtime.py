@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,22 +325,26 @@ class PolicyRuntime:
                 raise InvalidInput(f"model {request.model!r} changed to version {served.model.version}: {exc.detail}")
         return served.executor
 
-    def infer(self, inputs: Mapping[str, Any], deadline: float, name: str | None = None) -> Answer:
-        """One observation's answer: from the cache when on and fresh, else queued, batched and computed."""
+    def infer(
+        self, inputs: Mapping[str, Any], deadline: float, name: str | None = None, outputs: Iterable[str] | None = None
+    ) -> Answer:
+        """One observation's answer: from the cache when on and fresh, else queued, batched and
+        computed. ``outputs`` asks for optional outputs (e.g. attention) besides the usual ones."""
         served = self.served(name)
+        answered = served.model.answered_outputs(outputs)
         key = input_digest(inputs) if self.cache.enabled else None
         if key is not None:
             hit = self.cache.get(served.model.name, served.model.version, key)
             if hit is not None:
                 metrics.CACHE_HITS.inc()
-                return Answer(hit, served.model.version, cache="hit")
+                return Answer(_only(hit, answered), served.model.version, cache="hit")
             metrics.CACHE_MISSES.inc()
         request = self.submit(inputs, deadline, served.model.name)
-        outputs, version = self.wait(request)
+        results, version = self.wait(request)
         if key is not None:
-            self.cache.put(served.model.name, version, key, outputs)
+            self.cache.put(served.model.name, version, key, results)
         return Answer(
-            outputs, version, request.batch_size, request.queue_s, request.compute_s,
+            _only(results, answered), version, request.batch_size, request.queue_s, request.compute_s,
             cache="miss" if key is not None else None,
         )
 
@@ -355,6 +359,11 @@ class Answer:
     queue_s: float = 0.0
     compute_s: float = 0.0
     cache: str | None = None  # "hit", "miss", or None when the cache is off
+
+
+def _only(outputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:
+    # A hot swap may have changed the outputs since ``names`` was worked out: keep what exists.
+    return outputs if names.issuperset(outputs) else {k: v for k, v in outputs.items() if k in names}
 
 
 def _batch_finished(batch: list[Request]) -> None:

@@ -84,6 +84,12 @@ def request_deadline_s(default_ms: int) -> float:
     return min(asked, default_ms) / 1000.0
 
 
+def requested_outputs() -> list[str]:
+    """Optional outputs asked for by ``?outputs=attention`` (comma-separated, repeatable)."""
+    names = [n.strip() for value in request.args.getlist("outputs") for n in value.split(",")]
+    return [n for n in names if n]
+
+
 def read_command(max_bytes: int) -> dict:
     """A management body: JSON, or wire format v1 (a weights push); empty means ``{}``."""
     mimetype = request.mimetype

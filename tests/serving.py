@@ -52,12 +52,15 @@ def run_server(
     env: dict[str, str] | None = None,
     command: list[str] | None = None,
     startup_timeout_s: float = 90.0,
+    port: int | None = None,
 ) -> Iterator[RunningServer]:
     """Start ``python server.py`` (or ``command``), wait until every worker is ready, stop it after.
 
+    ``port`` (default: a free one) lets a test bring a server back where a client expects it.
+
     Readiness is read from the log: each worker logs "worker PID ready" once warmed up.
     """
-    port = free_port()
+    port = port or free_port()
     tmp_path.mkdir(parents=True, exist_ok=True)
     log_path = tmp_path / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("POLICY_SERVER_")}

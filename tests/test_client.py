@@ -14,6 +14,7 @@ import requests
 import request_tools
 from binary_protocol import dict_to_binary
 from request_tools import (
+    ObservationSpecError,
     PolicyClient,
     PolicyClientError,
     PolicyConnectionError,
@@ -32,6 +33,8 @@ class Script:
     def __init__(self, *modes: str) -> None:
         self.modes = list(modes)
         self.requests: list[tuple[str, int, dict]] = []
+        self.spec_reads = 0
+        self.inputs = [{"name": "state", "dtype": "float32", "shape": [6]}]
 
     def next_mode(self) -> str:
         return self.modes.pop(0) if len(self.modes) > 1 else self.modes[0]
@@ -47,6 +50,10 @@ class Handler(BaseHTTPRequestHandler):
         script: Script = self.server.script  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
         self.rfile.read(length)
+        if self.path == "/model_info":  # the spec handshake: answered apart from the script
+            script.spec_reads += 1
+            self._send(200, json.dumps({"name": "stub", "inputs": script.inputs}).encode(), "application/json")
+            return
         script.requests.append((self.path, self.client_address[1], dict(self.headers)))
         mode = script.next_mode()
         if mode == "drop":
@@ -62,8 +69,6 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"not a frame", "application/octet-stream")
         elif self.path in ("/health", "/ready"):
             self._send(200, b'{"status": "ok"}', "application/json")
-        elif self.path == "/model_info":
-            self._send(200, b'{"name": "stub"}', "application/json")
         else:
             self._send(200, dict_to_binary({"action": ACTION}), "application/octet-stream", {"X-Model-Version": "v7"})
 
@@ -103,9 +108,10 @@ OBS = {"state": np.zeros(6, np.float32)}
 def test_public_surface():
     assert set(request_tools.__all__) == {
         "PolicyClient", "PolicyClientError", "PolicyConnectionError", "PolicyServerError",
-        "PolicyTimeoutError", "send_inference_request",
+        "PolicyTimeoutError", "send_inference_request", "ObservationSpecError", "check_observation",
+        "ChunkRunner", "RunnerStats", "LoopClock",
     }
-    for error in (PolicyServerError, PolicyTimeoutError, PolicyConnectionError):
+    for error in (PolicyServerError, PolicyTimeoutError, PolicyConnectionError, ObservationSpecError):
         assert issubclass(error, PolicyClientError)
 
 
@@ -178,14 +184,14 @@ def test_health_ready_and_model_info(stub):
     _, url = stub("ok")
     with PolicyClient(url) as client:
         assert client.health() and client.ready()
-        assert client.model_info() == {"name": "stub"}
+        assert client.model_info()["name"] == "stub"
     with PolicyClient(f"http://127.0.0.1:{free_port()}", retries=0) as down:
         assert not down.health() and not down.ready()
 
 
 def test_unencodable_observation_fails_before_sending(stub):
     server, url = stub("ok")
-    with PolicyClient(url) as client, pytest.raises(ValueError, match="dtype"):
+    with PolicyClient(url, check_spec=False) as client, pytest.raises(ValueError, match="dtype"):
         client.infer({"x": np.array(["text"])})
     assert server.script.requests == []
 
@@ -197,3 +203,77 @@ def test_wait_until_ready(stub):
     assert len(server.script.requests) == 3
     with PolicyClient(f"http://127.0.0.1:{free_port()}", retries=0) as down, pytest.raises(PolicyTimeoutError):
         down.wait_until_ready(timeout_s=0.2, poll_s=0.05)
+
+
+# -- the spec handshake ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("obs, field, reason", [
+    ({}, "state", "missing"),
+    ({"state": np.zeros(6, np.float64)}, "state", "dtype float64, expected float32"),
+    ({"state": np.zeros((1, 6), np.float32)}, "state", r"shape \[1, 6\], expected \[6\]"),
+    ({"state": np.zeros(6, np.float32), "image": np.zeros(3, np.uint8)}, "image", "not an input"),
+    ({"state": [0.0] * 6}, "state", "expected a numpy array"),
+], ids=["missing", "dtype", "shape", "extra", "not-array"])
+def test_observation_not_matching_the_spec_is_refused_before_sending(stub, obs, field, reason):
+    server, url = stub("ok")
+    with PolicyClient(url) as client, pytest.raises(ObservationSpecError, match=reason) as info:
+        client.infer(obs)
+    assert info.value.field == field and field in str(info.value)
+    assert server.script.requests == []  # nothing was sent to /infer
+
+
+def test_spec_is_read_once_and_again_only_when_an_observation_stops_matching(stub):
+    server, url = stub("ok")
+    with PolicyClient(url) as client:
+        for _ in range(3):
+            client.infer(OBS)
+        assert server.script.spec_reads == 1
+        server.script.inputs = [{"name": "state", "dtype": "float32", "shape": [7]}]  # a hot update
+        client.infer({"state": np.zeros(7, np.float32)})  # cached spec says 6: re-read, then fine
+        assert server.script.spec_reads == 2
+        with pytest.raises(ObservationSpecError, match="shape"):
+            client.infer(OBS)
+    assert len(server.script.requests) == 4
+
+
+def test_a_422_drops_the_cached_spec(stub):
+    server, url = stub("422", "ok")
+    with PolicyClient(url) as client:
+        with pytest.raises(PolicyServerError):
+            client.infer(OBS)
+        client.infer(OBS)
+    assert server.script.spec_reads == 2
+
+
+# -- deadlines and optional outputs ----------------------------------------------------
+
+
+def test_deadline_is_sent_to_the_server_and_bounds_the_wait(stub):
+    server, url = stub("ok", "slow")
+    with PolicyClient(url, deadline_s=0.5) as client:
+        client.infer(OBS)
+        sent = float(server.script.requests[0][2]["X-Deadline-Ms"])
+        assert 0 < sent <= 500
+        start = time.monotonic()
+        with pytest.raises(PolicyTimeoutError):
+            client.infer(OBS, deadline_s=0.1)  # the stub takes 1 s
+        assert time.monotonic() - start < 0.1 + request_tools.DEADLINE_GRACE_S + 0.3
+
+
+def test_no_retry_starts_after_the_deadline():
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with PolicyClient(url, retries=10, check_spec=False) as client, pytest.raises(PolicyConnectionError):
+        client.infer(OBS, deadline_s=0.12)
+    # without the deadline, 10 retries back off for 0.05 * (2**10 - 1) s
+    assert time.monotonic() - start < 0.5
+
+
+def test_optional_outputs_are_asked_for_in_the_query(stub):
+    server, url = stub("ok")
+    with PolicyClient(url) as client:
+        client.infer(OBS, outputs=["attention"])
+        client.infer(OBS)
+    assert server.script.requests[0][0] == "/infer?outputs=attention"
+    assert server.script.requests[1][0] == "/infer"

@@ -26,11 +26,13 @@ OUTPUT_SPEC = (TensorSpec("action", "float32", (10, 7)),)
 
 
 class Tiny(nn.Module):
-    def __init__(self):
+    def __init__(self, forward_delay_s=0.0):
         super().__init__()
         self.linear = nn.Linear(7, 70)
+        self.forward_delay_s = forward_delay_s
 
     def forward(self, state, image):
+        time.sleep(self.forward_delay_s)
         x = torch.cat([state, image.float().mean(dim=(1, 2, 3))[:, None]], dim=1)
         return {"action": self.linear(x).view(-1, 10, 7)}
 
@@ -41,7 +43,8 @@ def load_model(model_dir, device):
         time.sleep(float(open(delay).read()))
     if os.path.exists(os.path.join(model_dir, "raise_on_load")):
         raise RuntimeError("this model refuses to load")
-    module = Tiny()
+    forward_delay = os.path.join(model_dir, "forward_delay_s")
+    module = Tiny(float(open(forward_delay).read()) if os.path.exists(forward_delay) else 0.0)
     load_weights_strict(module, os.path.join(model_dir, "model.safetensors"))
     return ModulePolicy(module, INPUT_SPEC, OUTPUT_SPEC, device=device)
 '''
@@ -54,7 +57,10 @@ def tiny_weights(tag: float) -> dict[str, np.ndarray]:
     }
 
 
-def write_tiny_model(path: Path, tag: float, *, load_delay_s: float = 0.0, raise_on_load: bool = False) -> Path:
+def write_tiny_model(
+    path: Path, tag: float, *, load_delay_s: float = 0.0, raise_on_load: bool = False, forward_delay_s: float = 0.0
+) -> Path:
+    """``forward_delay_s`` makes every forward pass that much slower (a slow server)."""
     from safetensors.numpy import save_file
 
     path.mkdir(parents=True, exist_ok=True)
@@ -64,4 +70,6 @@ def write_tiny_model(path: Path, tag: float, *, load_delay_s: float = 0.0, raise
         (path / "load_delay_s").write_text(str(load_delay_s))
     if raise_on_load:
         (path / "raise_on_load").write_text("1")
+    if forward_delay_s:
+        (path / "forward_delay_s").write_text(str(forward_delay_s))
     return path
