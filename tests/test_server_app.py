@@ -9,12 +9,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server.config import ServerConfig
+from policy_server.contract import TensorSpec
 from server import create_app
 from tests.conftest import make_app
-from tests.fakes import FakePolicy, expected_action, fake_observation
+from tests.fakes import FAKE_OUTPUTS, FakePolicy, expected_action, fake_observation
 
 KEY = "test-key-0123456789"
 
@@ -247,3 +249,53 @@ class TestQueueingOverHttp:
         queued.join()
         assert_error(response, 503, "overloaded")
         assert response.headers["Retry-After"] == "1"
+
+
+class AttendingPolicy(FakePolicy):
+    """FakePolicy plus an optional ``attention`` output (answered only when asked for)."""
+
+    optional_outputs = ("attention",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.output_spec = (*FAKE_OUTPUTS, TensorSpec("attention", "float32", (10, 4)))
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        rows = batch["state"].shape[0]
+        return {**out, "attention": torch.full((rows, 10, 4), 0.25)}
+
+
+def test_optional_outputs_are_answered_only_when_asked_for():
+    client = make_app(AttendingPolicy(), cache_size=8).test_client()
+    body = dict_to_binary(fake_observation(3))
+    plain = binary_to_dict(post_infer(client, body).get_data())
+    assert set(plain) == {"action"}
+    for query in ("?outputs=attention", "?outputs=action,attention", "?outputs=attention&outputs=action"):
+        response = client.post("/infer" + query, data=body, content_type="application/octet-stream")
+        outputs = binary_to_dict(response.get_data())
+        assert set(outputs) == {"action", "attention"}, query
+        np.testing.assert_array_equal(outputs["attention"], np.full((10, 4), 0.25, np.float32))
+    assert response.headers["X-Cache"] == "hit"  # cached whole, filtered per request
+    assert client.get("/model_info").get_json()["optional_outputs"] == ["attention"]
+
+
+def test_asking_for_an_output_the_model_lacks_is_400_before_compute():
+    policy = AttendingPolicy()
+    client = make_app(policy).test_client()
+    calls = policy.calls
+    response = client.post("/infer?outputs=attention,saliency", data=dict_to_binary(fake_observation(3)),
+                           content_type="application/octet-stream")
+    assert_error(response, 400, "no output 'saliency'", "attention")
+    assert policy.calls == calls
+
+
+def test_a_policy_whose_optional_outputs_are_not_its_outputs_does_not_load():
+    from policy_server.errors import ModelError
+    from policy_server.model_loader import describe
+
+    for optional in (("saliency",), ("action", "attention")):
+        policy = AttendingPolicy()
+        policy.optional_outputs = optional
+        with pytest.raises(ModelError, match="optional_outputs"):
+            describe(policy, name="p", version="1", device="cpu")
