@@ -16,6 +16,7 @@ from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server import metrics, observability
 from policy_server.config import ServerConfig
 from policy_server.lifecycle import ModelManager
+from policy_server.openapi import openapi_document
 from policy_server.runtime import PolicyRuntime
 from policy_server.stats import summarize
 from policy_server.web import (
@@ -30,7 +31,7 @@ from policy_server.web import (
     wait_seconds,
 )
 
-OPEN_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics"})
+OPEN_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics", "openapi"})
 ADMIN_ENDPOINTS = frozenset({"update_model", "load_model", "unload_model"})
 
 
@@ -100,6 +101,10 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     def prometheus_metrics():
         body, content_type = metrics.exposition()
         return Response(body, content_type=content_type)
+
+    @app.get("/openapi.json")
+    def openapi():
+        return jsonify(openapi_document())
 
     @app.get("/stats")
     def stats():

@@ -1,0 +1,228 @@
+"""The OpenAPI 3.0 description of every route, served at ``GET /openapi.json``.
+
+Binary bodies (wire format v1, see DEVELOPMENT.md) are ``application/octet-stream``; their
+content is described in words, since a pickle frame has no JSON schema. The test suite
+checks that this document and the app's routes name the same operations, and fuzzes the
+running server from it (no answer may be a 5xx).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+
+# Every error a route may answer, with the words the server uses for it.
+ERRORS = {
+    "400": "Malformed or unsafe body, bad header or query parameter",
+    "401": "Missing or wrong X-API-Key (or X-Admin-Key on management routes)",
+    "403": "A model_path outside --model-root",
+    "404": "Unknown model or version",
+    "409": "The change conflicts with the server's state (e.g. unloading the default model)",
+    "411": "No Content-Length",
+    "413": "Body over the configured limit",
+    "415": "Management body neither JSON nor application/octet-stream",
+    "422": "Observation does not match the model's input spec, or the update failed validation",
+    "503": "Not ready (model loading) or queue full (Retry-After)",
+    "504": "The request's deadline passed before compute",
+}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {
+        code: {"description": ERRORS[code], "content": {"application/json": {"schema": ERROR_REF}}} for code in codes
+    }
+
+
+def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema or {"type": "object"}}}}
+
+
+NAME = {
+    "name": "name", "in": "path", "required": True, "description": "Model name",
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+}
+WAIT_S = {
+    "name": "wait_s", "in": "query", "required": False,
+    "description": "Answer once every worker of this instance acted (or after this many seconds)",
+    "schema": {"type": "number", "minimum": 0, "maximum": 300},
+}
+REQUEST_ID = {
+    "name": "X-Request-Id", "in": "header", "required": False,
+    "description": "Echoed back; a fresh one is made when absent or not a sane token",
+    "schema": {"type": "string", "maxLength": 128},
+}
+
+INFER = {
+    "summary": "One observation in, the policy's outputs out",
+    "description": (
+        "The body is a dict of numpy arrays encoded by binary_protocol.dict_to_binary() "
+        "(pickle protocol 5 in the PK5F frame, arrays out of band); the answer is encoded the "
+        "same way. The decoder follows a strict allow-list: anything else is 400."
+    ),
+    "security": [{}, {"ApiKey": []}],
+    "parameters": [
+        {
+            "name": "X-Deadline-Ms", "in": "header", "required": False,
+            "description": "Drop the request (504) if compute has not started within this many ms; "
+                           "lowers the server's default, never raises it",
+            "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+        },
+        {
+            "name": "outputs", "in": "query", "required": False,
+            "description": "Comma-separated optional outputs to add (e.g. attention); see optional_outputs "
+                           "in /model_info",
+            "schema": {"type": "string"},
+        },
+        REQUEST_ID,
+    ],
+    "requestBody": {"required": True, "content": BINARY},
+    "responses": {
+        "200": {
+            "description": "The outputs, e.g. {'action': float32[10, 7]}",
+            "headers": {
+                "X-Model-Version": {"schema": {"type": "string"}, "description": "Version that computed it"},
+                "Server-Timing": {"schema": {"type": "string"}, "description": "read, decode, queue, compute, "
+                                                                                "encode in ms"},
+                "X-Batch-Size": {"schema": {"type": "integer"}, "description": "Requests in its batch"},
+                "X-Cache": {"schema": {"type": "string", "enum": ["hit", "miss"]}},
+                "X-Request-Id": {"schema": {"type": "string"}},
+            },
+            "content": BINARY,
+        },
+        **_errors("400", "401", "404", "411", "413", "422", "503", "504"),
+    },
+}
+
+UPDATE_BODY = {
+    "type": "object",
+    "description": "Exactly one of model_path, version; weights travel as application/octet-stream",
+    "properties": {
+        "model": {"type": "string", "description": "Model name (default: the default model)"},
+        "model_path": {"type": "string", "description": "A model directory inside --model-root"},
+        "version": {"type": "integer", "minimum": 1, "description": "Roll back to a kept version"},
+    },
+    "additionalProperties": False,
+}
+UPDATED = {
+    "type": "object",
+    "properties": {
+        "model": {"type": "string"},
+        "version": {"type": "integer"},
+        "previous": {"type": "integer", "nullable": True},
+        "all_workers": {"type": "boolean"},
+        "switch_s": {"type": "number", "nullable": True},
+        "workers": {"type": "object"},
+    },
+}
+
+
+def _manage(summary: str, *, body: dict[str, Any] | None, path_name: bool, errors: tuple[str, ...]) -> dict:
+    operation: dict[str, Any] = {
+        "summary": summary,
+        "security": [{}, {"AdminKey": []}, {"ApiKey": []}],
+        "parameters": [*([NAME] if path_name else []), WAIT_S, REQUEST_ID],
+        "responses": {"200": _json("Done (with per-worker state when wait_s is given)", UPDATED), **_errors(*errors)},
+    }
+    if body is not None:
+        operation["requestBody"] = {"required": False, "content": body}
+    return operation
+
+
+def _get(summary: str, schema: dict[str, Any] | None = None, *, open_route: bool = False,
+         errors: tuple[str, ...] = ("401",), parameters: tuple[dict, ...] = ()) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "security": [{}] if open_route else [{}, {"ApiKey": []}],
+            "parameters": [*parameters, REQUEST_ID],
+            "responses": {"200": _json(summary, schema), **_errors(*errors)},
+        }
+    }
+
+
+SPEC_LIST = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["name", "dtype", "shape"],
+        "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
+                       "shape": {"type": "array", "items": {"type": "integer"}}},
+    },
+}
+MODEL_INFO = {
+    "type": "object",
+    "required": ["name", "version", "inputs", "outputs"],
+    "properties": {
+        "name": {"type": "string"}, "version": {"type": "string"}, "digest": {"type": "string"},
+        "device": {"type": "string"}, "num_parameters": {"type": "integer"},
+        "inputs": SPEC_LIST, "outputs": SPEC_LIST,
+        "optional_outputs": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+def openapi_document(version: str = "1") -> dict[str, Any]:
+    """The OpenAPI 3.0.3 document of the server's routes."""
+    command_body = {"application/json": {"schema": UPDATE_BODY}, **BINARY}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "Robot policy server",
+            "version": version,
+            "description": "Batched torch policy inference for robot and simulator loops. "
+                           "See README.md and DEVELOPMENT.md.",
+        },
+        "servers": [{"url": "/"}],
+        "paths": {
+            "/infer": {"post": {**INFER, "operationId": "infer"}},
+            "/models/{name}/infer": {"post": {
+                **INFER, "operationId": "infer_named", "summary": "Inference on a named model",
+                "parameters": [NAME, *INFER["parameters"]],
+            }},
+            "/health": _get("Liveness: the process answers", open_route=True, errors=()),
+            "/ready": _get("Readiness: the default model is loaded and warm", open_route=True, errors=("503",)),
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics summed over every worker", "security": [{}],
+                "parameters": [REQUEST_ID],
+                "responses": {"200": {"description": "Text exposition format",
+                                      "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            }},
+            "/openapi.json": _get("This document", open_route=True, errors=()),
+            "/stats": _get("Latency percentiles, throughput, CPU and memory over every worker"),
+            "/model_info": _get("The default model's name, version, device and input/output specs", MODEL_INFO,
+                                errors=("401", "503")),
+            "/models": _get("Every model: version, state, device, kept versions, per-worker versions"),
+            "/models/{name}": _get("One model's info", MODEL_INFO, errors=("400", "401", "404", "503"),
+                                   parameters=(NAME,)),
+            "/update_model": {"post": {
+                **_manage("Publish a new version (model_path, weights or rollback) to every worker",
+                          body=command_body, path_name=False,
+                          errors=("400", "401", "403", "404", "413", "415", "422", "503")),
+                "operationId": "update_model",
+            }},
+            "/models/{name}/load": {"post": {
+                **_manage("Serve a model (from model_path, or its current version)", body=command_body,
+                          path_name=True, errors=("400", "401", "403", "404", "413", "415", "422")),
+                "operationId": "load_model",
+            }},
+            "/models/{name}/unload": {"post": {
+                **_manage("Stop serving a model (its versions stay in the store)", body=None, path_name=True,
+                          errors=("400", "401", "404", "409")),
+                "operationId": "unload_model",
+            }},
+        },
+        "components": {
+            "schemas": {
+                "Error": {
+                    "type": "object", "required": ["error", "detail"],
+                    "properties": {"error": {"type": "string"}, "detail": {"type": "string"}},
+                },
+            },
+            "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "AdminKey": {"type": "apiKey", "in": "header", "name": "X-Admin-Key"},
+            },
+        },
+    }
