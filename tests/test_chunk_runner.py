@@ -37,13 +37,23 @@ def ramp_policy(delay_s: float = 0.0, fail: set[int] | None = None, slow: dict[i
     return policy
 
 
-def run_loop(runner: ChunkRunner, steps: int, rate_hz: float) -> tuple[list[float], LoopClock, float]:
+def step_obs(t: int) -> dict:
+    return {"t": np.float32(t)}
+
+
+def image_obs(t: int = 0) -> dict:
+    return {"state": np.zeros(6, np.float32), "image": np.zeros((8, 8, 3), np.uint8)}
+
+
+def run_loop(runner: ChunkRunner, steps: int, rate_hz: float, obs=step_obs) -> tuple[list[float], LoopClock, float]:
+    """``steps`` paced steps; returns each step's action (first dim), the clock, and the
+    slowest act() after the first (which waits for the first chunk by design)."""
     clock = LoopClock(rate_hz)
     actions, slowest_act = [], 0.0
     for t in range(steps):
         start = time.perf_counter()
-        actions.append(float(runner.act({"t": np.float32(t)})[0]))
-        if t:  # the first act waits for the first chunk by design
+        actions.append(float(runner.act(obs(t))[0]))
+        if t:
             slowest_act = max(slowest_act, time.perf_counter() - start)
         clock.tick()
     return actions, clock, slowest_act
@@ -98,10 +108,6 @@ def test_reset_discards_the_previous_episodes_answer():
 # -- against a real server ---------------------------------------------------------------
 
 
-def image_obs():
-    return {"state": np.zeros(6, np.float32), "image": np.zeros((8, 8, 3), np.uint8)}
-
-
 @pytest.fixture
 def tiny_root(tmp_path):
     root = tmp_path / "models"
@@ -115,25 +121,13 @@ def test_a_slow_server_below_the_horizon_does_not_slow_the_loop(tmp_path, tiny_r
     with run_server(tmp_path, workers=1, args=("--model-path", str(tiny_root / "slow"),
                                                "--model-root", str(tiny_root))) as server:
         with PolicyClient(server.base_url) as client, ChunkRunner(client, rate_hz=rate_hz) as runner:
-            actions, clock, slowest = run_loop_obs(runner, 60, rate_hz)
+            actions, clock, slowest = run_loop(runner, 60, rate_hz, image_obs)
     assert runner.stats.starved_steps == 0 and runner.stats.failures == 0
     assert min(runner.stats.latencies_s) >= 0.2
     assert runner.stats.chunks >= 5 and set(runner.stats.versions) == {"1"}
     assert all(a == 3.0 for a in actions)
     assert slowest < 0.5 / HORIZON  # act() never waited on the network
     assert clock.achieved_hz > 0.9 * rate_hz
-
-
-def run_loop_obs(runner, steps, rate_hz):
-    clock = LoopClock(rate_hz)
-    actions, slowest = [], 0.0
-    for t in range(steps):
-        start = time.perf_counter()
-        actions.append(float(runner.act(image_obs())[0]))
-        if t:
-            slowest = max(slowest, time.perf_counter() - start)
-        clock.tick()
-    return actions, clock, slowest
 
 
 def test_the_loop_survives_a_server_killed_and_restarted_mid_episode(tmp_path, tiny_root):
@@ -143,7 +137,7 @@ def test_the_loop_survives_a_server_killed_and_restarted_mid_episode(tmp_path, t
     with PolicyClient(f"http://127.0.0.1:{port}", retries=0) as client:
         with run_server(tmp_path / "a", workers=1, args=args, env=env, port=port) as server:
             runner = ChunkRunner(client, rate_hz=rate_hz, max_backoff_s=0.5)
-            run_loop_obs(runner, 20, rate_hz)
+            run_loop(runner, 20, rate_hz, image_obs)
             assert runner.stats.failures == 0
             os.killpg(server.process.pid, signal.SIGKILL)  # master and worker: no drain
             server.process.wait()
@@ -167,7 +161,7 @@ def test_the_loop_survives_a_server_killed_and_restarted_mid_episode(tmp_path, t
                 steps += 1
             assert restarted.is_set()
             starved_while_down = runner.stats.starved_steps
-            actions, clock_after, slowest = run_loop_obs(runner, 3 * rate_hz, rate_hz)
+            actions, clock_after, slowest = run_loop(runner, 3 * rate_hz, rate_hz, image_obs)
         finally:
             runner.close()
             stop.set()
