@@ -24,7 +24,7 @@ deterministic given the seed. Rendering redraws only the bounding boxes of the a
 target over a preallocated, lightly textured background (about 1 ms per frame).
 
 Public API: :class:`ReacherEnv`, :func:`expert_chunk`, :func:`expert_actions`,
-:func:`run_episode`, :func:`evaluate`, :func:`render`, :func:`forward_kinematics`,
+:func:`expert_policy`, :func:`run_episode`, :func:`evaluate`, :func:`render`, :func:`forward_kinematics`,
 :func:`inverse_kinematics`, :func:`make_state`, :func:`sample_episode`.
 Only numpy is imported.
 """
@@ -133,6 +133,17 @@ def expert_actions(q: np.ndarray, dq: np.ndarray, target: np.ndarray, horizon: i
 def expert_chunk(env: ReacherEnv) -> np.ndarray:
     """float32[10, 7]: the expert's chunk from the env's current state (uses the privileged target)."""
     return expert_actions(env.q, env.dq, env.target)
+
+
+def expert_policy(env: ReacherEnv) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+    """A ``chunk_fn`` for :func:`run_episode`: the expert's chunk from the observed (possibly
+    stale) arm state in ``obs["state"]`` and the env's privileged target."""
+
+    def chunk_fn(obs: dict[str, np.ndarray]) -> np.ndarray:
+        state = obs["state"].astype(np.float64)
+        return expert_actions(state[:2], state[2:4], env.target)
+
+    return chunk_fn
 
 
 # -- rendering ---------------------------------------------------------------------------
@@ -343,7 +354,8 @@ def run_episode(
         chunks += 1
         start = t - seen if align else 0
         for action in chunk[start : start + execute]:
-            history[env.steps + 1] = env.step(action).obs
+            obs = env.step(action).obs
+            history[env.steps] = obs
             if env.done:
                 break
     return EpisodeResult(env.success, env.steps, chunks, env.distance)

@@ -1,8 +1,14 @@
-"""Default policy: a small CNN over the camera image and an MLP over the joint state.
+"""Default policy: a small CNN with a spatial-softmax keypoint head and an MLP over the joint state.
 
 Inputs ``state`` float32[6] and ``image`` uint8[480, 640, 3]; output ``action``
 float32[10, 7], a chunk of 10 future 7-dof actions. Image normalisation happens inside the
 module, so the served and in-process paths cannot preprocess differently.
+
+The image goes through an 8x8 stride-8 patch conv (60 x 80 cells) and a 3x3 conv, then a 1x1
+conv scores each cell for each of 16 keypoints; a softmax over the cells gives each keypoint's
+expected (x, y) in [-1, 1]. Unlike a global average pool, this keeps *where* things are, which
+is what a reaching task needs. The weights are trained by behaviour cloning on the reacher
+task in ``examples/reacher.py`` (``examples/train_policies.py --model default``).
 """
 
 from __future__ import annotations
@@ -24,22 +30,46 @@ INPUT_SPEC = (
 )
 OUTPUT_SPEC = (TensorSpec("action", "float32", (CHUNK, DOF)),)
 
+# Fixed scales: state [q1, q2, dq1, dq2, ee_x, ee_y] to about unit range, and the network's
+# unit-range output to joint speeds (rad/s).
+STATE_CENTRE = (1.6, 0.0, 0.0, 0.0, 0.0, 0.05)
+STATE_SCALE = (2.0, 2.0, 3.0, 3.0, 0.2, 0.2)
+ACTION_SCALE = 3.0
+
+
+class SpatialSoftmax(nn.Module):
+    """[B, K, H, W] scores to [B, 2K] expected (x, y) per channel, in [-1, 1] image coordinates."""
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+        self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(scores.flatten(2) / self.log_temperature.exp(), dim=-1)  # [B, K, HW]
+        return (weights @ self.grid).flatten(1)  # [B, K * 2]
+
 
 class CnnMlp(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, keypoints: int = 16) -> None:
         super().__init__()
         self.encoder = nn.Sequential(
             nn.Conv2d(3, 16, kernel_size=8, stride=8),  # 60 x 80
             nn.ReLU(),
-            nn.Conv2d(16, 32, kernel_size=4, stride=4),  # 15 x 20
+            nn.Conv2d(16, 32, kernel_size=3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1),  # 8 x 10
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
+            nn.Conv2d(32, keypoints, kernel_size=1),  # one score map per keypoint
         )
+        self.keypoints = SpatialSoftmax(60, 80)
         self.state_mlp = nn.Sequential(nn.Linear(6, 64), nn.ReLU())
-        self.head = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, CHUNK * DOF))
+        self.head = nn.Sequential(
+            nn.Linear(2 * keypoints + 64, 256), nn.ReLU(),
+            nn.Linear(256, 256), nn.ReLU(),
+            nn.Linear(256, CHUNK * DOF),
+        )
+        self.register_buffer("state_centre", torch.tensor(STATE_CENTRE), persistent=False)
+        self.register_buffer("state_scale", torch.tensor(STATE_SCALE), persistent=False)
 
     def forward(self, state: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
         # The first conv sees pixels scaled to [-1, 1]: conv(w, 2x/255 - 1) equals
@@ -50,8 +80,10 @@ class CnnMlp(nn.Module):
         bias = first.bias - first.weight.sum(dim=(1, 2, 3))
         pixels = image.permute(0, 3, 1, 2).float()  # NHWC memory, i.e. channels_last
         x = F.conv2d(pixels, weight, bias, stride=first.stride, padding=first.padding)
-        features = torch.cat([self.encoder[1:](x), self.state_mlp(state)], dim=1)
-        return {"action": self.head(features).view(-1, CHUNK, DOF)}
+        points = self.keypoints(self.encoder[1:](x))
+        state = self.state_mlp((state - self.state_centre) / self.state_scale)
+        action = self.head(torch.cat([points, state], dim=1)) * ACTION_SCALE
+        return {"action": action.view(-1, CHUNK, DOF)}
 
 
 def load_model(model_dir: str, device) -> ModulePolicy:

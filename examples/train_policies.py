@@ -1,0 +1,308 @@
+"""Train the shipped policies on the reacher task by behaviour cloning, with DAgger.
+
+Usage::
+
+    python examples/train_policies.py                     # both policies, seed 0, into models/
+    python examples/train_policies.py --model default --steps 1500 --eval-episodes 100
+
+Data: every sample is an arm state (q, dq) and a target; its label is the expert's chunk
+(``reacher.expert_actions``) and its image is rendered on the fly when a batch needs it, so a
+sample costs 56 bytes and the dataset never holds a frame. The data set starts with states
+drawn broadly over the joint space and with states visited by the expert executing its own
+chunks under injected noise and observation staleness (DART); at ``--dagger-at`` fractions
+of training the current policy drives ``--dagger-episodes`` episodes (chunks open loop,
+random staleness 0-3, aligned or not) and every state it visits is added with the expert's
+label (DAgger), so the policy learns to recover from its own mistakes.
+
+Each policy is written to ``<out-dir>/<model>/model.safetensors`` through its own
+``policy.py`` architecture, loaded back through ``policy_server.model_loader`` and evaluated
+in process on held-out seeds (``--eval-seed`` onward; training episodes use seeds derived
+from ``--seed`` below 1,000,000), fresh and with stale observations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from examples import reacher  # noqa: E402
+from policy_server.model_loader import load_model_dir  # noqa: E402
+
+log = logging.getLogger("train_policies")
+
+MODELS = {"default": "CnnMlp", "transformer": "ChunkTransformer"}
+EVAL_SEED = 1_000_000  # evaluation episodes use seeds from here; training draws below it
+
+
+def architecture(model_dir: str) -> torch.nn.Module:
+    """A fresh (seeded) module of the class that ``model_dir/policy.py`` serves."""
+    name = os.path.basename(os.path.normpath(model_dir))
+    spec = importlib.util.spec_from_file_location(f"_train_{name}_policy", os.path.join(model_dir, "policy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, MODELS[name])()
+
+
+# -- data ---------------------------------------------------------------------------------
+
+
+class Dataset:
+    """Arm states, targets and expert labels; images are rendered per batch."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[np.ndarray]] = {"q": [], "dq": [], "target": [], "label": []}
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def add(self, q: np.ndarray, dq: np.ndarray, target: np.ndarray) -> None:
+        label = reacher.expert_actions(q, dq, target)
+        for key, value in (("q", q), ("dq", dq), ("target", target), ("label", label)):
+            self.parts[key].append(np.asarray(value, dtype=np.float32))
+        self.arrays = {key: np.concatenate(parts) for key, parts in self.parts.items()}
+
+    def __len__(self) -> int:
+        return len(self.arrays.get("q", ()))
+
+
+def broad_states(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """States spread over (and a little beyond) every configuration an episode can reach."""
+    q = np.stack([rng.uniform(-0.8, 4.8, n), rng.uniform(-3.1, 3.1, n)], axis=1)
+    moving = rng.random((n, 1)) < 0.7
+    dq = moving * rng.uniform(-reacher.MAX_JOINT_SPEED, reacher.MAX_JOINT_SPEED, (n, 2))
+    target = np.stack([reacher.sample_episode(rng)[1] for _ in range(n)])
+    return q, dq, target
+
+
+def states_of(q: np.ndarray, dq: np.ndarray) -> np.ndarray:
+    """Batched ``reacher.make_state``: [N, 2] x 2 -> float32 [N, 6]."""
+    return np.concatenate([q, dq, reacher.forward_kinematics(q)[1]], axis=1).astype(np.float32)
+
+
+def render_batch(q: np.ndarray, target: np.ndarray, out: np.ndarray) -> np.ndarray:
+    for i in range(len(q)):
+        reacher.render(q[i], target[i], out=out[i])
+    return out[: len(q)]
+
+
+def rollouts(
+    chunk_fn,
+    rng: np.random.Generator,
+    episodes: int,
+    *,
+    staleness: int,
+    align: bool,
+    noise: float = 0.0,
+    max_steps: int = reacher.MAX_STEPS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Run ``episodes`` episodes in lockstep, chunks open loop as ``reacher.run_episode`` does.
+
+    ``chunk_fn(q, dq, target, seen_q, seen_dq) -> [N, 10, 7]`` gets the true targets and the
+    (stale) observed arm states; a policy renders images from them, the expert reads the
+    target. ``noise`` (rad/s) perturbs each executed command: a constant offset per chunk
+    plus fresh per-step noise. Returns every state visited before success (q, dq, target)
+    and the success rate.
+    """
+    starts = [reacher.sample_episode(rng) for _ in range(episodes)]
+    q = np.stack([s[0] for s in starts])
+    target = np.stack([s[1] for s in starts])
+    dq = np.zeros_like(q)
+    history = [(q, dq)]
+    done = np.zeros(episodes, dtype=bool)
+    visited: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    execute = reacher.CHUNK - staleness if align else reacher.CHUNK
+    t = 0
+    while t < max_steps and not done.all():
+        seen = max(0, t - staleness)
+        chunk = chunk_fn(q, dq, target, *history[seen])[:, :, :2]
+        offset = noise * rng.standard_normal((episodes, 1, 2))
+        start = t - seen if align else 0
+        for k in range(start, start + execute):
+            live = ~done
+            visited.append((q[live], dq[live], target[live]))
+            command = chunk[:, k] + offset[:, 0] + noise * 0.5 * rng.standard_normal((episodes, 2))
+            q, dq = reacher._dynamics(q, dq, command)
+            history.append((q, dq))
+            t += 1
+            distance = np.linalg.norm(reacher.forward_kinematics(q)[1] - target, axis=1)
+            done |= distance <= reacher.SUCCESS_RADIUS
+            if done.all() or t >= max_steps:
+                break
+    qs, dqs, targets = (np.concatenate(parts) for parts in zip(*visited))
+    return qs, dqs, targets, float(done.mean())
+
+
+def expert_fn(q, dq, target, seen_q, seen_dq):
+    return reacher.expert_actions(seen_q, seen_dq, target)
+
+
+def module_fn(module: torch.nn.Module, image_buffer: np.ndarray):
+    """A lockstep ``chunk_fn`` that renders the observed states and runs ``module`` in batches."""
+
+    def chunk_fn(q, dq, target, seen_q, seen_dq):
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(q), len(image_buffer)):
+                part = slice(i, i + len(image_buffer))
+                images = render_batch(seen_q[part], target[part], image_buffer)
+                state = torch.from_numpy(states_of(seen_q[part], seen_dq[part]))
+                out.append(module(state, torch.from_numpy(images))["action"].numpy())
+        return np.concatenate(out)
+
+    return chunk_fn
+
+
+def collect(
+    dataset: Dataset, chunk_fn, rng: np.random.Generator, episodes: int, noise: float, what: str, max_steps: int
+) -> None:
+    """Lockstep rollouts over every staleness 0-3, aligned and not, added to ``dataset``."""
+    rates = []
+    groups = [(s, align) for s in range(4) for align in (True, False)]
+    for index, (staleness, align) in enumerate(groups):
+        n = episodes // len(groups) + (index < episodes % len(groups))
+        if n:
+            q, dq, target, rate = rollouts(chunk_fn, rng, n, staleness=staleness, align=align, noise=noise, max_steps=max_steps)
+            dataset.add(q, dq, target)
+            rates.append(rate)
+    log.info("%s: %d episodes, success %.2f, dataset now %d states", what, episodes, np.mean(rates), len(dataset))
+
+
+# -- training -----------------------------------------------------------------------------
+
+
+def train(name: str, args: argparse.Namespace) -> str:
+    """Train one policy; returns the directory its weights were written to."""
+    seed = args.seed + (0 if name == "default" else 1)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    module = architecture(os.path.join(ROOT, "models", name))
+    module.train()
+    steps = args.steps if args.steps is not None else {"default": 1800, "transformer": 1500}[name]
+    lr = args.lr
+    log.info("%s: %d parameters, %d steps of batch %d, lr %g", name, sum(p.numel() for p in module.parameters()),
+             steps, args.batch_size, lr)
+
+    broad, trajectories = Dataset(), Dataset()
+    broad.add(*broad_states(rng, args.broad_states))
+    collect(trajectories, expert_fn, rng, args.expert_episodes, args.expert_noise, "expert with noise",
+            reacher.MAX_STEPS)
+    dagger_at = {int(f * steps) for f in args.dagger_at}
+
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = 50
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
+    images = np.empty((args.batch_size, reacher.HEIGHT, reacher.WIDTH, 3), dtype=np.uint8)
+    n_broad = int(round(args.batch_size * args.broad_fraction))
+    running = 0.0
+    for step in range(steps):
+        if step in dagger_at:
+            module.eval()
+            collect(trajectories, module_fn(module, images), rng, args.dagger_episodes, 0.0, f"step {step} DAgger",
+                    args.dagger_max_steps)
+            module.train()
+        pick_broad = rng.integers(0, len(broad), n_broad)
+        pick_traj = rng.integers(0, len(trajectories), args.batch_size - n_broad)
+        batch = {key: np.concatenate([broad.arrays[key][pick_broad], trajectories.arrays[key][pick_traj]])
+                 for key in broad.arrays}
+        state = torch.from_numpy(states_of(batch["q"], batch["dq"]))
+        image = torch.from_numpy(render_batch(batch["q"], batch["target"], images))
+        label = torch.from_numpy(batch["label"])
+        action = module(state, image)["action"]
+        # Joint commands in units of the speed limit; the ignored dims are taught to stay 0.
+        loss = ((action[..., :2] - label[..., :2]).abs().mean() + 0.1 * action[..., 2:].abs().mean()) / 3.0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log.info("%s step %d/%d loss %.4f (%.0f s)", name, step, steps, running, time.perf_counter() - started)
+
+    out_dir = os.path.join(args.out_dir, name)
+    os.makedirs(out_dir, exist_ok=True)
+    source = os.path.join(ROOT, "models", name, "policy.py")
+    if os.path.abspath(out_dir) != os.path.dirname(source):  # a directory the server can load
+        shutil.copyfile(source, os.path.join(out_dir, "policy.py"))
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
+              os.path.join(out_dir, "model.safetensors"))
+    log.info("%s: trained in %.0f s, wrote %s", name, time.perf_counter() - started, out_dir)
+    return out_dir
+
+
+def policy_chunk_fn(model_dir: str):
+    """``obs -> float32[10, 7]`` through the served loading path (strict weights, ModulePolicy)."""
+    policy = load_model_dir(model_dir, "cpu").policy
+
+    def chunk_fn(obs):
+        batch = {k: torch.from_numpy(v[None]) for k, v in obs.items()}
+        return policy.forward(batch)["action"][0].numpy()
+
+    return chunk_fn
+
+
+def evaluate(model_dir: str, episodes: int, first_seed: int) -> dict[str, float]:
+    chunk_fn = policy_chunk_fn(model_dir)
+    seeds = range(first_seed, first_seed + episodes)
+    rates = {}
+    for staleness in range(4):
+        for align in (True, False) if staleness else (True,):
+            started = time.perf_counter()
+            rate, results = reacher.evaluate(chunk_fn, seeds, staleness=staleness, align=align)
+            key = f"staleness {staleness}" + ("" if align or not staleness else " unaligned")
+            rates[key] = rate
+            log.info("%s: %s success %.2f over %d episodes (mean %.1f steps, %.1f s)",
+                     os.path.basename(model_dir), key, rate, episodes, np.mean([r.steps for r in results]),
+                     time.perf_counter() - started)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["default", "transformer", "all"], default="all")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "models"),
+                        help="writes <out-dir>/<model>/model.safetensors (default: the repo's models/)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1800 default, 1500 transformer)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    parser.add_argument("--broad-states", type=int, default=20000, help="states drawn over the whole joint space")
+    parser.add_argument("--broad-fraction", type=float, default=0.25, help="share of each batch from the broad states")
+    parser.add_argument("--expert-episodes", type=int, default=800, help="noisy expert episodes at the start")
+    parser.add_argument("--expert-noise", type=float, default=0.6, help="rad/s of noise on the expert's commands")
+    parser.add_argument("--dagger-at", type=float, nargs="*", default=[0.35, 0.6, 0.8],
+                        help="fractions of training after which the policy collects data")
+    parser.add_argument("--dagger-episodes", type=int, default=64)
+    parser.add_argument("--dagger-max-steps", type=int, default=60, help="DAgger episodes stop here")
+    parser.add_argument("--eval-episodes", type=int, default=50)
+    parser.add_argument("--eval-seed", type=int, default=EVAL_SEED)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the weights in --out-dir, train nothing")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    if args.eval_seed < EVAL_SEED:
+        log.warning("evaluation seeds below %d overlap the training draws", EVAL_SEED)
+    names = list(MODELS) if args.model == "all" else [args.model]
+    for name in names:
+        model_dir = os.path.join(args.out_dir, name) if args.eval_only else train(name, args)
+        if args.eval_episodes:
+            evaluate(model_dir, args.eval_episodes, args.eval_seed)
+
+
+if __name__ == "__main__":
+    main()
