@@ -25,7 +25,7 @@ target over a preallocated, lightly textured background (about 1 ms per frame).
 
 Public API: :class:`ReacherEnv`, :func:`expert_chunk`, :func:`expert_actions`,
 :func:`expert_policy`, :func:`run_episode`, :func:`evaluate`, :func:`render`, :func:`forward_kinematics`,
-:func:`inverse_kinematics`, :func:`make_state`, :func:`sample_episode`.
+:func:`inverse_kinematics`, :func:`make_state`, :func:`sample_episode`, :func:`step_arm`.
 Only numpy is imported.
 """
 
@@ -102,8 +102,9 @@ def make_state(q: np.ndarray, dq: np.ndarray) -> np.ndarray:
     return np.concatenate([q, dq, ee]).astype(np.float32)
 
 
-def _dynamics(q: np.ndarray, dq: np.ndarray, command: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One control step for arrays [..., 2]: clip the command, lag the velocity, integrate."""
+def step_arm(q: np.ndarray, dq: np.ndarray, command: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The arm's dynamics for one control step, on arrays [..., 2] (vectorised): clip the
+    joint velocity command, lag the velocity toward it, integrate the angles."""
     command = np.clip(command, -MAX_JOINT_SPEED, MAX_JOINT_SPEED)
     dq = dq + VELOCITY_LAG * (command - dq)
     return q + DT * dq, dq
@@ -126,7 +127,7 @@ def expert_actions(q: np.ndarray, dq: np.ndarray, target: np.ndarray, horizon: i
         peak = np.max(np.abs(command), axis=-1, keepdims=True)
         command = command * np.minimum(1.0, MAX_JOINT_SPEED / np.maximum(peak, 1e-9))
         out[..., k, :2] = command
-        q, dq = _dynamics(q, dq, command)
+        q, dq = step_arm(q, dq, command)
     return out
 
 
@@ -279,7 +280,7 @@ class ReacherEnv:
         if self.done:
             raise RuntimeError("episode is done; call reset()")
         action = np.asarray(action, dtype=np.float64).reshape(ACTION_DIM)
-        self.q, self.dq = _dynamics(self.q, self.dq, action[:2])
+        self.q, self.dq = step_arm(self.q, self.dq, action[:2])
         self.steps += 1
         self._success = self._success or self.distance <= SUCCESS_RADIUS
         return StepResult(self.observe(), self.done, self._success)

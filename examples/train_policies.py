@@ -3,7 +3,8 @@
 Usage::
 
     python examples/train_policies.py                     # both policies, seed 0, into models/
-    python examples/train_policies.py --model default --steps 1500 --eval-episodes 100
+    python examples/train_policies.py --model default --steps 2000 --eval-episodes 200
+    python examples/train_policies.py --eval-only --eval-episodes 200   # evaluate the shipped weights
 
 Data: every sample is an arm state (q, dq) and a target; its label is the expert's chunk
 (``reacher.expert_actions``) and its image is rendered on the fly when a batch needs it, so a
@@ -16,8 +17,11 @@ label (DAgger), so the policy learns to recover from its own mistakes.
 
 Each policy is written to ``<out-dir>/<model>/model.safetensors`` through its own
 ``policy.py`` architecture, loaded back through ``policy_server.model_loader`` and evaluated
-in process on held-out seeds (``--eval-seed`` onward; training episodes use seeds derived
-from ``--seed`` below 1,000,000), fresh and with stale observations.
+in process, fresh and with stale observations, on ``ReacherEnv(seed)`` episodes for seeds
+from ``--eval-seed`` (1,000,000) on. Training never builds a ``ReacherEnv``: its episodes
+and states come from one generator seeded with ``--seed`` (+1 for the transformer), so the
+evaluation episodes are held out. Reproducible: numpy and torch are seeded and torch runs
+``--threads`` (2) threads; the same command on the same machine writes the same bytes.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from policy_server.model_loader import load_model_dir  # noqa: E402
 log = logging.getLogger("train_policies")
 
 MODELS = {"default": "CnnMlp", "transformer": "ChunkTransformer"}
-EVAL_SEED = 1_000_000  # evaluation episodes use seeds from here; training draws below it
+EVAL_SEED = 1_000_000  # evaluation episodes are ReacherEnv(seed) for seeds from here on
 
 
 def architecture(model_dir: str) -> torch.nn.Module:
@@ -109,8 +113,8 @@ def rollouts(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Run ``episodes`` episodes in lockstep, chunks open loop as ``reacher.run_episode`` does.
 
-    ``chunk_fn(q, dq, target, seen_q, seen_dq) -> [N, 10, 7]`` gets the true targets and the
-    (stale) observed arm states; a policy renders images from them, the expert reads the
+    ``chunk_fn(seen_q, seen_dq, target) -> [N, 10, 7]`` gets the (stale) observed arm
+    states and the targets; a policy renders its images from them, the expert reads the
     target. ``noise`` (rad/s) perturbs each executed command: a constant offset per chunk
     plus fresh per-step noise. Returns every state visited before success (q, dq, target)
     and the success rate.
@@ -126,14 +130,14 @@ def rollouts(
     t = 0
     while t < max_steps and not done.all():
         seen = max(0, t - staleness)
-        chunk = chunk_fn(q, dq, target, *history[seen])[:, :, :2]
-        offset = noise * rng.standard_normal((episodes, 1, 2))
+        chunk = chunk_fn(*history[seen], target)[:, :, :2]
+        offset = noise * rng.standard_normal((episodes, 2))
         start = t - seen if align else 0
         for k in range(start, start + execute):
             live = ~done
             visited.append((q[live], dq[live], target[live]))
-            command = chunk[:, k] + offset[:, 0] + noise * 0.5 * rng.standard_normal((episodes, 2))
-            q, dq = reacher._dynamics(q, dq, command)
+            command = chunk[:, k] + offset + noise * 0.5 * rng.standard_normal((episodes, 2))
+            q, dq = reacher.step_arm(q, dq, command)
             history.append((q, dq))
             t += 1
             distance = np.linalg.norm(reacher.forward_kinematics(q)[1] - target, axis=1)
@@ -144,17 +148,17 @@ def rollouts(
     return qs, dqs, targets, float(done.mean())
 
 
-def expert_fn(q, dq, target, seen_q, seen_dq):
+def expert_fn(seen_q, seen_dq, target):
     return reacher.expert_actions(seen_q, seen_dq, target)
 
 
 def module_fn(module: torch.nn.Module, image_buffer: np.ndarray):
     """A lockstep ``chunk_fn`` that renders the observed states and runs ``module`` in batches."""
 
-    def chunk_fn(q, dq, target, seen_q, seen_dq):
+    def chunk_fn(seen_q, seen_dq, target):
         out = []
         with torch.inference_mode():
-            for i in range(0, len(q), len(image_buffer)):
+            for i in range(0, len(seen_q), len(image_buffer)):
                 part = slice(i, i + len(image_buffer))
                 images = render_batch(seen_q[part], target[part], image_buffer)
                 state = torch.from_numpy(states_of(seen_q[part], seen_dq[part]))
@@ -173,7 +177,8 @@ def collect(
     for index, (staleness, align) in enumerate(groups):
         n = episodes // len(groups) + (index < episodes % len(groups))
         if n:
-            q, dq, target, rate = rollouts(chunk_fn, rng, n, staleness=staleness, align=align, noise=noise, max_steps=max_steps)
+            q, dq, target, rate = rollouts(
+                chunk_fn, rng, n, staleness=staleness, align=align, noise=noise, max_steps=max_steps)
             dataset.add(q, dq, target)
             rates.append(rate)
     log.info("%s: %d episodes, success %.2f, dataset now %d states", what, episodes, np.mean(rates), len(dataset))
@@ -190,10 +195,9 @@ def train(name: str, args: argparse.Namespace) -> str:
     started = time.perf_counter()
     module = architecture(os.path.join(ROOT, "models", name))
     module.train()
-    steps = args.steps if args.steps is not None else {"default": 1800, "transformer": 1500}[name]
-    lr = args.lr
+    steps = args.steps if args.steps is not None else {"default": 1500, "transformer": 1200}[name]
     log.info("%s: %d parameters, %d steps of batch %d, lr %g", name, sum(p.numel() for p in module.parameters()),
-             steps, args.batch_size, lr)
+             steps, args.batch_size, args.lr)
 
     broad, trajectories = Dataset(), Dataset()
     broad.add(*broad_states(rng, args.broad_states))
@@ -201,7 +205,7 @@ def train(name: str, args: argparse.Namespace) -> str:
             reacher.MAX_STEPS)
     dagger_at = {int(f * steps) for f in args.dagger_at}
 
-    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = 50
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
@@ -277,7 +281,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "models"),
                         help="writes <out-dir>/<model>/model.safetensors (default: the repo's models/)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1800 default, 1500 transformer)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps (default: 1500 for default, 1200 for transformer)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--broad-states", type=int, default=20000, help="states drawn over the whole joint space")
