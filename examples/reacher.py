@@ -1,6 +1,6 @@
 """A planar 2-link reacher seen by a 640x480 camera: a closed-loop task for the shipped policies.
 
-The arm hangs from a base near the bottom of the picture and must bring its end effector onto
+The arm's base sits near the bottom of the picture; the arm must bring its end effector onto
 a red disc. The target is drawn in the image and nowhere else, so a policy has to read the
 camera to find it; the joint state tells it where the arm is.
 
@@ -23,9 +23,10 @@ radius) of the target's centre; it ends there, or after ``max_steps``. Everythin
 deterministic given the seed. Rendering redraws only the bounding boxes of the arm and the
 target over a preallocated, lightly textured background (about 1 ms per frame).
 
-Public API: :class:`ReacherEnv`, :func:`expert_chunk`, :func:`expert_actions`,
-:func:`expert_policy`, :func:`run_episode`, :func:`evaluate`, :func:`render`, :func:`forward_kinematics`,
-:func:`inverse_kinematics`, :func:`make_state`, :func:`sample_episode`, :func:`step_arm`.
+Public API: :class:`ReacherEnv` (with :class:`StepResult`), :func:`run_episode` and
+:func:`evaluate` (with :class:`EpisodeResult`), :func:`expert_chunk`, :func:`expert_policy`,
+:func:`expert_actions`, :func:`render`, :func:`step_arm`, :func:`forward_kinematics`,
+:func:`inverse_kinematics`, :func:`make_state`, :func:`sample_episode`.
 Only numpy is imported.
 """
 
@@ -85,7 +86,7 @@ def inverse_kinematics(target: np.ndarray) -> np.ndarray:
 
     One elbow convention for every target makes the solution a continuous function of the
     target (and the expert's goal a function of the target alone); targets are sampled above
-    the base, so q1 stays within (0, 4.5) and is never wrapped.
+    the base, so q1 stays within (0.25, 4.2) and is never wrapped.
     """
     target = np.asarray(target, dtype=np.float64)
     l1, l2 = LINK_LENGTHS
@@ -116,7 +117,7 @@ def expert_actions(q: np.ndarray, dq: np.ndarray, target: np.ndarray, horizon: i
     Vectorised: q, dq, target [..., 2] give float32[..., horizon, 7]. Each action is a PD
     command toward the IK solution, scaled (direction kept) to the speed limit, and the copy
     of the arm is stepped with the env's own dynamics, so executing the chunk open loop
-    reproduces the expert's closed-loop trajectory exactly.
+    reproduces the expert's closed-loop trajectory (up to float32 rounding).
     """
     q = np.array(q, dtype=np.float64)
     dq = np.array(dq, dtype=np.float64)
@@ -344,7 +345,8 @@ def run_episode(
         execute = CHUNK - staleness if align else CHUNK
     if not 0 <= staleness < CHUNK or execute < 1 or (align and staleness + execute > CHUNK) or execute > CHUNK:
         raise ValueError(f"cannot execute {execute} actions of a {CHUNK}-chunk with staleness {staleness}")
-    history = {env.steps: env.reset() if reset else env.observe()}  # step -> its observation
+    first = env.reset() if reset else env.observe()
+    history = {env.steps: first}  # step -> its observation
     chunks = 0
     while not env.done:
         t = env.steps

@@ -195,7 +195,7 @@ def train(name: str, args: argparse.Namespace) -> str:
     started = time.perf_counter()
     module = architecture(os.path.join(ROOT, "models", name))
     module.train()
-    steps = args.steps if args.steps is not None else {"default": 1500, "transformer": 1200}[name]
+    steps = args.steps if args.steps is not None else {"default": 1800, "transformer": 1200}[name]
     log.info("%s: %d parameters, %d steps of batch %d, lr %g", name, sum(p.numel() for p in module.parameters()),
              steps, args.batch_size, args.lr)
 
@@ -282,7 +282,7 @@ def main() -> None:
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "models"),
                         help="writes <out-dir>/<model>/model.safetensors (default: the repo's models/)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default: 1500 for default, 1200 for transformer)")
+                        help="optimizer steps (default: 1800 for default, 1200 for transformer)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--broad-states", type=int, default=20000, help="states drawn over the whole joint space")
