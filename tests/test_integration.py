@@ -19,7 +19,7 @@ from binary_protocol import dict_to_binary
 from policy_server.contract import TensorSpec
 from policy_server.model_loader import directory_digest, load_model_dir
 from policy_server.tensors import sample_inputs
-from request_tools import PolicyClient, PolicyServerError, send_inference_request
+from request_tools import ObservationSpecError, PolicyClient, PolicyServerError, send_inference_request
 from tests.fakes import run_in_process
 from tests.hostile_payloads import hostile_payloads
 from tests.serving import ROOT, run_server
@@ -151,9 +151,13 @@ def test_status_codes_over_the_wire(server):
     assert status == 413 and b"payload too large" in body
     assert requests.get(server.base_url + "/nope", timeout=10).status_code == 404
     assert requests.get(server.base_url + "/infer", timeout=10).status_code == 405
-    with PolicyClient(server.base_url) as client, pytest.raises(PolicyServerError) as info:
-        client.infer({"state": np.zeros(6, np.float32), "image": np.zeros((48, 64, 3), np.uint8)})
+    small = {"state": np.zeros(6, np.float32), "image": np.zeros((48, 64, 3), np.uint8)}
+    with PolicyClient(server.base_url, check_spec=False) as client, pytest.raises(PolicyServerError) as info:
+        client.infer(small)  # the server's own check, past the client's
     assert info.value.status == 422 and "'image'" in info.value.detail and "[480, 640, 3]" in info.value.detail
+    with PolicyClient(server.base_url) as client, pytest.raises(ObservationSpecError) as spec_error:
+        client.infer(small)
+    assert spec_error.value.field == "image" and "[480, 640, 3]" in str(spec_error.value)
 
 
 def test_gunicorn_directly_with_environment_and_api_key(tmp_path):
