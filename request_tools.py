@@ -508,7 +508,8 @@ class ChunkRunner:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._answer: tuple[int, int, Any] | None = None  # (episode, step asked, outputs or error)
+        # (step asked, outputs or error, latency s, model version) of the current episode
+        self._answer: tuple[int, Any, float, str | None] | None = None
         self._thread = threading.Thread(target=self._serve_requests, name="chunk-runner", daemon=True)
         self._thread.start()
         self.reset()
@@ -605,7 +606,7 @@ class ChunkRunner:
                 self._inflight = False
         if answer is None:
             return
-        asked_at, result, latency_s, version = answer[1:]
+        asked_at, result, latency_s, version = answer
         if isinstance(result, BaseException):
             self.stats.failures += 1
             self.stats.errors = [*self.stats.errors[-9:], f"step {asked_at}: {result}"]
@@ -643,7 +644,7 @@ class ChunkRunner:
                 result = exc
             with self._lock:
                 if episode == self._episode:
-                    self._answer = (episode, step, result, time.monotonic() - start, version)
+                    self._answer = (step, result, time.monotonic() - start, version)
                     self._arrived.notify_all()
 
 

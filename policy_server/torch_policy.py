@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from policy_server.contract import TensorSpec
@@ -39,6 +40,19 @@ class ModulePolicy:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.module.parameters())
+
+
+def conv_scaled_pixels(conv: torch.nn.Conv2d, image: torch.Tensor) -> torch.Tensor:
+    """``conv`` applied to uint8 NHWC ``image`` scaled to [-1, 1], without a scaled copy.
+
+    conv(w, 2x/255 - 1) equals conv(2w/255, x) with bias b - sum(w), so the scaling is
+    folded into the weights instead of making two more passes over a float copy of every
+    image. Equal to scaling first only for ``padding=0`` (padded zeros are not rescaled).
+    """
+    weight = conv.weight * (2.0 / 255.0)
+    bias = conv.bias - conv.weight.sum(dim=(1, 2, 3))
+    pixels = image.permute(0, 3, 1, 2).float()  # NHWC memory, i.e. channels_last
+    return F.conv2d(pixels, weight, bias, stride=conv.stride, padding=conv.padding)
 
 
 def load_weights_strict(module: torch.nn.Module, path: str) -> None:

@@ -16,11 +16,10 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from policy_server.contract import TensorSpec
-from policy_server.torch_policy import ModulePolicy, load_weights_strict
+from policy_server.torch_policy import ModulePolicy, conv_scaled_pixels, load_weights_strict
 
 WEIGHTS = "model.safetensors"
 CHUNK, DOF = 10, 7
@@ -72,14 +71,7 @@ class CnnMlp(nn.Module):
         self.register_buffer("state_scale", torch.tensor(STATE_SCALE), persistent=False)
 
     def forward(self, state: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        # The first conv sees pixels scaled to [-1, 1]: conv(w, 2x/255 - 1) equals
-        # conv(2w/255, x) with bias b - sum(w), so the scaling is folded into its weights
-        # instead of making two more passes over a float copy of every image.
-        first = self.encoder[0]
-        weight = first.weight * (2.0 / 255.0)
-        bias = first.bias - first.weight.sum(dim=(1, 2, 3))
-        pixels = image.permute(0, 3, 1, 2).float()  # NHWC memory, i.e. channels_last
-        x = F.conv2d(pixels, weight, bias, stride=first.stride, padding=first.padding)
+        x = conv_scaled_pixels(self.encoder[0], image)  # pixels scaled to [-1, 1], folded into the conv
         points = self.keypoints(self.encoder[1:](x))
         state = self.state_mlp((state - self.state_centre) / self.state_scale)
         action = self.head(torch.cat([points, state], dim=1)) * ACTION_SCALE

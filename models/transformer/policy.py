@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from policy_server.contract import TensorSpec
-from policy_server.torch_policy import ModulePolicy, load_weights_strict
+from policy_server.torch_policy import ModulePolicy, conv_scaled_pixels, load_weights_strict
 
 WEIGHTS = "model.safetensors"
 CHUNK, DOF = 10, 7
@@ -141,12 +141,7 @@ class ChunkTransformer(nn.Module):
         self.register_buffer("state_scale", torch.tensor(STATE_SCALE), persistent=False)
 
     def forward(self, state: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        # Pixel scaling to [-1, 1] folded into the first conv, as in the default policy.
-        first = self.stem[0]
-        weight = first.weight * (2.0 / 255.0)
-        bias = first.bias - first.weight.sum(dim=(1, 2, 3))
-        pixels = image.permute(0, 3, 1, 2).float()
-        patches = self.stem[1:](F.conv2d(pixels, weight, bias, stride=first.stride)).flatten(2).transpose(1, 2)
+        patches = self.stem[1:](conv_scaled_pixels(self.stem[0], image)).flatten(2).transpose(1, 2)
         state = (state - self.state_centre) / self.state_scale
         tokens = torch.cat([self.state_token(state)[:, None, :], patches], dim=1) + self.position
         for layer in self.encoder:
