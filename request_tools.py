@@ -363,16 +363,19 @@ class PolicyClient:
         weights: Mapping[str, Any] | None = None,
         version: int | None = None,
         model: str | None = None,
-        wait_s: float | None = None,
+        wait_s: float = 10.0,
     ) -> dict:
         """Publish a new version to every worker and instance sharing the server's store.
 
         Give exactly one of ``model_path`` (a model directory inside the server's model
         root), ``weights`` (a state dict of arrays for the current architecture, e.g.
         ``{k: v.cpu().numpy() for k, v in module.state_dict().items()}``) or ``version``
-        (roll back to a kept version). ``wait_s`` waits until every worker serves it.
-        Returns ``{"version": N, "previous": M, ...}``; a refused update raises
-        PolicyServerError (422 names the reason) and changes nothing. Never retried.
+        (roll back to a kept version). Returns once every worker of the instance that took
+        the call serves it, or after ``wait_s`` seconds (default 10; 0: right after
+        publishing, the old fire-and-forget): ``{"version": N, "previous": M, "all_workers":
+        bool, "lagging": [pid, ...], "warnings": [...], ...}``. Other instances sharing the
+        store follow within their poll interval. A refused update raises PolicyServerError
+        (4xx names the reason; 507 when the store is full) and changes nothing. Never retried.
         """
         body: dict[str, Any] = {}
         for key, value in (("model_path", model_path), ("weights", weights), ("version", version), ("model", model)):
@@ -383,12 +386,14 @@ class PolicyClient:
                                 content_type="application/octet-stream")
         return self._manage("/update_model", wait_s, json_body=body)
 
-    def load_model(self, name: str, model_path: str | None = None, wait_s: float | None = None) -> dict:
-        """Serve ``name`` on every worker (from ``model_path`` if given, else its current version)."""
+    def load_model(self, name: str, model_path: str | None = None, wait_s: float = 10.0) -> dict:
+        """Serve ``name`` on every worker (from ``model_path`` if given, else its current version);
+        waits like :meth:`update_model`."""
         return self._manage(f"/models/{name}/load", wait_s, json_body={"model_path": model_path} if model_path else {})
 
-    def unload_model(self, name: str, wait_s: float | None = None) -> dict:
-        """Stop serving ``name`` on every worker (its versions stay in the store)."""
+    def unload_model(self, name: str, wait_s: float = 10.0) -> dict:
+        """Stop serving ``name`` on every worker (its versions stay in the store); waits like
+        :meth:`update_model`."""
         return self._manage(f"/models/{name}/unload", wait_s, json_body={})
 
     def _headers(self, admin: bool = False) -> dict[str, str]:
@@ -404,8 +409,8 @@ class PolicyClient:
             data = json.dumps(json_body).encode()
         return _request(
             self._session, "POST", self.base_url + route,
-            timeout_s=self.timeout_s + (wait_s or 0.0), retries=0, data=data, headers=headers,
-            params={"wait_s": wait_s} if wait_s else None,
+            timeout_s=self.timeout_s + wait_s, retries=0, data=data, headers=headers,
+            params={"wait_s": wait_s},  # always sent: 0 means "do not wait", absent the server's default
         ).json()
 
     def health(self) -> bool:

@@ -42,6 +42,13 @@ class ServerConfig:
     model_root: str = _opt("models", "/update_model and /models/<name>/load accept model_path only inside this")
     store_keep: int = _opt(5, "versions kept per model in the store (rollback targets)")
     store_poll_ms: int = _opt(100, "how often each worker checks the store for a new current version")
+    # Safe updates (issue 12): the default wait, and bounds on what one update may stage.
+    update_wait_s: float = _opt(
+        10.0, "how long /update_model, load and unload wait by default for every worker of this instance to "
+        "serve the new state before answering (wait_s overrides it; 0 = answer at once)"
+    )
+    stage_max_files: int = _opt(10_000, "most regular files one model directory may hold (413 above)")
+    stage_max_bytes: int = _opt(16 << 30, "most bytes one model directory may hold (413 above)")
     admin_key: str | None = _opt(
         None, "key required in X-Admin-Key by /update_model and model management (else the API key rules)", str
     )
@@ -119,10 +126,12 @@ class ServerConfig:
             raise ConfigError(f"port {self.port} is out of range")
         for name in (
             "workers", "threads", "max_body_bytes", "timeout_s", "queue_size", "deadline_ms",
-            "store_keep", "store_poll_ms", "max_update_bytes",
+            "store_keep", "store_poll_ms", "max_update_bytes", "stage_max_files", "stage_max_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if not 0 <= self.update_wait_s <= 300:
+            raise ConfigError("update_wait_s must be between 0 and 300")
         if self.max_batch_size < 0:
             raise ConfigError("max_batch_size must be 0 (auto) or more")
         if self.max_batch_delay_ms < 0:

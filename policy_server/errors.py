@@ -67,3 +67,27 @@ class ConfigError(ValueError):
 
 class ModelError(Exception):
     """A model directory that does not follow the contract, or a policy that misbehaves."""
+
+
+class InsufficientStorage(ServingError):
+    """The model store ran out of space (ENOSPC, EDQUOT) while writing an update: nothing published."""
+
+    status, error = 507, "insufficient storage"
+
+
+class StoreWriteFailed(ServingError):
+    """Any other I/O failure writing the model store (read-only, permission, ...): nothing published."""
+
+    status, error = 500, "store write failed"
+
+
+def store_write_error(exc: OSError, doing: str) -> ServingError:
+    """The answer for an OSError met while ``doing`` something to the store: 507 when out of
+    space, 500 otherwise, naming the reason (``strerror`` and errno name, never a path)."""
+    import errno
+
+    code = errno.errorcode.get(exc.errno or 0, "unknown")
+    detail = f"{doing} failed: {exc.strerror or type(exc).__name__} ({code}); nothing was published"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(detail)
+    return StoreWriteFailed(detail)

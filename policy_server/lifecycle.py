@@ -1,28 +1,27 @@
 """Model updates as the worker that receives them handles them: stage, validate, publish, wait.
 
-An update is staged as a complete model directory in the store's staging area, loaded and
-warmed up on this worker's device (strict weights, finite outputs), and only then
-published: a failed validation publishes nothing, and every worker keeps serving what it
-served. Publishing moves the pointer; each worker's store watcher does the rest (see
-:mod:`policy_server.runtime`). With ``wait_s`` the answer comes once every worker of this
-instance acted on the new pointer, or says which did not.
+An update is staged as a complete model directory in the store's staging area (a copy
+confined to the model root: see :mod:`policy_server.model_files`), its weights checked
+(:mod:`policy_server.weights_check`: well-formed, finite) before any of its code runs, then
+loaded and warmed up on this worker's device (strict weights, finite outputs on several
+distinct observations), and only then published: a failed check publishes nothing, and
+every worker keeps serving what it served. Publishing moves the pointer; each worker's
+store watcher does the rest (see :mod:`policy_server.runtime`). The answer comes once every
+worker of this instance acted on the new pointer (``wait_s``, default ``--update-wait-s``),
+or says which did not; ``wait_s=0`` answers right after publishing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import struct
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from policy_server import metrics
+from policy_server import metrics, weights_check
 from policy_server.config import ServerConfig
-from policy_server.errors import BadRequest, Conflict, Forbidden, InvalidModel, NotReady
+from policy_server.errors import BadRequest, Conflict, Forbidden, InvalidModel, NotReady, ServingError, store_write_error
 from policy_server.runtime import PolicyRuntime
 from policy_server.store import ModelStore, Pointer, check_name
 
@@ -33,43 +32,6 @@ MAX_WAIT_S = 300.0
 WAIT_POLL_S = 0.02
 UPDATE_KINDS = ("model_path", "weights", "version")
 UPDATE_KEYS = frozenset(UPDATE_KINDS) | {"model"}
-
-# numpy dtype name -> safetensors dtype tag
-_SAFETENSORS_DTYPES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "uint16": "U16", "float16": "F16",
-    "int32": "I32", "uint32": "U32", "float32": "F32", "int64": "I64", "uint64": "U64", "float64": "F64",
-}
-
-
-def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (dtype tag, shape)}`` from a safetensors file's JSON header, without loading it."""
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items() if k != "__metadata__"}
-
-
-def check_weights(weights: Any, expected: Mapping[str, tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
-    """The pushed state dict as native-order arrays; InvalidModel naming the first mismatch."""
-    if not isinstance(weights, dict) or not all(isinstance(v, np.ndarray) for v in weights.values()):
-        raise InvalidModel("weights must be a dict of name -> array")
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise InvalidModel(f"weights lack {len(missing)} key(s) of the current model, first {missing[0]!r}")
-    extra = sorted(set(weights) - set(expected))
-    if extra:
-        raise InvalidModel(f"weights have {len(extra)} key(s) the current model lacks, first {extra[0]!r}")
-    native = {}
-    for key, array in weights.items():
-        dtype, shape = expected[key]
-        array = array.astype(array.dtype.newbyteorder("="), copy=False)
-        got = _SAFETENSORS_DTYPES.get(array.dtype.name, array.dtype.name)
-        if got != dtype:
-            raise InvalidModel(f"weight {key!r} is {got}, the current model has {dtype}")
-        if array.shape != shape:
-            raise InvalidModel(f"weight {key!r} has shape {list(array.shape)}, the current model has {list(shape)}")
-        native[key] = array
-    return native
 
 
 class ModelManager:
@@ -98,16 +60,18 @@ class ModelManager:
             raise BadRequest(f"give exactly one of {list(UPDATE_KINDS)}")
         name = check_name(body.get("model", self.runtime.default_name))
         store = self.store
+        warnings: list[str] = []
         if kinds[0] == "version":
             version = body["version"]
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise BadRequest("version must be a positive integer")
             pointer = store.set_current(name, version)
         elif kinds[0] == "model_path":
-            pointer = self._publish(name, store.stage(name, self.resolve_model_path(body["model_path"])))
+            source = self.resolve_model_path(body["model_path"])
+            pointer, warnings = self._publish(name, store.stage(name, source, root=self.model_root))
         else:
-            pointer = self._publish(name, self._stage_weights(store, name, body["weights"]))
-        return self.answer(pointer, wait_s)
+            pointer, warnings = self._publish(name, self._stage_weights(store, name, body["weights"]))
+        return self.answer(pointer, wait_s, warnings)
 
     def load(self, name: str, body: Mapping[str, Any], wait_s: float | None) -> dict[str, Any]:
         """Serve ``name`` on every worker: from a new ``model_path``, or its kept current version."""
@@ -138,51 +102,65 @@ class ModelManager:
         return path
 
     def _stage_weights(self, store: ModelStore, name: str, weights: Any) -> str:
+        """The current version's directory with ``weights`` (checked: keys, dtype, shape, finite)
+        written as its ``model.safetensors``."""
         current = store.require(name)
         source = store.version_dir(name, current.version)
         weights_path = os.path.join(source, WEIGHTS_FILE)
         if not os.path.isfile(weights_path):
             raise Conflict(f"{name} version {current.version} has no {WEIGHTS_FILE} to replace")
-        arrays = check_weights(weights, safetensors_header(weights_path))
+        expected, _ = weights_check.read_header(weights_path, f"version {current.version}'s {WEIGHTS_FILE}")
+        arrays = weights_check.check_push(weights, expected)
         from safetensors.numpy import save_file
 
         staged = store.stage(name, source, skip=(WEIGHTS_FILE,))
         try:
             save_file(arrays, os.path.join(staged, WEIGHTS_FILE), metadata={"pushed_over": str(current.version)})
+        except OSError as exc:
+            store.discard(staged)
+            raise store_write_error(exc, "writing the pushed weights") from None
         except BaseException:
             store.discard(staged)
             raise
         return staged
 
-    def _publish(self, name: str, staged: str) -> Pointer:
-        """Validate ``staged`` on this worker, then publish it; InvalidModel and nothing published otherwise."""
+    def _publish(self, name: str, staged: str) -> tuple[Pointer, list[str]]:
+        """Check ``staged``'s weights, validate it on this worker, then publish it; InvalidModel
+        and nothing published otherwise. Returns the pointer and the warm-up's warnings."""
         if not self.runtime.ready:
             self.store.discard(staged)
             raise NotReady("this worker is still loading; retry")
         start = time.perf_counter()
         try:
-            self.runtime.validate_candidate(name, staged)
+            weights_check.check_directory(staged)  # before any of its code runs
+            _model, warnings = self.runtime.validate_candidate(name, staged)
         except Exception as exc:
             self.store.discard(staged)
             metrics.UPDATES_REFUSED.inc()
             log.warning("update of %s refused: %s: %s", name, type(exc).__name__, exc)
-            raise InvalidModel(f"validation failed, nothing published: {type(exc).__name__}: {str(exc)[:500]}") from None
+            reason = exc.detail if isinstance(exc, ServingError) else f"{type(exc).__name__}: {str(exc)[:500]}"
+            raise InvalidModel(f"validation failed, nothing published: {reason}") from None
         validated = time.perf_counter()
         pointer = self.store.publish(name, staged)
         log.info(
             "update of %s: version %d published (validation %.3f s, publish %.3f s)",
             name, pointer.version, validated - start, time.perf_counter() - validated,
         )
-        return pointer
+        return pointer, warnings
 
     # -- answers --------------------------------------------------------------------
 
-    def answer(self, pointer: Pointer, wait_s: float | None) -> dict[str, Any]:
+    def answer(self, pointer: Pointer, wait_s: float | None, warnings: list[str] = ()) -> dict[str, Any]:
+        """The answer to a management call. It waits (``wait_s``, default ``--update-wait-s``;
+        0: not at all) until every worker of this instance serves ``pointer``'s state."""
         result = {
             "model": pointer.model, "version": pointer.version, "previous": pointer.previous,
             "generation": pointer.generation, "loaded": pointer.loaded,
         }
-        if wait_s:
+        if warnings:
+            result["warnings"] = list(warnings)
+        wait_s = self.config.update_wait_s if wait_s is None else wait_s
+        if wait_s > 0:
             result.update(self.wait_for(pointer, min(wait_s, MAX_WAIT_S)))
         return result
 
@@ -210,7 +188,11 @@ class ModelManager:
                 "problem": doc.get("problems", {}).get(pointer.model),
             })
         all_ok = all(w["ok"] for w in report) and len(report) >= self.runtime.instance_workers
-        return {"all_workers": all_ok, "workers": report, "switch_s": round(max(0.0, switch_s), 4)}
+        return {
+            "all_workers": all_ok, "workers": report, "switch_s": round(max(0.0, switch_s), 4),
+            "lagging": [w["pid"] for w in report if not w["ok"]],
+            "missing_workers": max(0, self.runtime.instance_workers - len(report)),
+        }
 
     def workers(self) -> dict[str, dict[str, str]]:
         """What each live worker of this instance serves: ``{pid: {model: version}}``."""

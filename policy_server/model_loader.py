@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -11,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from policy_server import model_files
 from policy_server.contract import TensorSpec
 from policy_server.errors import BadRequest, ModelError
 
@@ -56,19 +56,9 @@ class LoadedModel:
 
 def directory_digest(model_dir: str, suffix: str = "") -> str:
     """A short sha256 over every regular file's relative path and content, in sorted order
-    (only files ending in ``suffix`` when given)."""
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(model_dir):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for name in sorted(files):
-            if not name.endswith(suffix):
-                continue
-            path = os.path.join(root, name)
-            digest.update(os.path.relpath(path, model_dir).encode() + b"\0")
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:12]
+    (only files ending in ``suffix`` when given); read without following a link out of
+    ``model_dir`` (see :func:`policy_server.model_files.digest`)."""
+    return model_files.digest(model_dir, suffix=suffix)
 
 
 def describe(policy: Any, *, name: str, version: str, device: str, digest: str = "") -> LoadedModel:

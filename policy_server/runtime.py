@@ -30,10 +30,11 @@ from policy_server import metrics
 from policy_server.batcher import Batcher, Request
 from policy_server.config import ServerConfig
 from policy_server.errors import InvalidInput, ModelError, NotReady
+from policy_server.model_files import Limits
 from policy_server.model_loader import LoadedModel, describe, load_model_dir
 from policy_server.response_cache import ResponseCache, input_digest
 from policy_server.stats import RequestStats
-from policy_server.serving_model import Served, prepare, resolve_device
+from policy_server.serving_model import Served, prepare, probe_distinct, resolve_device
 from policy_server.store import ModelStore, Pointer, UnknownModel
 from policy_server.tensors import validate_inputs
 from policy_server.worker_status import WorkerStatusBoard
@@ -55,7 +56,10 @@ class PolicyRuntime:
         self._given_policy = policy
         self.default_name = config.model_name
         self.store = (
-            ModelStore(config.model_store, config.store_keep) if policy is None and config.model_store else None
+            ModelStore(
+                config.model_store, config.store_keep, model_root=config.model_root,
+                limits=Limits(config.stage_max_files, config.stage_max_bytes),
+            ) if policy is None and config.model_store else None
         )
         self.board = WorkerStatusBoard(config.run_dir)
         self.stats = RequestStats()
@@ -257,19 +261,22 @@ class PolicyRuntime:
             )
             return self._prepare(model)
 
-    def validate_candidate(self, name: str, model_dir: str) -> LoadedModel:
-        """Load and warm up a candidate version on this worker's device, off the batcher thread.
+    def validate_candidate(self, name: str, model_dir: str) -> tuple[LoadedModel, list[str]]:
+        """Load and warm up a candidate version on this worker's device, off the batcher thread,
+        then run it on several distinct random observations.
 
         Raises ModelError (or whatever the model's code raises) when it does not load, its
-        weights do not match strictly, or its warm-up outputs are not finite. A valid one is
-        kept, so this worker swaps to it without loading it again once it is published.
+        weights do not match strictly, or an output is not finite. Returns the model and
+        warnings (an output identical for every observation). A valid one is kept, so this
+        worker swaps to it without loading it again once it is published.
         """
         with self._load_lock:
             self._bind_device()
             model = load_model_dir(model_dir, self.device, name=name, version="candidate")
             served = self._prepare(model)
+            warnings = probe_distinct(served.executor, model)
             self._candidates = {model.digest: served}
-            return model
+            return model, warnings
 
     # -- serving --------------------------------------------------------------------
 

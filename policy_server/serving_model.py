@@ -87,3 +87,33 @@ def warm_up(executor, model: LoadedModel) -> None:
         for name, value in rows[0].items():
             if value.dtype.kind in "fc" and not np.isfinite(value).all():
                 raise ModelError(f"warm-up output {name!r} is not finite")
+
+
+PROBE_OBSERVATIONS = 4
+
+
+def probe_distinct(executor, model: LoadedModel, count: int = PROBE_OBSERVATIONS) -> list[str]:
+    """Run ``count`` distinct random observations through a warmed-up candidate (issue 12).
+
+    Every float output of every row must be finite (ModelError naming the output otherwise).
+    Returns one warning per output that was identical for all of them: a policy whose
+    weights or code make it ignore its observation (a constant policy can be legitimate,
+    so this is reported, not refused).
+    """
+    sample = sample_inputs(model.input_spec, batch=count, seed=1000)
+    outputs: list[dict[str, np.ndarray]] = []
+    step = max(1, executor.max_batch_size)
+    for first in range(0, count, step):
+        rows_wanted = range(first, min(count, first + step))
+        requests = [SimpleNamespace(inputs={k: v[i] for k, v in sample.items()}) for i in rows_wanted]
+        rows, _ = executor.finish(executor.launch(requests))
+        for row in rows:
+            for name, value in row.items():
+                if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                    raise ModelError(f"output {name!r} is not finite for a random observation")
+            outputs.append({name: np.array(value, copy=True) for name, value in row.items()})
+    return [
+        f"output {name!r} was identical for {count} distinct random observations: the policy may ignore its input"
+        for name in outputs[0]
+        if all(np.array_equal(outputs[0][name], other[name], equal_nan=False) for other in outputs[1:])
+    ]

@@ -12,6 +12,13 @@ A version directory is never changed once published: its number names exactly on
 weights. The pointer is replaced atomically (temp file, fsync, ``os.replace``), so a reader
 sees the old pointer or the new one, never a torn one. Every pointer change bumps
 ``generation``; workers poll the pointer and react to a changed one. No torch here.
+
+A version is visible (listed, served, a rollback target) only once its files and the pointer
+that lists it in ``kept`` are durably written: a ``versions/`` directory the pointer does not
+list is a leftover of a publish that failed or crashed, removed under the lock before the
+next publish and by :meth:`ModelStore.recover` at start. Every I/O failure while writing is
+answered as InsufficientStorage (507) or StoreWriteFailed (500), with what was written
+removed and the pointer unchanged.
 """
 
 from __future__ import annotations
@@ -24,13 +31,14 @@ import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from policy_server.errors import ModelError, ServingError
-from policy_server.model_loader import directory_digest
+from policy_server import model_files, weights_check
+from policy_server.errors import ModelError, ServingError, store_write_error
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +48,7 @@ STAGING = ".staging"
 LOCK = ".lock"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 STALE_STAGING_S = 3600.0
+_HOST = socket.gethostname().replace("-", "_")[:64] or "host"
 
 
 class UnknownModel(ServingError):
@@ -56,7 +65,8 @@ class InvalidModelName(ServingError):
 
 @dataclass(frozen=True)
 class Pointer:
-    """The content of a model's CURRENT file."""
+    """The content of a model's CURRENT file. ``kept``: the visible versions (None in a store
+    written before it existed: then every version directory is visible)."""
 
     model: str
     version: int
@@ -66,9 +76,16 @@ class Pointer:
     digest: str
     changed_at: float
     seed_digest: str | None = None
+    kept: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kept is not None:
+            object.__setattr__(self, "kept", tuple(self.kept))
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["kept"] = list(self.kept) if self.kept is not None else None
+        return data
 
 
 def check_name(name: str) -> str:
@@ -79,13 +96,15 @@ def check_name(name: str) -> str:
 
 
 def _fsync_tree(path: str) -> None:
-    for root, _dirs, files in os.walk(path):
+    for root, dirs, files in os.walk(path):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        for name in dirs:
+            _fsync_dir(os.path.join(root, name))
     _fsync_dir(path)
 
 
@@ -97,14 +116,41 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class ModelStore:
-    """Numbered versions and a current pointer per model, under ``root``; keeps the last ``keep``."""
+@contextlib.contextmanager
+def _writing(doing: str) -> Iterator[None]:
+    """Turn an OSError while writing the store into its answer (507 or 500, naming the reason)."""
+    try:
+        yield
+    except OSError as exc:
+        log.error("model store: %s failed: %s", doing, exc)
+        raise store_write_error(exc, doing) from None
 
-    def __init__(self, root: str, keep: int = 5) -> None:
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ModelStore:
+    """Numbered versions and a current pointer per model, under ``root``; keeps the last ``keep``.
+
+    ``model_root`` confines the seed directory when it lies inside it (see :meth:`seed`);
+    ``limits`` bound every directory staged.
+    """
+
+    def __init__(self, root: str, keep: int = 5, *, model_root: str | None = None,
+                 limits: model_files.Limits | None = None) -> None:
         if keep < 1:
             raise ValueError("keep must be at least 1")
         self.root = os.path.abspath(root)
         self.keep = keep
+        self.model_root = os.path.realpath(model_root) if model_root else None
+        self.limits = limits or model_files.Limits()
         os.makedirs(self.root, exist_ok=True)
 
     # -- reading (cheap: workers poll these) ---------------------------------------------
@@ -136,29 +182,31 @@ class ModelStore:
         return pointer
 
     def versions(self, name: str) -> list[int]:
-        try:
-            entries = os.listdir(self._path(name, VERSIONS))
-        except FileNotFoundError:
-            return []
-        return sorted(int(e) for e in entries if e.isdigit())
+        """The visible versions: listed by the pointer and present (nothing before the first publish)."""
+        return self._visible(self.pointer(name), self._on_disk(name))
 
     def version_dir(self, name: str, version: int) -> str:
         return self._path(name, VERSIONS, f"{version:06d}")
 
     # -- writing --------------------------------------------------------------------------
 
-    def stage(self, name: str, source_dir: str | None = None, *, skip: tuple[str, ...] = ()) -> str:
+    def stage(self, name: str, source_dir: str | None = None, *, root: str | None = None,
+              skip: tuple[str, ...] = ()) -> str:
         """A fresh private directory for a candidate version, optionally a copy of ``source_dir``
-        (without ``__pycache__`` and the names in ``skip``). Publish or :meth:`discard` it."""
+        confined to ``root`` (default: ``source_dir`` itself), see :func:`model_files.copy_tree`.
+        Publish or :meth:`discard` it. Raises Forbidden, InvalidModel, PayloadTooLarge for the
+        source, InsufficientStorage or StoreWriteFailed when the copy cannot be written."""
         staging = self._path(check_name(name), STAGING)
-        os.makedirs(staging, exist_ok=True)
-        self._clean_stale(staging)
-        path = tempfile.mkdtemp(prefix="candidate-", dir=staging)
+        with _writing("creating the staging directory"):
+            os.makedirs(staging, exist_ok=True)
+            self._clean_stale(staging)
+            path = tempfile.mkdtemp(prefix=f"candidate-{os.getpid()}@{_HOST}-", dir=staging)
         if source_dir is not None:
-            shutil.copytree(
-                source_dir, path, dirs_exist_ok=True,
-                ignore=shutil.ignore_patterns("__pycache__", *skip),
-            )
+            try:
+                model_files.copy_tree(source_dir, path, root or source_dir, limits=self.limits, skip=skip)
+            except BaseException:
+                self.discard(path)
+                raise
         return path
 
     @staticmethod
@@ -166,31 +214,51 @@ class ModelStore:
         shutil.rmtree(staged_dir, ignore_errors=True)
 
     def publish(self, name: str, staged_dir: str, *, seed_digest: str | None = None) -> Pointer:
-        """Make ``staged_dir`` the next numbered version and point CURRENT at it (loaded)."""
-        _fsync_tree(staged_dir)
-        with self._locked(check_name(name)):
-            return self._commit(name, staged_dir, seed_digest)
+        """Make ``staged_dir`` the next numbered version and point CURRENT at it (loaded).
+
+        On any failure ``staged_dir`` is removed, nothing becomes visible and the pointer is
+        unchanged (InsufficientStorage or StoreWriteFailed for an I/O failure).
+        """
+        try:
+            with _writing("syncing the staged version to disk"):
+                _fsync_tree(staged_dir)
+            with self._locked(check_name(name)):
+                return self._commit(name, staged_dir, seed_digest)
+        finally:
+            self.discard(staged_dir)  # already renamed away when published
 
     def _commit(self, name: str, staged_dir: str, seed_digest: str | None) -> Pointer:
-        digest = directory_digest(staged_dir)
+        digest = model_files.digest(staged_dir)
         old = self.pointer(name)
-        version = max(self.versions(name) + [old.version if old else 0]) + 1
-        os.makedirs(self._path(name, VERSIONS), exist_ok=True)
+        visible = self._visible(old, self._on_disk(name))
+        self._remove_leftovers(name, old, visible)
+        version = max(self._on_disk(name) + visible + [old.version if old else 0]) + 1
         target = self.version_dir(name, version)
-        os.rename(staged_dir, target)
-        _fsync_dir(os.path.dirname(target))
-        pointer = Pointer(
-            model=name,
-            version=version,
-            previous=old.version if old else None,
-            generation=(old.generation if old else 0) + 1,
-            loaded=True,
-            digest=digest,
-            changed_at=time.time(),
-            seed_digest=seed_digest if seed_digest is not None else (old.seed_digest if old else None),
-        )
-        self._write_pointer(pointer)
-        self._prune(name, pointer.version)
+        with _writing("writing the new version"):
+            os.makedirs(self._path(name, VERSIONS), exist_ok=True)
+            os.rename(staged_dir, target)
+        try:
+            with _writing("writing the new version"):
+                _fsync_dir(os.path.dirname(target))
+            kept = sorted(visible + [version])[-self.keep:]
+            pointer = Pointer(
+                model=name,
+                version=version,
+                previous=old.version if old else None,
+                generation=(old.generation if old else 0) + 1,
+                loaded=True,
+                digest=digest,
+                changed_at=time.time(),
+                seed_digest=seed_digest if seed_digest is not None else (old.seed_digest if old else None),
+                kept=tuple(kept),
+            )
+            with _writing("writing the pointer"):
+                self._write_pointer(pointer)
+        except BaseException:
+            shutil.rmtree(target, ignore_errors=True)  # never visible: the pointer does not list it
+            raise
+        for dropped in sorted(set(visible) - set(kept)):
+            shutil.rmtree(self.version_dir(name, dropped), ignore_errors=True)
         log.info("published %s version %d (previous %s)", name, version, pointer.previous)
         return pointer
 
@@ -199,8 +267,8 @@ class ModelStore:
         self.require(name)  # before locking: the lock would create the model's directory
         with self._locked(name):
             old = self.require(name)
-            if version not in self.versions(name):
-                kept = self.versions(name)
+            kept = self.versions(name)
+            if version not in kept:
                 raise UnknownVersion(f"{name} has no version {version}; kept versions are {kept}")
             pointer = dataclasses.replace(
                 old,
@@ -208,10 +276,12 @@ class ModelStore:
                 previous=old.version,
                 generation=old.generation + 1,
                 loaded=True,
-                digest=directory_digest(self.version_dir(name, version)),
+                digest=model_files.digest(self.version_dir(name, version)),
                 changed_at=time.time(),
+                kept=tuple(kept),
             )
-            self._write_pointer(pointer)
+            with _writing("writing the pointer"):
+                self._write_pointer(pointer)
         log.info("%s now points at version %d (was %d)", name, version, old.version)
         return pointer
 
@@ -223,42 +293,116 @@ class ModelStore:
             if old.loaded == loaded:
                 return old
             pointer = dataclasses.replace(old, loaded=loaded, generation=old.generation + 1, changed_at=time.time())
-            self._write_pointer(pointer)
+            with _writing("writing the pointer"):
+                self._write_pointer(pointer)
         return pointer
+
+    def seed_root(self, model_dir: str) -> str:
+        """What the seed directory is confined to: the model root when the seed lies inside it,
+        else the seed directory itself (the operator named it at start; no link may leave it)."""
+        real = os.path.realpath(model_dir)
+        if self.model_root and (real + os.sep).startswith(self.model_root.rstrip(os.sep) + os.sep):
+            return self.model_root
+        return real
 
     def seed(self, name: str, model_dir: str) -> Pointer:
         """Publish ``model_dir`` unless it is what was seeded last time.
 
         A server started with an unchanged ``--model-path`` keeps serving the store's current
-        version (perhaps pushed since); a changed one is published as a new version.
+        version (perhaps pushed since); a changed one is copied (confined to :meth:`seed_root`),
+        its weights checked (every tensor finite) and published as a new version. Leftovers of
+        a publish that crashed are removed first (:meth:`recover`). ModelError when the seed is
+        not a model directory, leaves its root, or holds non-finite weights.
         """
         if not os.path.isfile(os.path.join(model_dir, "policy.py")):
             raise ModelError(f"{model_dir} is not a model directory (no policy.py)")
-        digest = directory_digest(model_dir)
+        self.recover()
+        root = self.seed_root(model_dir)
+        try:
+            digest = model_files.digest(model_dir, root, limits=self.limits)
+        except ServingError as exc:
+            raise ModelError(f"seed {model_dir}: {exc.detail}") from None
         pointer = self.pointer(check_name(name))
         if pointer is not None and pointer.seed_digest == digest:
             return pointer
-        with self._locked(name):  # another worker or instance may be seeding the same thing
+        with self._locked(name):  # another worker or instance may seed it too
             pointer = self.pointer(name)
             if pointer is not None and pointer.seed_digest == digest:
                 return pointer
-            staged = self.stage(name, model_dir)
             try:
-                _fsync_tree(staged)
-                return self._commit(name, staged, digest)
-            except BaseException:
-                self.discard(staged)
-                raise
+                staged = self.stage(name, model_dir, root=root)
+                try:
+                    weights_check.check_directory(staged)
+                    with _writing("syncing the staged version to disk"):
+                        _fsync_tree(staged)
+                    return self._commit(name, staged, model_files.digest(staged))
+                finally:
+                    self.discard(staged)
+            except ServingError as exc:
+                raise ModelError(f"seed {model_dir}: {exc.detail}") from None
+
+    def recover(self) -> list[str]:
+        """Remove what a crashed publish left: version directories the pointer does not list,
+        and staged candidates of dead processes on this host (or older than an hour). Returns
+        the removed paths. Safe while other processes publish: it takes each model's lock."""
+        removed: list[str] = []
+        try:
+            entries = sorted(os.listdir(self.root))
+        except OSError:
+            return removed
+        for name in entries:
+            if not NAME_PATTERN.fullmatch(name) or not os.path.isdir(self._path(name)):
+                continue
+            try:
+                with self._locked(name):
+                    pointer = self.pointer(name)
+                    removed += self._remove_leftovers(name, pointer, self._visible(pointer, self._on_disk(name)))
+                staging = self._path(name, STAGING)
+                if os.path.isdir(staging):
+                    removed += self._clean_stale(staging)
+            except (OSError, ServingError, ValueError, TypeError) as exc:  # a read-only or damaged store still serves
+                log.warning("could not clean leftovers of %s: %s", name, exc)
+        if removed:
+            log.warning("removed %d leftover(s) of interrupted updates: %s", len(removed), removed)
+        return removed
 
     # -- internals ------------------------------------------------------------------------
 
     def _path(self, name: str, *parts: str) -> str:
         return os.path.join(self.root, name, *parts)
 
+    def _on_disk(self, name: str) -> list[int]:
+        try:
+            entries = os.listdir(self._path(name, VERSIONS))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return sorted(int(e) for e in entries if e.isdigit())
+
+    @staticmethod
+    def _visible(pointer: Pointer | None, on_disk: list[int]) -> list[int]:
+        if pointer is None:
+            return []
+        if pointer.kept is None:  # a store from before ``kept``: every directory counts
+            return on_disk
+        present = set(on_disk)
+        return sorted(v for v in pointer.kept if v in present)
+
+    def _remove_leftovers(self, name: str, pointer: Pointer | None, visible: list[int]) -> list[str]:
+        """Version directories nobody can see (call under the lock)."""
+        keep = set(visible) | ({pointer.version} if pointer else set())
+        removed = []
+        for version in self._on_disk(name):
+            if version not in keep:
+                path = self.version_dir(name, version)
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        return removed
+
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:
-        os.makedirs(self._path(name), exist_ok=True)
-        fd = os.open(self._path(name, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        with _writing("taking the store lock"):
+            os.makedirs(self._path(name), exist_ok=True)
+            fd = os.open(self._path(name, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -280,17 +424,21 @@ class ModelStore:
             raise
         _fsync_dir(directory)
 
-    def _prune(self, name: str, current: int) -> None:
-        versions = self.versions(name)
-        for version in versions[: -self.keep]:
-            if version != current:
-                shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
-
     @staticmethod
-    def _clean_stale(staging: str) -> None:
-        """Candidates left by a process that died mid-update."""
+    def _clean_stale(staging: str) -> list[str]:
+        """Candidates left by a process that died mid-update: of a dead process on this host,
+        or older than an hour (another host's)."""
         cutoff = time.time() - STALE_STAGING_S
+        removed = []
         for entry in os.scandir(staging):
+            owner = entry.name.partition("-")[2].rpartition("-")[0]
+            pid, _, host = owner.partition("@")
             with contextlib.suppress(OSError):
-                if entry.stat().st_mtime < cutoff:
-                    shutil.rmtree(entry.path, ignore_errors=True)
+                dead = host == _HOST and pid.isdigit() and not _alive(int(pid))
+                if dead or entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path, ignore_errors=True)
+                    else:
+                        os.unlink(entry.path)
+                    removed.append(entry.path)
+        return removed

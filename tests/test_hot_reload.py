@@ -121,7 +121,7 @@ def test_two_instances_sharing_a_store_both_switch(tmp_path, root):
 def test_a_worker_killed_while_loading_comes_back_serving_the_current_version(tmp_path, root):
     write_tiny_model(root / "slow", tag=1.0, load_delay_s=2.0)  # published as version 2
     with store_server(tmp_path, root, tmp_path / "store", 2) as server, PolicyClient(server.base_url) as client:
-        answer = client.update_model(model_path="slow")  # returns once validated and published
+        answer = client.update_model(model_path="slow", wait_s=0)  # returns once validated and published
         assert answer["version"] == 2
         workers = client._call("GET", "/models").json()["workers"]
         loading = [int(pid) for pid, models in workers.items() if models.get("default") != "2"]

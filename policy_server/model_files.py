@@ -1,0 +1,229 @@
+"""Reading model directories safely: confined to a root, links checked, no special files, bounded.
+
+A model directory named by an update (or given at start) is read through directory file
+descriptors: every entry is opened with ``O_NOFOLLOW`` relative to its parent's descriptor,
+and what an opened descriptor *is* comes from ``fstat`` on that descriptor, so nothing can
+be swapped between the check and the read. A symbolic link is resolved to its target's path;
+a target outside the confinement root is refused (403, naming the file), one inside is
+opened component by component from the root's descriptor, again never following a link.
+FIFOs, devices and sockets are refused. :func:`copy_tree` writes the contents into a fresh
+directory (no links are copied), so the copy, not the source, is what is validated and
+served. No torch here.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from policy_server.errors import Forbidden, InvalidModel, PayloadTooLarge, store_write_error
+
+IGNORED = frozenset({"__pycache__"})
+_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO never hangs the open
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one model directory: regular files and their total bytes."""
+
+    max_files: int = 10_000
+    max_bytes: int = 1 << 36
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file or directory")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _open_beneath(root_fd: int, rel: str, flags: int) -> int:
+    """Open ``rel`` (a normalised relative path) beneath ``root_fd``, following no link on the way."""
+    fd = os.dup(root_fd)
+    try:
+        parts = [p for p in rel.split(os.sep) if p not in ("", ".")]
+        if not parts:
+            return os.dup(fd)
+        for part in parts[:-1]:
+            child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        return os.open(parts[-1], flags, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+class _Walk:
+    """One confined, bounded walk of ``source`` (which must lie inside ``root``)."""
+
+    def __init__(self, source: str, root: str, limits: Limits | None, skip: tuple[str, ...]) -> None:
+        self.root = os.path.realpath(root)
+        self.source = os.path.realpath(source)
+        self.limits = limits
+        self.skip = frozenset(skip)
+        self.files = 0
+        self.bytes = 0
+        if not _inside(self.source, self.root):
+            raise Forbidden(f"{source!r} is outside its root")
+
+    def _refuse_os(self, exc: OSError, shown: str):
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+            return Forbidden(f"{shown!r} changed into a link while being read; refused")
+        return InvalidModel(f"cannot read {shown!r}: {exc.strerror}")
+
+    def entries(self) -> Iterator[tuple[str, int, os.stat_result]]:
+        """``(relative path, fd, fstat)`` of every regular file, in :func:`digest`'s order (a
+        directory's files sorted by name, then its subdirectories). Each fd is closed after the
+        next step; read it at once."""
+        root_fd = os.open(self.root, _DIR_FLAGS & ~os.O_NOFOLLOW)
+        try:
+            try:
+                top = _open_beneath(root_fd, os.path.relpath(self.source, self.root), _DIR_FLAGS)
+            except OSError as exc:
+                raise self._refuse_os(exc, os.path.basename(self.source)) from None
+            yield from self._directory(root_fd, top, "", self.source, ())
+        finally:
+            os.close(root_fd)
+
+    def _directory(self, root_fd: int, dir_fd: int, rel: str, real: str, ancestors: tuple) -> Iterator:
+        try:
+            here = os.fstat(dir_fd)
+            ancestors = (*ancestors, (here.st_dev, here.st_ino))
+            files, dirs = [], []
+            for name in sorted(os.listdir(dir_fd)):
+                if name in IGNORED or (not rel and name in self.skip):
+                    continue
+                shown = os.path.join(rel, name)
+                fd, target = self._open_entry(root_fd, dir_fd, name, shown, real)
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    os.close(fd)
+                    if (st.st_dev, st.st_ino) in ancestors:
+                        raise Forbidden(f"{shown!r} links back to a directory above it")
+                    dirs.append((name, target))
+                elif stat.S_ISREG(st.st_mode):
+                    os.close(fd)
+                    files.append((name, target))
+                else:
+                    os.close(fd)
+                    raise InvalidModel(f"{shown!r} is {_kind(st.st_mode)}; a model directory holds only files")
+            for name, target in files:
+                shown = os.path.join(rel, name)
+                fd, _ = self._open_entry(root_fd, dir_fd, name, shown, real)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
+                        raise InvalidModel(f"{shown!r} is {_kind(st.st_mode)}; a model directory holds only files")
+                    self._count(st.st_size)
+                    os.set_blocking(fd, True)
+                    yield shown, fd, st
+                finally:
+                    os.close(fd)
+            for name, target in dirs:
+                shown = os.path.join(rel, name)
+                fd, _ = self._open_entry(root_fd, dir_fd, name, shown, real, directory=True)
+                yield from self._directory(root_fd, fd, shown, target, ancestors)
+        finally:
+            os.close(dir_fd)
+
+    def _open_entry(
+        self, root_fd: int, dir_fd: int, name: str, shown: str, real: str, directory: bool = False
+    ) -> tuple[int, str]:
+        """An fd for one entry (a link's target, when it stays inside the root) and its real path."""
+        flags = _DIR_FLAGS if directory else _FILE_FLAGS
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISLNK(st.st_mode):
+                return os.open(name, flags, dir_fd=dir_fd), os.path.join(real, name)
+            target = os.path.realpath(os.path.join(real, name))
+            if not _inside(target, self.root):
+                raise Forbidden(f"{shown!r} is a link that leads outside the model root")
+            return _open_beneath(root_fd, os.path.relpath(target, self.root), flags), target
+        except OSError as exc:
+            raise self._refuse_os(exc, shown) from None
+
+    def _count(self, size: int) -> None:
+        self.files += 1
+        self.bytes += size
+        if self.limits is None:
+            return
+        if self.files > self.limits.max_files:
+            raise PayloadTooLarge(f"the model directory has more than {self.limits.max_files} files (--stage-max-files)")
+        if self.bytes > self.limits.max_bytes:
+            raise PayloadTooLarge(
+                f"the model directory holds more than {self.limits.max_bytes} bytes (--stage-max-bytes)"
+            )
+
+
+def _chunks(fd: int, shown: str) -> Iterator[bytes]:
+    while True:
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except OSError as exc:
+            raise InvalidModel(f"cannot read {shown!r}: {exc.strerror}") from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def digest(source: str, root: str | None = None, *, suffix: str = "", limits: Limits | None = None,
+           skip: tuple[str, ...] = ()) -> str:
+    """A short sha256 over every regular file's relative path and content, in sorted order
+    (only files ending in ``suffix`` when given), read confined to ``root`` (default: ``source``).
+
+    Raises Forbidden (a link out of ``root``), InvalidModel (a special file, an unreadable
+    file), PayloadTooLarge (over ``limits``).
+    """
+    hasher = hashlib.sha256()
+    for shown, fd, _st in _Walk(source, root or source, limits, skip).entries():
+        if not shown.endswith(suffix):
+            continue
+        hasher.update(shown.encode() + b"\0")
+        for chunk in _chunks(fd, shown):
+            hasher.update(chunk)
+    return hasher.hexdigest()[:12]
+
+
+def copy_tree(source: str, dest: str, root: str | None = None, *, limits: Limits | None = None,
+              skip: tuple[str, ...] = ()) -> None:
+    """Copy the regular files under ``source`` into the existing empty directory ``dest``,
+    confined to ``root`` (default: ``source``); links become plain copies of their targets,
+    ``__pycache__`` and the top-level names in ``skip`` are left out.
+
+    Raises what :func:`digest` raises for the source, and InsufficientStorage (507) or
+    StoreWriteFailed (500) when writing the copy fails.
+    """
+    walk = _Walk(source, root or source, limits, skip)
+    for shown, fd, st in walk.entries():
+        target = os.path.join(dest, shown)
+        try:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o755 if st.st_mode & 0o100 else 0o644)
+        except OSError as exc:
+            raise store_write_error(exc, "staging the model directory") from None
+        try:
+            written = 0
+            for chunk in _chunks(fd, shown):
+                written += len(chunk)
+                if walk.limits is not None and walk.bytes - st.st_size + written > walk.limits.max_bytes:
+                    raise PayloadTooLarge(
+                        f"the model directory holds more than {walk.limits.max_bytes} bytes (--stage-max-bytes)"
+                    )
+                view = memoryview(chunk)
+                while view:
+                    try:
+                        view = view[os.write(out, view):]
+                    except OSError as exc:
+                        raise store_write_error(exc, "staging the model directory") from None
+        finally:
+            os.close(out)
