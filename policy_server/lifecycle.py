@@ -21,7 +21,16 @@ from typing import Any
 
 from policy_server import metrics, weights_check
 from policy_server.config import ServerConfig
-from policy_server.errors import BadRequest, Conflict, Forbidden, InvalidModel, NotReady, ServingError, store_write_error
+from policy_server.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    InvalidModel,
+    NotReady,
+    PayloadTooLarge,
+    ServingError,
+    store_write_error,
+)
 from policy_server.runtime import PolicyRuntime
 from policy_server.store import ModelStore, Pointer, check_name
 
@@ -66,11 +75,17 @@ class ModelManager:
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise BadRequest("version must be a positive integer")
             pointer = store.set_current(name, version)
-        elif kinds[0] == "model_path":
-            source = self.resolve_model_path(body["model_path"])
-            pointer, warnings = self._publish(name, store.stage(name, source, root=self.model_root))
         else:
-            pointer, warnings = self._publish(name, self._stage_weights(store, name, body["weights"]))
+            try:
+                if kinds[0] == "model_path":
+                    source = self.resolve_model_path(body["model_path"])
+                    staged = store.stage(name, source, root=self.model_root)
+                else:
+                    staged = self._stage_weights(store, name, body["weights"])
+                pointer, warnings = self._publish(name, staged)
+            except (InvalidModel, Forbidden, PayloadTooLarge):
+                metrics.UPDATES_REFUSED.inc()
+                raise
         return self.answer(pointer, wait_s, warnings)
 
     def load(self, name: str, body: Mapping[str, Any], wait_s: float | None) -> dict[str, Any]:
@@ -136,7 +151,6 @@ class ModelManager:
             _model, warnings = self.runtime.validate_candidate(name, staged)
         except Exception as exc:
             self.store.discard(staged)
-            metrics.UPDATES_REFUSED.inc()
             log.warning("update of %s refused: %s: %s", name, type(exc).__name__, exc)
             reason = exc.detail if isinstance(exc, ServingError) else f"{type(exc).__name__}: {str(exc)[:500]}"
             raise InvalidModel(f"validation failed, nothing published: {reason}") from None

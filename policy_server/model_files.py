@@ -25,7 +25,7 @@ from policy_server.errors import Forbidden, InvalidModel, PayloadTooLarge, store
 IGNORED = frozenset({"__pycache__"})
 _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO never hangs the open
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # NONBLOCK: a FIFO never hangs the open
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket"}
 
@@ -40,6 +40,12 @@ class Limits:
 
 def _kind(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file or directory")
+
+
+def _refuse_special(mode: int, shown: str) -> None:
+    """Never even open a FIFO, device or socket (opening some devices has effects)."""
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        raise InvalidModel(f"{shown!r} is {_kind(mode)}; a model directory holds only files")
 
 
 def _inside(path: str, root: str) -> bool:
@@ -57,6 +63,7 @@ def _open_beneath(root_fd: int, rel: str, flags: int) -> int:
             child = os.open(part, _DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = child
+        _refuse_special(os.stat(parts[-1], dir_fd=fd, follow_symlinks=False).st_mode, parts[-1])
         return os.open(parts[-1], flags, dir_fd=fd)
     finally:
         os.close(fd)
@@ -142,6 +149,7 @@ class _Walk:
         flags = _DIR_FLAGS if directory else _FILE_FLAGS
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            _refuse_special(st.st_mode, shown)
             if not stat.S_ISLNK(st.st_mode):
                 return os.open(name, flags, dir_fd=dir_fd), os.path.join(real, name)
             target = os.path.realpath(os.path.join(real, name))

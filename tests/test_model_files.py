@@ -1,0 +1,140 @@
+"""Confined, link-safe, bounded reading of model directories (policy_server/model_files.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from policy_server.errors import Forbidden, InvalidModel, PayloadTooLarge, StoreWriteFailed
+from policy_server.model_files import Limits, copy_tree, digest
+from policy_server.model_loader import directory_digest
+from tests.tiny_model import write_tiny_model
+
+
+@pytest.fixture
+def root(tmp_path):
+    root = tmp_path / "root"
+    write_tiny_model(root / "m", tag=1.0)
+    return root
+
+
+def copied(source, root, tmp_path, **kwargs):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    dest = tempfile.mkdtemp(dir=tmp_path, prefix="dest-")
+    copy_tree(str(source), str(dest), str(root), **kwargs)
+    return Path(dest)
+
+
+def test_a_plain_directory_is_copied_byte_for_byte(root, tmp_path):
+    (root / "m" / "sub").mkdir()
+    (root / "m" / "sub" / "extra.txt").write_text("hello")
+    (root / "m" / "__pycache__").mkdir()
+    (root / "m" / "__pycache__" / "x.pyc").write_bytes(b"junk")
+    dest = copied(root / "m", root, tmp_path)
+    assert sorted(os.listdir(dest)) == ["model.safetensors", "policy.py", "sub"]
+    assert (dest / "sub" / "extra.txt").read_text() == "hello"
+    assert (dest / "policy.py").read_bytes() == (root / "m" / "policy.py").read_bytes()
+    assert digest(str(dest)) == digest(str(root / "m"), str(root)) == directory_digest(str(root / "m"))
+
+
+def test_the_digest_matches_the_former_os_walk_digest(root):
+    """Stores seeded before this change keep their seed digest (no spurious new version)."""
+    import hashlib
+
+    (root / "m" / "a").mkdir()
+    (root / "m" / "a" / "z.txt").write_text("z")
+    (root / "m" / "b.txt").write_text("b")
+    old = hashlib.sha256()
+    for here, dirs, files in os.walk(root / "m"):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            path = os.path.join(here, name)
+            old.update(os.path.relpath(path, root / "m").encode() + b"\0")
+            old.update(open(path, "rb").read())
+    assert directory_digest(str(root / "m")) == old.hexdigest()[:12]
+
+
+def test_a_link_inside_the_root_becomes_a_plain_copy(root, tmp_path):
+    write_tiny_model(root / "other", tag=2.0)
+    (root / "m" / "weights.safetensors").symlink_to(root / "other" / "model.safetensors")
+    (root / "m" / "shared").symlink_to("../other")
+    dest = copied(root / "m", root, tmp_path)
+    assert not (dest / "weights.safetensors").is_symlink() and not (dest / "shared").is_symlink()
+    assert (dest / "weights.safetensors").read_bytes() == (root / "other" / "model.safetensors").read_bytes()
+    assert (dest / "shared" / "policy.py").is_file()
+
+
+@pytest.mark.parametrize("where", ["policy.py", "sub/deep.py"])
+def test_a_link_out_of_the_root_is_refused_naming_the_file(root, tmp_path, where):
+    outside = tmp_path / "outside.py"
+    outside.write_text("raise SystemExit")
+    target = root / "m" / where
+    target.parent.mkdir(exist_ok=True)
+    if target.exists():
+        target.unlink()
+    target.symlink_to(outside)
+    with pytest.raises(Forbidden, match=f"'{where}' is a link that leads outside the model root"):
+        copied(root / "m", root, tmp_path)
+    with pytest.raises(Forbidden, match="outside"):
+        digest(str(root / "m"), str(root))
+
+
+def test_a_relative_link_climbing_out_and_a_dangling_link(root, tmp_path):
+    (tmp_path / "secret").write_text("s")
+    (root / "m" / "up").symlink_to("../../secret")
+    with pytest.raises(Forbidden, match="'up'"):
+        copied(root / "m", root, tmp_path)
+    (root / "m" / "up").unlink()
+    (root / "m" / "dangling").symlink_to("nowhere")
+    with pytest.raises(InvalidModel, match="cannot read 'dangling'"):
+        copied(root / "m", root, tmp_path)
+
+
+def test_a_link_loop_is_refused(root, tmp_path):
+    (root / "m" / "loop").symlink_to(".")
+    with pytest.raises(Forbidden, match="'loop' links back"):
+        copied(root / "m", root, tmp_path)
+
+
+def test_special_files_are_refused(root, tmp_path):
+    os.mkfifo(root / "m" / "pipe")
+    with pytest.raises(InvalidModel, match="'pipe' is a FIFO"):
+        copied(root / "m", root, tmp_path)  # and never hangs opening it
+    os.unlink(root / "m" / "pipe")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "m" / "sock"))
+        with pytest.raises(InvalidModel, match="'sock' is a socket"):
+            copied(root / "m", root, tmp_path)
+
+
+def test_a_link_to_a_special_file_is_refused(root, tmp_path):
+    (root / "m" / "null").symlink_to("/dev/null")
+    with pytest.raises(Forbidden, match="'null'"):  # outside the root, so refused first
+        copied(root / "m", root, tmp_path)
+
+
+def test_limits_on_files_and_bytes(root, tmp_path):
+    (root / "m" / "x.txt").write_text("x" * 100)
+    with pytest.raises(PayloadTooLarge, match="more than 2 files"):
+        copied(root / "m", root, tmp_path, limits=Limits(max_files=2, max_bytes=1 << 30))
+    total = sum(p.stat().st_size for p in (root / "m").iterdir())
+    with pytest.raises(PayloadTooLarge, match=f"more than {total - 1} bytes"):
+        copied(root / "m", root, tmp_path / "b", limits=Limits(max_files=10, max_bytes=total - 1))
+
+
+def test_the_source_must_lie_inside_the_root(root, tmp_path):
+    write_tiny_model(tmp_path / "elsewhere", tag=3.0)
+    with pytest.raises(Forbidden):
+        copied(tmp_path / "elsewhere", root, tmp_path)
+
+
+def test_a_write_failure_names_the_reason(root, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "policy.py").write_text("already here")  # O_EXCL: the copy never writes through
+    with pytest.raises(StoreWriteFailed, match="EEXIST"):
+        copy_tree(str(root / "m"), str(dest), str(root))
