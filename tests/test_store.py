@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 
 import pytest
 
-from policy_server.errors import ModelError
+from policy_server import store as store_module
+from policy_server.errors import InsufficientStorage, ModelError, StoreWriteFailed
 from policy_server.model_loader import directory_digest
 from policy_server.store import InvalidModelName, ModelStore, UnknownModel, UnknownVersion, check_name
-from tests.tiny_model import write_tiny_model
+from tests.tiny_model import tiny_weights, write_tiny_model
 
 
 @pytest.fixture
@@ -144,3 +149,168 @@ def test_model_names_are_safe_path_components(name):
 
 def test_good_names_pass():
     assert check_name("default") == "default" and check_name("act-v2.1_b") == "act-v2.1_b"
+
+
+# -- issue 12: a version is visible only once durably written; failures are clean ---------
+
+
+def only_version_one(store: ModelStore, name: str = "m") -> None:
+    """Nothing but version 1 anywhere: listed, pointed at, on disk, staged."""
+    assert store.versions(name) == [1] and store.pointer(name).version == 1
+    assert os.listdir(os.path.join(store.root, name, "versions")) == ["000001"]
+    assert os.listdir(os.path.join(store.root, name, ".staging")) == []
+
+
+def test_a_failing_pointer_write_publishes_nothing(tmp_path, source, monkeypatch):
+    store = ModelStore(str(tmp_path / "store"))
+    publish_copy(store, "m", source)
+    before = store.pointer("m")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ModelStore, "_write_pointer", full)
+    with pytest.raises(InsufficientStorage, match=r"writing the pointer failed: No space left on device \(ENOSPC\)"):
+        publish_copy(store, "m", source)
+    assert InsufficientStorage.status == 507
+    assert store.pointer("m") == before
+    only_version_one(store)
+    monkeypatch.undo()
+    assert publish_copy(store, "m", source) == 2  # the store still works
+
+
+@pytest.mark.parametrize("step", ["rename", "fsync"])
+def test_other_io_failures_are_500_naming_the_reason(tmp_path, source, monkeypatch, step):
+    store = ModelStore(str(tmp_path / "store"))
+    publish_copy(store, "m", source)
+    staged = store.stage("m", str(source))
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(store_module.os if step == "rename" else store_module, "rename" if step == "rename"
+                        else "_fsync_tree", read_only)
+    with pytest.raises(StoreWriteFailed, match=r"Read-only file system \(EROFS\)") as refused:
+        store.publish("m", staged)
+    assert refused.value.status == 500 and "nothing was published" in refused.value.detail
+    monkeypatch.undo()
+    only_version_one(store)
+    assert not os.path.exists(staged)
+
+
+def test_rollback_and_unload_failures_leave_the_pointer(tmp_path, source, monkeypatch):
+    store = ModelStore(str(tmp_path / "store"))
+    publish_copy(store, "m", source)
+    publish_copy(store, "m", source)
+    before = store.pointer("m")
+    monkeypatch.setattr(store_module.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))
+    with pytest.raises(StoreWriteFailed, match="EACCES"):
+        store.set_current("m", 1)
+    with pytest.raises(StoreWriteFailed, match="EACCES"):
+        store.set_loaded("m", False)
+    monkeypatch.undo()
+    assert store.pointer("m") == before
+    assert [f for f in os.listdir(os.path.join(store.root, "m")) if f.startswith(".CURRENT-")] == []
+
+
+def crash_after_rename(store: ModelStore, name: str, source, version: int) -> str:
+    """What a publisher killed between its rename and its pointer write leaves behind."""
+    staged = store.stage(name, str(source))
+    target = store.version_dir(name, version)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    os.rename(staged, target)
+    return target
+
+
+def test_a_version_the_pointer_does_not_list_is_invisible_and_cleaned(tmp_path, source):
+    store = ModelStore(str(tmp_path / "store"))
+    publish_copy(store, "m", source)
+    leftover = crash_after_rename(store, "m", source, 2)
+    assert store.versions("m") == [1]  # not listed, so not a rollback target
+    with pytest.raises(UnknownVersion, match=r"kept versions are \[1\]"):
+        store.set_current("m", 2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    staging = os.path.join(store.root, "m", ".staging")
+    mine = store.stage("m", str(source))  # this live process's: kept
+    orphan = tempfile.mkdtemp(prefix=f"candidate-{dead.pid}@{store_module._HOST}-", dir=staging)
+    removed = store.recover()
+    assert sorted(removed) == sorted([leftover, orphan]) and os.path.isdir(mine)
+    assert os.listdir(os.path.join(store.root, "m", "versions")) == ["000001"]
+    store.discard(mine)
+
+
+def test_publish_removes_leftovers_under_the_lock_and_numbers_past_nothing_visible(tmp_path, source):
+    store = ModelStore(str(tmp_path / "store"))
+    publish_copy(store, "m", source)
+    crash_after_rename(store, "m", source, 2)
+    assert publish_copy(store, "m", source) == 2  # 2 was never visible: its number is free
+    assert store.versions("m") == [1, 2] and store.pointer("m").kept == (1, 2)
+    assert store.pointer("m").digest == directory_digest(store.version_dir("m", 2))
+
+
+def test_a_first_publish_that_crashed_leaves_no_model(tmp_path, source):
+    store = ModelStore(str(tmp_path / "store"))
+    crash_after_rename(store, "new", source, 1)
+    assert store.names() == [] and store.versions("new") == []
+    store.recover()
+    assert os.listdir(os.path.join(store.root, "new", "versions")) == []
+
+
+def test_a_store_written_before_kept_lists_every_directory(tmp_path, source):
+    store = ModelStore(str(tmp_path / "store"))
+    publish_copy(store, "m", source)
+    publish_copy(store, "m", source)
+    path = os.path.join(store.root, "m", "CURRENT")
+    old = json.load(open(path))
+    del old["kept"]
+    with open(path, "w") as fh:
+        json.dump(old, fh)
+    assert store.pointer("m").kept is None and store.versions("m") == [1, 2]
+    assert store.recover() == []
+    assert publish_copy(store, "m", source) == 3 and store.pointer("m").kept == (1, 2, 3)
+
+
+def test_seed_inside_the_model_root_is_confined_to_it(tmp_path):
+    root = tmp_path / "models"
+    seed = write_tiny_model(root / "default", tag=1.0)
+    write_tiny_model(root / "shared", tag=2.0)
+    (seed / "model.safetensors").unlink()
+    (seed / "model.safetensors").symlink_to(root / "shared" / "model.safetensors")  # inside: copied
+    store = ModelStore(str(tmp_path / "store"), model_root=str(root))
+    assert store.seed_root(str(seed)) == str(root)
+    pointer = store.seed("m", str(seed))
+    copied = os.path.join(store.version_dir("m", pointer.version), "model.safetensors")
+    assert not os.path.islink(copied) and open(copied, "rb").read() == (root / "shared" / "model.safetensors").read_bytes()
+    (tmp_path / "evil.py").write_text("raise SystemExit")
+    (seed / "policy.py").unlink()
+    (seed / "policy.py").symlink_to(tmp_path / "evil.py")
+    with pytest.raises(ModelError, match="'policy.py' is a link that leads outside the model root"):
+        store.seed("m", str(seed))
+    assert store.versions("m") == [1]
+
+
+def test_seed_outside_the_model_root_is_confined_to_its_own_directory(tmp_path):
+    seed = write_tiny_model(tmp_path / "elsewhere" / "seed", tag=1.0)
+    write_tiny_model(tmp_path / "elsewhere" / "sibling", tag=2.0)
+    store = ModelStore(str(tmp_path / "store"), model_root=str(tmp_path / "models"))
+    assert store.seed_root(str(seed)) == str(seed)
+    (seed / "model.safetensors").unlink()
+    (seed / "model.safetensors").symlink_to(tmp_path / "elsewhere" / "sibling" / "model.safetensors")
+    with pytest.raises(ModelError, match="'model.safetensors' is a link that leads outside"):
+        store.seed("m", str(seed))
+    assert store.names() == []
+
+
+def test_a_seed_with_non_finite_weights_is_refused(tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    seed = write_tiny_model(tmp_path / "seed", tag=1.0)
+    weights = tiny_weights(1.0)
+    weights["linear.bias"][0] = -np.inf
+    save_file(weights, str(seed / "model.safetensors"))
+    store = ModelStore(str(tmp_path / "store"))
+    with pytest.raises(ModelError, match="weight 'linear.bias' is not finite"):
+        store.seed("m", str(seed))
+    assert store.names() == [] and os.listdir(os.path.join(store.root, "m", ".staging")) == []
