@@ -1,0 +1,340 @@
+"""Issue 12 on an in-process app: updates that cannot hurt.
+
+Every refused update must leave the store exactly as it was (pointer, listed versions,
+directories on disk, an empty staging area) and keep version 1 serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from binary_protocol import dict_to_binary
+from policy_server.launcher import ROOT
+from policy_server.store import ModelStore
+from tests.test_lifecycle import BINARY, infer, make_store_app, push
+from tests.tiny_model import POLICY, tiny_weights, write_tiny_model
+
+CANARY_CODE = "open({path!r}, 'w').write('ran')\n"
+
+
+@pytest.fixture
+def root(tmp_path):
+    root = tmp_path / "models"
+    write_tiny_model(root / "tiny", tag=1.0)
+    return root
+
+
+@pytest.fixture
+def app(tmp_path, root):
+    app = make_store_app(tmp_path, root)
+    yield app
+    app.extensions["policy_runtime"].stop(5)
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def assert_nothing_published(client, name: str = "default") -> None:
+    store: ModelStore = client.application.extensions["policy_runtime"].store
+    pointer = store.pointer(name)
+    assert (pointer.version, pointer.generation) == (1, 1)
+    assert store.versions(name) == [1]
+    assert os.listdir(os.path.join(store.root, name, "versions")) == ["000001"]
+    assert os.listdir(os.path.join(store.root, name, ".staging")) == []
+    by_name = {m["name"]: m for m in client.get("/models").get_json()["models"]}
+    assert by_name[name]["kept_versions"] == [1]
+    assert infer(client)[:2] == ("1", 1.0)
+
+
+def refused(response, status: int, fragment: str) -> dict:
+    body = response.get_json()
+    assert response.status_code == status, body
+    assert set(body) == {"error", "detail"} and fragment in body["detail"], body
+    return body
+
+
+# -- confinement ----------------------------------------------------------------------
+
+
+def test_a_policy_py_linked_out_of_the_root_is_refused_and_never_runs(client, root, tmp_path):
+    canary = tmp_path / "canary"
+    outside = tmp_path / "outside_policy.py"
+    outside.write_text(CANARY_CODE.format(path=str(canary)) + POLICY)
+    evil = write_tiny_model(root / "evil", tag=2.0)
+    (evil / "policy.py").unlink()
+    (evil / "policy.py").symlink_to(outside)
+    refused(client.post("/update_model", json={"model_path": "evil"}), 403,
+            "'policy.py' is a link that leads outside the model root")
+    refused(client.post("/models/other/load", json={"model_path": "evil"}), 403, "'policy.py'")
+    assert not canary.exists()
+    assert_nothing_published(client)
+
+
+def test_a_weights_file_linked_out_of_the_root_is_refused(client, root, tmp_path):
+    write_tiny_model(tmp_path / "outside", tag=9.0)
+    evil = write_tiny_model(root / "evil", tag=2.0)
+    (evil / "sub").mkdir()
+    (evil / "sub" / "model.safetensors").symlink_to(tmp_path / "outside" / "model.safetensors")
+    refused(client.post("/update_model", json={"model_path": "evil"}), 403, "'sub/model.safetensors'")
+    assert_nothing_published(client)
+
+
+def test_a_link_inside_the_root_is_served_as_a_copy(client, root):
+    linked = root / "linked"
+    linked.mkdir()
+    (linked / "policy.py").symlink_to(root / "tiny" / "policy.py")
+    write_tiny_model(root / "weights_only", tag=3.0)
+    (linked / "model.safetensors").symlink_to("../weights_only/model.safetensors")
+    answer = client.post("/update_model", json={"model_path": "linked"}).get_json()
+    assert answer["version"] == 2 and answer["all_workers"] is True
+    store = client.application.extensions["policy_runtime"].store
+    published = store.version_dir("default", 2)
+    assert not any(os.path.islink(os.path.join(published, f)) for f in os.listdir(published))
+    (root / "weights_only" / "model.safetensors").write_bytes(b"changed later")  # the copy is what serves
+    assert infer(client)[:2] == ("2", 3.0)
+
+
+def test_special_files_and_limits_are_refused(client, root, tmp_path):
+    fifo = write_tiny_model(root / "fifo", tag=2.0)
+    os.mkfifo(fifo / "pipe")
+    refused(client.post("/update_model", json={"model_path": "fifo"}), 422, "'pipe' is a FIFO")
+    assert_nothing_published(client)
+    app = make_store_app(tmp_path / "small", root, stage_max_files=2)
+    try:
+        small = app.test_client()
+        write_tiny_model(root / "three", tag=2.0)
+        (root / "three" / "notes.txt").write_text("a third file")
+        refused(small.post("/update_model", json={"model_path": "three"}), 413, "more than 2 files")
+        assert_nothing_published(small)
+    finally:
+        app.extensions["policy_runtime"].stop(5)
+
+
+# -- weights checked before anything runs -----------------------------------------------
+
+
+@pytest.mark.parametrize("value", [-np.inf, np.inf, np.nan])
+def test_a_non_finite_weight_push_is_refused_naming_the_key(client, value):
+    weights = tiny_weights(2.0)
+    weights["linear.bias"][7] = value
+    refused(push(client, weights), 422, "weight 'linear.bias' is not finite")
+    assert_nothing_published(client)
+
+
+def test_a_model_directory_with_a_non_finite_weight_is_refused_before_its_code_runs(client, root, tmp_path):
+    from safetensors.numpy import save_file
+
+    canary = tmp_path / "canary"
+    bad = write_tiny_model(root / "bad", tag=2.0)
+    (bad / "policy.py").write_text(CANARY_CODE.format(path=str(canary)) + POLICY)
+    weights = tiny_weights(2.0)
+    weights["linear.weight"][1, 2] = -np.inf
+    save_file(weights, str(bad / "model.safetensors"))
+    refused(client.post("/update_model", json={"model_path": "bad"}), 422,
+            "model.safetensors: weight 'linear.weight' is not finite")
+    assert not canary.exists()
+    assert_nothing_published(client)
+
+
+def test_a_constant_policy_is_published_with_a_warning(client):
+    answer = push(client, tiny_weights(2.0)).get_json()  # the tiny model's output is its bias: constant
+    assert answer["version"] == 2
+    assert answer["warnings"] == [
+        "output 'action' was identical for 4 distinct random observations: the policy may ignore its input"]
+
+
+def test_a_policy_that_uses_its_input_has_no_warning(tmp_path):
+    models = os.path.join(ROOT, "models")
+    app = make_store_app(tmp_path, Path(models), model_path=os.path.join(models, "default"))
+    try:
+        answer = app.test_client().post("/update_model", json={"model_path": "default"}).get_json()
+        assert answer["version"] == 2, answer
+        assert "warnings" not in answer and answer["all_workers"] is True
+    finally:
+        app.extensions["policy_runtime"].stop(5)
+
+
+# -- store failures ---------------------------------------------------------------------
+
+
+def _raise(code: int):
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+@pytest.mark.parametrize("code, status, reason", [
+    (errno.ENOSPC, 507, "No space left on device (ENOSPC)"),
+    (errno.EROFS, 500, "Read-only file system (EROFS)"),
+    (errno.EACCES, 500, "Permission denied (EACCES)"),
+])
+def test_a_failing_pointer_write_answers_json_and_keeps_serving(client, root, monkeypatch, code, status, reason):
+    monkeypatch.setattr(ModelStore, "_write_pointer", _raise(code))
+    write_tiny_model(root / "next", tag=2.0)
+    body = refused(client.post("/update_model", json={"model_path": "next"}), status, reason)
+    assert "writing the pointer failed" in body["detail"]
+    refused(push(client, tiny_weights(3.0)), status, reason)
+    refused(client.post("/update_model", json={"version": 1}), status, reason)
+    monkeypatch.undo()
+    assert_nothing_published(client)
+    assert push(client, tiny_weights(3.0)).get_json()["version"] == 2  # and it recovers
+
+
+def test_a_failing_weights_write_is_507(client, monkeypatch):
+    import safetensors.numpy
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", _raise(errno.ENOSPC))
+    refused(push(client, tiny_weights(3.0)), 507, "writing the pushed weights failed")
+    monkeypatch.undo()
+    assert_nothing_published(client)
+
+
+def test_a_staging_area_that_cannot_be_written_is_500(client, root):
+    store = client.application.extensions["policy_runtime"].store
+    staging = os.path.join(store.root, "default", ".staging")
+    os.rmdir(staging)
+    open(staging, "w").close()  # a file where the staging directory should be: fails even for root
+    write_tiny_model(root / "next", tag=2.0)
+    refused(client.post("/update_model", json={"model_path": "next"}), 500, "creating the staging directory failed")
+    os.unlink(staging)
+    os.mkdir(staging)
+    assert_nothing_published(client)
+
+
+# -- read your writes --------------------------------------------------------------------
+
+
+def test_updates_wait_for_every_worker_by_default(client, root):
+    response = client.post("/update_model", data=dict_to_binary({"weights": tiny_weights(2.0)}), headers=BINARY)
+    answer = response.get_json()
+    assert answer["all_workers"] is True and answer["lagging"] == [] and answer["missing_workers"] == 0
+    assert infer(client)[:2] == ("2", 2.0)
+    quick = client.post("/update_model?wait_s=0", json={"version": 1}).get_json()
+    assert quick["version"] == 1 and "all_workers" not in quick
+    write_tiny_model(root / "second", tag=5.0)
+    loaded = client.post("/models/second/load", json={"model_path": "second"}).get_json()
+    assert loaded["all_workers"] is True
+    assert infer(client, "/models/second/infer")[:2] == ("1", 5.0)
+    unloaded = client.post("/models/second/unload").get_json()
+    assert unloaded["all_workers"] is True
+    assert client.post("/models/second/infer", data=dict_to_binary({}), headers=BINARY).status_code == 404
+
+
+def test_the_default_wait_is_a_setting(tmp_path, root):
+    app = make_store_app(tmp_path, root, update_wait_s=0.0)
+    try:
+        answer = app.test_client().post("/update_model", json={"version": 1}).get_json()
+        assert answer["version"] == 1 and "all_workers" not in answer
+    finally:
+        app.extensions["policy_runtime"].stop(5)
+
+
+# -- fuzzing the update path --------------------------------------------------------------
+
+
+def _header_file(header_text: str, data: bytes) -> bytes:
+    raw = header_text.encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+ENTRY = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "F64", "X9"]),
+    "shape": st.lists(st.integers(-2, 80), max_size=3),
+    "data_offsets": st.lists(st.integers(-4, 1 << 41), min_size=2, max_size=2),
+})
+
+
+@st.composite
+def broken_safetensors(draw) -> bytes:
+    """Bytes no safetensors reader may accept as the tiny model's weights."""
+    from safetensors.numpy import save
+
+    valid = save(tiny_weights(2.0))
+    kind = draw(st.sampled_from(["truncated", "random", "fields", "duplicate", "overlap", "length"]))
+    if kind == "truncated":
+        return valid[: draw(st.integers(0, len(valid) - 1))]
+    if kind == "random":
+        return draw(st.binary(max_size=300))
+    if kind == "fields":
+        entries = draw(st.dictionaries(st.sampled_from(["linear.weight", "linear.bias", "x"]), ENTRY, min_size=1))
+        return _header_file(json.dumps(entries), draw(st.binary(max_size=64)))
+    if kind == "duplicate":
+        one = json.dumps({"dtype": "F32", "shape": [70], "data_offsets": [0, 280]})
+        two = json.dumps({"dtype": "F32", "shape": [70, 7], "data_offsets": [280, 280 + 1960]})
+        text = '{"linear.bias": %s, "linear.weight": %s, "linear.bias": %s}' % (one, two, one)
+        return _header_file(text, bytes(2240))
+    if kind == "overlap":
+        start = draw(st.integers(0, 279))
+        text = json.dumps({
+            "linear.bias": {"dtype": "F32", "shape": [70], "data_offsets": [0, 280]},
+            "linear.weight": {"dtype": "F32", "shape": [70, 7], "data_offsets": [start, start + 1960]},
+        })
+        return _header_file(text, bytes(2240))
+    length = draw(st.integers(len(valid), 1 << 64 - 1))  # a header length past the end of the file
+    return struct.pack("<Q", length) + valid[8:]
+
+
+def test_fuzzed_weight_files_are_refused_with_a_reason(tmp_path, root):
+    app = make_store_app(tmp_path, root)
+    client = app.test_client()
+    target = write_tiny_model(root / "fuzz", tag=2.0)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(broken_safetensors())
+    def check(data: bytes) -> None:
+        (target / "model.safetensors").write_bytes(data)
+        response = client.post("/update_model?wait_s=0", json={"model_path": "fuzz"})
+        body = response.get_json()
+        assert response.status_code == 422, body
+        assert body["detail"].startswith("validation failed, nothing published: "), body
+
+    try:
+        check()
+        assert_nothing_published(client)
+    finally:
+        app.extensions["policy_runtime"].stop(5)
+
+
+PUSH_DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.uint8, np.bool_])
+
+
+def test_fuzzed_weight_pushes_are_refused_with_a_reason(tmp_path, root):
+    app = make_store_app(tmp_path, root)
+    client = app.test_client()
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        st.dictionaries(
+            st.sampled_from(["linear.weight", "linear.bias", "extra", ""]),
+            hnp.arrays(PUSH_DTYPES, hnp.array_shapes(min_dims=0, max_dims=2, max_side=71)),
+            max_size=3,
+        ),
+        st.booleans(),
+    )
+    def check(weights, spoil: bool) -> None:
+        good = tiny_weights(2.0)
+        if spoil:  # a right-shaped push with one value made non-finite
+            weights = {**good, "linear.bias": good["linear.bias"].copy()}
+            weights["linear.bias"][0] = np.nan
+        response = client.post("/update_model?wait_s=0", data=dict_to_binary({"weights": weights}), headers=BINARY)
+        body = response.get_json()
+        assert 400 <= response.status_code < 500, body
+        assert body["detail"], body
+
+    try:
+        check()
+        assert_nothing_published(client)
+    finally:
+        app.extensions["policy_runtime"].stop(5)
