@@ -17,7 +17,7 @@ ERROR_REF = {"$ref": "#/components/schemas/Error"}
 ERRORS = {
     "400": "Malformed or unsafe body, bad header or query parameter",
     "401": "Missing or wrong X-API-Key (or X-Admin-Key on management routes)",
-    "403": "A model_path outside --model-root",
+    "403": "A model_path outside --model-root, or a file in it that links outside",
     "404": "Unknown model or version",
     "409": "The change conflicts with the server's state (e.g. unloading the default model)",
     "411": "No Content-Length",
@@ -26,6 +26,8 @@ ERRORS = {
     "422": "Observation does not match the model's input spec, or the update failed validation",
     "503": "Not ready (model loading) or queue full (Retry-After)",
     "504": "The request's deadline passed before compute",
+    "500": "The model store could not be written (read-only, permission); nothing was published",
+    "507": "The model store is full; nothing was published",
 }
 
 
@@ -45,7 +47,8 @@ NAME = {
 }
 WAIT_S = {
     "name": "wait_s", "in": "query", "required": False,
-    "description": "Answer once every worker of this instance acted (or after this many seconds)",
+    "description": "Answer once every worker of this instance serves the new state, or after this many "
+                   "seconds (default --update-wait-s, 10; 0 answers right after publishing)",
     "schema": {"type": "number", "minimum": 0, "maximum": 300},
 }
 REQUEST_ID = {
@@ -114,6 +117,8 @@ UPDATED = {
         "all_workers": {"type": "boolean"},
         "switch_s": {"type": "number", "nullable": True},
         "workers": {"type": "object"},
+        "lagging": {"type": "array", "items": {"type": "integer"}, "description": "Workers not switched in time"},
+        "warnings": {"type": "array", "items": {"type": "string"}},
     },
 }
 
@@ -123,7 +128,7 @@ def _manage(summary: str, *, body: dict[str, Any] | None, path_name: bool, error
         "summary": summary,
         "security": [{}, {"AdminKey": []}, {"ApiKey": []}],
         "parameters": [*([NAME] if path_name else []), WAIT_S, REQUEST_ID],
-        "responses": {"200": _json("Done (with per-worker state when wait_s is given)", UPDATED), **_errors(*errors)},
+        "responses": {"200": _json("Done (with per-worker state unless wait_s is 0)", UPDATED), **_errors(*errors)},
     }
     if body is not None:
         operation["requestBody"] = {"required": False, "content": body}
@@ -199,12 +204,12 @@ def openapi_document(version: str = "1") -> dict[str, Any]:
             "/update_model": {"post": {
                 **_manage("Publish a new version (model_path, weights or rollback) to every worker",
                           body=command_body, path_name=False,
-                          errors=("400", "401", "403", "404", "413", "415", "422", "503")),
+                          errors=("400", "401", "403", "404", "413", "415", "422", "503", "500", "507")),
                 "operationId": "update_model",
             }},
             "/models/{name}/load": {"post": {
                 **_manage("Serve a model (from model_path, or its current version)", body=command_body,
-                          path_name=True, errors=("400", "401", "403", "404", "413", "415", "422")),
+                          path_name=True, errors=("400", "401", "403", "404", "413", "415", "422", "500", "507")),
                 "operationId": "load_model",
             }},
             "/models/{name}/unload": {"post": {
