@@ -405,6 +405,8 @@ def _load(view: memoryview, buffers: list[memoryview], max_ops: int) -> Any:
             for i in range(0, len(items), 2):
                 if type(items[i]) is not str:
                     raise ProtocolError(f"dict key of type {type(items[i]).__name__.lstrip('_')} is not allowed")
+                if items[i] in target:  # a pickler never repeats a key: a crafted stream hiding a value
+                    raise ProtocolError("dict repeats a key")
                 target[items[i]] = items[i + 1]
         elif 0x85 <= op <= 0x87:  # TUPLE1, TUPLE2, TUPLE3
             k = op - 0x84
@@ -457,6 +459,8 @@ def _load(view: memoryview, buffers: list[memoryview], max_ops: int) -> Any:
                 raise ProtocolError(f"SETITEM on {type(target).__name__.lstrip('_')}")
             if type(key) is not str:
                 raise ProtocolError(f"dict key of type {type(key).__name__.lstrip('_')} is not allowed")
+            if key in target:
+                raise ProtocolError("dict repeats a key")
             target[key] = value
         elif op == 0x61:  # APPEND
             if len(stack) < fence + 2 or type(stack[-2]) is not list:

@@ -338,3 +338,33 @@ def test_fuzzed_weight_pushes_are_refused_with_a_reason(tmp_path, root):
         assert_nothing_published(client)
     finally:
         app.extensions["policy_runtime"].stop(5)
+
+
+def _pickled_push_repeating_a_key(setitems: bool) -> bytes:
+    """A protocol-5 pickle of {"weights": {"linear.bias": bad, "linear.weight": w, "linear.bias": good}}:
+    no pickler writes this, a crafted stream can (the last value would win)."""
+    import pickle
+
+    weights = tiny_weights(2.0)
+    bad = weights["linear.bias"].copy()
+    bad[0] = np.nan
+    body = pickle.dumps({"weights": {"linear.bias": bad, "linear.weight": weights["linear.weight"]}}, protocol=5)
+    key = pickle.dumps("linear.bias", protocol=5)[2:-1]  # the SHORT_BINUNICODE opcode, without PROTO and STOP
+    value = pickle.dumps(weights["linear.bias"], protocol=5)[2:-1]
+    extra = key + value + (b"\x75" if setitems else b"\x73")  # SETITEMS needs a MARK first
+    if setitems:
+        extra = b"\x28" + extra
+    # insert just before the inner dict's own SETITEMS closes the outer dict: after its last u
+    inner_end = body.rindex(b"\x75", 0, len(body) - 2)
+    return body[:inner_end + 1] + extra + body[inner_end + 1:]
+
+
+@pytest.mark.parametrize("setitems", [True, False])
+def test_a_push_repeating_a_key_is_refused(client, setitems):
+    import pickle
+
+    data = _pickled_push_repeating_a_key(setitems)
+    decoded = pickle.loads(data)  # what CPython would make of it: a silent last-wins dict
+    assert set(decoded["weights"]) == {"linear.bias", "linear.weight"}
+    refused(client.post("/update_model", data=data, headers=BINARY), 400, "repeats a key")
+    assert_nothing_published(client)
