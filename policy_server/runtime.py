@@ -34,7 +34,7 @@ from policy_server.model_files import Limits
 from policy_server.model_loader import LoadedModel, describe, load_model_dir
 from policy_server.response_cache import ResponseCache, input_digest
 from policy_server.stats import RequestStats
-from policy_server.serving_model import Served, prepare, probe_distinct, resolve_device
+from policy_server.serving_model import Served, prepare, resolve_device
 from policy_server.store import ModelStore, Pointer, UnknownModel
 from policy_server.tensors import validate_inputs
 from policy_server.worker_status import WorkerStatusBoard
@@ -262,8 +262,8 @@ class PolicyRuntime:
             return self._prepare(model)
 
     def validate_candidate(self, name: str, model_dir: str) -> tuple[LoadedModel, list[str]]:
-        """Load and warm up a candidate version on this worker's device, off the batcher thread,
-        then run it on several distinct random observations.
+        """Load and warm up a candidate version on this worker's device, off the batcher thread
+        (the warm-up runs it on several distinct random observations).
 
         Raises ModelError (or whatever the model's code raises) when it does not load, its
         weights do not match strictly, or an output is not finite. Returns the model and
@@ -273,10 +273,9 @@ class PolicyRuntime:
         with self._load_lock:
             self._bind_device()
             model = load_model_dir(model_dir, self.device, name=name, version="candidate")
-            served = self._prepare(model)
-            warnings = probe_distinct(served.executor, model)
+            served = self._prepare(model)  # the warm-up runs several distinct observations
             self._candidates = {model.digest: served}
-            return model, warnings
+            return model, list(served.warnings)
 
     # -- serving --------------------------------------------------------------------
 

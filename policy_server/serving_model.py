@@ -51,6 +51,7 @@ class Served:
     model: LoadedModel
     executor: Any  # BatchExecutor
     since: float  # wall-clock time it started serving
+    warnings: tuple[str, ...] = ()  # from the warm-up: outputs identical for every observation
 
 
 def prepare(model: LoadedModel, config: ServerConfig, max_batch_size: int) -> Served:
@@ -66,54 +67,39 @@ def prepare(model: LoadedModel, config: ServerConfig, max_batch_size: int) -> Se
     apply_speed_options(model, options)
     executor = BatchExecutor(model, max_batch_size, options)
     start = time.perf_counter()
-    warm_up(executor, model)
+    warnings = warm_up(executor, model)
     executor.on_transfer = metrics.transfer_observer(model.name)  # after warm-up: not counted
     log.info(
         "worker %d loaded %s version %s on %s, max batch %d, warm-up %.2f s",
         os.getpid(), model.name, model.version, model.device, executor.max_batch_size,
         time.perf_counter() - start,
     )
-    return Served(model, executor, time.time())
+    return Served(model, executor, time.time(), tuple(warnings))
 
 
-def warm_up(executor, model: LoadedModel) -> None:
-    """Run the executor at batch 1 (twice) and at full batch on random inputs from the spec;
-    check the outputs are finite. Allocates staging and initialises kernels off the request path."""
-    sizes = [1] * WARMUP_PASSES + ([executor.max_batch_size] if executor.max_batch_size > 1 else [])
+def warm_up(executor, model: LoadedModel) -> list[str]:
+    """Run the executor at batch 1 (twice) and at full batch on random inputs from the spec
+    (at least 4 distinct observations in all); every float output of every row must be finite
+    (ModelError otherwise). Allocates staging and initialises kernels off the request path.
+
+    Returns one warning per output that was identical for every observation: a policy that
+    ignores its input (legitimate at times, so reported with the update, not refused).
+    """
+    full = [executor.max_batch_size] if executor.max_batch_size > 1 else [1, 1]
+    sizes = [1] * WARMUP_PASSES + full
+    seen: list[dict[str, np.ndarray]] = []
     for seed, size in enumerate(sizes):
         sample = sample_inputs(model.input_spec, batch=size, seed=seed)
         requests = [SimpleNamespace(inputs={k: v[i] for k, v in sample.items()}) for i in range(size)]
         rows, _ = executor.finish(executor.launch(requests))
-        for name, value in rows[0].items():
-            if value.dtype.kind in "fc" and not np.isfinite(value).all():
-                raise ModelError(f"warm-up output {name!r} is not finite")
-
-
-PROBE_OBSERVATIONS = 4
-
-
-def probe_distinct(executor, model: LoadedModel, count: int = PROBE_OBSERVATIONS) -> list[str]:
-    """Run ``count`` distinct random observations through a warmed-up candidate (issue 12).
-
-    Every float output of every row must be finite (ModelError naming the output otherwise).
-    Returns one warning per output that was identical for all of them: a policy whose
-    weights or code make it ignore its observation (a constant policy can be legitimate,
-    so this is reported, not refused).
-    """
-    sample = sample_inputs(model.input_spec, batch=count, seed=1000)
-    outputs: list[dict[str, np.ndarray]] = []
-    step = max(1, executor.max_batch_size)
-    for first in range(0, count, step):
-        rows_wanted = range(first, min(count, first + step))
-        requests = [SimpleNamespace(inputs={k: v[i] for k, v in sample.items()}) for i in rows_wanted]
-        rows, _ = executor.finish(executor.launch(requests))
         for row in rows:
             for name, value in row.items():
                 if value.dtype.kind in "fc" and not np.isfinite(value).all():
-                    raise ModelError(f"output {name!r} is not finite for a random observation")
-            outputs.append({name: np.array(value, copy=True) for name, value in row.items()})
+                    raise ModelError(f"warm-up output {name!r} is not finite")
+            seen.append({name: np.array(value, copy=True) for name, value in row.items()})
     return [
-        f"output {name!r} was identical for {count} distinct random observations: the policy may ignore its input"
-        for name in outputs[0]
-        if all(np.array_equal(outputs[0][name], other[name], equal_nan=False) for other in outputs[1:])
+        f"output {name!r} was identical for {len(seen)} distinct random observations: "
+        "the policy may ignore its input"
+        for name in seen[0]
+        if all(np.array_equal(seen[0][name], other[name]) for other in seen[1:])
     ]
