@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 from policy_server import model_files, weights_check
 from policy_server.errors import ModelError, ServingError, store_write_error
+from policy_server.worker_status import _alive
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +125,6 @@ def _writing(doing: str) -> Iterator[None]:
     except OSError as exc:
         log.error("model store: %s failed: %s", doing, exc)
         raise store_write_error(exc, doing) from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ModelStore:
