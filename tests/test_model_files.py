@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import tempfile
@@ -138,3 +139,44 @@ def test_a_write_failure_names_the_reason(root, tmp_path):
     (dest / "policy.py").write_text("already here")  # O_EXCL: the copy never writes through
     with pytest.raises(StoreWriteFailed, match="EEXIST"):
         copy_tree(str(root / "m"), str(dest), str(root))
+
+
+def test_opening_beneath_the_root_follows_no_link_on_the_way(root, tmp_path):
+    """What stops a swap between check and read: a component that is (or became) a link fails."""
+    from policy_server.model_files import _open_beneath
+
+    (root / "hop").symlink_to(root / "m")
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = _open_beneath(root_fd, "m/policy.py", os.O_RDONLY | os.O_NOFOLLOW)
+        assert os.read(fd, 6) == (root / "m" / "policy.py").read_bytes()[:6]
+        os.close(fd)
+        for path in ("hop/policy.py", "hop"):
+            with pytest.raises(OSError) as refused:
+                _open_beneath(root_fd, path, os.O_RDONLY | os.O_NOFOLLOW)
+            assert refused.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    finally:
+        os.close(root_fd)
+
+
+def test_a_file_swapped_for_an_outside_link_between_check_and_open_is_refused(root, tmp_path, monkeypatch):
+    """lstat says "regular file", then the file becomes a link out: the O_NOFOLLOW open fails
+    and the copy is refused, never reading the outside file."""
+    from policy_server import model_files
+
+    (tmp_path / "secret").write_text("outside")
+    real_stat = os.stat
+    swapped = []
+
+    def stat_then_swap(path, *args, **kwargs):
+        result = real_stat(path, *args, **kwargs)
+        if path == "policy.py" and not swapped:
+            swapped.append(True)
+            (root / "m" / "policy.py").unlink()
+            (root / "m" / "policy.py").symlink_to(tmp_path / "secret")
+        return result
+
+    monkeypatch.setattr(model_files.os, "stat", stat_then_swap)
+    with pytest.raises(Forbidden, match="'policy.py' changed into a link while being read"):
+        copied(root / "m", root, tmp_path / "out")
+    assert swapped
