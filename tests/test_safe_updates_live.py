@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from policy_server import store as store_module
 from policy_server.store import ModelStore
 from request_tools import PolicyClient, PolicyServerError
 from tests.fakes import fake_observation
@@ -142,3 +143,20 @@ def test_store_write_failures_answer_json_and_keep_serving(tmp_path, root):
             answer = admin.update_model(weights=tiny_weights(3.0))  # the store works again
             assert answer["version"] == 2 and answer["all_workers"] is True
             assert served(server) == {("2", 3.0)}
+
+
+def test_leftovers_of_a_crashed_publish_are_removed_at_start(tmp_path, root):
+    store_dir = tmp_path / "store"
+    store = ModelStore(str(store_dir), model_root=str(root))
+    store.seed("default", str(root / "tiny"))  # what the server will find already seeded
+    staged = store.stage("default", str(root / "tiny"))
+    os.rename(staged, store.version_dir("default", 2))  # killed between its rename and its pointer
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = store_dir / "default" / ".staging" / f"candidate-{dead.pid}@{store_module._HOST}-x"
+    orphan.mkdir()
+    assert store.versions("default") == [1]  # invisible even before the cleanup
+    with live(tmp_path, root, store_dir, workers=1) as server, PolicyClient(server.base_url) as client:
+        assert not orphan.exists()
+        assert_only_version_one(server, store_dir)
+        assert {m["name"]: m["kept_versions"] for m in client.models()} == {"default": [1]}
