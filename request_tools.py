@@ -363,7 +363,7 @@ class PolicyClient:
         weights: Mapping[str, Any] | None = None,
         version: int | None = None,
         model: str | None = None,
-        wait_s: float = 10.0,
+        wait_s: float | None = 10.0,
     ) -> dict:
         """Publish a new version to every worker and instance sharing the server's store.
 
@@ -372,9 +372,10 @@ class PolicyClient:
         ``{k: v.cpu().numpy() for k, v in module.state_dict().items()}``) or ``version``
         (roll back to a kept version). Returns once every worker of the instance that took
         the call serves it, or after ``wait_s`` seconds (default 10; 0: right after
-        publishing, the old fire-and-forget): ``{"version": N, "previous": M, "all_workers":
-        bool, "lagging": [pid, ...], "warnings": [...], ...}``. Other instances sharing the
-        store follow within their poll interval. A refused update raises PolicyServerError
+        publishing, the old fire-and-forget; None: the server's ``--update-wait-s``):
+        ``{"version": N, "previous": M, "all_workers": bool, "lagging": [pid, ...],
+        "warnings": [...], ...}``. Other instances sharing the store follow within their
+        poll interval. A refused update raises PolicyServerError
         (4xx names the reason; 507 when the store is full) and changes nothing. Never retried.
         """
         body: dict[str, Any] = {}
@@ -386,12 +387,12 @@ class PolicyClient:
                                 content_type="application/octet-stream")
         return self._manage("/update_model", wait_s, json_body=body)
 
-    def load_model(self, name: str, model_path: str | None = None, wait_s: float = 10.0) -> dict:
+    def load_model(self, name: str, model_path: str | None = None, wait_s: float | None = 10.0) -> dict:
         """Serve ``name`` on every worker (from ``model_path`` if given, else its current version);
         waits like :meth:`update_model`."""
         return self._manage(f"/models/{name}/load", wait_s, json_body={"model_path": model_path} if model_path else {})
 
-    def unload_model(self, name: str, wait_s: float = 10.0) -> dict:
+    def unload_model(self, name: str, wait_s: float | None = 10.0) -> dict:
         """Stop serving ``name`` on every worker (its versions stay in the store); waits like
         :meth:`update_model`."""
         return self._manage(f"/models/{name}/unload", wait_s, json_body={})
@@ -404,13 +405,14 @@ class PolicyClient:
 
     def _manage(self, route: str, wait_s: float | None, *, json_body: Any = None, data: bytes | None = None,
                 content_type: str = "application/json") -> dict:
+        longest_wait_s = 300.0  # the server's bound on any wait (None: its default, at most this)
         headers = {**self._headers(admin=True), "Content-Type": content_type}
         if json_body is not None:
             data = json.dumps(json_body).encode()
         return _request(
             self._session, "POST", self.base_url + route,
-            timeout_s=self.timeout_s + wait_s, retries=0, data=data, headers=headers,
-            params={"wait_s": wait_s},  # always sent: 0 means "do not wait", absent the server's default
+            timeout_s=self.timeout_s + (longest_wait_s if wait_s is None else wait_s), retries=0, data=data,
+            headers=headers, params=None if wait_s is None else {"wait_s": wait_s},  # 0 is sent: "do not wait"
         ).json()
 
     def health(self) -> bool:

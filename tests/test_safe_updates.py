@@ -368,3 +368,31 @@ def test_a_push_repeating_a_key_is_refused(client, setitems):
     assert set(decoded["weights"]) == {"linear.bias", "linear.weight"}
     refused(client.post("/update_model", data=data, headers=BINARY), 400, "repeats a key")
     assert_nothing_published(client)
+
+
+def test_the_client_sends_its_wait_and_sizes_its_timeout(monkeypatch):
+    """PolicyClient waits 10 s by default, sends wait_s=0 as such, and leaves it to the server on None."""
+    import request_tools
+
+    calls = []
+
+    class Answer:
+        def json(self):
+            return {"version": 2}
+
+    def fake_request(session, method, url, *, timeout_s, params, **kwargs):
+        calls.append((url.rsplit("/", 1)[-1], timeout_s, params))
+        return Answer()
+
+    monkeypatch.setattr(request_tools, "_request", fake_request)
+    with request_tools.PolicyClient("http://127.0.0.1:9", timeout_s=5) as client:
+        client.update_model(version=1)
+        client.update_model(version=1, wait_s=0)
+        client.load_model("x", wait_s=None)
+        client.unload_model("x", wait_s=2.5)
+    assert calls == [
+        ("update_model", 15.0, {"wait_s": 10.0}),
+        ("update_model", 5.0, {"wait_s": 0}),
+        ("load", 305.0, None),
+        ("unload", 7.5, {"wait_s": 2.5}),
+    ]
