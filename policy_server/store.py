@@ -413,7 +413,11 @@ class ModelStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        _fsync_dir(directory)
+        try:  # past the replace the new pointer is live: failing now would disown a served version
+            _fsync_dir(directory)
+        except OSError as exc:
+            log.warning("the new pointer of %s is live but its directory entry may not be on disk: %s",
+                        pointer.model, exc)
 
     @staticmethod
     def _clean_stale(staging: str) -> list[str]:
