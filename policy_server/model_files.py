@@ -35,7 +35,7 @@ class Limits:
     """Bounds on one model directory: regular files and their total bytes."""
 
     max_files: int = 10_000
-    max_bytes: int = 1 << 36
+    max_bytes: int = 16 << 30  # as --stage-max-bytes
 
 
 def _kind(mode: int) -> str:
