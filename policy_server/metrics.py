@@ -55,6 +55,11 @@ MODEL_VERSION = Gauge(
 RELOADS = Counter("policy_model_reloads_total", "New versions a worker swapped in", ["model"])
 RELOAD_FAILURES = Counter("policy_model_reload_failures_total", "New versions a worker failed to load", ["model"])
 UPDATES_REFUSED = Counter("policy_model_updates_refused_total", "Updates that failed validation (nothing published)")
+FRONT_DOOR_REFUSALS = Counter(
+    "policy_front_door_refusals_total",
+    "Requests the front door answered itself (timeouts, protocol errors, limits, overload), by reason and status",
+    ["reason", "status"],
+)
 CACHE_HITS = Counter("policy_cache_hits_total", "Answers served from the response cache")
 CACHE_MISSES = Counter("policy_cache_misses_total", "Cache lookups that found nothing fresh")
 
@@ -86,3 +91,25 @@ def set_model_version(model: str, version: str) -> None:
     if version.isdigit():
         MODEL_VERSION.labels(model).set(int(version))
 
+
+
+def request_totals(routes) -> tuple[int, int] | None:
+    """``(answered, failed)``: ``policy_requests_total`` over ``routes`` summed over every worker
+    that ever served, dead ones included (their counter files stay); status >= 400 failed.
+    None outside gunicorn (no multiprocess directory): the caller keeps its own counts."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return None
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    total = failed = 0
+    for family in registry.collect():
+        if family.name != "policy_requests":
+            continue
+        for sample in family.samples:
+            if sample.name == "policy_requests_total" and sample.labels.get("route") in routes:
+                n = int(sample.value)
+                total += n
+                failed += n if int(sample.labels["status"]) >= 400 else 0
+    return total, failed

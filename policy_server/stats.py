@@ -96,6 +96,24 @@ def summarize(snapshots: list[dict[str, Any]], now: float | None = None) -> dict
     }
 
 
+def instance_summary(snapshots: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
+    """:func:`summarize`, with the totals taken from ``policy_requests_total`` when the
+    instance runs under gunicorn: counted by every worker that ever served, dead ones
+    included, so they never go backwards and agree with ``/metrics``."""
+    from policy_server import metrics
+    from policy_server.observability import INFERENCE_ROUTES
+
+    summary = summarize(snapshots, now)
+    totals = metrics.request_totals(INFERENCE_ROUTES)
+    if totals is not None:
+        total, failed = totals
+        summary.update(
+            total_requests=total, failed_requests=failed,
+            success_rate=round((total - failed) / total, 6) if total else None,
+        )
+    return summary
+
+
 def write_final_metrics(run_dir: str, log_dir: str) -> str:
     """Write ``<log_dir>/final_metrics.json``: the summary over every worker that ever served
     (dead ones included) and the request counts by route and status. Returns the path."""
@@ -104,7 +122,7 @@ def write_final_metrics(run_dir: str, log_dir: str) -> str:
     from policy_server.worker_status import WorkerStatusBoard
 
     snapshots = list(WorkerStatusBoard(run_dir, "stats", prune_dead=False).read(include_dead=True).values())
-    summary = summarize(snapshots)
+    summary = instance_summary(snapshots)
     summary["requests_by_route_status"] = _request_counts()
     summary["written_at"] = time.time()
     os.makedirs(log_dir, exist_ok=True)
