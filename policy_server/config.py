@@ -81,10 +81,10 @@ class ServerConfig:
         "503 with Retry-After at once"
     )
     max_reading_per_worker: int = _opt(
-        128, "connections a worker reads an unfinished request from at once; past it: 503 and close"
+        256, "connections a worker reads an unfinished request from at once; past it: 503 and close"
     )
     max_reading_per_client: int = _opt(
-        32, "connections one client address sends unfinished requests on, per worker; past it: 503 and close"
+        64, "connections one client address sends unfinished requests on, per worker; past it: 503 and close"
     )
     malloc_tuning: bool = _opt(
         True, "workers set glibc's mmap and trim thresholds (mallopt) so per-forward temporaries reuse memory"

@@ -28,6 +28,7 @@ per-connection buffer, and a request thread gets only complete requests. So:
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import selectors
 import socket
@@ -36,8 +37,6 @@ from concurrent import futures
 from functools import partial
 
 from gunicorn.http import wsgi
-from gunicorn.http.body import Body, LengthReader
-from gunicorn.http.unreader import IterUnreader
 from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
@@ -48,7 +47,7 @@ count_refusal = count_vanished = None  # policy_server.observability's, bound in
 
 PROBE_PATHS = frozenset({"/health", "/ready"})
 PROBE_THREADS = 2
-RECV_BYTES = 1 << 18
+RECV_BYTES = 1 << 20
 LINGER_S = 2.0  # after a closing refusal: read and drop what the client still sends, then close
 SCAN_S = 0.05  # how often deadlines are checked
 SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
@@ -94,6 +93,8 @@ class FrontDoorWorker(ThreadWorker):
         self.probe_pool = None
         self._next_scan = 0.0
         self._url_adapter = None
+        self._scratch = bytearray(RECV_BYTES)  # the poller's one receive buffer
+        self._scratch_view = memoryview(self._scratch)
 
     def init_process(self) -> None:
         # Imported here, in the worker: the master loads this class before it creates the
@@ -121,14 +122,15 @@ class FrontDoorWorker(ThreadWorker):
 
     def _readable(self, conn: Conn, _fileobj=None) -> None:
         try:
-            data = conn.sock.recv(RECV_BYTES)
+            n = conn.sock.recv_into(self._scratch)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            n = 0
+        if not n:
             self._peer_closed(conn)
             return
+        data = self._scratch_view[:n]
         if conn.state in (LINGERING,):
             return
         if conn.state == IDLE:
@@ -205,9 +207,12 @@ class FrontDoorWorker(ThreadWorker):
                     _send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
         if len(conn.buf) < conn.need:
             return
-        body = bytes(conn.buf[:conn.need])
-        del conn.buf[:conn.need]
-        conn.req.body = Body(LengthReader(IterUnreader([body]), conn.need))
+        if len(conn.buf) == conn.need:
+            body, conn.buf = bytes(conn.buf), bytearray()
+        else:
+            body = bytes(memoryview(conn.buf)[:conn.need])
+            del conn.buf[:conn.need]
+        conn.req.body = io.BytesIO(body)  # wsgi.input; reading it all returns ``body`` itself, no copy
         self._dispatch(conn)
 
     def _head_too_long(self, conn: Conn) -> Refusal | None:
