@@ -49,7 +49,8 @@ PROBE_PATHS = frozenset({"/health", "/ready"})
 PROBE_THREADS = 2
 RECV_BYTES = 1 << 20
 LINGER_S = 2.0  # after a closing refusal: read and drop what the client still sends, then close
-SCAN_S = 0.05  # how often deadlines are checked
+SCAN_S = 0.05
+OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show a probe's head  # how often deadlines are checked
 SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
 
 IDLE, READING, DISCARDING, BUSY, LINGERING = range(5)
@@ -61,7 +62,7 @@ class Conn:
 
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
-        "route", "nreq", "scanned", "is_new",
+        "route", "nreq", "scanned", "is_new", "over_cap",
     )
 
     def __init__(self, sock, client, server, now: float, head_timeout_s: float) -> None:
@@ -77,6 +78,7 @@ class Conn:
         self.route = "front_door"
         self.nreq = 0
         self.scanned = 0
+        self.over_cap = None  # the Refusal it gets unless its head shows a probe
 
 
 class FrontDoorWorker(ThreadWorker):
@@ -150,12 +152,15 @@ class FrontDoorWorker(ThreadWorker):
         self.held += 1
         self.reading += 1
         self.reading_by_addr[conn.addr] = self.reading_by_addr.get(conn.addr, 0) + 1
+        # Over a cap, the request is refused once its head shows it is not a probe (probes
+        # always pass), or after OVER_CAP_GRACE_S if its head has not come by then.
+        conn.over_cap = None
         if self.reading > s.max_reading_per_worker:
-            self._refuse(conn, Refusal(503, "overloaded", "too many requests being sent to this worker",
-                                       "too_many_readers", retry=True))
+            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent to this worker",
+                                    "too_many_readers", retry=True)
         elif self.reading_by_addr[conn.addr] > s.max_reading_per_client:
-            self._refuse(conn, Refusal(503, "overloaded", "too many requests being sent from this address",
-                                       "too_many_readers_per_client", retry=True))
+            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent from this address",
+                                    "too_many_readers_per_client", retry=True)
 
     def _stop_reading(self, conn: Conn) -> None:
         if conn.state != READING:
@@ -195,6 +200,9 @@ class FrontDoorWorker(ThreadWorker):
             conn.scanned = 0
             conn.nreq += 1
             conn.req, conn.need, conn.route = head.req, head.length, head.route
+            if not head.probe and conn.over_cap is not None:
+                self._refuse(conn, conn.over_cap)
+                return
             if not head.probe and self.held > s.admission_limit:  # probes always pass
                 self._refuse(conn, Refusal(
                     503, "overloaded", f"{self.held - 1} requests held by this worker", "admission", retry=True,
@@ -323,6 +331,9 @@ class FrontDoorWorker(ThreadWorker):
         if now < self._next_scan:
             return
         self._next_scan = now + SCAN_S
+        for conn in [c for c in self.conns if c.over_cap is not None and c.state == READING and c.req is None]:
+            if now - conn.arrived > OVER_CAP_GRACE_S:
+                self._refuse(conn, conn.over_cap)
         for conn in [c for c in self.conns if c.state != BUSY and c.deadline <= now]:
             if conn.state == READING or (conn.state == IDLE and conn.is_new):
                 if conn.state == IDLE:
