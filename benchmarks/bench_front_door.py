@@ -11,6 +11,8 @@ Phases (each starts its own server, stops it at the end):
 - ``stalled``: 1 worker x ``--threads``; N stalled uploads (headers + 4 KB of a 0.9 MB body)
   are held, N = 0, threads, 4 x threads; a well-behaved PolicyClient's sequential /infer
   latency (p50/p99 ms) meanwhile.
+- ``malloc`` (not in the default set): glibc malloc thresholds on against off, one worker,
+  sequential requests: minor page faults and worker CPU per request, latency.
 - ``robots``: ``--robots`` concurrent keep-alive clients (raw sockets, spread over processes)
   against ``--workers`` workers for ``--robot-seconds``: answers by status, 503s without
   Retry-After, connection errors, p50/p99 latency, and each worker's RSS at the end.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import socket
 import sys
 import tempfile
@@ -220,6 +223,40 @@ def phase_robots(args, tmp: Path) -> dict:
     }
 
 
+def _faults_and_cpu(pid: int) -> tuple[int, float]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[7]), (int(fields[11]) + int(fields[12])) / ticks  # minflt, utime + stime
+
+
+def phase_malloc(args, tmp: Path) -> dict:
+    """glibc malloc thresholds (mallopt in the worker) on against off: one worker, sequential
+    requests; the worker's minor page faults and CPU per request, and client latency."""
+    results = {}
+    for tuning in ("1", "0"):
+        env = {"POLICY_SERVER_MALLOC_TUNING": tuning}
+        with run_server(tmp / f"malloc{tuning}", workers=1, env=env) as server:
+            (pid,) = server.ready_workers()
+            obs = observation()
+            times = []
+            with PolicyClient(server.base_url, retries=0, timeout_s=30) as client:
+                for _ in range(20):
+                    client.infer(obs)
+                faults0, cpu0 = _faults_and_cpu(pid)
+                for _ in range(args.sequential * 4):
+                    t0 = time.perf_counter()
+                    client.infer(obs)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                faults1, cpu1 = _faults_and_cpu(pid)
+            n = args.sequential * 4
+            results["on" if tuning == "1" else "off"] = {
+                **spread(times), "minor_faults_per_request": round((faults1 - faults0) / n, 1),
+                "worker_cpu_ms_per_request": round(1e3 * (cpu1 - cpu0) / n, 3),
+                "worker_rss_mb": _worker_rss_mb([pid])[pid],
+            }
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1)
@@ -233,7 +270,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--json")
     args = parser.parse_args()
-    phases = {"shed": phase_shed, "stalled": phase_stalled, "robots": phase_robots}
+    phases = {"shed": phase_shed, "stalled": phase_stalled, "robots": phase_robots, "malloc": phase_malloc}
     results: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="bench-front-door-") as tmp:
         for run in range(args.runs):
