@@ -235,7 +235,7 @@ def phase_malloc(args, tmp: Path) -> dict:
     results = {}
     for tuning in ("1", "0"):
         env = {"POLICY_SERVER_MALLOC_TUNING": tuning}
-        with run_server(tmp / f"malloc{tuning}", workers=1, env=env) as server:
+        with run_server(tmp / f"malloc{tuning}", workers=1, env=env, args=("--torch-threads", "1")) as server:
             (pid,) = server.ready_workers()
             obs = observation()
             times = []

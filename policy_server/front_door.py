@@ -40,7 +40,17 @@ from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
-from policy_server.front_door_http import ARRIVED, DEFERRED, Refusal, parse_head, refusal_bytes
+from policy_server.front_door_http import (
+    ARRIVED,
+    DEFERRED,
+    GONE,
+    Refusal,
+    head_overflow,
+    parse_head,
+    refusal_bytes,
+    reset_by_peer,
+    send_quietly,
+)
 
 log = logging.getLogger(__name__)
 count_refusal = count_vanished = None  # policy_server.observability's, bound in the worker (init_process)
@@ -54,7 +64,6 @@ OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show
 SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
 
 IDLE, READING, DISCARDING, BUSY, LINGERING = range(5)
-_GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)
 
 
 class Conn:
@@ -187,7 +196,7 @@ class FrontDoorWorker(ThreadWorker):
             end = conn.buf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
             if end < 0:
                 conn.scanned = len(conn.buf)
-                refusal = self._head_too_long(conn)
+                refusal = head_overflow(self.cfg, conn.buf)
                 if refusal is not None:
                     self._refuse(conn, refusal)
                 return
@@ -212,7 +221,7 @@ class FrontDoorWorker(ThreadWorker):
             if conn.req._expected_100_continue:
                 conn.req._expected_100_continue = False
                 if len(conn.buf) < conn.need:
-                    _send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+                    send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
         if len(conn.buf) < conn.need:
             return
         if len(conn.buf) == conn.need:
@@ -222,15 +231,6 @@ class FrontDoorWorker(ThreadWorker):
             del conn.buf[:conn.need]
         conn.req.body = io.BytesIO(body)  # wsgi.input; reading it all returns ``body`` itself, no copy
         self._dispatch(conn)
-
-    def _head_too_long(self, conn: Conn) -> Refusal | None:
-        limit_line = self.cfg.limit_request_line or 8190
-        if len(conn.buf) > limit_line + 2 and conn.buf.find(b"\r\n", 0, limit_line + 2) < 0:
-            return Refusal(414, "uri too long", f"request line longer than {limit_line} bytes", "request_line")
-        most = limit_line + 2 + self.cfg.limit_request_fields * (self.cfg.limit_request_field_size + 2) + 4
-        if len(conn.buf) > most:
-            return Refusal(431, "request header fields too large", f"request head over {most} bytes", "headers")
-        return None
 
     def _limit_for(self, path: str) -> int:
         s = self.settings
@@ -267,7 +267,7 @@ class FrontDoorWorker(ThreadWorker):
                       time.monotonic() - conn.arrived)
         self.held -= 1
         keep_alive = keep_alive and self.alive
-        _send_quietly(conn.sock, refusal_bytes(refusal, close=not keep_alive))
+        send_quietly(conn.sock, refusal_bytes(refusal, close=not keep_alive))
         if keep_alive:
             conn.state = DISCARDING
             conn.deadline = time.monotonic() + self.settings.body_timeout_s + conn.need / self.settings.min_body_bytes_per_s
@@ -404,7 +404,7 @@ class FrontDoorWorker(ThreadWorker):
         deferred: list = []
         delivered = False
         try:
-            if _reset_by_peer(conn.sock):  # while the socket is still non-blocking
+            if reset_by_peer(conn.sock):  # while the socket is still non-blocking
                 count_vanished(conn.route, req, conn.addr, time.monotonic() - conn.arrived, "before its request ran")
                 return False
             conn.sock.settimeout(SEND_TIMEOUT_S)
@@ -426,7 +426,7 @@ class FrontDoorWorker(ThreadWorker):
                     respiter.close()
             return not resp.should_close()
         except OSError as exc:
-            if exc.errno not in _GONE and not isinstance(exc, TimeoutError):
+            if exc.errno not in GONE and not isinstance(exc, TimeoutError):
                 log.exception("socket error serving a request")
             return False
         except Exception as exc:
@@ -435,24 +435,6 @@ class FrontDoorWorker(ThreadWorker):
         finally:
             for record in deferred:
                 record(delivered)
-
-
-def _send_quietly(sock, data: bytes) -> None:
-    try:
-        sock.send(data)
-    except OSError:
-        pass
-
-
-def _reset_by_peer(sock) -> bool:
-    """True when the client reset the connection (RST) after sending its request."""
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError as exc:
-        return exc.errno in _GONE
-    return False
 
 
 __all__ = ["ARRIVED", "FrontDoorWorker"]

@@ -7,7 +7,9 @@ JSON error body (``{"error", "detail"}``) with a status of their own.
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable
@@ -17,6 +19,7 @@ from gunicorn.http.body import ChunkedReader, LengthReader
 from gunicorn.http.message import Request
 from gunicorn.http.unreader import IterUnreader
 
+GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)  # the client went away
 ARRIVED = "policy_server.arrived"  # environ: time.monotonic() of the request's first byte (or acceptance)
 DEFERRED = "policy_server.deferred"  # environ: a list; counting is appended, called with delivered: bool
 
@@ -94,3 +97,35 @@ def refusal_bytes(refusal: Refusal, close: bool) -> bytes:
     if refusal.retry or refusal.status == 503:
         lines.append("Retry-After: 1")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def head_overflow(cfg, buf: bytearray) -> Refusal | None:
+    """A refusal when an unfinished head is already past gunicorn's limits (no need to wait
+    for the rest of a 1 MB request line), else None."""
+    limit_line = cfg.limit_request_line or 8190
+    if len(buf) > limit_line + 2 and buf.find(b"\r\n", 0, limit_line + 2) < 0:
+        return Refusal(414, "uri too long", f"request line longer than {limit_line} bytes", "request_line")
+    most = limit_line + 2 + cfg.limit_request_fields * (cfg.limit_request_field_size + 2) + 4
+    if len(buf) > most:
+        return Refusal(431, "request header fields too large", f"request head over {most} bytes", "headers")
+    return None
+
+
+def send_quietly(sock, data: bytes) -> None:
+    """One non-blocking send of a small answer; a client that is gone is not an error."""
+    try:
+        sock.send(data)
+    except OSError:
+        pass
+
+
+def reset_by_peer(sock) -> bool:
+    """True when the client reset the connection (RST) after sending its request. ``sock``
+    must be non-blocking (a timeout would make the peek wait)."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        return exc.errno in GONE
+    return False
