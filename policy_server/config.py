@@ -80,6 +80,10 @@ class ServerConfig:
         64, "requests a worker holds at once (being read, waiting for a thread, queued, batching); past it: "
         "503 with Retry-After at once"
     )
+    shed_wait_ms: int = _opt(
+        500, "a worker whose oldest request waiting for a thread arrived longer ago than this answers new "
+        "requests 503 with Retry-After at once (keeps what it holds inside deadline_ms)"
+    )
     max_reading_per_worker: int = _opt(
         256, "connections a worker reads an unfinished request from at once; past it: 503 and close"
     )
@@ -87,7 +91,7 @@ class ServerConfig:
         64, "connections one client address sends unfinished requests on, per worker; past it: 503 and close"
     )
     malloc_tuning: bool = _opt(
-        True, "workers set glibc's mmap and trim thresholds (mallopt) so per-forward temporaries reuse memory"
+        False, "workers raise glibc's mmap and trim thresholds (mallopt); measured no gain, see DEVELOPMENT.md"
     )
     log_level: str = _opt("info", "debug, info, warning or error")
     log_dir: str | None = _opt(
@@ -144,7 +148,7 @@ class ServerConfig:
         for name in (
             "workers", "threads", "max_body_bytes", "timeout_s", "queue_size", "deadline_ms",
             "store_keep", "store_poll_ms", "max_update_bytes", "admission_limit", "max_reading_per_worker",
-            "max_reading_per_client", "min_body_bytes_per_s",
+            "max_reading_per_client", "min_body_bytes_per_s", "shed_wait_ms",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

@@ -27,6 +27,7 @@ per-connection buffer, and a request thread gets only complete requests. So:
 
 from __future__ import annotations
 
+import collections
 import errno
 import io
 import logging
@@ -71,7 +72,7 @@ class Conn:
 
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
-        "route", "nreq", "scanned", "is_new", "over_cap",
+        "route", "nreq", "scanned", "is_new", "over_cap", "started",
     )
 
     def __init__(self, sock, client, server, now: float, head_timeout_s: float) -> None:
@@ -88,6 +89,7 @@ class Conn:
         self.nreq = 0
         self.scanned = 0
         self.over_cap = None  # the Refusal it gets unless its head shows a probe
+        self.started = False  # a request thread took its current request
 
 
 class FrontDoorWorker(ThreadWorker):
@@ -101,6 +103,7 @@ class FrontDoorWorker(ThreadWorker):
         self.held = 0  # requests from first byte to answer
         self.reading = 0
         self.reading_by_addr: dict[str, int] = {}
+        self.waiting: collections.deque[tuple[Conn, int]] = collections.deque()  # (conn, request number)
         self.probe_pool = None
         self._next_scan = 0.0
         self._url_adapter = None
@@ -212,10 +215,10 @@ class FrontDoorWorker(ThreadWorker):
             if not head.probe and conn.over_cap is not None:
                 self._refuse(conn, conn.over_cap)
                 return
-            if not head.probe and self.held > s.admission_limit:  # probes always pass
-                self._refuse(conn, Refusal(
-                    503, "overloaded", f"{self.held - 1} requests held by this worker", "admission", retry=True,
-                ), keep_alive=not conn.req.should_close())
+            overload = None if head.probe else self._overloaded()  # probes always pass
+            if overload is not None:
+                self._refuse(conn, Refusal(503, "overloaded", overload, "admission", retry=True),
+                             keep_alive=not conn.req.should_close())
                 return
             conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
             if conn.req._expected_100_continue:
@@ -251,11 +254,33 @@ class FrontDoorWorker(ThreadWorker):
         except Exception:  # NotFound, MethodNotAllowed, RequestRedirect
             return "unmatched"
 
+    def _overloaded(self) -> str | None:
+        """Why a new request cannot be admitted now, or None.
+
+        Two bounds: the count of requests held (``admission_limit``), and how long ago the
+        oldest request still waiting for a thread arrived (``shed_wait_ms``): past it the
+        worker cannot answer what it holds within their deadlines, so it sheds new ones.
+        """
+        s = self.settings
+        if self.held > s.admission_limit:
+            return f"{self.held - 1} requests held by this worker"
+        waiting = self.waiting
+        while waiting and (waiting[0][0].nreq != waiting[0][1] or waiting[0][0].started):
+            waiting.popleft()
+        if waiting:
+            waited_ms = 1e3 * (time.monotonic() - waiting[0][0].arrived)
+            if waited_ms > s.shed_wait_ms:
+                return f"this worker's oldest waiting request arrived {waited_ms:.0f} ms ago"
+        return None
+
     def _dispatch(self, conn: Conn) -> None:
         self._stop_reading(conn)
         conn.state = BUSY
         self.poller.unregister(conn.sock)
         pool = self.probe_pool if conn.req.path in PROBE_PATHS else self.tpool
+        conn.started = False
+        if pool is self.tpool:
+            self.waiting.append((conn, conn.nreq))
         future = pool.submit(self.handle, conn)
         future.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 
@@ -400,6 +425,7 @@ class FrontDoorWorker(ThreadWorker):
 
     def handle(self, conn: Conn) -> bool:
         """Serve one complete request (on a request thread); True keeps the connection."""
+        conn.started = True  # no longer waiting for a thread (read by the poller's admission)
         req = conn.req
         deferred: list = []
         delivered = False
