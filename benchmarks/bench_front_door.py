@@ -143,7 +143,7 @@ def phase_stalled(args, tmp: Path) -> dict:
 
 def _robot_process(port: int, robots: int, seconds: float, queue) -> None:
     payload = request_bytes(port, dict_to_binary(observation()))
-    out = {"latency_ms": [], "statuses": {}, "no_retry_after": 0, "connection_errors": []}
+    out = {"latency_ms": [], "by_status_ms": {}, "statuses": {}, "no_retry_after": 0, "connection_errors": []}
     lock = threading.Lock()
     stop_at = time.monotonic() + seconds
 
@@ -163,10 +163,11 @@ def _robot_process(port: int, robots: int, seconds: float, queue) -> None:
                 dt = (time.perf_counter() - t0) * 1e3
                 with lock:
                     out["latency_ms"].append(dt)
+                    out["by_status_ms"].setdefault(str(status), []).append(dt)
                     out["statuses"][status] = out["statuses"].get(status, 0) + 1
                     out["no_retry_after"] += status == 503 and "retry-after" not in headers
-                if status == 503:
-                    time.sleep(float(headers.get("retry-after", "1")) * np.random.uniform(0.1, 0.5))
+                if status == 503:  # as a polite robot would: Retry-After, jittered
+                    time.sleep(float(headers.get("retry-after", "1")) * np.random.uniform(0.5, 1.0))
                 if headers.get("connection", "").lower() == "close":
                     sock.close()
                     sock = socket.create_connection(("127.0.0.1", port), timeout=60)
@@ -220,6 +221,9 @@ def phase_robots(args, tmp: Path) -> dict:
         "connection_errors": sum(len(o["connection_errors"]) for o in outs),
         "connection_error_examples": [e for o in outs for e in o["connection_errors"]][:5],
         "latency": spread(latency), "worker_rss_mb": rss,
+        "latency_by_status": {
+            status: spread([x for o in outs for x in o["by_status_ms"].get(status, [])]) for status in statuses
+        },
     }
 
 
@@ -267,7 +271,7 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=50)
     parser.add_argument("--robots", type=int, default=500)
     parser.add_argument("--robot-seconds", type=float, default=20.0)
-    parser.add_argument("--processes", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=16, help="load-generating processes for the robots")
     parser.add_argument("--json")
     args = parser.parse_args()
     phases = {"shed": phase_shed, "stalled": phase_stalled, "robots": phase_robots, "malloc": phase_malloc}

@@ -33,6 +33,7 @@ import io
 import logging
 import selectors
 import socket
+import threading
 import time
 from concurrent import futures
 from functools import partial
@@ -62,7 +63,8 @@ RECV_BYTES = 1 << 20
 LINGER_S = 2.0  # after a closing refusal: read and drop what the client still sends, then close
 SCAN_S = 0.05
 OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show a probe's head  # how often deadlines are checked
-SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
+SEND_TIMEOUT_S = 10.0
+SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time  # a request thread's wait for a client that does not read its answer
 
 IDLE, READING, DISCARDING, BUSY, LINGERING = range(5)
 
@@ -103,6 +105,10 @@ class FrontDoorWorker(ThreadWorker):
         self.held = 0  # requests from first byte to answer
         self.reading = 0
         self.reading_by_addr: dict[str, int] = {}
+        self.dispatched = 0  # requests handed to the request threads' pool ...
+        self.started = 0  # ... and taken by a thread (incremented there, under _count_lock)
+        self._count_lock = threading.Lock()
+        self.service_s = 0.0  # moving average of a request thread's time per request
         self.waiting: collections.deque[tuple[Conn, int]] = collections.deque()  # (conn, request number)
         self.probe_pool = None
         self._next_scan = 0.0
@@ -264,6 +270,10 @@ class FrontDoorWorker(ThreadWorker):
         s = self.settings
         if self.held > s.admission_limit:
             return f"{self.held - 1} requests held by this worker"
+        queued = self.dispatched - self.started  # waiting for a request thread
+        expected_ms = 1e3 * queued * self.service_s / self.cfg.threads
+        if expected_ms > s.shed_wait_ms:
+            return f"{queued} requests wait for a thread here (about {expected_ms:.0f} ms)"
         waiting = self.waiting
         while waiting and (waiting[0][0].nreq != waiting[0][1] or waiting[0][0].started):
             waiting.popleft()
@@ -281,6 +291,7 @@ class FrontDoorWorker(ThreadWorker):
         conn.started = False
         if pool is self.tpool:
             self.waiting.append((conn, conn.nreq))
+            self.dispatched += 1
         future = pool.submit(self.handle, conn)
         future.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 
@@ -426,6 +437,19 @@ class FrontDoorWorker(ThreadWorker):
     def handle(self, conn: Conn) -> bool:
         """Serve one complete request (on a request thread); True keeps the connection."""
         conn.started = True  # no longer waiting for a thread (read by the poller's admission)
+        began = time.monotonic()
+        probe = conn.req.path in PROBE_PATHS
+        if not probe:
+            with self._count_lock:
+                self.started += 1
+        try:
+            return self._serve(conn)
+        finally:
+            if not probe:  # the request threads' mean time per request, for the admission estimate
+                with self._count_lock:
+                    self.service_s += SERVICE_EWMA * (time.monotonic() - began - self.service_s)
+
+    def _serve(self, conn: Conn) -> bool:
         req = conn.req
         deferred: list = []
         delivered = False
