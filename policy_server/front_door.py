@@ -446,8 +446,9 @@ class FrontDoorWorker(ThreadWorker):
             return self._serve(conn)
         finally:
             if not probe:  # the request threads' mean time per request, for the admission estimate
+                took = time.monotonic() - began
                 with self._count_lock:
-                    self.service_s += SERVICE_EWMA * (time.monotonic() - began - self.service_s)
+                    self.service_s = took if not self.service_s else self.service_s + SERVICE_EWMA * (took - self.service_s)
 
     def _serve(self, conn: Conn) -> bool:
         req = conn.req

@@ -224,6 +224,29 @@ def test_a_deadline_counts_from_arrival_so_a_late_request_gets_504(slow):
             assert read_answer(sock)[0] == 200
 
 
+VERY_SLOW_POLICY = SLOW_POLICY.replace("time.sleep(0.15)", "time.sleep(0.6)")
+
+
+def test_a_worker_sheds_new_requests_while_its_oldest_waiting_one_ages(tmp_path):
+    (tmp_path / "slower").mkdir()
+    (tmp_path / "slower" / "policy.py").write_text(VERY_SLOW_POLICY)
+    args = ("--threads", "1", "--model-path", str(tmp_path / "slower"), "--shed-wait-ms", "100")
+    with run_server(tmp_path, workers=1, args=args) as server:
+        first = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        first.sendall(_slow_request(server.port))  # holds the only request thread for 0.6 s
+        time.sleep(0.05)
+        second = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        second.sendall(_slow_request(server.port))  # waits for the thread
+        time.sleep(0.25)
+        third = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        with first, second, third:
+            third.sendall(_slow_request(server.port))
+            status, headers, body = read_answer(third)
+            assert (status, headers["retry-after"], body["error"]) == (503, "1", "overloaded")
+            assert "oldest waiting request" in body["detail"]
+            assert read_answer(first)[0] == 200 and read_answer(second)[0] == 200
+
+
 def _reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()  # RST, not FIN
