@@ -64,6 +64,7 @@ LINGER_S = 2.0  # after a closing refusal: read and drop what the client still s
 SCAN_S = 0.05
 OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show a probe's head  # how often deadlines are checked
 SEND_TIMEOUT_S = 10.0
+PREALLOCATE_BYTES = 4 << 20  # bodies up to this are received in place (a stalled one costs its length)
 SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time  # a request thread's wait for a client that does not read its answer
 
 IDLE, READING, DISCARDING, BUSY, LINGERING = range(5)
@@ -74,7 +75,7 @@ class Conn:
 
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
-        "route", "nreq", "scanned", "is_new", "over_cap", "started",
+        "route", "nreq", "scanned", "is_new", "over_cap", "started", "body", "filled",
     )
 
     def __init__(self, sock, client, server, now: float, head_timeout_s: float) -> None:
@@ -92,6 +93,8 @@ class Conn:
         self.scanned = 0
         self.over_cap = None  # the Refusal it gets unless its head shows a probe
         self.started = False  # a request thread took its current request
+        self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
+        self.filled = 0
 
 
 class FrontDoorWorker(ThreadWorker):
@@ -141,6 +144,20 @@ class FrontDoorWorker(ThreadWorker):
         self.poller.register(sock, selectors.EVENT_READ, partial(self._readable, conn))
 
     def _readable(self, conn: Conn, _fileobj=None) -> None:
+        if conn.body is not None:  # straight into the body's own buffer: no copy here
+            try:
+                n = conn.sock.recv_into(memoryview(conn.body)[conn.filled:])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if not n:
+                self._peer_closed(conn)
+                return
+            conn.filled += n
+            if conn.filled == conn.need:
+                self._advance(conn)
+            return
         try:
             n = conn.sock.recv_into(self._scratch)
         except (BlockingIOError, InterruptedError):
@@ -231,9 +248,19 @@ class FrontDoorWorker(ThreadWorker):
                 conn.req._expected_100_continue = False
                 if len(conn.buf) < conn.need:
                     send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-        if len(conn.buf) < conn.need:
+            if len(conn.buf) < conn.need <= PREALLOCATE_BYTES:
+                conn.body = bytearray(conn.need)  # the rest is received straight into it
+                conn.filled = len(conn.buf)
+                conn.body[:conn.filled] = conn.buf
+                conn.buf = bytearray()
+                return
+        if conn.body is not None:
+            if conn.filled < conn.need:
+                return
+            body, conn.body = bytes(conn.body), None
+        elif len(conn.buf) < conn.need:
             return
-        if len(conn.buf) == conn.need:
+        elif len(conn.buf) == conn.need:
             body, conn.buf = bytes(conn.buf), bytearray()
         else:
             body = bytes(memoryview(conn.buf)[:conn.need])
@@ -317,6 +344,7 @@ class FrontDoorWorker(ThreadWorker):
         send a reset that can destroy the answer before the client reads it."""
         conn.state = LINGERING
         conn.req = None
+        conn.body = None
         conn.buf = bytearray()
         conn.deadline = time.monotonic() + LINGER_S
         try:
@@ -328,6 +356,7 @@ class FrontDoorWorker(ThreadWorker):
         conn.state = IDLE
         conn.is_new = False
         conn.req = None
+        conn.body = None
         conn.need = 0
         conn.route = "front_door"
         conn.deadline = time.monotonic() + (self.cfg.keepalive if self.alive else min(self.cfg.keepalive, 2.0))
