@@ -67,8 +67,8 @@ class ServerConfig:
     keepalive_s: int = _opt(75, "seconds an idle keep-alive connection stays open")
     # The front door (policy_server/front_door.py): reading requests before a thread sees them.
     head_timeout_s: float = _opt(
-        10.0, "seconds from a connection's acceptance (or a kept-alive request's first byte) to a complete request "
-        "head; past it: 408 and the connection closes"
+        10.0, "seconds from a request's first byte to its complete head; past it: 408 and the connection "
+        "closes (a connection that sends nothing is closed quietly after keepalive_s)"
     )
     body_timeout_s: float = _opt(
         10.0, "seconds a request body may take, plus its length / min_body_bytes_per_s; past it: 408 and close"

@@ -6,8 +6,7 @@ code, but the *poller* thread reads each request's head and body without blockin
 per-connection buffer, and a request thread gets only complete requests. So:
 
 - a slow, stalled or vanished client costs a buffer and a file descriptor, never a thread;
-  reading is bounded by ``head_timeout_s`` (from acceptance, or a kept-alive request's first
-  byte) and a body deadline of ``body_timeout_s`` + length / ``min_body_bytes_per_s``; past
+  reading is bounded by ``head_timeout_s`` (from the request's first byte) and a body deadline of ``body_timeout_s`` + length / ``min_body_bytes_per_s``; past
   it: JSON 408 and the connection closes;
 - requests being read are bounded per worker (``max_reading_per_worker``) and per client
   address (``max_reading_per_client``): past either, JSON 503 + Retry-After, connection closed;
@@ -75,17 +74,16 @@ class Conn:
 
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
-        "route", "nreq", "scanned", "is_new", "over_cap", "started", "body", "filled",
+        "route", "nreq", "scanned", "over_cap", "started", "body", "filled",
     )
 
-    def __init__(self, sock, client, server, now: float, head_timeout_s: float) -> None:
+    def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
         self.sock, self.client, self.server = sock, client, server
         self.addr = client[0] if isinstance(client, tuple) else str(client)
         self.buf = bytearray()
         self.state = IDLE
-        self.is_new = True  # no request yet: the head timeout runs from acceptance
-        self.arrived = now
-        self.deadline = now + head_timeout_s
+        self.arrived = now  # of the current request: its first byte
+        self.deadline = now + idle_s  # idle (no request begun): closed quietly then
         self.req = None
         self.need = 0
         self.route = "front_door"
@@ -139,7 +137,7 @@ class FrontDoorWorker(ThreadWorker):
             raise
         sock.setblocking(False)
         self.nr_conns += 1
-        conn = Conn(sock, client, listener.getsockname(), time.monotonic(), self.settings.head_timeout_s)
+        conn = Conn(sock, client, listener.getsockname(), time.monotonic(), self.cfg.keepalive or 2.0)
         self.conns.add(conn)
         self.poller.register(sock, selectors.EVENT_READ, partial(self._readable, conn))
 
@@ -170,10 +168,8 @@ class FrontDoorWorker(ThreadWorker):
         data = self._scratch_view[:n]
         if conn.state in (LINGERING,):
             return
-        if conn.state == IDLE:
-            now = time.monotonic()
-            if not conn.is_new:  # a kept-alive connection's next request starts now
-                conn.arrived = now
+        if conn.state == IDLE:  # a request begins: it arrives with its first byte
+            conn.arrived = time.monotonic()
             conn.deadline = conn.arrived + self.settings.head_timeout_s
             self._start_reading(conn)
             if conn.state != READING:
@@ -354,7 +350,6 @@ class FrontDoorWorker(ThreadWorker):
 
     def _keep_alive(self, conn: Conn) -> None:
         conn.state = IDLE
-        conn.is_new = False
         conn.req = None
         conn.body = None
         conn.need = 0
@@ -400,12 +395,7 @@ class FrontDoorWorker(ThreadWorker):
             if now - conn.arrived > OVER_CAP_GRACE_S:
                 self._refuse(conn, conn.over_cap)
         for conn in [c for c in self.conns if c.state != BUSY and c.deadline <= now]:
-            if conn.state == READING or (conn.state == IDLE and conn.is_new):
-                if conn.state == IDLE:
-                    self.held += 1  # counted as held for the refusal's bookkeeping
-                    conn.state = READING
-                    self.reading += 1
-                    self.reading_by_addr[conn.addr] = self.reading_by_addr.get(conn.addr, 0) + 1
+            if conn.state == READING:
                 part = "body" if conn.req is not None else "request head"
                 self._refuse(conn, Refusal(408, "request timeout", f"{part} not received in time", f"{part.split()[-1]}_timeout"))
             else:  # idle keep-alive, discarding or lingering

@@ -20,7 +20,7 @@ from gunicorn.http.message import Request
 from gunicorn.http.unreader import IterUnreader
 
 GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)  # the client went away
-ARRIVED = "policy_server.arrived"  # environ: time.monotonic() of the request's first byte (or acceptance)
+ARRIVED = "policy_server.arrived"  # environ: time.monotonic() of the request's first byte
 DEFERRED = "policy_server.deferred"  # environ: a list; counting is appended, called with delivered: bool
 
 

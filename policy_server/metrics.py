@@ -92,24 +92,3 @@ def set_model_version(model: str, version: str) -> None:
         MODEL_VERSION.labels(model).set(int(version))
 
 
-
-def request_totals(routes) -> tuple[int, int] | None:
-    """``(answered, failed)``: ``policy_requests_total`` over ``routes`` summed over every worker
-    that ever served, dead ones included (their counter files stay); status >= 400 failed.
-    None outside gunicorn (no multiprocess directory): the caller keeps its own counts."""
-    if not os.environ.get(MULTIPROC_ENV):
-        return None
-    from prometheus_client import multiprocess
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
-    total = failed = 0
-    for family in registry.collect():
-        if family.name != "policy_requests":
-            continue
-        for sample in family.samples:
-            if sample.name == "policy_requests_total" and sample.labels.get("route") in routes:
-                n = int(sample.value)
-                total += n
-                failed += n if int(sample.labels["status"]) >= 400 else 0
-    return total, failed

@@ -30,7 +30,6 @@ access_log = logging.getLogger("policy_server.access")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 INFERENCE_ENDPOINTS = frozenset({"infer", "infer_named"})
 QUIET_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics"})  # probes and scrapes: DEBUG only
-INFERENCE_ROUTES = frozenset({"/infer", "/models/<name>/infer"})
 CLIENT_CLOSED = 499
 
 

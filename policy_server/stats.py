@@ -96,17 +96,22 @@ def summarize(snapshots: list[dict[str, Any]], now: float | None = None) -> dict
     }
 
 
+INFERENCE_ROUTES = frozenset({"/infer", "/models/<name>/infer"})  # what the totals count
+
+
 def instance_summary(snapshots: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
     """:func:`summarize`, with the totals taken from ``policy_requests_total`` when the
     instance runs under gunicorn: counted by every worker that ever served, dead ones
-    included, so they never go backwards and agree with ``/metrics``."""
-    from policy_server import metrics
-    from policy_server.observability import INFERENCE_ROUTES
-
+    included (their counter files stay), so they never go backwards and agree with
+    ``/metrics``. Every status counts; status >= 400 (499 included) is failed."""
     summary = summarize(snapshots, now)
-    totals = metrics.request_totals(INFERENCE_ROUTES)
-    if totals is not None:
-        total, failed = totals
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        total = failed = 0
+        for key, n in _request_counts().items():
+            route, status = key.rsplit(" ", 1)
+            if route in INFERENCE_ROUTES:
+                total += n
+                failed += n if int(status) >= 400 else 0
         summary.update(
             total_requests=total, failed_requests=failed,
             success_rate=round((total - failed) / total, 6) if total else None,

@@ -90,8 +90,8 @@ def request_deadline_s(default_ms: int) -> float:
 def request_deadline(default_ms: int) -> float:
     """The request's deadline as a ``time.monotonic()`` instant, counted from its arrival.
 
-    Behind the front door the arrival is the request's first byte (or its connection's
-    acceptance), so reading it and waiting for a thread count too; else it is now. Raises
+    Behind the front door the arrival is the request's first byte, so reading it and
+    waiting for a thread count too; else it is now. Raises
     DeadlineExceeded (504) when it already passed: nothing is computed for it.
     """
     arrived = request.environ.get(ARRIVED)
