@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 
 from policy_server.config import ServerConfig
 
@@ -45,7 +46,8 @@ wsgi_app = "server:create_app()"
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [f"{_host}:{_config.port}"]
 workers = _config.workers
-worker_class = "gthread"  # the sync worker serves one request at a time per process
+# gthread, with whole requests read by the poller before a thread sees them (DEVELOPMENT.md, "Front door")
+worker_class = "policy_server.front_door.FrontDoorWorker"
 threads = _config.threads
 timeout = _config.timeout_s
 graceful_timeout = _config.graceful_timeout_s
@@ -90,12 +92,28 @@ def _runtime(worker):
 
 
 def post_worker_init(worker):
-    """Start this worker's batcher thread: it loads and warms the model off the request path
-    (/ready says when). ``worker.age`` counts spawned workers, so with several GPUs worker i
-    gets GPU i % n."""
+    """Load and warm this worker's model before it accepts a single connection: a cold
+    worker never takes traffic its siblings could serve. A heartbeat thread keeps the
+    master's worker timeout from firing while it loads. ``worker.age`` counts spawned
+    workers, so with several GPUs worker i gets GPU i % n."""
+    if _config.malloc_tuning:
+        from policy_server.allocator import tune_malloc
+
+        tune_malloc()
     runtime = _runtime(worker)
-    if runtime is not None:
-        runtime.start(worker_index=worker.age - 1, workers=worker.cfg.workers)
+    if runtime is None:
+        return
+    loaded = threading.Event()
+
+    def heartbeat():
+        while not loaded.wait(1.0):
+            worker.notify()
+
+    threading.Thread(target=heartbeat, name="load-heartbeat", daemon=True).start()
+    try:
+        runtime.start(worker_index=worker.age - 1, workers=worker.cfg.workers, block=True)
+    finally:
+        loaded.set()
 
 
 def worker_exit(server, worker):

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -139,7 +140,8 @@ def _request(
     headers: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> requests.Response:
-    """One HTTP call; connection failures are retried with exponential backoff, nothing else.
+    """One HTTP call; connection failures and 503s carrying ``Retry-After`` (an overloaded or
+    restarting server) are retried with exponential backoff, nothing else.
 
     With ``deadline`` (a ``time.monotonic()`` instant) every attempt tells the server how
     much time is left (``X-Deadline-Ms``: it drops the request rather than compute it late),
@@ -165,16 +167,31 @@ def _request(
         except requests.exceptions.RequestException as exc:
             raise PolicyClientError(f"{method} {url}: {exc}") from exc
         else:
-            if response.status_code >= 400:
-                raise _server_error(response)
-            return response
+            if response.status_code < 400:
+                return response
+            error, cause = _server_error(response), None
+            retry_after = _retry_after_s(response)
+            if retry_after is None:  # a refusal that says nothing of coming back: not retried
+                raise error
         if attempt < retries:
             delay = BACKOFF_S * 2**attempt
+            if isinstance(error, PolicyServerError):  # 503 + Retry-After: sooner than it says, with jitter
+                delay = min(retry_after, delay) * random.uniform(0.5, 1.0)
             if deadline is not None and time.monotonic() + delay >= deadline:
                 break
             log.debug("%s, retrying in %.2f s", error, delay)
             time.sleep(delay)
     raise error from cause
+
+
+def _retry_after_s(response: requests.Response) -> float | None:
+    """Seconds from a 503's ``Retry-After`` (delay-seconds form), or None: not retryable."""
+    if response.status_code != 503:
+        return None
+    try:
+        return max(0.0, float(response.headers["Retry-After"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def _server_error(response: requests.Response) -> PolicyServerError:
@@ -237,7 +254,8 @@ class PolicyClient:
         timeout_s: per-call timeout for connecting and for the answer.
         deadline_s: default per-call deadline for ``infer`` (None: none). The server drops
             a request whose deadline passes before compute (504) instead of computing it late.
-        retries: retries of connection failures (inference is idempotent); 4xx never.
+        retries: retries of connection failures and of 503s with Retry-After, within the call's
+            deadline (inference is idempotent); 4xx never.
         check_spec: read each model's input spec from the server once (``/model_info``) and
             check every observation against it before sending (ObservationSpecError).
         use_env_proxies: honour HTTP(S)_PROXY / NO_PROXY and ~/.netrc (off: they cost

@@ -18,14 +18,14 @@ from policy_server.config import ServerConfig
 from policy_server.lifecycle import ModelManager
 from policy_server.openapi import openapi_document
 from policy_server.runtime import PolicyRuntime
-from policy_server.stats import summarize
+from policy_server.stats import instance_summary
 from policy_server.web import (
     binary_response,
     check_keys,
     read_body,
     read_command,
     register_error_handlers,
-    request_deadline_s,
+    request_deadline,
     requested_outputs,
     server_timing,
     wait_seconds,
@@ -58,7 +58,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
 
     def infer_with(name: str | None):
         t0 = time.perf_counter()
-        deadline = time.monotonic() + request_deadline_s(config.deadline_ms)
+        deadline = request_deadline(config.deadline_ms)
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
         inputs = binary_to_dict(body)
@@ -110,7 +110,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     def stats():
         workers = runtime.stats_board.read()
         workers[os.getpid()] = runtime.stats.snapshot()  # this worker's own, fresh
-        return jsonify(summarize(list(workers.values())))
+        return jsonify(instance_summary(list(workers.values())))
 
     @app.get("/model_info")
     def model_info():

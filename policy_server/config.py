@@ -72,6 +72,34 @@ class ServerConfig:
     timeout_s: int = _opt(120, "gunicorn worker timeout: a silent worker is restarted after this")
     graceful_timeout_s: int = _opt(30, "seconds a worker gets to finish in-flight requests on SIGTERM")
     keepalive_s: int = _opt(75, "seconds an idle keep-alive connection stays open")
+    # The front door (policy_server/front_door.py): reading requests before a thread sees them.
+    head_timeout_s: float = _opt(
+        10.0, "seconds from a request's first byte to its complete head; past it: 408 and the connection "
+        "closes (a connection that sends nothing is closed quietly after keepalive_s)"
+    )
+    body_timeout_s: float = _opt(
+        10.0, "seconds a request body may take, plus its length / min_body_bytes_per_s; past it: 408 and close"
+    )
+    min_body_bytes_per_s: int = _opt(
+        65536, "slowest accepted average upload rate (bytes/s) of a request body, on top of body_timeout_s"
+    )
+    admission_limit: int = _opt(
+        64, "requests a worker holds at once (being read, waiting for a thread, queued, batching); past it: "
+        "503 with Retry-After at once"
+    )
+    shed_wait_ms: int = _opt(
+        500, "a worker whose oldest request waiting for a thread arrived longer ago than this answers new "
+        "requests 503 with Retry-After at once (keeps what it holds inside deadline_ms)"
+    )
+    max_reading_per_worker: int = _opt(
+        256, "connections a worker reads an unfinished request from at once; past it: 503 and close"
+    )
+    max_reading_per_client: int = _opt(
+        64, "connections one client address sends unfinished requests on, per worker; past it: 503 and close"
+    )
+    malloc_tuning: bool = _opt(
+        False, "workers raise glibc's mmap and trim thresholds (mallopt); measured no gain, see DEVELOPMENT.md"
+    )
     log_level: str = _opt("info", "debug, info, warning or error")
     log_dir: str | None = _opt(
         None, "also write access.log and error.log here (logs go to stdout always); final_metrics.json goes "
@@ -127,11 +155,15 @@ class ServerConfig:
         for name in (
             "workers", "threads", "max_body_bytes", "timeout_s", "queue_size", "deadline_ms",
             "store_keep", "store_poll_ms", "max_update_bytes", "stage_max_files", "stage_max_bytes",
+            "admission_limit", "max_reading_per_worker", "max_reading_per_client", "min_body_bytes_per_s",
+            "shed_wait_ms",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 <= self.update_wait_s <= 300:
             raise ConfigError("update_wait_s must be between 0 and 300")
+        if not (self.head_timeout_s > 0 and self.body_timeout_s > 0):
+            raise ConfigError("head_timeout_s and body_timeout_s must be positive")
         if self.max_batch_size < 0:
             raise ConfigError("max_batch_size must be 0 (auto) or more")
         if self.max_batch_delay_ms < 0:

@@ -55,6 +55,11 @@ MODEL_VERSION = Gauge(
 RELOADS = Counter("policy_model_reloads_total", "New versions a worker swapped in", ["model"])
 RELOAD_FAILURES = Counter("policy_model_reload_failures_total", "New versions a worker failed to load", ["model"])
 UPDATES_REFUSED = Counter("policy_model_updates_refused_total", "Updates that failed validation (nothing published)")
+FRONT_DOOR_REFUSALS = Counter(
+    "policy_front_door_refusals_total",
+    "Requests the front door answered itself (timeouts, protocol errors, limits, overload), by reason and status",
+    ["reason", "status"],
+)
 CACHE_HITS = Counter("policy_cache_hits_total", "Answers served from the response cache")
 CACHE_MISSES = Counter("policy_cache_misses_total", "Cache lookups that found nothing fresh")
 
@@ -85,4 +90,5 @@ def set_model_version(model: str, version: str) -> None:
     """Numeric store versions only (a fixed test policy's version may be any string)."""
     if version.isdigit():
         MODEL_VERSION.labels(model).set(int(version))
+
 

@@ -4,6 +4,12 @@
 id (``X-Request-Id`` when the client sent a sane one, else a fresh one); ``after_request``
 counts the request in Prometheus, adds inference requests to the worker's statistics,
 writes one JSON log line on the ``policy_server.access`` logger and echoes the id.
+
+Behind the front door (:mod:`policy_server.front_door`) the request's arrival is
+``environ[ARRIVED]`` (latency counts from there), and counting waits until the answer was
+written (``environ[DEFERRED]``): a client that vanished before it is counted as 499, not as
+the status it would have got. Answers the front door gives itself are counted here too
+(:func:`count_refusal`, :func:`count_vanished`).
 """
 
 from __future__ import annotations
@@ -17,12 +23,14 @@ import uuid
 from flask import Flask, Response, g, request
 
 from policy_server import metrics
+from policy_server.front_door_http import ARRIVED, DEFERRED
 
 access_log = logging.getLogger("policy_server.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 INFERENCE_ENDPOINTS = frozenset({"infer", "infer_named"})
 QUIET_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics"})  # probes and scrapes: DEBUG only
+CLIENT_CLOSED = 499
 
 
 def install(app: Flask, stats) -> None:
@@ -30,7 +38,8 @@ def install(app: Flask, stats) -> None:
 
     @app.before_request
     def _start() -> None:
-        g.started = time.perf_counter()
+        arrived = request.environ.get(ARRIVED)
+        g.started = time.perf_counter() - (time.monotonic() - arrived if arrived is not None else 0.0)
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
@@ -40,23 +49,58 @@ def install(app: Flask, stats) -> None:
         latency = time.perf_counter() - started if started is not None else 0.0
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         status = response.status_code
-        metrics.REQUESTS.labels(route, str(status)).inc()
-        metrics.REQUEST_SECONDS.labels(route).observe(latency)
         answer = g.get("answer")
-        if request.endpoint in INFERENCE_ENDPOINTS:
-            stats.record(
-                latency, status < 400,
-                answer.queue_s if answer is not None else 0.0, answer.compute_s if answer is not None else 0.0,
-            )
         request_id = g.get("request_id") or uuid.uuid4().hex
         response.headers["X-Request-Id"] = request_id
-        level = logging.DEBUG if request.endpoint in QUIET_ENDPOINTS else logging.INFO
-        if access_log.isEnabledFor(level):
-            access_log.log(level, json.dumps({
-                "request_id": request_id, "method": request.method, "route": route, "path": request.path,
-                "status": status, "latency_ms": round(latency * 1e3, 3),
-                "batch_size": answer.batch_size if answer is not None else None,
-                "model": g.get("model"), "version": response.headers.get("X-Model-Version"),
-                "remote": request.remote_addr,
-            }))
+        fields = {
+            "request_id": request_id, "method": request.method, "route": route, "path": request.path,
+            "status": status, "latency_ms": round(latency * 1e3, 3),
+            "batch_size": answer.batch_size if answer is not None else None,
+            "model": g.get("model"), "version": response.headers.get("X-Model-Version"),
+            "remote": request.remote_addr,
+        }
+        inference = request.endpoint in INFERENCE_ENDPOINTS
+        quiet = request.endpoint in QUIET_ENDPOINTS
+
+        def record(delivered: bool = True) -> None:
+            final = status if delivered else CLIENT_CLOSED
+            metrics.REQUESTS.labels(route, str(final)).inc()
+            metrics.REQUEST_SECONDS.labels(route).observe(latency)
+            if inference:
+                stats.record(
+                    latency, final < 400,
+                    answer.queue_s if answer is not None else 0.0, answer.compute_s if answer is not None else 0.0,
+                )
+            level = logging.DEBUG if quiet and delivered else logging.INFO
+            if access_log.isEnabledFor(level):
+                if not delivered:
+                    fields.update(status=final, detail=f"client closed the connection before its {status} answer")
+                access_log.log(level, json.dumps(fields))
+
+        deferred = request.environ.get(DEFERRED)
+        if deferred is not None:
+            deferred.append(record)
+        else:
+            record()
         return response
+
+
+def count_refusal(route: str, status: int, reason: str, req, remote: str, latency_s: float) -> None:
+    """An answer the front door gave without the app (408, 411, 413, 414, 431, 400, 503)."""
+    metrics.REQUESTS.labels(route, str(status)).inc()
+    metrics.FRONT_DOOR_REFUSALS.labels(reason, str(status)).inc()
+    access_log.info(json.dumps({
+        "request_id": None, "method": getattr(req, "method", None), "route": route,
+        "path": getattr(req, "path", None), "status": status, "latency_ms": round(latency_s * 1e3, 3),
+        "remote": remote, "refused": reason,
+    }))
+
+
+def count_vanished(route: str, req, remote: str, latency_s: float, when: str) -> None:
+    """A client that closed or reset its connection before its answer: 499, logged at INFO."""
+    metrics.REQUESTS.labels(route, str(CLIENT_CLOSED)).inc()
+    access_log.info(json.dumps({
+        "request_id": None, "method": getattr(req, "method", None), "route": route,
+        "path": getattr(req, "path", None), "status": CLIENT_CLOSED, "latency_ms": round(latency_s * 1e3, 3),
+        "remote": remote, "detail": f"client closed the connection {when}",
+    }))

@@ -96,6 +96,29 @@ def summarize(snapshots: list[dict[str, Any]], now: float | None = None) -> dict
     }
 
 
+INFERENCE_ROUTES = frozenset({"/infer", "/models/<name>/infer"})  # what the totals count
+
+
+def instance_summary(snapshots: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
+    """:func:`summarize`, with the totals taken from ``policy_requests_total`` when the
+    instance runs under gunicorn: counted by every worker that ever served, dead ones
+    included (their counter files stay), so they never go backwards and agree with
+    ``/metrics``. Every status counts; status >= 400 (499 included) is failed."""
+    summary = summarize(snapshots, now)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        total = failed = 0
+        for key, n in _request_counts().items():
+            route, status = key.rsplit(" ", 1)
+            if route in INFERENCE_ROUTES:
+                total += n
+                failed += n if int(status) >= 400 else 0
+        summary.update(
+            total_requests=total, failed_requests=failed,
+            success_rate=round((total - failed) / total, 6) if total else None,
+        )
+    return summary
+
+
 def write_final_metrics(run_dir: str, log_dir: str) -> str:
     """Write ``<log_dir>/final_metrics.json``: the summary over every worker that ever served
     (dead ones included) and the request counts by route and status. Returns the path."""
@@ -104,7 +127,7 @@ def write_final_metrics(run_dir: str, log_dir: str) -> str:
     from policy_server.worker_status import WorkerStatusBoard
 
     snapshots = list(WorkerStatusBoard(run_dir, "stats", prune_dead=False).read(include_dead=True).values())
-    summary = summarize(snapshots)
+    summary = instance_summary(snapshots)
     summary["requests_by_route_status"] = _request_counts()
     summary["written_at"] = time.time()
     os.makedirs(log_dir, exist_ok=True)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from collections.abc import Iterable
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from binary_protocol import ProtocolError, binary_to_dict
+from policy_server.batcher import DeadlineExceeded
 from policy_server.errors import (
     BadRequest,
     LengthRequired,
@@ -19,6 +21,7 @@ from policy_server.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from policy_server.front_door_http import ARRIVED
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,21 @@ def request_deadline_s(default_ms: int) -> float:
     return min(asked, default_ms) / 1000.0
 
 
+def request_deadline(default_ms: int) -> float:
+    """The request's deadline as a ``time.monotonic()`` instant, counted from its arrival.
+
+    Behind the front door the arrival is the request's first byte, so reading it and
+    waiting for a thread count too; else it is now. Raises
+    DeadlineExceeded (504) when it already passed: nothing is computed for it.
+    """
+    arrived = request.environ.get(ARRIVED)
+    now = time.monotonic()
+    deadline = (arrived if arrived is not None else now) + request_deadline_s(default_ms)
+    if deadline <= now:
+        raise DeadlineExceeded(f"deadline passed {1e3 * (now - deadline):.1f} ms before the request reached a thread")
+    return deadline
+
+
 def requested_outputs() -> list[str]:
     """Optional outputs asked for by ``?outputs=attention`` (comma-separated, repeatable)."""
     names = [n.strip() for value in request.args.getlist("outputs") for n in value.split(",")]
@@ -138,6 +156,8 @@ def error_response(status: int, error: str, detail: str = "", headers=None) -> R
     response.status_code = status
     if headers:
         response.headers.update(headers)
+    if status == 503 and "Retry-After" not in response.headers:  # every 503 says when to come back
+        response.headers["Retry-After"] = "1"
     return response
 
 

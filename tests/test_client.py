@@ -61,7 +61,10 @@ class Handler(BaseHTTPRequestHandler):
             return
         if mode == "slow":
             time.sleep(1.0)
-        if mode == "422":
+        if mode in ("503-retry", "503"):
+            headers = {"Retry-After": "1"} if mode == "503-retry" else {}
+            self._send(503, json.dumps({"error": "overloaded", "detail": "busy"}).encode(), "application/json", headers)
+        elif mode == "422":
             self._send(422, json.dumps({"error": "invalid input", "detail": "missing input 'image'"}).encode(), "application/json")
         elif mode == "500-html":
             self._send(500, b"<html>oops</html>", "text/html")
@@ -133,6 +136,29 @@ def test_client_error_is_not_retried_and_carries_the_servers_message(stub):
         client.infer(OBS)
     assert (info.value.status, info.value.error, info.value.detail) == (422, "invalid input", "missing input 'image'")
     assert len(server.script.requests) == 1
+
+
+def test_a_503_with_retry_after_is_retried_and_one_without_is_not(stub):
+    server, url = stub("503-retry", "503-retry", "ok")
+    with PolicyClient(url, retries=3) as client:
+        np.testing.assert_array_equal(client.infer(OBS)["action"], ACTION)
+    assert len(server.script.requests) == 3
+    np.testing.assert_array_equal(send_inference_request(OBS, url + "/infer")["action"], ACTION)  # "ok" repeats
+    server, url = stub("503")
+    with PolicyClient(url, retries=3) as client, pytest.raises(PolicyServerError) as info:
+        client.infer(OBS)
+    assert info.value.status == 503 and len(server.script.requests) == 1
+
+
+def test_503_retries_stop_at_the_calls_deadline(stub):
+    server, url = stub("503-retry")
+    started = time.monotonic()
+    with PolicyClient(url, retries=50, deadline_s=0.3) as client, pytest.raises(PolicyServerError) as info:
+        client.infer(OBS)
+    assert info.value.status == 503 and info.value.error == "overloaded"
+    assert time.monotonic() - started < 2.0  # not 50 retries of up to 1 s
+    assert 2 <= len(server.script.requests) <= 50
+    assert all(float(headers["X-Deadline-Ms"]) <= 300 for _, _, headers in server.script.requests)
 
 
 def test_non_json_error_body_still_gives_a_server_error(stub):

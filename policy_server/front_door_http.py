@@ -1,0 +1,131 @@
+"""HTTP/1.1 pieces of the front door: parsing a complete head, and refusals answered by the poller.
+
+The head is parsed by gunicorn's own parser (``gunicorn.http.message.Request``), so the
+request line and header rules are gunicorn's; only its errors are turned into the server's
+JSON error body (``{"error", "detail"}``) with a status of their own.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Callable
+
+from gunicorn.http import errors as http_errors
+from gunicorn.http.body import ChunkedReader, LengthReader
+from gunicorn.http.message import Request
+from gunicorn.http.unreader import IterUnreader
+
+GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)  # the client went away
+ARRIVED = "policy_server.arrived"  # environ: time.monotonic() of the request's first byte
+DEFERRED = "policy_server.deferred"  # environ: a list; counting is appended, called with delivered: bool
+
+
+class Refusal(Exception):
+    """An answer the poller gives without the app: status, JSON body, metric reason."""
+
+    def __init__(
+        self, status: int, error: str, detail: str, reason: str, *, retry: bool = False, route: str = "front_door"
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.reason = status, error, detail, reason
+        self.retry = retry  # 503: Retry-After
+        self.route = route
+        self.req = None  # the parsed request, when the refusal came after its head
+
+
+@dataclass
+class Head:
+    req: Any  # gunicorn.http.message.Request, body not yet attached
+    length: int  # body bytes still to read
+    route: str  # the Flask rule it maps to, or "unmatched"
+    probe: bool  # /health or /ready
+
+
+def parse_head(
+    cfg, head: bytes, client, number: int, limit_for: Callable[[str], int], route_of: Callable[[str, str], str]
+) -> Head:
+    """Parse one complete request head (through its blank line); Refusal when it cannot be served."""
+    try:
+        req = Request(cfg, IterUnreader([head]), client, number)
+    except http_errors.LimitRequestLine as exc:
+        raise Refusal(414, "uri too long", str(exc), "request_line") from None
+    except http_errors.LimitRequestHeaders as exc:
+        raise Refusal(431, "request header fields too large", str(exc), "headers") from None
+    except (http_errors.InvalidHeader, http_errors.UnsupportedTransferCoding) as exc:
+        status = getattr(exc, "code", 400) or 400
+        raise Refusal(status, "bad request", f"bad framing: {exc}", "framing") from None
+    except (http_errors.ParseException, http_errors.NoMoreData, ValueError) as exc:
+        raise Refusal(400, "bad request", f"malformed request: {str(exc)[:200]}", "malformed") from None
+    route = route_of(req.method, req.path or "/")
+    reader = getattr(req.body, "reader", None)
+    refusal = None
+    length = reader.length if isinstance(reader, LengthReader) else 0
+    limit = limit_for(req.path or "/")
+    if isinstance(reader, ChunkedReader):
+        refusal = Refusal(
+            411, "length required", "send Content-Length; chunked request bodies are not accepted", "framing",
+            route=route,
+        )
+    elif length > limit:
+        refusal = Refusal(
+            413, "payload too large", f"body of {length} bytes exceeds the limit of {limit}", "too_large", route=route
+        )
+    if refusal is not None:
+        refusal.req = req
+        raise refusal
+    probe = req.method in ("GET", "HEAD") and req.path in ("/health", "/ready")
+    return Head(req, length, route, probe)
+
+
+def refusal_bytes(refusal: Refusal, close: bool) -> bytes:
+    """The whole HTTP/1.1 answer for ``refusal`` (JSON body; Retry-After on a retryable 503)."""
+    body = json.dumps({"error": refusal.error, "detail": refusal.detail}).encode()
+    try:
+        phrase = HTTPStatus(refusal.status).phrase
+    except ValueError:
+        phrase = "Error"
+    lines = [
+        f"HTTP/1.1 {refusal.status} {phrase}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        f"Connection: {'close' if close else 'keep-alive'}",
+    ]
+    if refusal.retry or refusal.status == 503:
+        lines.append("Retry-After: 1")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def head_overflow(cfg, buf: bytearray) -> Refusal | None:
+    """A refusal when an unfinished head is already past gunicorn's limits (no need to wait
+    for the rest of a 1 MB request line), else None."""
+    limit_line = cfg.limit_request_line or 8190
+    if len(buf) > limit_line + 2 and buf.find(b"\r\n", 0, limit_line + 2) < 0:
+        return Refusal(414, "uri too long", f"request line longer than {limit_line} bytes", "request_line")
+    most = limit_line + 2 + cfg.limit_request_fields * (cfg.limit_request_field_size + 2) + 4
+    if len(buf) > most:
+        return Refusal(431, "request header fields too large", f"request head over {most} bytes", "headers")
+    return None
+
+
+def send_quietly(sock, data: bytes) -> None:
+    """One non-blocking send of a small answer; a client that is gone is not an error."""
+    try:
+        sock.send(data)
+    except OSError:
+        pass
+
+
+def reset_by_peer(sock) -> bool:
+    """True when the client reset the connection (RST) after sending its request. ``sock``
+    must be non-blocking (a timeout would make the peek wait)."""
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError as exc:
+        return exc.errno in GONE
+    return False

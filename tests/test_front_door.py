@@ -1,0 +1,309 @@
+"""The front door (policy_server/front_door.py) against a real gunicorn, with misbehaving raw-socket clients.
+
+One test per fault of issue 11: stalled uploads, deadlines counted from arrival, admission
+control, vanished clients, protocol refusals, cold workers, totals after a worker death.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from binary_protocol import dict_to_binary
+from request_tools import PolicyClient, PolicyServerError
+from tests.serving import run_server
+from tests.test_integration import SLOW_POLICY, observation
+from tests.test_observability import metric
+
+pytestmark = pytest.mark.integration
+
+BODY_BYTES = 900_000  # about one default observation
+
+
+def _head(port: int, length: int, path: str = "/infer", extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\n"
+        f"Content-Length: {length}\r\n{extra}\r\n"
+    ).encode()
+
+
+def stalled_upload(port: int, sent: int = 4096) -> socket.socket:
+    """A client that sends the head and ``sent`` bytes of a 0.9 MB body, then nothing more."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(_head(port, BODY_BYTES) + b"\0" * sent)
+    return sock
+
+
+def read_answer(sock: socket.socket, timeout_s: float = 30.0) -> tuple[int, dict, dict]:
+    """Status, headers (lower-case) and JSON body of one answer on ``sock``."""
+    sock.settimeout(timeout_s)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    is_json = headers.get("content-type") == "application/json"
+    return int(lines[0].split()[1]), headers, json.loads(body) if body and is_json else {}
+
+
+def closed_by_server(sock: socket.socket, timeout_s: float = 10.0) -> bool:
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(65536):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except OSError:
+        return False
+
+
+def metrics_text(server) -> str:
+    return requests.get(server.base_url + "/metrics", timeout=10).text
+
+
+def refusals(text: str, reason: str, status: int) -> float:
+    return metric(text, "policy_front_door_refusals_total", reason=reason, status=str(status))
+
+
+@pytest.fixture(scope="module")
+def door(tmp_path_factory):
+    """1 worker x 2 threads, the default model, short read bounds and a small admission limit."""
+    args = (
+        "--threads", "2", "--head-timeout-s", "1", "--body-timeout-s", "1", "--min-body-bytes-per-s", "1000000",
+        "--admission-limit", "6", "--max-reading-per-client", "8",
+    )
+    with run_server(tmp_path_factory.mktemp("door"), workers=1, args=args) as server:
+        yield server
+
+
+def test_stalled_uploads_hold_no_thread_and_get_408(door):
+    stalled = [stalled_upload(door.port) for _ in range(4)]  # twice the request threads
+    try:
+        time.sleep(0.2)
+        assert requests.get(door.base_url + "/health", timeout=1).status_code == 200
+        assert requests.get(door.base_url + "/ready", timeout=1).status_code == 200
+        with PolicyClient(door.base_url, retries=0, timeout_s=10) as client:
+            assert client.infer(observation(1))["action"].shape == (10, 7)
+        for sock in stalled:  # body deadline: 1 s + 0.9 MB at 1 MB/s
+            status, _, body = read_answer(sock, timeout_s=15)
+            assert (status, body["error"]) == (408, "request timeout")
+            assert "body" in body["detail"]
+            assert closed_by_server(sock)
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert refusals(metrics_text(door), "body_timeout", 408) >= 4
+
+
+def test_a_slow_head_gets_408_and_is_closed(door):
+    sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+    with sock:
+        sock.sendall(b"POST /infer HTTP/1.1\r\nHost: x\r\n")  # and never the rest of the head
+        status, _, body = read_answer(sock, timeout_s=10)
+        assert (status, body["error"]) == (408, "request timeout") and "head" in body["detail"]
+        assert closed_by_server(sock)
+
+
+def test_over_the_admission_limit_is_503_with_retry_after_and_probes_still_answer(door):
+    stalled = [stalled_upload(door.port) for _ in range(6)]  # the admission limit, all held
+    try:
+        time.sleep(0.2)
+        body = dict_to_binary(observation(2))
+        response = requests.post(door.base_url + "/infer", data=body, timeout=5,
+                                 headers={"Content-Type": "application/octet-stream"})
+        assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+        assert response.json()["error"] == "overloaded"
+        assert requests.get(door.base_url + "/ready", timeout=1).status_code == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+    time.sleep(0.3)  # the poller notices the closed uploads
+    with PolicyClient(door.base_url, retries=0) as client:  # and the keep-alive connection is fine
+        assert client.infer(observation(3))["action"].shape == (10, 7)
+    assert refusals(metrics_text(door), "admission", 503) >= 1
+
+
+def test_too_many_unfinished_requests_from_one_address_are_refused(door):
+    socks = []
+    try:
+        for _ in range(9):
+            sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+            sock.sendall(b"POST /infer HTTP/1.1\r\n")
+            socks.append(sock)
+        status, headers, body = read_answer(socks[-1], timeout_s=5)
+        assert status == 503 and headers["retry-after"] == "1" and "address" in body["detail"]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    "raw, status, reason",
+    [
+        (b"GET /" + b"a" * 1_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "request_line"),
+        (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000)) + b"\r\n", 431, "headers"),
+        (b"GARBAGE\r\n\r\n", 400, "malformed"),
+        (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "framing"),
+        (b"POST /infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411, "framing"),
+    ],
+    ids=["request-line-1MB", "10000-headers", "bad-request-line", "cl-and-te", "chunked"],
+)
+def test_protocol_refusals_get_json_a_metric_and_an_access_line(door, raw, status, reason):
+    before = refusals(metrics_text(door), reason, status)
+    lines_before = door.log().count(f'"refused": "{reason}"')
+    sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+    with sock:
+        sender = threading.Thread(target=lambda: _send_ignoring_reset(sock, raw))
+        sender.start()
+        got, headers, body = read_answer(sock)
+        sender.join(30)
+    assert got == status and headers["content-type"] == "application/json"
+    assert set(body) == {"error", "detail"}
+    assert refusals(metrics_text(door), reason, status) == before + 1
+    deadline = time.monotonic() + 5
+    while door.log().count(f'"refused": "{reason}"') != lines_before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert door.log().count(f'"refused": "{reason}"') == lines_before + 1
+
+
+def _send_ignoring_reset(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def slow(tmp_path_factory):
+    """1 worker x 2 threads over a model whose forward takes 0.15 s."""
+    tmp = tmp_path_factory.mktemp("slow")
+    (tmp / "slow").mkdir()
+    (tmp / "slow" / "policy.py").write_text(SLOW_POLICY)
+    args = ("--threads", "2", "--model-path", str(tmp / "slow"), "--max-batch-size", "1")
+    with run_server(tmp, workers=1, args=args) as server:
+        yield server
+
+
+def _slow_request(port: int, extra: str = "") -> bytes:
+    body = dict_to_binary({"x": np.ones(4, np.float32)})
+    return _head(port, len(body), extra=extra) + body
+
+
+def test_a_deadline_counts_from_arrival_so_a_late_request_gets_504(slow):
+    holders = []
+    for _ in range(2):  # both request threads busy for 0.15-0.3 s
+        sock = socket.create_connection(("127.0.0.1", slow.port), timeout=30)
+        sock.sendall(_slow_request(slow.port))
+        holders.append(sock)
+    late = socket.create_connection(("127.0.0.1", slow.port), timeout=30)
+    with late:
+        late.sendall(_slow_request(slow.port, extra="X-Deadline-Ms: 50\r\n"))
+        status, _, body = read_answer(late)
+    assert (status, body["error"]) == (504, "deadline exceeded")
+    for sock in holders:
+        with sock:
+            assert read_answer(sock)[0] == 200
+
+
+VERY_SLOW_POLICY = SLOW_POLICY.replace("time.sleep(0.15)", "time.sleep(0.6)")
+
+
+def test_a_worker_sheds_new_requests_while_its_oldest_waiting_one_ages(tmp_path):
+    (tmp_path / "slower").mkdir()
+    (tmp_path / "slower" / "policy.py").write_text(VERY_SLOW_POLICY)
+    args = ("--threads", "1", "--model-path", str(tmp_path / "slower"), "--shed-wait-ms", "100")
+    with run_server(tmp_path, workers=1, args=args) as server:
+        first = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        first.sendall(_slow_request(server.port))  # holds the only request thread for 0.6 s
+        time.sleep(0.05)
+        second = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        second.sendall(_slow_request(server.port))  # waits for the thread
+        time.sleep(0.25)
+        third = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        with first, second, third:
+            third.sendall(_slow_request(server.port))
+            status, headers, body = read_answer(third)
+            assert (status, headers["retry-after"], body["error"]) == (503, "1", "overloaded")
+            assert "oldest waiting request" in body["detail"]
+            assert read_answer(first)[0] == 200 and read_answer(second)[0] == 200
+
+
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST, not FIN
+
+
+def test_a_client_that_resets_after_its_request_is_499_not_500(slow):
+    before = metrics_text(slow)
+    results: list[object] = []
+
+    def batch_mate() -> None:
+        with PolicyClient(slow.base_url, retries=0, check_spec=False) as client:
+            results.append(client.infer({"x": np.full(4, 3.0, np.float32)})["y"])
+
+    mate = threading.Thread(target=batch_mate)
+    mate.start()
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", slow.port), timeout=30)
+        sock.sendall(_slow_request(slow.port))
+        time.sleep(0.02)
+        _reset(sock)
+    mate.join(30)
+    np.testing.assert_array_equal(results[0], np.full(4, 6.0, np.float32))
+    deadline = time.monotonic() + 10
+    while True:
+        after = metrics_text(slow)
+        vanished = metric(after, "policy_requests_total", route="/infer", status="499") - metric(
+            before, "policy_requests_total", route="/infer", status="499")
+        if vanished == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert vanished == 4
+    assert metric(after, "policy_requests_total", route="/infer", status="500") == 0
+    assert "Traceback" not in slow.log() and " ERROR " not in slow.log()
+    assert slow.log().count('"status": 499') >= 4
+
+
+def test_a_replacement_worker_takes_no_request_before_it_is_warm_and_totals_never_fall(tmp_path):
+    with run_server(tmp_path, workers=2) as server:
+        sent = 0
+        obs = observation(4)
+        for _ in range(10):
+            send = requests.post(server.base_url + "/infer", data=dict_to_binary(obs), timeout=30,
+                                 headers={"Content-Type": "application/octet-stream", "Connection": "close"})
+            assert send.status_code == 200
+            sent += 1
+        victim = sorted(server.ready_workers())[0]
+        os.kill(victim, signal.SIGKILL)
+        statuses: list[int] = []
+        deadline = time.monotonic() + 60
+        while len(server.ready_workers() - {victim}) < 2 and time.monotonic() < deadline:
+            response = requests.post(server.base_url + "/infer", data=dict_to_binary(obs), timeout=30,
+                                     headers={"Content-Type": "application/octet-stream", "Connection": "close"})
+            statuses.append(response.status_code)
+            sent += 1
+        assert len(server.ready_workers() - {victim}) == 2, "no replacement got ready"
+        assert statuses and set(statuses) == {200}, f"answers while the replacement loaded: {statuses}"
+        stats = requests.get(server.base_url + "/stats", timeout=10).json()
+        prometheus = metric(metrics_text(server), "policy_requests_total", route="/infer", status="200")
+        assert stats["total_requests"] == sent == prometheus  # the dead worker's requests still count
+        assert stats["failed_requests"] == 0
