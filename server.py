@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, g, jsonify, request
 
 from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server import metrics, observability
@@ -19,6 +19,7 @@ from policy_server.lifecycle import ModelManager
 from policy_server.openapi import openapi_document
 from policy_server.runtime import PolicyRuntime
 from policy_server.stats import summarize
+from policy_server.tensors import BATCH_ROWS_HEADER, parse_batch_rows
 from policy_server.web import (
     binary_response,
     check_keys,
@@ -59,12 +60,13 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     def infer_with(name: str | None):
         t0 = time.perf_counter()
         deadline = time.monotonic() + request_deadline_s(config.deadline_ms)
+        rows = parse_batch_rows(request.headers.get(BATCH_ROWS_HEADER))  # a vectorized request
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
         inputs = binary_to_dict(body)
         t2 = time.perf_counter()
         g.model = name or runtime.default_name
-        g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs())
+        g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs(), rows)
         t3 = time.perf_counter()
         payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()
@@ -78,6 +80,8 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
             headers["X-Batch-Size"] = str(answer.batch_size)
         if answer.cache:
             headers["X-Cache"] = answer.cache
+        if rows is not None:
+            headers[BATCH_ROWS_HEADER] = str(rows)
         return binary_response(payload, headers)
 
     @app.post("/infer")

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from policy_server.contract import TensorSpec
+from policy_server.contract import RTC_INPUTS, TensorSpec
 from policy_server.errors import BadRequest, ModelError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,19 @@ class LoadedModel:
             raise BadRequest(f"model {self.name!r} has no output {', '.join(map(repr, unknown))}; outputs: {names}")
         return frozenset(n for n in names if n not in self.optional_outputs or n in asked)
 
+    @property
+    def optional_inputs(self) -> tuple[str, ...]:
+        """Inputs a request may omit (the server fills zeros)."""
+        return tuple(s.name for s in self.input_spec if s.optional)
+
+    @property
+    def real_time_chunking(self) -> bool:
+        """True when the model declares the real-time chunking inputs (:data:`contract.RTC_INPUTS`)."""
+        return RTC_INPUTS[0] in {s.name for s in self.input_spec}
+
     def info(self) -> dict[str, Any]:
+        """What ``/model_info`` answers. ``inputs`` entries carry ``optional: true`` and
+        ``history: {steps, pad}`` where declared; ``optional_inputs`` lists the optional ones."""
         return {
             "name": self.name,
             "version": self.version,
@@ -49,6 +61,7 @@ class LoadedModel:
             "device": self.device,
             "num_parameters": self.num_parameters,
             "inputs": [s.to_json() for s in self.input_spec],
+            "optional_inputs": list(self.optional_inputs),
             "outputs": [s.to_json() for s in self.output_spec],
             "optional_outputs": list(self.optional_outputs),
         }
@@ -84,6 +97,9 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
         if len({s.name for s in spec}) != len(spec):
             raise ModelError(f"policy.{attr} repeats a name")
         specs.append(spec)
+    _check_inputs(specs[0])
+    if any(s.optional or s.history is not None for s in specs[1]):
+        raise ModelError("policy.output_spec: optional and history are input declarations")
     optional = tuple(str(n) for n in getattr(policy, "optional_outputs", ()))
     output_names = {s.name for s in specs[1]}
     if not set(optional) <= output_names or set(optional) == output_names:
@@ -100,6 +116,26 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
         digest=digest,
         optional_outputs=optional,
     )
+
+
+def _check_inputs(spec: tuple[TensorSpec, ...]) -> None:
+    """ModelError unless the optional-input and real-time chunking declarations are coherent."""
+    if all(s.optional for s in spec):
+        raise ModelError("policy.input_spec needs at least one required (non-optional) input")
+    by_name = {s.name: s for s in spec}
+    declared = [n for n in RTC_INPUTS if n in by_name]
+    if not declared:
+        return
+    if len(declared) != len(RTC_INPUTS):
+        raise ModelError(f"real-time chunking needs all of {list(RTC_INPUTS)}; the policy declares {declared}")
+    prefix, length, delay = (by_name[n] for n in RTC_INPUTS)
+    if not (prefix.optional and length.optional and delay.optional):
+        raise ModelError(f"the real-time chunking inputs {list(RTC_INPUTS)} must be optional")
+    if prefix.dtype != "float32" or len(prefix.shape) != 2 or prefix.shape[0] < 1:
+        raise ModelError(f"{prefix.name} must be float32[H, DOF], got {prefix.dtype}{list(prefix.shape)}")
+    for s in (length, delay):
+        if s.dtype != "int32" or s.shape != (1,):
+            raise ModelError(f"{s.name} must be int32[1], got {s.dtype}{list(s.shape)}")
 
 
 def _policy_module(model_dir: str):

@@ -21,9 +21,10 @@ ERRORS = {
     "404": "Unknown model or version",
     "409": "The change conflicts with the server's state (e.g. unloading the default model)",
     "411": "No Content-Length",
-    "413": "Body over the configured limit",
+    "413": "Body over the configured limit, or more X-Batch-Rows than the queue holds",
     "415": "Management body neither JSON nor application/octet-stream",
-    "422": "Observation does not match the model's input spec, or the update failed validation",
+    "422": "Observation does not match the model's input spec (naming the field, and the row of a "
+           "vectorized request), or the update failed validation",
     "503": "Not ready (model loading) or queue full (Retry-After)",
     "504": "The request's deadline passed before compute",
 }
@@ -70,6 +71,15 @@ INFER = {
             "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
         },
         {
+            "name": "X-Batch-Rows", "in": "header", "required": False,
+            "description": "A vectorized request: N observations from N environments or robots, every "
+                           "input [N, *shape]. Its rows count N toward the batch cap, are split across "
+                           "batches as needed, and every output is answered [N, *shape] in row order. "
+                           "A leading dimension that is not N is 422 naming the field; a per-row problem "
+                           "is 422 naming the row; more rows than the queue holds is 413",
+            "schema": {"type": "integer", "minimum": 1},
+        },
+        {
             "name": "outputs", "in": "query", "required": False,
             "description": "Comma-separated optional outputs to add (e.g. attention); see optional_outputs "
                            "in /model_info",
@@ -85,7 +95,9 @@ INFER = {
                 "X-Model-Version": {"schema": {"type": "string"}, "description": "Version that computed it"},
                 "Server-Timing": {"schema": {"type": "string"}, "description": "read, decode, queue, compute, "
                                                                                 "encode in ms"},
-                "X-Batch-Size": {"schema": {"type": "integer"}, "description": "Requests in its batch"},
+                "X-Batch-Size": {"schema": {"type": "integer"}, "description": "Rows in its batch (the largest "
+                                                                                "batch, for a vectorized request)"},
+                "X-Batch-Rows": {"schema": {"type": "integer"}, "description": "Echoed for a vectorized request"},
                 "X-Cache": {"schema": {"type": "string", "enum": ["hit", "miss"]}},
                 "X-Request-Id": {"schema": {"type": "string"}},
             },
@@ -147,8 +159,17 @@ SPEC_LIST = {
     "items": {
         "type": "object",
         "required": ["name", "dtype", "shape"],
-        "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
-                       "shape": {"type": "array", "items": {"type": "integer"}}},
+        "properties": {
+            "name": {"type": "string"}, "dtype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "optional": {"type": "boolean", "description": "Inputs only: a request may omit it (zeros are filled)"},
+            "history": {
+                "type": "object", "description": "Inputs only: a window of the last `steps` observations, "
+                                                 "shape [steps, ...], row steps-1 the newest",
+                "properties": {"steps": {"type": "integer", "minimum": 1},
+                               "pad": {"type": "string", "enum": ["repeat_first", "zeros"]}},
+            },
+        },
     },
 }
 MODEL_INFO = {
@@ -158,6 +179,9 @@ MODEL_INFO = {
         "name": {"type": "string"}, "version": {"type": "string"}, "digest": {"type": "string"},
         "device": {"type": "string"}, "num_parameters": {"type": "integer"},
         "inputs": SPEC_LIST, "outputs": SPEC_LIST,
+        "optional_inputs": {"type": "array", "items": {"type": "string"},
+                            "description": "Inputs a request may omit; real-time chunking models list "
+                                           "action_prefix, prefix_length and inference_delay"},
         "optional_outputs": {"type": "array", "items": {"type": "string"}},
     },
 }
