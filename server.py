@@ -16,6 +16,7 @@ from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server import metrics, observability
 from policy_server.config import ServerConfig
 from policy_server.lifecycle import ModelManager
+from policy_server.oip_routes import OPEN_ENDPOINTS as OIP_OPEN_ENDPOINTS, oip_blueprint
 from policy_server.openapi import openapi_document
 from policy_server.runtime import PolicyRuntime
 from policy_server.stats import summarize
@@ -32,7 +33,7 @@ from policy_server.web import (
     wait_seconds,
 )
 
-OPEN_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics", "openapi"})
+OPEN_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics", "openapi"}) | OIP_OPEN_ENDPOINTS
 ADMIN_ENDPOINTS = frozenset({"update_model", "load_model", "unload_model"})
 
 
@@ -83,6 +84,8 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         if rows is not None:
             headers[BATCH_ROWS_HEADER] = str(rows)
         return binary_response(payload, headers)
+
+    app.register_blueprint(oip_blueprint(config, runtime))  # Open Inference Protocol v2: /v2/...
 
     @app.post("/infer")
     def infer():

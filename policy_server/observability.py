@@ -21,8 +21,8 @@ from policy_server import metrics
 access_log = logging.getLogger("policy_server.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-INFERENCE_ENDPOINTS = frozenset({"infer", "infer_named"})
-QUIET_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics"})  # probes and scrapes: DEBUG only
+INFERENCE_ENDPOINTS = frozenset({"infer", "infer_named", "oip.infer", "oip.infer_version"})
+QUIET_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics", "oip.live", "oip.ready"})  # probes and scrapes: DEBUG only
 
 
 def install(app: Flask, stats) -> None:
