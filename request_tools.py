@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import requests
+import urllib3
 
 from binary_protocol import ProtocolError, binary_to_dict, dict_to_binary
 
@@ -44,6 +46,7 @@ __all__ = [
     "PolicyTimeoutError",
     "RunnerStats",
     "ObservationSpecError",
+    "UnixSocketAdapter",
     "check_observation",
     "send_inference_request",
 ]
@@ -251,6 +254,67 @@ def send_inference_request(
     return _decode(response)
 
 
+def unix_socket_path(url: str) -> str | None:
+    """The socket path of a ``unix:///path/to.sock`` URL, None for any other URL."""
+    if not url.startswith("unix://"):
+        return None
+    path = url[len("unix://"):].rstrip("/")
+    if not path.startswith("/"):
+        raise ValueError(f"{url!r}: a Unix socket URL needs an absolute path, unix:///path/to.sock")
+    return path
+
+
+class _UnixConnection(urllib3.connection.HTTPConnection):
+    """An HTTP connection over a Unix domain socket (the host name is only for the Host header)."""
+
+    def __init__(self, *args: Any, socket_path: str, **kwargs: Any) -> None:
+        self.socket_path = socket_path
+        super().__init__(*args, **kwargs)
+
+    def _new_conn(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(urllib3.util.Timeout.resolve_default_timeout(self.timeout))
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise urllib3.exceptions.NewConnectionError(self, f"connecting to {self.socket_path}: {exc}") from exc
+        return sock
+
+
+class _UnixPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _UnixConnection
+
+    def __init__(self, socket_path: str, maxsize: int) -> None:
+        super().__init__("localhost", maxsize=maxsize, block=False)
+        self.conn_kw["socket_path"] = socket_path
+
+
+class UnixSocketAdapter(requests.adapters.HTTPAdapter):
+    """A requests transport adapter for one Unix domain socket, with keep-alive connections.
+
+    Mounted by :class:`PolicyClient` for ``unix://`` URLs; usable on any Session with
+    ``session.mount("http://localhost/", UnixSocketAdapter("/path/to.sock"))``.
+    """
+
+    def __init__(self, socket_path: str, pool_maxsize: int = 10) -> None:
+        super().__init__(pool_maxsize=pool_maxsize)
+        self._pool = _UnixPool(socket_path, pool_maxsize)
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        return self._pool
+
+    def get_connection(self, url, proxies=None):
+        return self._pool
+
+    def request_url(self, request, proxies):
+        return request.path_url
+
+    def close(self) -> None:
+        self._pool.close()
+        super().close()
+
+
 class PolicyClient:
     """A keep-alive connection to one policy server. Not thread-safe: one per thread.
 
@@ -267,6 +331,12 @@ class PolicyClient:
             check every observation against it before sending (ObservationSpecError).
         use_env_proxies: honour HTTP(S)_PROXY / NO_PROXY and ~/.netrc (off: they cost
             about a millisecond per call, and a policy server is rarely behind a proxy).
+        encode: send these uint8 camera inputs encoded, e.g. ``{"image": "jpeg:90"}`` or
+            ``{"image": "png"}`` (lossless); the model must list them in ``encoded_inputs``.
+            Needs the ``images`` extra (simplejpeg, Pillow), imported only when used.
+
+    ``base_url`` ``"unix:///path/to.sock"`` talks HTTP over that Unix domain socket (a server
+    started with ``--uds``); requests then show the URL ``http://localhost/...``.
     """
 
     def __init__(
@@ -281,8 +351,11 @@ class PolicyClient:
         retries: int = DEFAULT_RETRIES,
         check_spec: bool = True,
         use_env_proxies: bool = False,
+        encode: Mapping[str, str] | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.socket_path = unix_socket_path(base_url)
+        self.base_url = "http://localhost" if self.socket_path else base_url.rstrip("/")
+        self.encode = dict(encode or {})
         self.api_key = api_key
         self.admin_key = admin_key
         self.model = model
@@ -296,6 +369,8 @@ class PolicyClient:
         self.last_batch_size: int | None = None
         self.last_response_bytes = 0
         self._session = _new_session(use_env_proxies)
+        if self.socket_path:
+            self._session.mount("http://localhost/", UnixSocketAdapter(self.socket_path))
 
     def __enter__(self) -> PolicyClient:
         return self
@@ -319,6 +394,7 @@ class PolicyClient:
         *,
         outputs: Sequence[str] | None = None,
         deadline_s: float | None = None,
+        encode: Mapping[str, str] | None = None,
     ) -> dict:
         """Send one observation, return the policy's outputs (e.g. ``{"action": (10, 7)}``).
 
@@ -326,7 +402,8 @@ class PolicyClient:
         ``outputs`` asks for optional outputs the model lists in ``optional_outputs`` (e.g.
         ``["attention"]``). ``deadline_s`` (else the client's ``deadline_s``) bounds the whole
         call: past it the server drops the request (PolicyServerError 504) and the client
-        stops waiting (PolicyTimeoutError). Sets ``last_model_version`` and friends.
+        stops waiting (PolicyTimeoutError). ``encode`` (else the client's ``encode``; ``{}``
+        for none) sends those image inputs JPEG/PNG encoded. Sets ``last_model_version`` and friends.
 
         Raises:
             ObservationSpecError (before sending), PolicyServerError, PolicyTimeoutError,
@@ -341,7 +418,7 @@ class PolicyClient:
         try:
             response = _request(
                 self._session, "POST", self.base_url + route, timeout_s=self.timeout_s, retries=self.retries,
-                deadline=deadline, data=dict_to_binary(dict(obs)), headers=_infer_headers(self.api_key),
+                deadline=deadline, data=self._body(obs, encode, rows=False), headers=_infer_headers(self.api_key),
                 params={"outputs": ",".join(outputs)} if outputs else None,
             )
         except PolicyServerError as exc:
@@ -361,6 +438,7 @@ class PolicyClient:
         *,
         outputs: Sequence[str] | None = None,
         deadline_s: float | None = None,
+        encode: Mapping[str, str] | None = None,
     ) -> dict:
         """Send N observations (N environments or robots) as one vectorized request.
 
@@ -387,7 +465,7 @@ class PolicyClient:
         route = f"/models/{model}/infer" if model else "/infer"
         response = _request(
             self._session, "POST", self.base_url + route, timeout_s=self.timeout_s, retries=self.retries,
-            deadline=deadline, data=dict_to_binary(stacked),
+            deadline=deadline, data=self._body(stacked, encode, rows=True),
             headers={**_infer_headers(self.api_key), "X-Batch-Rows": str(len(observations))},
             params={"outputs": ",".join(outputs)} if outputs else None,
         )
@@ -396,6 +474,15 @@ class PolicyClient:
         self.last_batch_size = int(response.headers.get("X-Batch-Size", 0)) or None
         self.last_response_bytes = len(response.content)
         return _decode(response)
+
+    def _body(self, obs: Mapping[str, Any], encode: Mapping[str, str] | None, rows: bool) -> bytes:
+        """The wire body; image inputs named in ``encode`` (else the client's) go encoded."""
+        encode = self.encode if encode is None else encode
+        if encode:
+            from image_codecs import encode_observation  # the optional codec, only when asked for
+
+            obs = encode_observation(obs, encode, rows=rows)
+        return dict_to_binary(dict(obs))
 
     def input_spec(self, model: str | None = None, refresh: bool = False) -> list[dict]:
         """The model's inputs as the server declares them (read once, then cached)."""

@@ -15,6 +15,7 @@ from flask import Flask, Response, g, jsonify, request
 from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server import metrics, observability
 from policy_server.config import ServerConfig
+from policy_server.images import decode_inputs
 from policy_server.lifecycle import ModelManager
 from policy_server.oip_routes import OPEN_ENDPOINTS as OIP_OPEN_ENDPOINTS, oip_blueprint
 from policy_server.openapi import openapi_document
@@ -65,6 +66,8 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
         inputs = binary_to_dict(body)
+        model = runtime.served(name).model
+        inputs = decode_inputs(inputs, model.input_spec, model.encoded_inputs, rows)  # JPEG/PNG, opt in
         t2 = time.perf_counter()
         g.model = name or runtime.default_name
         g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs(), rows)

@@ -11,8 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from binary_protocol import IMAGE_CODECS
 from policy_server.contract import RTC_INPUTS, TensorSpec
 from policy_server.errors import BadRequest, ModelError
+from policy_server.images import encodable
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class LoadedModel:
     output_spec: tuple[TensorSpec, ...]
     digest: str = ""  # of the model directory's files, when loaded from one
     optional_outputs: tuple[str, ...] = ()  # computed always, answered only when asked for
+    encoded_inputs: tuple[str, ...] = ()  # uint8 image inputs that may arrive JPEG/PNG encoded
 
     def answered_outputs(self, asked: Iterable[str] | None) -> frozenset[str]:
         """The outputs one request gets: every non-optional one plus the optional ones it
@@ -64,6 +67,8 @@ class LoadedModel:
             "optional_inputs": list(self.optional_inputs),
             "outputs": [s.to_json() for s in self.output_spec],
             "optional_outputs": list(self.optional_outputs),
+            "encoded_inputs": list(self.encoded_inputs),
+            "image_codecs": list(IMAGE_CODECS) if self.encoded_inputs else [],
         }
 
 
@@ -104,6 +109,11 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
     output_names = {s.name for s in specs[1]}
     if not set(optional) <= output_names or set(optional) == output_names:
         raise ModelError(f"policy.optional_outputs {list(optional)} must name some, not all, of its outputs")
+    encoded = tuple(str(n) for n in getattr(policy, "encoded_inputs", ()))
+    inputs_by_name = {s.name: s for s in specs[0]}
+    for n in encoded:
+        if n not in inputs_by_name or not encodable(inputs_by_name[n]):
+            raise ModelError(f"policy.encoded_inputs: {n!r} is not a uint8 [H, W, 3] or [H, W, 1] input")
     count = policy.num_parameters() if hasattr(policy, "num_parameters") else 0
     return LoadedModel(
         policy=policy,
@@ -115,6 +125,7 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
         output_spec=specs[1],
         digest=digest,
         optional_outputs=optional,
+        encoded_inputs=encoded,
     )
 
 

@@ -177,4 +177,5 @@ def load_model(model_dir: str, device) -> ModulePolicy:
     load_weights_strict(module, os.path.join(model_dir, WEIGHTS))
     policy = ModulePolicy(module, INPUT_SPEC, OUTPUT_SPEC, device=device, name="transformer")
     policy.optional_outputs = OPTIONAL_OUTPUTS
+    policy.encoded_inputs = ("image",)  # the camera may arrive JPEG/PNG encoded (opt in, client side)
     return policy
