@@ -45,10 +45,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "ProtocolError", "dict_to_binary", "binary_to_dict", "MAGIC", "VERSION", "ALIGNMENT",
-    "IMAGE_CODECS", "encoded_image", "is_encoded_image",
-]
+__all__ = ["ProtocolError", "dict_to_binary", "binary_to_dict", "MAGIC", "VERSION", "ALIGNMENT"]
 
 MAGIC = b"PK5F"
 VERSION = 1

@@ -46,7 +46,6 @@ __all__ = [
     "PolicyTimeoutError",
     "RunnerStats",
     "ObservationSpecError",
-    "UnixSocketAdapter",
     "check_observation",
     "send_inference_request",
 ]
