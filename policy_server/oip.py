@@ -139,7 +139,10 @@ def decode_request(body: bytes, header_length: int | None, max_header_bytes: int
     offset = 0
     for name, dtype, shape, data, size in tensors:
         if size is not None:
-            inputs[name] = np.frombuffer(binary[offset:offset + size], dtype=dtype).reshape(shape)
+            raw = binary[offset:offset + size]
+            if dtype.kind == "b" and size and np.frombuffer(raw, np.uint8).max() > 1:
+                raise BadRequest(f"input {name!r}: BOOL bytes must be 0 or 1")
+            inputs[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
             offset += size
         else:
             inputs[name] = _json_tensor(name, dtype, shape, data)

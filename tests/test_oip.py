@@ -104,6 +104,14 @@ def test_json_data_is_strictly_typed(data, datatype, fragment):
         oip.decode_request(json.dumps(header).encode(), None, 1 << 20)
 
 
+def test_binary_bool_bytes_must_be_0_or_1():
+    header = json.dumps({"inputs": [{"name": "b", "datatype": "BOOL", "shape": [3],
+                                     "parameters": {"binary_data_size": 3}}]}).encode()
+    assert oip.decode_request(header + b"\x00\x01\x01", len(header), 1 << 20).inputs["b"].tolist() == [False, True, True]
+    with pytest.raises(BadRequest, match="0 or 1"):
+        oip.decode_request(header + b"\x00\x02\x01", len(header), 1 << 20)
+
+
 def test_response_json_and_binary_outputs():
     outputs = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([[1, 2]], dtype=np.int32)}
     body, length = oip.encode_response("m", "3", outputs, {"a": True, "b": False}, "req-1")
