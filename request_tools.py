@@ -355,6 +355,11 @@ class PolicyClient:
         self.socket_path = unix_socket_path(base_url)
         self.base_url = "http://localhost" if self.socket_path else base_url.rstrip("/")
         self.encode = dict(encode or {})
+        if self.encode:
+            from image_codecs import parse_codec  # numpy only; the codec libraries load when used
+
+            for spec in self.encode.values():
+                parse_codec(spec)  # ValueError now rather than at the first infer
         self.api_key = api_key
         self.admin_key = admin_key
         self.model = model

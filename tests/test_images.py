@@ -56,6 +56,11 @@ def test_parse_codec():
             parse_codec(bad)
 
 
+def test_client_checks_its_encode_option_when_made():
+    with pytest.raises(ValueError, match="webp"):
+        PolicyClient("http://127.0.0.1:1", encode={"image": "webp"})
+
+
 def test_marker_is_made_of_allowed_types_and_survives_the_wire():
     marker = encoded_image("jpeg", b"\xff\xd8abc")
     decoded = binary_to_dict(dict_to_binary({"image": marker}))["image"]
