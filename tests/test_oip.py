@@ -5,6 +5,7 @@ on a real gunicorn."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 
 import numpy as np
@@ -185,6 +186,29 @@ def test_batch_dimension_is_a_vectorized_request(client):
     for i, obs in enumerate(observations):
         np.testing.assert_allclose(action[i], expected_action(obs), atol=1e-5)
     assert int(response.headers["X-Batch-Size"]) <= 4  # split over batches of at most the cap
+
+
+def test_access_log_metrics_and_stats_count_oip_requests(caplog):
+    from tests.test_observability import metric
+
+    client = make_app().test_client()
+    caplog.set_level(logging.INFO, logger="policy_server.access")
+    before = client.get("/metrics").get_data(as_text=True)
+    body, length = oip_body(fake_observation())
+    post(client, "/v2/models/default/infer", body, length, {"X-Request-Id": "oip-1"})
+    post(client, "/v2/models/default/infer", b'{"inputs": []}', None, {"X-Request-Id": "oip-2"})
+    client.get("/v2/health/ready")  # a probe: DEBUG only
+    after = client.get("/metrics").get_data(as_text=True)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "policy_server.access"]
+    route = "/v2/models/<name>/infer"
+    assert [(line["request_id"], line["route"], line["status"]) for line in lines] == [
+        ("oip-1", route, 200), ("oip-2", route, 400)]
+    assert lines[0]["model"] == "default" and lines[0]["version"] == "fake-1" and lines[0]["batch_size"] == 1
+    for status, count in (("200", 1), ("400", 1)):
+        assert metric(after, "policy_requests_total", route=route, status=status) - \
+            metric(before, "policy_requests_total", route=route, status=status) == count
+    stats = client.get("/stats").get_json()
+    assert (stats["total_requests"], stats["failed_requests"]) == (2, 1)
 
 
 def test_timeout_parameter_is_a_deadline_in_microseconds(client):
