@@ -24,6 +24,8 @@ from policy_server.contract import TensorSpec
 from policy_server.errors import InvalidInput
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BASELINE_SOF = (0xC0, 0xC1)  # baseline and extended sequential Huffman JPEG
+MAX_JPEG_SEGMENTS = 256  # segments before the first scan (a real file has about a dozen)
 PNG_COLOUR_CHANNELS = {0: 1, 2: 3}  # greyscale, truecolour (8-bit only)
 
 
@@ -100,10 +102,39 @@ def decode_into(marker: dict, out: np.ndarray, where: str) -> None:
         raise InvalidInput(f"input {where}: {codec} data does not decode: {str(exc)[:200]}") from None
 
 
+def check_sequential_jpeg(data, where: str) -> None:
+    """Walk the segments before the first scan: the frame must be sequential (SOF0/SOF1).
+
+    Progressive and other multi-scan JPEGs are refused: a crafted one with thousands of
+    scans can keep a decoder busy for seconds, and cameras and our client send baseline.
+    """
+    view = memoryview(data)
+    if len(view) < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        raise InvalidInput(f"input {where}: not a JPEG (no SOI marker)")
+    i, frame = 2, None
+    for _ in range(MAX_JPEG_SEGMENTS):
+        if i + 4 > len(view) or view[i] != 0xFF:
+            break
+        marker = view[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA:  # start of scan: the frame header came before it
+            if frame not in BASELINE_SOF:
+                kind = "no frame header" if frame is None else f"frame type 0x{frame:02X}"
+                raise InvalidInput(f"input {where}: only baseline (sequential) JPEG is accepted, got {kind}")
+            return
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            frame = marker
+        i += 2 + ((view[i + 2] << 8) | view[i + 3])
+    raise InvalidInput(f"input {where}: not a JPEG this server accepts (no scan within {MAX_JPEG_SEGMENTS} segments)")
+
+
 def jpeg_header(data, where: str) -> tuple[int, int, int]:
     """(height, width, channels) from a JPEG's frame header, without decoding any pixels."""
     import simplejpeg
 
+    check_sequential_jpeg(data, where)
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError as exc:

@@ -125,6 +125,18 @@ def test_bad_encoded_images_are_422(client, image, fragment):
     assert fragment in response.get_json()["detail"]
 
 
+def test_progressive_jpeg_is_refused_before_decoding(client):
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(fake_observation()["image"]).save(out, format="JPEG", quality=90, progressive=True)
+    response = post(client, {**fake_observation(), "image": encoded_image("jpeg", out.getvalue())})
+    assert response.status_code == 422 and "only baseline" in response.get_json()["detail"]
+    out = io.BytesIO()
+    Image.fromarray(fake_observation()["image"]).save(out, format="JPEG", quality=90)
+    assert post(client, {**fake_observation(), "image": encoded_image("jpeg", out.getvalue())}).status_code == 200
+
+
 def test_truncated_jpeg_is_422(client):
     data = encode_array(fake_observation()["image"], "jpeg", 90)
     response = post(client, {**fake_observation(), "image": encoded_image("jpeg", data[:-12])})
