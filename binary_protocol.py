@@ -620,3 +620,22 @@ def binary_to_dict(
         raise ProtocolError(f"top level must be a dict, got {type(loaded).__name__.lstrip('_')}")
     _check_tree(loaded, max_depth, max_nodes)
     return loaded
+
+
+# An encoded camera image (opt in, see DEVELOPMENT.md "Compressed camera images") is a plain
+# dict of already-allowed types, so the allow-list does not grow: {"codec": "jpeg" | "png",
+# "data": uint8[n] (the encoded bytes, sent out of band)}. A vectorized request sends a list
+# of them, one per row.
+IMAGE_CODECS = ("jpeg", "png")
+
+
+def encoded_image(codec: str, data: bytes | np.ndarray) -> dict:
+    """The wire marker for an encoded image: ``{"codec": codec, "data": uint8[n]}``."""
+    if codec not in IMAGE_CODECS:
+        raise ProtocolError(f"image codec {codec!r} is not one of {IMAGE_CODECS}")
+    return {"codec": codec, "data": np.frombuffer(data, dtype=np.uint8)}
+
+
+def is_encoded_image(value: Any) -> bool:
+    """True when ``value`` has the marker's shape (the codec and data are checked by the reader)."""
+    return type(value) is dict and value.keys() == {"codec", "data"}

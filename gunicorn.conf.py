@@ -44,7 +44,9 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 wsgi_app = "server:create_app()"
 _host = f"[{_config.host}]" if ":" in _config.host else _config.host
-bind = [f"{_host}:{_config.port}"]
+bind = [] if _config.uds_only else [f"{_host}:{_config.port}"]
+if _config.uds:  # a Unix domain socket, as well as or instead of TCP (any worker class)
+    bind.append(f"unix:{_config.uds}")
 workers = _config.workers
 # gthread, with whole requests read by the poller before a thread sees them (DEVELOPMENT.md, "Front door")
 worker_class = "policy_server.front_door.FrontDoorWorker"
@@ -65,6 +67,13 @@ def on_starting(server):
     for kind in ("workers", "stats", "metrics"):
         shutil.rmtree(os.path.join(_run_dir, kind), ignore_errors=True)
     os.makedirs(_metrics_dir)
+
+
+def when_ready(server):
+    """The Unix socket's file mode, once gunicorn has bound it (before any worker serves)."""
+    if _config.uds:
+        os.chmod(_config.uds, _config.uds_file_mode())
+        server.log.info("unix socket %s mode %s", _config.uds, _config.uds_mode)
 
 
 def child_exit(server, worker):

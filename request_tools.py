@@ -24,6 +24,7 @@ import logging
 import math
 import queue
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import requests
+import urllib3
 
 from binary_protocol import ProtocolError, binary_to_dict, dict_to_binary
 
@@ -92,11 +94,12 @@ class ObservationSpecError(PolicyClientError, ValueError):
 def check_observation(obs: Mapping[str, Any], spec: list[dict]) -> None:
     """Check ``obs`` against an input spec as ``/model_info`` gives it (name, dtype, shape).
 
+    An input marked ``"optional": true`` may be missing (the server fills its default).
     Raises ObservationSpecError naming the first missing, unexpected or mismatched field.
     """
     expected = {entry["name"]: entry for entry in spec}
-    for name in expected:
-        if name not in obs:
+    for name, entry in expected.items():
+        if name not in obs and not entry.get("optional", False):
             raise ObservationSpecError(name, f"missing; the model expects {sorted(expected)}")
     for name, value in obs.items():
         entry = expected.get(name)
@@ -108,6 +111,30 @@ def check_observation(obs: Mapping[str, Any], spec: list[dict]) -> None:
             raise ObservationSpecError(name, f"dtype {value.dtype.name}, expected {entry['dtype']}")
         if list(value.shape) != list(entry["shape"]):
             raise ObservationSpecError(name, f"shape {list(value.shape)}, expected {list(entry['shape'])}")
+
+
+def stack_observations(observations: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    """N observations with the same fields to one dict of ``[N, ...]`` arrays (a vectorized request).
+
+    Raises ObservationSpecError naming the field and the row that differs from row 0.
+    """
+    if not observations:
+        raise ValueError("no observations to stack")
+    names = set(observations[0])
+    for i, obs in enumerate(observations):
+        if set(obs) != names:
+            odd = sorted(names ^ set(obs))[0]
+            raise ObservationSpecError(odd, f"row {i} {'lacks' if odd in names else 'adds'} it (compared with row 0)")
+    out = {}
+    for name in observations[0]:
+        first = np.asarray(observations[0][name])
+        for i, obs in enumerate(observations):
+            value = obs[name]
+            if not isinstance(value, np.ndarray) or value.shape != first.shape or value.dtype != first.dtype:
+                got = f"{value.dtype.name}{list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
+                raise ObservationSpecError(name, f"row {i} is {got}, row 0 is {first.dtype.name}{list(first.shape)}")
+        out[name] = np.stack([obs[name] for obs in observations])
+    return out
 
 
 _local = threading.local()
@@ -243,6 +270,67 @@ def send_inference_request(
     return _decode(response)
 
 
+def unix_socket_path(url: str) -> str | None:
+    """The socket path of a ``unix:///path/to.sock`` URL, None for any other URL."""
+    if not url.startswith("unix://"):
+        return None
+    path = url[len("unix://"):].rstrip("/")
+    if not path.startswith("/"):
+        raise ValueError(f"{url!r}: a Unix socket URL needs an absolute path, unix:///path/to.sock")
+    return path
+
+
+class _UnixConnection(urllib3.connection.HTTPConnection):
+    """An HTTP connection over a Unix domain socket (the host name is only for the Host header)."""
+
+    def __init__(self, *args: Any, socket_path: str, **kwargs: Any) -> None:
+        self.socket_path = socket_path
+        super().__init__(*args, **kwargs)
+
+    def _new_conn(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(urllib3.util.Timeout.resolve_default_timeout(self.timeout))
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise urllib3.exceptions.NewConnectionError(self, f"connecting to {self.socket_path}: {exc}") from exc
+        return sock
+
+
+class _UnixPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _UnixConnection
+
+    def __init__(self, socket_path: str, maxsize: int) -> None:
+        super().__init__("localhost", maxsize=maxsize, block=False)
+        self.conn_kw["socket_path"] = socket_path
+
+
+class UnixSocketAdapter(requests.adapters.HTTPAdapter):
+    """A requests transport adapter for one Unix domain socket, with keep-alive connections.
+
+    Mounted by :class:`PolicyClient` for ``unix://`` URLs; usable on any Session with
+    ``session.mount("http://localhost/", UnixSocketAdapter("/path/to.sock"))``.
+    """
+
+    def __init__(self, socket_path: str, pool_maxsize: int = 10) -> None:
+        super().__init__(pool_maxsize=pool_maxsize)
+        self._pool = _UnixPool(socket_path, pool_maxsize)
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        return self._pool
+
+    def get_connection(self, url, proxies=None):
+        return self._pool
+
+    def request_url(self, request, proxies):
+        return request.path_url
+
+    def close(self) -> None:
+        self._pool.close()
+        super().close()
+
+
 class PolicyClient:
     """A keep-alive connection to one policy server. Not thread-safe: one per thread.
 
@@ -260,6 +348,12 @@ class PolicyClient:
             check every observation against it before sending (ObservationSpecError).
         use_env_proxies: honour HTTP(S)_PROXY / NO_PROXY and ~/.netrc (off: they cost
             about a millisecond per call, and a policy server is rarely behind a proxy).
+        encode: send these uint8 camera inputs encoded, e.g. ``{"image": "jpeg:90"}`` or
+            ``{"image": "png"}`` (lossless); the model must list them in ``encoded_inputs``.
+            Needs the ``images`` extra (simplejpeg, Pillow), imported only when used.
+
+    ``base_url`` ``"unix:///path/to.sock"`` talks HTTP over that Unix domain socket (a server
+    started with ``--uds``); requests then show the URL ``http://localhost/...``.
     """
 
     def __init__(
@@ -274,8 +368,16 @@ class PolicyClient:
         retries: int = DEFAULT_RETRIES,
         check_spec: bool = True,
         use_env_proxies: bool = False,
+        encode: Mapping[str, str] | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.socket_path = unix_socket_path(base_url)
+        self.base_url = "http://localhost" if self.socket_path else base_url.rstrip("/")
+        self.encode = dict(encode or {})
+        if self.encode:
+            from image_codecs import parse_codec  # numpy only; the codec libraries load when used
+
+            for spec in self.encode.values():
+                parse_codec(spec)  # ValueError now rather than at the first infer
         self.api_key = api_key
         self.admin_key = admin_key
         self.model = model
@@ -289,6 +391,8 @@ class PolicyClient:
         self.last_batch_size: int | None = None
         self.last_response_bytes = 0
         self._session = _new_session(use_env_proxies)
+        if self.socket_path:
+            self._session.mount("http://localhost/", UnixSocketAdapter(self.socket_path))
 
     def __enter__(self) -> PolicyClient:
         return self
@@ -312,6 +416,7 @@ class PolicyClient:
         *,
         outputs: Sequence[str] | None = None,
         deadline_s: float | None = None,
+        encode: Mapping[str, str] | None = None,
     ) -> dict:
         """Send one observation, return the policy's outputs (e.g. ``{"action": (10, 7)}``).
 
@@ -319,7 +424,8 @@ class PolicyClient:
         ``outputs`` asks for optional outputs the model lists in ``optional_outputs`` (e.g.
         ``["attention"]``). ``deadline_s`` (else the client's ``deadline_s``) bounds the whole
         call: past it the server drops the request (PolicyServerError 504) and the client
-        stops waiting (PolicyTimeoutError). Sets ``last_model_version`` and friends.
+        stops waiting (PolicyTimeoutError). ``encode`` (else the client's ``encode``; ``{}``
+        for none) sends those image inputs JPEG/PNG encoded. Sets ``last_model_version`` and friends.
 
         Raises:
             ObservationSpecError (before sending), PolicyServerError, PolicyTimeoutError,
@@ -334,7 +440,7 @@ class PolicyClient:
         try:
             response = _request(
                 self._session, "POST", self.base_url + route, timeout_s=self.timeout_s, retries=self.retries,
-                deadline=deadline, data=dict_to_binary(dict(obs)), headers=_infer_headers(self.api_key),
+                deadline=deadline, data=self._body(obs, encode, rows=False), headers=_infer_headers(self.api_key),
                 params={"outputs": ",".join(outputs)} if outputs else None,
             )
         except PolicyServerError as exc:
@@ -346,6 +452,59 @@ class PolicyClient:
         self.last_batch_size = int(response.headers.get("X-Batch-Size", 0)) or None
         self.last_response_bytes = len(response.content)
         return _decode(response)
+
+    def infer_batch(
+        self,
+        observations: Sequence[Mapping[str, Any]],
+        model: str | None = None,
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_s: float | None = None,
+        encode: Mapping[str, str] | None = None,
+    ) -> dict:
+        """Send N observations (N environments or robots) as one vectorized request.
+
+        The observations are stacked to ``[N, ...]`` per input and sent with
+        ``X-Batch-Rows: N``; the answer is every output ``[N, ...]``, row i for observation i
+        (e.g. ``{"action": (N, 10, 7)}``). The server batches the rows like N requests, so
+        the result equals N calls of :meth:`infer`. Options as for :meth:`infer`.
+
+        Raises:
+            ObservationSpecError (before sending; names the field, and the row when rows
+            differ), PolicyServerError (422 names the field or row), PolicyTimeoutError,
+            PolicyConnectionError, ProtocolError.
+        """
+        model = model or self.model
+        deadline_s = deadline_s if deadline_s is not None else self.deadline_s
+        deadline = time.monotonic() + deadline_s if deadline_s is not None else None
+        if self.check_spec:
+            for i, obs in enumerate(observations):
+                try:
+                    self.check_observation(obs, model)
+                except ObservationSpecError as exc:
+                    raise ObservationSpecError(exc.field, f"row {i}: {exc}") from None
+        stacked = stack_observations(observations)
+        route = f"/models/{model}/infer" if model else "/infer"
+        response = _request(
+            self._session, "POST", self.base_url + route, timeout_s=self.timeout_s, retries=self.retries,
+            deadline=deadline, data=self._body(stacked, encode, rows=True),
+            headers={**_infer_headers(self.api_key), "X-Batch-Rows": str(len(observations))},
+            params={"outputs": ",".join(outputs)} if outputs else None,
+        )
+        self.last_model_version = response.headers.get("X-Model-Version")
+        self.last_server_timing = response.headers.get("Server-Timing")
+        self.last_batch_size = int(response.headers.get("X-Batch-Size", 0)) or None
+        self.last_response_bytes = len(response.content)
+        return _decode(response)
+
+    def _body(self, obs: Mapping[str, Any], encode: Mapping[str, str] | None, rows: bool) -> bytes:
+        """The wire body; image inputs named in ``encode`` (else the client's) go encoded."""
+        encode = self.encode if encode is None else encode
+        if encode:
+            from image_codecs import encode_observation  # the optional codec, only when asked for
+
+            obs = encode_observation(obs, encode, rows=rows)
+        return dict_to_binary(dict(obs))
 
     def input_spec(self, model: str | None = None, refresh: bool = False) -> list[dict]:
         """The model's inputs as the server declares them (read once, then cached)."""

@@ -10,15 +10,18 @@ import os
 import time
 from typing import Any
 
-from flask import Flask, Response, g, jsonify
+from flask import Flask, Response, g, jsonify, request
 
 from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server import metrics, observability
 from policy_server.config import ServerConfig
+from policy_server.images import decode_inputs
 from policy_server.lifecycle import ModelManager
+from policy_server.oip_routes import OPEN_ENDPOINTS as OIP_OPEN_ENDPOINTS, oip_blueprint
 from policy_server.openapi import openapi_document
 from policy_server.runtime import PolicyRuntime
 from policy_server.stats import instance_summary
+from policy_server.tensors import BATCH_ROWS_HEADER, parse_batch_rows
 from policy_server.web import (
     binary_response,
     check_keys,
@@ -31,7 +34,7 @@ from policy_server.web import (
     wait_seconds,
 )
 
-OPEN_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics", "openapi"})
+OPEN_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics", "openapi"}) | OIP_OPEN_ENDPOINTS
 ADMIN_ENDPOINTS = frozenset({"update_model", "load_model", "unload_model"})
 
 
@@ -59,12 +62,15 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     def infer_with(name: str | None):
         t0 = time.perf_counter()
         deadline = request_deadline(config.deadline_ms)
+        rows = parse_batch_rows(request.headers.get(BATCH_ROWS_HEADER))  # a vectorized request
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
         inputs = binary_to_dict(body)
+        model = runtime.served(name).model
+        inputs = decode_inputs(inputs, model.input_spec, model.encoded_inputs, rows)  # JPEG/PNG, opt in
         t2 = time.perf_counter()
         g.model = name or runtime.default_name
-        g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs())
+        g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs(), rows)
         t3 = time.perf_counter()
         payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()
@@ -78,7 +84,11 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
             headers["X-Batch-Size"] = str(answer.batch_size)
         if answer.cache:
             headers["X-Cache"] = answer.cache
+        if rows is not None:
+            headers[BATCH_ROWS_HEADER] = str(rows)
         return binary_response(payload, headers)
+
+    app.register_blueprint(oip_blueprint(config, runtime))  # Open Inference Protocol v2: /v2/...
 
     @app.post("/infer")
     def infer():

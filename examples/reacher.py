@@ -18,6 +18,10 @@ Action: float32[7]. Dims 0-1 are joint velocity commands (rad/s), clipped to
 joints follow their command through a first-order lag (``VELOCITY_LAG`` of the gap per step),
 at ``control_hz`` = 20. A policy returns a chunk float32[10, 7]: the next 10 actions.
 
+With ``moving_target=True`` the target circles the base at a constant radius and angular
+speed ``omega`` (``TARGET_OMEGA``, rad/s, either direction, drawn per episode), bouncing back
+at the ends of its arc: a policy must see it move (two or more frames) to lead it.
+
 An episode succeeds once the end effector is within ``SUCCESS_RADIUS`` (the target disc's
 radius) of the target's centre; it ends there, or after ``max_steps``. Everything is
 deterministic given the seed. Rendering redraws only the bounding boxes of the arm and the
@@ -26,7 +30,8 @@ target over a preallocated, lightly textured background (about 1 ms per frame).
 Public API: :class:`ReacherEnv` (with :class:`StepResult`), :func:`run_episode` and
 :func:`evaluate` (with :class:`EpisodeResult`), :func:`expert_chunk`, :func:`expert_policy`,
 :func:`expert_actions`, :func:`render`, :func:`step_arm`, :func:`forward_kinematics`,
-:func:`inverse_kinematics`, :func:`make_state`, :func:`sample_episode`.
+:func:`inverse_kinematics`, :func:`make_state`, :func:`sample_episode`, :func:`sample_omega`,
+:func:`move_target`.
 Only numpy is imported.
 """
 
@@ -60,6 +65,9 @@ TARGET_ANGLE = (0.25, np.pi - 0.25)  # above the base
 START_Q1 = (0.0, np.pi)
 START_ABS_Q2 = (0.3, 2.6)  # the elbow starts bent either way
 MIN_START_DISTANCE = 0.06  # from end effector to target
+
+TARGET_OMEGA = (0.4, 0.9)  # rad/s about the base, for moving targets
+EXPERT_LEAD_S = 0.0  # extra lead (s) on a moving target: aiming where it is at each action's step is best
 
 # Expert: joint-space PD toward the inverse-kinematics solution with the elbow at q2 <= 0.
 EXPERT_KP, EXPERT_KD = 10.0, 0.4
@@ -111,8 +119,27 @@ def step_arm(q: np.ndarray, dq: np.ndarray, command: np.ndarray) -> tuple[np.nda
     return q + DT * dq, dq
 
 
-def expert_actions(q: np.ndarray, dq: np.ndarray, target: np.ndarray, horizon: int = CHUNK) -> np.ndarray:
+def move_target(target: np.ndarray, omega: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray]:
+    """A moving target ``dt`` seconds later (vectorised, [..., 2] and [...]): rotated about the
+    base by ``omega * dt``, reflected back (and ``omega`` reversed) at the ends of ``TARGET_ANGLE``."""
+    target = np.asarray(target, dtype=np.float64)
+    omega = np.asarray(omega, dtype=np.float64)
+    radius = np.linalg.norm(target, axis=-1)
+    angle = np.arctan2(target[..., 1], target[..., 0]) + omega * dt
+    low, high = TARGET_ANGLE
+    over, under = angle > high, angle < low
+    angle = np.where(over, 2 * high - angle, np.where(under, 2 * low - angle, angle))
+    omega = np.where(over | under, -omega, omega)
+    return np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1), omega
+
+
+def expert_actions(
+    q: np.ndarray, dq: np.ndarray, target: np.ndarray, horizon: int = CHUNK, omega: np.ndarray | None = None
+) -> np.ndarray:
     """The expert's next ``horizon`` actions from arm state (q, dq) toward ``target``.
+
+    With ``omega`` (a moving target's angular speed, [...]) each action aims where the target
+    will be ``EXPERT_LEAD_S`` after that action's step.
 
     Vectorised: q, dq, target [..., 2] give float32[..., horizon, 7]. Each action is a PD
     command toward the IK solution, scaled (direction kept) to the speed limit, and the copy
@@ -124,6 +151,8 @@ def expert_actions(q: np.ndarray, dq: np.ndarray, target: np.ndarray, horizon: i
     goal = inverse_kinematics(target)
     out = np.zeros((*q.shape[:-1], horizon, ACTION_DIM), dtype=np.float32)
     for k in range(horizon):
+        if omega is not None:
+            goal = inverse_kinematics(move_target(target, omega, (k + 1) * DT + EXPERT_LEAD_S)[0])
         command = EXPERT_KP * (goal - q) - EXPERT_KD * dq
         peak = np.max(np.abs(command), axis=-1, keepdims=True)
         command = command * np.minimum(1.0, MAX_JOINT_SPEED / np.maximum(peak, 1e-9))
@@ -134,7 +163,7 @@ def expert_actions(q: np.ndarray, dq: np.ndarray, target: np.ndarray, horizon: i
 
 def expert_chunk(env: ReacherEnv) -> np.ndarray:
     """float32[10, 7]: the expert's chunk from the env's current state (uses the privileged target)."""
-    return expert_actions(env.q, env.dq, env.target)
+    return expert_actions(env.q, env.dq, env.target, omega=env.omega if env.moving_target else None)
 
 
 def expert_policy(env: ReacherEnv) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
@@ -143,7 +172,7 @@ def expert_policy(env: ReacherEnv) -> Callable[[dict[str, np.ndarray]], np.ndarr
 
     def chunk_fn(obs: dict[str, np.ndarray]) -> np.ndarray:
         state = obs["state"].astype(np.float64)
-        return expert_actions(state[:2], state[2:4], env.target)
+        return expert_actions(state[:2], state[2:4], env.target, omega=env.omega if env.moving_target else None)
 
     return chunk_fn
 
@@ -239,6 +268,11 @@ def sample_episode(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             return q, target
 
 
+def sample_omega(rng: np.random.Generator, size: int | None = None) -> np.ndarray:
+    """A moving target's angular speed (rad/s): ``TARGET_OMEGA`` in magnitude, either sign."""
+    return rng.uniform(*TARGET_OMEGA, size) * rng.choice([-1.0, 1.0], size)
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What :meth:`ReacherEnv.step` returns."""
@@ -249,13 +283,20 @@ class StepResult:
 
 
 class ReacherEnv:
-    """The reacher task; ``reset()`` draws the next episode from the env's seeded generator."""
+    """The reacher task; ``reset()`` draws the next episode from the env's seeded generator.
+
+    ``moving_target``: the target circles the base (see the module docstring); ``omega`` is
+    its current angular speed (rad/s), 0 for a fixed target. A moving episode draws its
+    speed after the fixed draws, so its start and first target equal the fixed episode's.
+    """
 
     control_hz = CONTROL_HZ
     max_steps = MAX_STEPS
 
-    def __init__(self, seed: int | None = None) -> None:
+    def __init__(self, seed: int | None = None, *, moving_target: bool = False) -> None:
         self.rng = np.random.default_rng(seed)
+        self.moving_target = moving_target
+        self.omega = 0.0
         self.q = np.zeros(2)
         self.dq = np.zeros(2)
         self.target = np.zeros(2)
@@ -271,6 +312,7 @@ class ReacherEnv:
         sampled_q, sampled_target = sample_episode(self.rng)
         self.q = np.array(sampled_q if q is None else q, dtype=np.float64)
         self.target = np.array(sampled_target if target is None else target, dtype=np.float64)
+        self.omega = float(sample_omega(self.rng)) if self.moving_target else 0.0
         self.dq = np.zeros(2)
         self.steps = 0
         self._success = self.distance <= SUCCESS_RADIUS
@@ -282,6 +324,9 @@ class ReacherEnv:
             raise RuntimeError("episode is done; call reset()")
         action = np.asarray(action, dtype=np.float64).reshape(ACTION_DIM)
         self.q, self.dq = step_arm(self.q, self.dq, action[:2])
+        if self.moving_target:
+            self.target, omega = move_target(self.target, self.omega, DT)
+            self.omega = float(omega)
         self.steps += 1
         self._success = self._success or self.distance <= SUCCESS_RADIUS
         return StepResult(self.observe(), self.done, self._success)
@@ -311,6 +356,41 @@ class ReacherEnv:
 
 # -- running a policy --------------------------------------------------------------------
 
+
+class ObservationWindow:
+    """Turns each step's observation into the one a history model takes.
+
+    ``windows`` maps an observation key to ``(steps, pad)`` as a model declares it in
+    ``/model_info`` (``{"history": {"steps": T, "pad": ...}}``): that key is sent as
+    ``[T, *shape]``, row T-1 the newest, the episode's start padded with its first
+    observation (``"repeat_first"``) or zeros (``"zeros"``). Other keys pass through.
+    """
+
+    def __init__(self, windows: dict[str, tuple[int, str]]) -> None:
+        self.windows = dict(windows)
+        self._frames: dict[str, list[np.ndarray]] = {}
+
+    @classmethod
+    def from_spec(cls, inputs: list[dict]) -> ObservationWindow:
+        """From ``/model_info``'s ``inputs`` (entries without ``history`` pass through)."""
+        return cls({e["name"]: (e["history"]["steps"], e["history"]["pad"]) for e in inputs if e.get("history")})
+
+    def reset(self) -> None:
+        """Forget the episode (the next observation starts a new window)."""
+        self._frames = {}
+
+    def __call__(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Add this step's observation; return it with each windowed key as ``[T, ...]``."""
+        out = dict(obs)
+        for name, (steps, pad) in self.windows.items():
+            frames = self._frames.setdefault(name, [])
+            frames.append(obs[name])
+            del frames[:-steps]
+            missing = steps - len(frames)
+            filler = frames[0] if pad == "repeat_first" else np.zeros_like(frames[0])
+            out[name] = np.stack([filler] * missing + frames)
+        return out
+
 ChunkFn = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 
@@ -330,6 +410,7 @@ def run_episode(
     staleness: int = 0,
     align: bool = True,
     reset: bool = True,
+    windows: dict[str, tuple[int, str]] | None = None,
 ) -> EpisodeResult:
     """Run one episode executing whole chunks open loop; ``chunk_fn(obs) -> float32[10, 7]``.
 
@@ -339,14 +420,16 @@ def run_episode(
     of an episode is computed from the first observation, while the arm waits). With ``align``
     the chunk is entered at the action meant for step t (index t - t_obs, the actions for
     steps already past are dropped); without it the chunk is played from its first action, s
-    steps late. ``execute`` defaults to CHUNK - s when aligned, else CHUNK.
+    steps late. ``execute`` defaults to CHUNK - s when aligned, else CHUNK. ``windows`` (see
+    :class:`ObservationWindow`) hands ``chunk_fn`` each seen observation with its history window.
     """
     if execute is None:
         execute = CHUNK - staleness if align else CHUNK
     if not 0 <= staleness < CHUNK or execute < 1 or (align and staleness + execute > CHUNK) or execute > CHUNK:
         raise ValueError(f"cannot execute {execute} actions of a {CHUNK}-chunk with staleness {staleness}")
+    window = ObservationWindow(windows or {})
     first = env.reset() if reset else env.observe()
-    history = {env.steps: first}  # step -> its observation
+    history = {env.steps: window(first)}  # step -> its observation (windowed)
     chunks = 0
     while not env.done:
         t = env.steps
@@ -358,13 +441,15 @@ def run_episode(
         start = t - seen if align else 0
         for action in chunk[start : start + execute]:
             obs = env.step(action).obs
-            history[env.steps] = obs
+            history[env.steps] = window(obs)
             if env.done:
                 break
     return EpisodeResult(env.success, env.steps, chunks, env.distance)
 
 
-def evaluate(chunk_fn: ChunkFn, seeds: Iterable[int], **options) -> tuple[float, list[EpisodeResult]]:
+def evaluate(
+    chunk_fn: ChunkFn, seeds: Iterable[int], *, moving_target: bool = False, **options
+) -> tuple[float, list[EpisodeResult]]:
     """Success rate and per-episode results of ``run_episode`` over one fresh env per seed."""
-    results = [run_episode(ReacherEnv(seed), chunk_fn, **options) for seed in seeds]
+    results = [run_episode(ReacherEnv(seed, moving_target=moving_target), chunk_fn, **options) for seed in seeds]
     return sum(r.success for r in results) / max(len(results), 1), results

@@ -12,16 +12,35 @@ the two success rates differ only by the serving path.
 A model the server does not serve yet is loaded there first (``POST /models/<name>/load``,
 from ``models/<name>``). Reported per model and path: success rate, achieved control rate
 and its worst period, round-trip latency p50/p99 of chunk requests, chunks, starved steps
-(no action left), failed requests, and the model versions that answered.
+(no action left), failed requests, the model versions that answered, and seam jerk: the
+largest change of the joint command (action dims 0-1, rad/s) between the last action of one
+chunk and the first played from the next.
+
+A harder task and a latency sweep::
+
+    python examples/sim_loop.py --models default,history --moving-target \
+        --latency-ms 0,100,200,300,400 --jitter-ms 50 --merge replace --episodes 20
+
+``--moving-target`` moves the reacher's target (see ``examples/reacher.py``);
+``--latency-ms`` adds that much round-trip delay to every chunk request (plus up to
+``--jitter-ms`` more, uniform, seeded) and runs the server path once per latency and per
+``--merge`` strategy, printing one table. A model whose ``/model_info`` declares a history
+window gets its observations windowed here (``reacher.ObservationWindow``).
+
+A vectorized evaluation: ``--vectorized 64`` runs 64 environments in lockstep, as fast as
+the server answers, with one ``PolicyClient.infer_batch`` request per step for every live
+environment (``--vectorized-execute`` actions of each chunk played per request).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -32,8 +51,13 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from examples.reacher import ReacherEnv  # noqa: E402
+from examples.reacher import ObservationWindow, ReacherEnv  # noqa: E402
 from request_tools import ChunkRunner, LoopClock, PolicyClient, PolicyServerError  # noqa: E402
+
+try:  # the loop tools' own module, once it exists; request_tools re-exports the same runner
+    from robot_loop import ChunkRunner as LoopRunner  # type: ignore[import-not-found]  # noqa: E402
+except ImportError:
+    LoopRunner = ChunkRunner
 
 log = logging.getLogger("sim_loop")
 
@@ -46,6 +70,10 @@ class PathReport:
 
     model: str
     path: str
+    merge: str = "replace"
+    latency_ms: float = 0.0  # injected round-trip delay
+    jitter_ms: float = 0.0  # plus up to this much, uniform
+    moving_target: bool = False
     episodes: int = 0
     successes: int = 0
     steps: int = 0
@@ -58,6 +86,9 @@ class PathReport:
     starved_steps: int = 0
     failures: int = 0
     versions: dict[str, int] = field(default_factory=dict)
+    seam_jerk: float = 0.0  # largest |change| of the joint command at a chunk boundary (rad/s)
+    seam_jerk_mean: float = 0.0
+    step_jerk_p99: float = 0.0  # the same, p99 over the other steps (the policy's own change)
     wall_s: float = 0.0
 
     @property
@@ -68,29 +99,101 @@ class PathReport:
         hz = np.median(self.achieved_hz) if self.achieved_hz else 0.0
         versions = ",".join(f"v{v}x{n}" for v, n in sorted(self.versions.items())) or "-"
         return (
-            f"{self.model:<12} {self.path:<10} success {self.successes:>3}/{self.episodes:<3} "
+            f"{self.model:<12} {self.path:<10} {self.merge:<9} +{self.latency_ms:.0f}~{self.jitter_ms:.0f} ms  success {self.successes:>3}/{self.episodes:<3} "
             f"({self.success_rate:6.1%})  rate {hz:5.2f} Hz (period p99 {self.period_ms_p99:5.1f} ms, "
             f"worst {self.worst_period_ms:5.1f} ms)  latency p50 {self.latency_ms_p50:6.1f} ms p99 {self.latency_ms_p99:6.1f} ms  "
-            f"chunks {self.chunks}  starved {self.starved_steps}  failed {self.failures}  versions {versions}"
+            f"chunks {self.chunks}  starved {self.starved_steps}  seam jerk {self.seam_jerk:.3f}  "
+            f"failed {self.failures}  versions {versions}"
         )
+
+    def row(self) -> str:
+        """One row of the sweep table (markdown)."""
+        return (
+            f"| {self.model} | {self.merge} | {self.latency_ms:.0f} | {self.jitter_ms:.0f} | "
+            f"{self.success_rate:.0%} | {self.starved_steps} / {self.steps} | {self.seam_jerk:.3f} | "
+            f"{self.seam_jerk_mean:.3f} | {self.step_jerk_p99:.3f} | {self.latency_ms_p50:.0f} | {self.failures} |"
+        )
+
+
+TABLE_HEADER = (
+    "| model | merge | latency ms | jitter ms | success | starved steps | seam jerk max | seam jerk mean "
+    "| in-chunk jerk p99 | round trip p50 ms | failed |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+class DelayedPolicy:
+    """A chunk policy behind an injected round-trip delay: ``latency_s`` plus uniform
+    ``[0, jitter_s)`` (seeded), half before the request and half after. Thread-safe: each
+    calling thread gets its own client from ``make_client`` (a runner may keep several
+    requests in flight)."""
+
+    def __init__(self, make_client: Callable[[], Any], latency_s: float, jitter_s: float = 0.0, seed: int = 0) -> None:
+        self.make_client = make_client
+        self.latency_s = latency_s
+        self.jitter_s = jitter_s
+        self._rng = np.random.default_rng(seed)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def __call__(self, obs: Mapping[str, Any]) -> Mapping[str, Any]:
+        with self._lock:
+            delay = self.latency_s + self.jitter_s * float(self._rng.random())
+        policy = getattr(self._local, "policy", None)
+        if policy is None:
+            policy = self._local.policy = self.make_client()
+        time.sleep(delay / 2)
+        try:
+            return policy.infer(obs) if hasattr(policy, "infer") else policy(obs)
+        finally:
+            time.sleep(delay / 2)
+
+
+def make_runner(policy: Any, merge: str) -> Any:
+    """A chunk runner at the reacher's rate with overlap strategy ``merge``.
+
+    Uses ``robot_loop.ChunkRunner(merge=...)`` when that module exists; the runner in
+    ``request_tools`` only replaces (``merge="replace"``).
+    """
+    if "merge" in inspect.signature(LoopRunner).parameters:
+        return LoopRunner(policy, rate_hz=ReacherEnv.control_hz, merge=merge)
+    if merge != "replace":
+        raise SystemExit(f"--merge {merge}: this runner only replaces chunks (robot_loop.ChunkRunner has merge=)")
+    return LoopRunner(policy, rate_hz=ReacherEnv.control_hz)
 
 
 def run_episodes(
     policy: PolicyClient | Callable[[Mapping[str, Any]], Mapping[str, Any]],
     seeds: list[int],
     report: PathReport,
+    *,
+    windows: dict[str, tuple[int, str]] | None = None,
 ) -> PathReport:
-    """Run one episode per seed through a ChunkRunner at the task's control rate."""
+    """Run one episode per seed through a chunk runner at the task's control rate.
+
+    ``windows`` (a history model's declaration) turns each observation into its window.
+    """
     start = time.perf_counter()
     periods: list[float] = []
-    with ChunkRunner(policy, rate_hz=ReacherEnv.control_hz) as runner:
+    seams: list[float] = []
+    steps: list[float] = []
+    window = ObservationWindow(windows or {})
+    with make_runner(policy, report.merge) as runner:
         for seed in seeds:
-            env = ReacherEnv(seed)
+            env = ReacherEnv(seed, moving_target=report.moving_target)
             obs = env.reset()
             runner.reset()
+            window.reset()
             clock = LoopClock(env.control_hz)
+            previous = None
             while not env.done:
-                obs = env.step(runner.act(obs)).obs
+                chunks = runner.stats.chunks
+                action = np.asarray(runner.act(window(obs)))
+                if previous is not None:  # a new chunk adopted at this step is a seam
+                    change = float(np.max(np.abs(action[:2] - previous[:2])))
+                    (seams if runner.stats.chunks != chunks else steps).append(change)
+                previous = action
+                obs = env.step(action).obs
                 clock.tick()
             report.episodes += 1
             report.successes += env.success
@@ -107,24 +210,69 @@ def run_episodes(
     if periods:
         report.period_ms_p99 = float(np.percentile(periods, 99) * 1e3)
         report.worst_period_ms = float(max(periods) * 1e3)
+    if seams:
+        report.seam_jerk, report.seam_jerk_mean = float(max(seams)), float(np.mean(seams))
+    if steps:
+        report.step_jerk_p99 = float(np.percentile(steps, 99))
     report.wall_s = time.perf_counter() - start
     return report
 
 
+def history_windows(inputs: list[dict]) -> dict[str, tuple[int, str]]:
+    """The history windows declared in ``/model_info``'s ``inputs``."""
+    return ObservationWindow.from_spec(inputs).windows
+
+
+def run_vectorized(
+    client: PolicyClient, seeds: list[int], *, moving_target: bool, execute: int, model: str | None = None
+) -> dict[str, Any]:
+    """``len(seeds)`` environments in lockstep: one ``infer_batch`` request per step for every
+    live environment, ``execute`` actions of each chunk played before the next request."""
+    envs = [ReacherEnv(seed, moving_target=moving_target) for seed in seeds]
+    windows = history_windows(client.model_info(model)["inputs"])
+    frames = [ObservationWindow(windows) for _ in envs]
+    observations = [frame(env.reset()) for frame, env in zip(frames, envs)]
+    latencies, rows, start = [], 0, time.perf_counter()
+    while live := [i for i, env in enumerate(envs) if not env.done]:
+        sent = time.perf_counter()
+        chunks = client.infer_batch([observations[i] for i in live], model)["action"]
+        latencies.append(time.perf_counter() - sent)
+        rows += len(live)
+        for chunk, i in zip(chunks, live):
+            for action in chunk[:execute]:
+                observations[i] = frames[i](envs[i].step(action).obs)
+                if envs[i].done:
+                    break
+    wall = time.perf_counter() - start
+    return {
+        "environments": len(envs), "execute": execute, "moving_target": moving_target,
+        "success_rate": sum(env.success for env in envs) / len(envs), "requests": len(latencies), "rows": rows,
+        "env_steps": sum(env.steps for env in envs), "wall_s": wall, "env_steps_per_s": sum(e.steps for e in envs) / wall,
+        "latency_ms_p50": float(np.percentile(latencies, 50) * 1e3),
+        "latency_ms_p99": float(np.percentile(latencies, 99) * 1e3),
+    }
+
+
 def in_process_policy(model_dir: str) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
-    """The policy loaded here (CPU), called one observation at a time."""
+    """The policy loaded here (CPU), called one observation at a time; ``.inputs`` is its
+    input spec as ``/model_info`` gives it. Omitted optional inputs get the server's zeros."""
     import torch
 
     from policy_server.model_loader import load_model_dir
+    from policy_server.tensors import complete_inputs
 
     torch.set_num_threads(1)
     model = load_model_dir(model_dir, "cpu")
+    lock = threading.Lock()  # one forward at a time, like one server worker
 
     def infer(obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        obs = complete_inputs(obs, model.input_spec)
         batch = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in obs.items()}
-        outputs = model.policy.forward(batch)
+        with lock:
+            outputs = model.policy.forward(batch)
         return {k: v[0].numpy() for k, v in outputs.items()}
 
+    infer.inputs = model.info()["inputs"]  # type: ignore[attr-defined]
     return infer
 
 
@@ -148,6 +296,10 @@ def show_attention(client: PolicyClient, name: str, seed: int) -> dict[str, Any]
     return summary
 
 
+def numbers(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:50000")
@@ -156,6 +308,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=SEED_BASE, help="first episode seed")
     parser.add_argument("--model-root", default=os.path.join(ROOT, "models"), help="for the in-process runs")
     parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--moving-target", action="store_true", help="the reacher's target moves")
+    parser.add_argument("--latency-ms", type=numbers, default=None,
+                        help="comma-separated injected round-trip latencies: one server run per value")
+    parser.add_argument("--jitter-ms", type=float, default=0.0, help="plus uniform [0, this) per request")
+    parser.add_argument("--merge", default="replace", help="comma-separated merge strategies of the chunk runner")
+    parser.add_argument("--vectorized", type=int, default=0, help="also run N environments in lockstep (infer_batch)")
+    parser.add_argument("--vectorized-execute", type=int, default=1, help="actions played per lockstep request")
     parser.add_argument("--api-key", default=os.environ.get("POLICY_SERVER_API_KEY"))
     parser.add_argument("--admin-key", default=os.environ.get("POLICY_SERVER_ADMIN_KEY"))
     parser.add_argument("--json", help="also write the results here")
@@ -163,27 +322,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 
     seeds = list(range(args.seed, args.seed + args.episodes))
+    merges = [m.strip() for m in args.merge.split(",") if m.strip()]
+    latencies = args.latency_ms if args.latency_ms is not None else [0.0]
+    sweep = args.latency_ms is not None or len(merges) > 1 or args.jitter_ms > 0
     reports: list[PathReport] = []
     attention: dict[str, Any] = {}
+    vectorized: dict[str, Any] = {}
+
+    def client_for(name: str) -> PolicyClient:
+        return PolicyClient(args.url, api_key=args.api_key, admin_key=args.admin_key, model=name)
+
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        with PolicyClient(args.url, api_key=args.api_key, admin_key=args.admin_key, model=name) as client:
+        with client_for(name) as client:
             client.wait_until_ready(timeout_s=120)
             try:
                 ensure_served(client, name)
             except PolicyServerError as exc:
                 raise SystemExit(f"cannot serve {name}: {exc}") from exc
             attention[name] = show_attention(client, name, seeds[0])
-            reports.append(run_episodes(client, seeds, PathReport(name, "server")))
-        log.info("%s", reports[-1].line())
+            windows = history_windows(client.model_info(name)["inputs"])
+            for merge in merges:
+                for latency in latencies:
+                    report = PathReport(name, "server", merge, latency, args.jitter_ms, args.moving_target)
+                    if latency or args.jitter_ms:
+                        policy: Any = DelayedPolicy(lambda: client_for(name), latency / 1e3, args.jitter_ms / 1e3,
+                                                    seed=args.seed)
+                    else:
+                        policy = client
+                    reports.append(run_episodes(policy, seeds, report, windows=windows))
+                    log.info("%s", reports[-1].line())
+            if args.vectorized:
+                vectorized[name] = run_vectorized(
+                    client, list(range(args.seed, args.seed + args.vectorized)), moving_target=args.moving_target,
+                    execute=args.vectorized_execute,
+                )
+                log.info("%s vectorized: %s", name, json.dumps(vectorized[name]))
         if not args.skip_in_process:
             local = in_process_policy(os.path.join(args.model_root, name))
-            reports.append(run_episodes(local, seeds, PathReport(name, "in-process")))
+            report = PathReport(name, "in-process", merges[0], moving_target=args.moving_target)
+            reports.append(run_episodes(local, seeds, report, windows=history_windows(local.inputs)))
             log.info("%s", reports[-1].line())
 
+    if sweep:
+        log.info("\n%s\n%s", TABLE_HEADER, "\n".join(r.row() for r in reports if r.path == "server"))
     result = {
         "episodes": args.episodes, "seeds": [seeds[0], seeds[-1]], "control_hz": ReacherEnv.control_hz,
+        "moving_target": args.moving_target,
         "reports": [{**asdict(r), "success_rate": r.success_rate} for r in reports],
         "attention": attention,
+        "vectorized": vectorized,
     }
     if args.json:
         with open(args.json, "w") as fh:

@@ -48,7 +48,11 @@ from policy_server.model_loader import load_model_dir  # noqa: E402
 
 log = logging.getLogger("train_policies")
 
-MODELS = {"default": "CnnMlp", "transformer": "ChunkTransformer"}
+MODELS = {"default": "CnnMlp", "transformer": "ChunkTransformer", "history": "HistoryCnnMlp"}
+SEED_OFFSETS = {"default": 0, "transformer": 1, "history": 2}
+DEFAULT_STEPS = {"default": 1800, "transformer": 1200, "history": 1500}
+MOVING = {"history"}  # trained on the moving-target reacher, with a two-frame history window
+PADDED_FRACTION = 0.15  # broad states whose history window is padded (an episode's first step)
 EVAL_SEED = 1_000_000  # evaluation episodes are ReacherEnv(seed) for seeds from here on
 
 
@@ -65,15 +69,23 @@ def architecture(model_dir: str) -> torch.nn.Module:
 
 
 class Dataset:
-    """Arm states, targets and expert labels; images are rendered per batch."""
+    """Arm states, targets and expert labels; images are rendered per batch.
 
-    def __init__(self) -> None:
-        self.parts: dict[str, list[np.ndarray]] = {"q": [], "dq": [], "target": [], "label": []}
+    A ``moving`` dataset also holds each target's angular speed and the previous frame's arm
+    angles and target (equal to the current ones at an episode's first step, as the history
+    window's ``repeat_first`` padding makes them)."""
+
+    def __init__(self, moving: bool = False) -> None:
+        keys = ["q", "dq", "target", "label"] + (["omega", "prev_q", "prev_target"] if moving else [])
+        self.parts: dict[str, list[np.ndarray]] = {key: [] for key in keys}
         self.arrays: dict[str, np.ndarray] = {}
 
-    def add(self, q: np.ndarray, dq: np.ndarray, target: np.ndarray) -> None:
-        label = reacher.expert_actions(q, dq, target)
-        for key, value in (("q", q), ("dq", dq), ("target", target), ("label", label)):
+    def add(self, q: np.ndarray, dq: np.ndarray, target: np.ndarray, omega=None, prev_q=None, prev_target=None) -> None:
+        label = reacher.expert_actions(q, dq, target, omega=omega)
+        values = [("q", q), ("dq", dq), ("target", target), ("label", label)]
+        if omega is not None:
+            values += [("omega", omega), ("prev_q", prev_q), ("prev_target", prev_target)]
+        for key, value in values:
             self.parts[key].append(np.asarray(value, dtype=np.float32))
         self.arrays = {key: np.concatenate(parts) for key, parts in self.parts.items()}
 
@@ -88,6 +100,83 @@ def broad_states(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarr
     dq = moving * rng.uniform(-reacher.MAX_JOINT_SPEED, reacher.MAX_JOINT_SPEED, (n, 2))
     target = np.stack([reacher.sample_episode(rng)[1] for _ in range(n)])
     return q, dq, target
+
+
+def moving_broad_states(rng: np.random.Generator, n: int):
+    """``broad_states`` with a target speed each and the previous frame (some padded)."""
+    q, dq, target = broad_states(rng, n)
+    omega = reacher.sample_omega(rng, n)
+    padded = (rng.random(n) < PADDED_FRACTION)[:, None]
+    prev_q = np.where(padded, q, q - reacher.DT * dq)
+    prev_target = np.where(padded, target, reacher.move_target(target, omega, -reacher.DT)[0])
+    return q, dq, target, omega, prev_q, prev_target
+
+
+def moving_rollouts(
+    chunk_fn, rng: np.random.Generator, episodes: int, *, staleness: int, align: bool, noise: float = 0.0,
+    max_steps: int = reacher.MAX_STEPS,
+):
+    """``rollouts`` on the moving-target task. ``chunk_fn(q, dq, target, omega, prev_q,
+    prev_target) -> [N, 10, 7]`` gets the observed step's state and its previous frame's."""
+    starts = [reacher.sample_episode(rng) for _ in range(episodes)]
+    q = np.stack([s[0] for s in starts])
+    target = np.stack([s[1] for s in starts])
+    omega = reacher.sample_omega(rng, episodes)
+    dq = np.zeros_like(q)
+    frames = [(q, dq, target, omega)]
+    done = np.zeros(episodes, dtype=bool)
+    visited = []
+    execute = reacher.CHUNK - staleness if align else reacher.CHUNK
+    t = 0
+    while t < max_steps and not done.all():
+        seen = max(0, t - staleness)
+        prev = frames[max(0, seen - 1)]
+        chunk = chunk_fn(*frames[seen], prev[0], prev[2])[:, :, :2]
+        offset = noise * rng.standard_normal((episodes, 2))
+        start = t - seen if align else 0
+        for k in range(start, start + execute):
+            live = ~done
+            prev = frames[max(0, t - 1)]
+            visited.append((q[live], dq[live], target[live], omega[live], prev[0][live], prev[2][live]))
+            command = chunk[:, k] + offset + noise * 0.5 * rng.standard_normal((episodes, 2))
+            q, dq = reacher.step_arm(q, dq, command)
+            target, omega = reacher.move_target(target, omega, reacher.DT)
+            frames.append((q, dq, target, omega))
+            t += 1
+            distance = np.linalg.norm(reacher.forward_kinematics(q)[1] - target, axis=1)
+            done |= distance <= reacher.SUCCESS_RADIUS
+            if done.all() or t >= max_steps:
+                break
+    parts = [np.concatenate(p) for p in zip(*visited)]
+    return (*parts, float(done.mean()))
+
+
+def moving_expert_fn(q, dq, target, omega, prev_q, prev_target):
+    return reacher.expert_actions(q, dq, target, omega=omega)
+
+
+def history_module_fn(module: torch.nn.Module, image_buffer: np.ndarray):
+    """``module_fn`` for the two-frame history policy (``image_buffer`` [B, 2, H, W, 3])."""
+
+    def chunk_fn(q, dq, target, omega, prev_q, prev_target):
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(q), len(image_buffer)):
+                part = slice(i, i + len(image_buffer))
+                images = render_frames(q[part], target[part], prev_q[part], prev_target[part], image_buffer)
+                state = torch.from_numpy(states_of(q[part], dq[part]))
+                out.append(module(state, torch.from_numpy(images))["action"].numpy())
+        return np.concatenate(out)
+
+    return chunk_fn
+
+
+def render_frames(q, target, prev_q, prev_target, out: np.ndarray) -> np.ndarray:
+    """Two-frame windows [N, 2, H, W, 3]: the previous frame, then the current one."""
+    for i in range(len(q)):
+        reacher.render(prev_q[i], prev_target[i], out=out[i, 0])
+        reacher.render(q[i], target[i], out=out[i, 1])
+    return out[: len(q)]
 
 
 def states_of(q: np.ndarray, dq: np.ndarray) -> np.ndarray:
@@ -174,12 +263,13 @@ def collect(
     """Lockstep rollouts over every staleness 0-3, aligned and not, added to ``dataset``."""
     rates = []
     groups = [(s, align) for s in range(4) for align in (True, False)]
+    moving = "omega" in dataset.parts
     for index, (staleness, align) in enumerate(groups):
         n = episodes // len(groups) + (index < episodes % len(groups))
         if n:
-            q, dq, target, rate = rollouts(
+            *visited, rate = (moving_rollouts if moving else rollouts)(
                 chunk_fn, rng, n, staleness=staleness, align=align, noise=noise, max_steps=max_steps)
-            dataset.add(q, dq, target)
+            dataset.add(*visited)
             rates.append(rate)
     log.info("%s: %d episodes, success %.2f, dataset now %d states", what, episodes, np.mean(rates), len(dataset))
 
@@ -189,33 +279,34 @@ def collect(
 
 def train(name: str, args: argparse.Namespace) -> str:
     """Train one policy; returns the directory its weights were written to."""
-    seed = args.seed + (0 if name == "default" else 1)
+    seed = args.seed + SEED_OFFSETS[name]
+    moving = name in MOVING
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     started = time.perf_counter()
     module = architecture(os.path.join(ROOT, "models", name))
     module.train()
-    steps = args.steps if args.steps is not None else {"default": 1800, "transformer": 1200}[name]
+    steps = args.steps if args.steps is not None else DEFAULT_STEPS[name]
     log.info("%s: %d parameters, %d steps of batch %d, lr %g", name, sum(p.numel() for p in module.parameters()),
              steps, args.batch_size, args.lr)
 
-    broad, trajectories = Dataset(), Dataset()
-    broad.add(*broad_states(rng, args.broad_states))
-    collect(trajectories, expert_fn, rng, args.expert_episodes, args.expert_noise, "expert with noise",
-            reacher.MAX_STEPS)
+    broad, trajectories = Dataset(moving), Dataset(moving)
+    broad.add(*(moving_broad_states if moving else broad_states)(rng, args.broad_states))
+    collect(trajectories, moving_expert_fn if moving else expert_fn, rng, args.expert_episodes, args.expert_noise,
+            "expert with noise", reacher.MAX_STEPS)
     dagger_at = {int(f * steps) for f in args.dagger_at}
 
     optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = 50
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
-    images = np.empty((args.batch_size, reacher.HEIGHT, reacher.WIDTH, 3), dtype=np.uint8)
+    images = np.empty((args.batch_size, *((2,) if moving else ()), reacher.HEIGHT, reacher.WIDTH, 3), dtype=np.uint8)
     n_broad = int(round(args.batch_size * args.broad_fraction))
     running = 0.0
     for step in range(steps):
         if step in dagger_at:
             module.eval()
-            collect(trajectories, module_fn(module, images), rng, args.dagger_episodes, 0.0, f"step {step} DAgger",
+            collect(trajectories, (history_module_fn if moving else module_fn)(module, images), rng, args.dagger_episodes, 0.0, f"step {step} DAgger",
                     args.dagger_max_steps)
             module.train()
         pick_broad = rng.integers(0, len(broad), n_broad)
@@ -223,7 +314,11 @@ def train(name: str, args: argparse.Namespace) -> str:
         batch = {key: np.concatenate([broad.arrays[key][pick_broad], trajectories.arrays[key][pick_traj]])
                  for key in broad.arrays}
         state = torch.from_numpy(states_of(batch["q"], batch["dq"]))
-        image = torch.from_numpy(render_batch(batch["q"], batch["target"], images))
+        if moving:
+            image = torch.from_numpy(
+                render_frames(batch["q"], batch["target"], batch["prev_q"], batch["prev_target"], images))
+        else:
+            image = torch.from_numpy(render_batch(batch["q"], batch["target"], images))
         label = torch.from_numpy(batch["label"])
         action = module(state, image)["action"]
         # Joint commands in units of the speed limit; the ignored dims are taught to stay 0.
@@ -259,30 +354,36 @@ def policy_chunk_fn(model_dir: str):
     return chunk_fn
 
 
-def evaluate(model_dir: str, episodes: int, first_seed: int) -> dict[str, float]:
+def evaluate(model_dir: str, episodes: int, first_seed: int, moving_target: bool | None = None) -> dict[str, float]:
+    """Success rates over staleness 0-3; a history model is fed its declared windows and, by
+    default, moving targets (``moving_target`` overrides)."""
     chunk_fn = policy_chunk_fn(model_dir)
+    spec = load_model_dir(model_dir, "cpu").input_spec
+    windows = {s.name: (s.history.steps, s.history.pad) for s in spec if s.history is not None}
+    moving = bool(windows) if moving_target is None else moving_target
     seeds = range(first_seed, first_seed + episodes)
     rates = {}
     for staleness in range(4):
         for align in (True, False) if staleness else (True,):
             started = time.perf_counter()
-            rate, results = reacher.evaluate(chunk_fn, seeds, staleness=staleness, align=align)
+            rate, results = reacher.evaluate(
+                chunk_fn, seeds, staleness=staleness, align=align, moving_target=moving, windows=windows)
             key = f"staleness {staleness}" + ("" if align or not staleness else " unaligned")
             rates[key] = rate
-            log.info("%s: %s success %.2f over %d episodes (mean %.1f steps, %.1f s)",
-                     os.path.basename(model_dir), key, rate, episodes, np.mean([r.steps for r in results]),
-                     time.perf_counter() - started)
+            log.info("%s: %s%s success %.2f over %d episodes (mean %.1f steps, %.1f s)",
+                     os.path.basename(model_dir), "moving target, " if moving else "", key, rate, episodes,
+                     np.mean([r.steps for r in results]), time.perf_counter() - started)
     return rates
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["default", "transformer", "all"], default="all")
+    parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "models"),
                         help="writes <out-dir>/<model>/model.safetensors (default: the repo's models/)")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default: 1800 for default, 1200 for transformer)")
+                        help="optimizer steps (default: 1800 for default, 1200 for transformer, 1500 for history)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--broad-states", type=int, default=20000, help="states drawn over the whole joint space")
@@ -297,6 +398,8 @@ def main() -> None:
     parser.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights in --out-dir, train nothing")
+    parser.add_argument("--eval-moving", choices=["auto", "yes", "no"], default="auto",
+                        help="evaluate on moving targets (auto: history models only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -306,7 +409,8 @@ def main() -> None:
     for name in names:
         model_dir = os.path.join(args.out_dir, name) if args.eval_only else train(name, args)
         if args.eval_episodes:
-            evaluate(model_dir, args.eval_episodes, args.eval_seed)
+            evaluate(model_dir, args.eval_episodes, args.eval_seed,
+                     None if args.eval_moving == "auto" else args.eval_moving == "yes")
 
 
 if __name__ == "__main__":

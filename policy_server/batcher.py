@@ -9,6 +9,11 @@ Semantics (see ../shared/DESIGN.md, "Batching"):
 - Only compatible requests (same keys, dtypes and per-sample shapes) share a batch; the
   others keep their place in the queue.
 - Bounded queue: full -> :class:`QueueFull` (503 with Retry-After) at once.
+- A vectorized request (N observations, ``X-Batch-Rows: N``) enters as N row requests at
+  once (:meth:`Batcher.submit_rows`, all or none): each row takes one place in the queue and
+  one in a batch, so N rows count N toward ``max_batch_size`` and a request of more rows
+  than that (or sharing batches with others) is split across batches; :meth:`Batcher.wait_rows`
+  answers the rows in order.
 - Each request has a deadline; one that passed before compute is answered
   :class:`DeadlineExceeded` (504) and is not computed.
 - A batch whose execution raises fails only its own requests (500); the batcher lives on.
@@ -34,7 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from policy_server.errors import InferenceFailed, NotReady, ServingError
+from policy_server.errors import InferenceFailed, NotReady, PayloadTooLarge, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +151,54 @@ class Batcher:
             self._queue.append(request)
             self._cond.notify()
         return request
+
+    def submit_rows(
+        self, rows: list[Mapping[str, np.ndarray]], deadline: float, model: Any = None, spec: Any = None
+    ) -> list[Request]:
+        """Queue the N observations of one vectorized request, all or none, in order.
+
+        Raises PayloadTooLarge (413) when N exceeds the queue size, QueueFull when the queue
+        has no room for all N now, NotReady while stopping.
+        """
+        if len(rows) > self.queue_size:
+            raise PayloadTooLarge(f"{len(rows)} rows exceed the queue size {self.queue_size}")
+        now = time.monotonic()
+        requests = [Request(inputs, deadline, now, model, spec) for inputs in rows]
+        with self._cond:
+            if self._stopping:
+                raise NotReady("server is shutting down")
+            if len(self._queue) + len(requests) > self.queue_size:
+                raise QueueFull(
+                    f"{len(self._queue)} requests queued, no room for {len(requests)} rows",
+                    headers={"Retry-After": "1"},
+                )
+            self._queue.extend(requests)
+            self._cond.notify()
+        return requests
+
+    def wait_rows(self, requests: list[Request]) -> tuple[list[dict[str, np.ndarray]], str]:
+        """Block until every row is answered; their outputs in order and the model version.
+
+        The first row's error is raised (the other rows are cancelled). Rows answered by two
+        versions (a hot swap between two of its batches) raise NotReady (503, retry at once):
+        one answer never mixes versions.
+        """
+        outputs, versions = [], set()
+        try:
+            for request in requests:
+                out, version = self.wait(request)
+                outputs.append(out)
+                versions.add(version)
+        except BaseException:
+            for request in requests:
+                request.cancelled = True
+            raise
+        if len(versions) > 1:
+            raise NotReady(
+                f"the model changed while the rows were computed (versions {sorted(map(str, versions))}); retry",
+                headers={"Retry-After": "0"},
+            )
+        return outputs, versions.pop()
 
     def wait(self, request: Request) -> tuple[dict[str, np.ndarray], str]:
         """Block until ``request`` is answered; return its outputs and model version."""

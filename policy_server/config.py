@@ -119,6 +119,13 @@ class ServerConfig:
     compile: bool = _opt(False, "torch.compile the policy module (slower start, warm-up compiles)")
     quantize_int8: bool = _opt(False, "dynamic int8 quantization of Linear layers (CPU only)")
     channels_last: bool = _opt(False, "convert the policy module to channels_last memory format")
+    # Open Inference Protocol and Unix domain sockets (issue 14)
+    oip_max_json_bytes: int = _opt(
+        16 * 1024 * 1024, "largest Open Inference Protocol JSON header (or all-JSON body) of /v2 infer requests"
+    )
+    uds: str | None = _opt(None, "also bind this Unix domain socket path (clients: unix:///path)", str)
+    uds_mode: str = _opt("660", "file mode (octal) of the --uds socket, set once it is bound")
+    uds_only: bool = _opt(False, "bind only the --uds socket, no TCP port")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -180,6 +187,11 @@ class ServerConfig:
             key = getattr(self, name)
             if key is not None and len(key) < 8:
                 raise ConfigError(f"{name} must be at least 8 characters")
+        if self.oip_max_json_bytes < 1:
+            raise ConfigError("oip_max_json_bytes must be at least 1")
+        self.uds_file_mode()
+        if self.uds_only and not self.uds:
+            raise ConfigError("uds_only needs --uds PATH")
         if self.cache_size < 0 or self.cache_ttl_s <= 0:
             raise ConfigError("cache_size must be 0 (off) or more and cache_ttl_s positive")
         if not NAME_PATTERN.fullmatch(self.model_name):
@@ -189,6 +201,16 @@ class ServerConfig:
                 f"refusing to bind {self.host} without an API key: set --api-key "
                 "(POLICY_SERVER_API_KEY), or --allow-unauthenticated on a trusted network"
             )
+
+    def uds_file_mode(self) -> int:
+        """``uds_mode`` as an int (ConfigError unless octal digits within 0o777)."""
+        try:
+            mode = int(self.uds_mode, 8)
+        except ValueError:
+            raise ConfigError(f"uds_mode {self.uds_mode!r} is not an octal file mode such as 660") from None
+        if not 0 <= mode <= 0o777:
+            raise ConfigError(f"uds_mode {self.uds_mode!r} is outside 000..777")
+        return mode
 
     def batch_size_for(self, device: str) -> int:
         """``max_batch_size``, or the auto default for ``device``."""

@@ -124,7 +124,13 @@ class BatchExecutor:
         if rows > self.max_batch_size:
             raise ValueError(f"batch of {rows} exceeds max_batch_size {self.max_batch_size}")
         for spec in self.model.input_spec:
-            np.stack([r.inputs[spec.name] for r in requests], out=slot.host_in_np[spec.name][:rows])
+            out = slot.host_in_np[spec.name][:rows]
+            if spec.optional and any(spec.name not in r.inputs for r in requests):
+                # queued before a hot swap added this optional input: the server's default
+                for i, r in enumerate(requests):
+                    out[i] = r.inputs[spec.name] if spec.name in r.inputs else 0
+                continue
+            np.stack([r.inputs[spec.name] for r in requests], out=out)
         return rows
 
     def launch(self, requests: list) -> _Launched:

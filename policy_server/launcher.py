@@ -31,6 +31,7 @@ def build_config(argv: Sequence[str] | None = None, environ=None) -> ServerConfi
         model_store=os.path.abspath(config.model_store) if config.model_store else "",
         run_dir=os.path.abspath(config.run_dir) if config.run_dir else None,
         log_dir=os.path.abspath(config.log_dir) if config.log_dir else None,
+        uds=os.path.abspath(config.uds) if config.uds else None,
     )
     config.validate()
     if not os.path.isfile(os.path.join(config.model_path, "policy.py")):
@@ -51,8 +52,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--config", GUNICORN_CONF,
         "--chdir", ROOT,
     ]
+    where = [] if config.uds_only else [f"http://{config.host}:{config.port}"]
+    where += [f"unix://{config.uds}"] if config.uds else []
     log.info(
-        "serving %s on http://%s:%d with %d workers x %d threads",
-        config.model_path, config.host, config.port, config.workers, config.threads,
+        "serving %s on %s with %d workers x %d threads",
+        config.model_path, " and ".join(where), config.workers, config.threads,
     )
     os.execve(sys.executable, command, env)

@@ -10,9 +10,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from binary_protocol import IMAGE_CODECS
 from policy_server import model_files
-from policy_server.contract import TensorSpec
+from policy_server.contract import RTC_INPUTS, TensorSpec
 from policy_server.errors import BadRequest, ModelError
+from policy_server.images import encodable
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,7 @@ class LoadedModel:
     output_spec: tuple[TensorSpec, ...]
     digest: str = ""  # of the model directory's files, when loaded from one
     optional_outputs: tuple[str, ...] = ()  # computed always, answered only when asked for
+    encoded_inputs: tuple[str, ...] = ()  # uint8 image inputs that may arrive JPEG/PNG encoded
 
     def answered_outputs(self, asked: Iterable[str] | None) -> frozenset[str]:
         """The outputs one request gets: every non-optional one plus the optional ones it
@@ -41,7 +44,19 @@ class LoadedModel:
             raise BadRequest(f"model {self.name!r} has no output {', '.join(map(repr, unknown))}; outputs: {names}")
         return frozenset(n for n in names if n not in self.optional_outputs or n in asked)
 
+    @property
+    def optional_inputs(self) -> tuple[str, ...]:
+        """Inputs a request may omit (the server fills zeros)."""
+        return tuple(s.name for s in self.input_spec if s.optional)
+
+    @property
+    def real_time_chunking(self) -> bool:
+        """True when the model declares the real-time chunking inputs (:data:`contract.RTC_INPUTS`)."""
+        return RTC_INPUTS[0] in {s.name for s in self.input_spec}
+
     def info(self) -> dict[str, Any]:
+        """What ``/model_info`` answers. ``inputs`` entries carry ``optional: true`` and
+        ``history: {steps, pad}`` where declared; ``optional_inputs`` lists the optional ones."""
         return {
             "name": self.name,
             "version": self.version,
@@ -49,8 +64,11 @@ class LoadedModel:
             "device": self.device,
             "num_parameters": self.num_parameters,
             "inputs": [s.to_json() for s in self.input_spec],
+            "optional_inputs": list(self.optional_inputs),
             "outputs": [s.to_json() for s in self.output_spec],
             "optional_outputs": list(self.optional_outputs),
+            "encoded_inputs": list(self.encoded_inputs),
+            "image_codecs": list(IMAGE_CODECS) if self.encoded_inputs else [],
         }
 
 
@@ -74,10 +92,18 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
         if len({s.name for s in spec}) != len(spec):
             raise ModelError(f"policy.{attr} repeats a name")
         specs.append(spec)
+    _check_inputs(specs[0])
+    if any(s.optional or s.history is not None for s in specs[1]):
+        raise ModelError("policy.output_spec: optional and history are input declarations")
     optional = tuple(str(n) for n in getattr(policy, "optional_outputs", ()))
     output_names = {s.name for s in specs[1]}
     if not set(optional) <= output_names or set(optional) == output_names:
         raise ModelError(f"policy.optional_outputs {list(optional)} must name some, not all, of its outputs")
+    encoded = tuple(str(n) for n in getattr(policy, "encoded_inputs", ()))
+    inputs_by_name = {s.name: s for s in specs[0]}
+    for n in encoded:
+        if n not in inputs_by_name or not encodable(inputs_by_name[n]):
+            raise ModelError(f"policy.encoded_inputs: {n!r} is not a uint8 [H, W, 3] or [H, W, 1] input")
     count = policy.num_parameters() if hasattr(policy, "num_parameters") else 0
     return LoadedModel(
         policy=policy,
@@ -89,7 +115,28 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
         output_spec=specs[1],
         digest=digest,
         optional_outputs=optional,
+        encoded_inputs=encoded,
     )
+
+
+def _check_inputs(spec: tuple[TensorSpec, ...]) -> None:
+    """ModelError unless the optional-input and real-time chunking declarations are coherent."""
+    if all(s.optional for s in spec):
+        raise ModelError("policy.input_spec needs at least one required (non-optional) input")
+    by_name = {s.name: s for s in spec}
+    declared = [n for n in RTC_INPUTS if n in by_name]
+    if not declared:
+        return
+    if len(declared) != len(RTC_INPUTS):
+        raise ModelError(f"real-time chunking needs all of {list(RTC_INPUTS)}; the policy declares {declared}")
+    prefix, length, delay = (by_name[n] for n in RTC_INPUTS)
+    if not (prefix.optional and length.optional and delay.optional):
+        raise ModelError(f"the real-time chunking inputs {list(RTC_INPUTS)} must be optional")
+    if prefix.dtype != "float32" or len(prefix.shape) != 2 or prefix.shape[0] < 1:
+        raise ModelError(f"{prefix.name} must be float32[H, DOF], got {prefix.dtype}{list(prefix.shape)}")
+    for s in (length, delay):
+        if s.dtype != "int32" or s.shape != (1,):
+            raise ModelError(f"{s.name} must be int32[1], got {s.dtype}{list(s.shape)}")
 
 
 def _policy_module(model_dir: str):

@@ -28,8 +28,8 @@ from policy_server.front_door_http import ARRIVED, DEFERRED
 access_log = logging.getLogger("policy_server.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-INFERENCE_ENDPOINTS = frozenset({"infer", "infer_named"})
-QUIET_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics"})  # probes and scrapes: DEBUG only
+INFERENCE_ENDPOINTS = frozenset({"infer", "infer_named", "oip.infer", "oip.infer_version"})
+QUIET_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics", "oip.live", "oip.ready"})  # probes and scrapes: DEBUG only
 CLIENT_CLOSED = 499
 
 

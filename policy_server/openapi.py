@@ -21,9 +21,10 @@ ERRORS = {
     "404": "Unknown model or version",
     "409": "The change conflicts with the server's state (e.g. unloading the default model)",
     "411": "No Content-Length",
-    "413": "Body over the configured limit",
+    "413": "Body over the configured limit, or more X-Batch-Rows than the queue holds",
     "415": "Management body neither JSON nor application/octet-stream",
-    "422": "Observation does not match the model's input spec, or the update failed validation",
+    "422": "Observation does not match the model's input spec (naming the field, and the row of a "
+           "vectorized request), or the update failed validation",
     "503": "Not ready (model loading) or queue full (Retry-After)",
     "504": "The request's deadline passed before compute",
     "500": "The model store could not be written (read-only, permission); nothing was published",
@@ -73,6 +74,15 @@ INFER = {
             "schema": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
         },
         {
+            "name": "X-Batch-Rows", "in": "header", "required": False,
+            "description": "A vectorized request: N observations from N environments or robots, every "
+                           "input [N, *shape]. Its rows count N toward the batch cap, are split across "
+                           "batches as needed, and every output is answered [N, *shape] in row order. "
+                           "A leading dimension that is not N is 422 naming the field; a per-row problem "
+                           "is 422 naming the row; more rows than the queue holds is 413",
+            "schema": {"type": "integer", "minimum": 1},
+        },
+        {
             "name": "outputs", "in": "query", "required": False,
             "description": "Comma-separated optional outputs to add (e.g. attention); see optional_outputs "
                            "in /model_info",
@@ -88,7 +98,9 @@ INFER = {
                 "X-Model-Version": {"schema": {"type": "string"}, "description": "Version that computed it"},
                 "Server-Timing": {"schema": {"type": "string"}, "description": "read, decode, queue, compute, "
                                                                                 "encode in ms"},
-                "X-Batch-Size": {"schema": {"type": "integer"}, "description": "Requests in its batch"},
+                "X-Batch-Size": {"schema": {"type": "integer"}, "description": "Rows in its batch (the largest "
+                                                                                "batch, for a vectorized request)"},
+                "X-Batch-Rows": {"schema": {"type": "integer"}, "description": "Echoed for a vectorized request"},
                 "X-Cache": {"schema": {"type": "string", "enum": ["hit", "miss"]}},
                 "X-Request-Id": {"schema": {"type": "string"}},
             },
@@ -152,8 +164,17 @@ SPEC_LIST = {
     "items": {
         "type": "object",
         "required": ["name", "dtype", "shape"],
-        "properties": {"name": {"type": "string"}, "dtype": {"type": "string"},
-                       "shape": {"type": "array", "items": {"type": "integer"}}},
+        "properties": {
+            "name": {"type": "string"}, "dtype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}},
+            "optional": {"type": "boolean", "description": "Inputs only: a request may omit it (zeros are filled)"},
+            "history": {
+                "type": "object", "description": "Inputs only: a window of the last `steps` observations, "
+                                                 "shape [steps, ...], row steps-1 the newest",
+                "properties": {"steps": {"type": "integer", "minimum": 1},
+                               "pad": {"type": "string", "enum": ["repeat_first", "zeros"]}},
+            },
+        },
     },
 }
 MODEL_INFO = {
@@ -163,9 +184,123 @@ MODEL_INFO = {
         "name": {"type": "string"}, "version": {"type": "string"}, "digest": {"type": "string"},
         "device": {"type": "string"}, "num_parameters": {"type": "integer"},
         "inputs": SPEC_LIST, "outputs": SPEC_LIST,
+        "optional_inputs": {"type": "array", "items": {"type": "string"},
+                            "description": "Inputs a request may omit; real-time chunking models list "
+                                           "action_prefix, prefix_length and inference_delay"},
         "optional_outputs": {"type": "array", "items": {"type": "string"}},
+        "encoded_inputs": {"type": "array", "items": {"type": "string"},
+                           "description": "uint8 image inputs that may arrive JPEG/PNG encoded (opt in)"},
+        "image_codecs": {"type": "array", "items": {"type": "string", "enum": ["jpeg", "png"]}},
     },
 }
+
+
+# -- Open Inference Protocol v2 (KServe v2 REST, Triton's binary tensor data extension) --------
+OIP_DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                 "FP16", "FP32", "FP64"]
+OIP_TENSOR = {
+    "type": "object",
+    "required": ["name", "datatype", "shape"],
+    "properties": {
+        "name": {"type": "string"},
+        "datatype": {"type": "string", "enum": OIP_DATATYPES},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
+                  "description": "The first dimension N is the batch: a vectorized request of N rows"},
+        "data": {"type": "array", "items": {}, "description": "Row-major values, flat or nested"},
+        "parameters": {"type": "object", "properties": {
+            "binary_data_size": {"type": "integer", "minimum": 0,
+                                 "description": "Bytes of this tensor in the binary part, in input order"},
+        }},
+    },
+}
+OIP_REQUEST = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string", "maxLength": 256},
+        "parameters": {"type": "object", "properties": {
+            "timeout": {"type": "integer", "minimum": 1,
+                        "description": "Microseconds the request may wait before compute (504 past it)"},
+            "binary_data_output": {"type": "boolean", "description": "Every output as binary data"},
+        }},
+        "inputs": {"type": "array", "minItems": 1, "items": OIP_TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string"},
+            "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+        }}},
+    },
+}
+OIP_RESPONSE = {
+    "type": "object",
+    "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"},
+                   "id": {"type": "string"}, "outputs": {"type": "array", "items": OIP_TENSOR}},
+}
+OIP_METADATA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+        "platform": {"type": "string"},
+        "inputs": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string"}, "datatype": {"type": "string"},
+            "shape": {"type": "array", "items": {"type": "integer"}, "description": "-1: the batch dimension"}}}},
+        "outputs": {"type": "array", "items": {"type": "object"}},
+    },
+}
+VERSION = {"name": "version", "in": "path", "required": True, "description": "Model version (the store's number)",
+           "schema": {"type": "string"}}
+HEADER_LENGTH = {
+    "name": "Inference-Header-Content-Length", "in": "header", "required": False,
+    "description": "Binary tensor data extension: the JSON header is this many bytes at the start of the body; "
+                   "the tensors' raw little-endian row-major bytes follow, in input order",
+    "schema": {"type": "integer", "minimum": 1},
+}
+
+
+def _oip_infer(operation_id: str, versioned: bool) -> dict[str, Any]:
+    return {"post": {
+        "operationId": operation_id,
+        "summary": "Open Inference Protocol v2 inference (JSON tensors or binary tensor data)"
+                   + (" on one model version" if versioned else ""),
+        "description": "Same batcher, keys, deadlines and metrics as /infer; the shape's first dimension N is a "
+                       "vectorized request (N rows toward the batch cap). Errors are {\"error\": \"...\"} (with "
+                       "our \"detail\" beside it).",
+        "security": [{}, {"ApiKey": []}],
+        "parameters": [NAME, *([VERSION] if versioned else []), HEADER_LENGTH, INFER["parameters"][0], REQUEST_ID],
+        "requestBody": {"required": True, "content": {"application/json": {"schema": OIP_REQUEST}, **BINARY}},
+        "responses": {
+            "200": {
+                "description": "JSON outputs; with binary outputs, a JSON header of "
+                               "Inference-Header-Content-Length bytes then the raw tensors",
+                "headers": {
+                    "X-Model-Version": {"schema": {"type": "string"}},
+                    "Inference-Header-Content-Length": {"schema": {"type": "integer"}},
+                },
+                "content": {"application/json": {"schema": OIP_RESPONSE}, **BINARY},
+            },
+            **_errors("400", "401", "404", "411", "413", "422", "503", "504"),
+        },
+    }}
+
+
+def oip_paths() -> dict[str, Any]:
+    """The ``/v2`` routes (policy_server/oip_routes.py)."""
+    meta = ("401", "404", "503")
+    return {
+        "/v2": _get("Open Inference Protocol server metadata (name, version, extensions)"),
+        "/v2/health/live": _get("OIP liveness", open_route=True, errors=()),
+        "/v2/health/ready": _get("OIP readiness: the default model is loaded and warm", open_route=True,
+                                 errors=("503",)),
+        "/v2/models/{name}": _get("OIP model metadata: inputs and outputs with datatypes, -1 for the batch",
+                                  OIP_METADATA, errors=meta, parameters=(NAME,)),
+        "/v2/models/{name}/versions/{version}": _get(
+            "OIP model metadata of one version (404 unless it is the one served)", OIP_METADATA, errors=meta,
+            parameters=(NAME, VERSION)),
+        "/v2/models/{name}/ready": _get("OIP model readiness", errors=meta, parameters=(NAME,)),
+        "/v2/models/{name}/versions/{version}/ready": _get("OIP model version readiness", errors=meta,
+                                                           parameters=(NAME, VERSION)),
+        "/v2/models/{name}/infer": _oip_infer("oip_infer", versioned=False),
+        "/v2/models/{name}/versions/{version}/infer": _oip_infer("oip_infer_version", versioned=True),
+    }
 
 
 def openapi_document(version: str = "1") -> dict[str, Any]:
@@ -217,6 +352,7 @@ def openapi_document(version: str = "1") -> dict[str, Any]:
                           errors=("400", "401", "404", "409")),
                 "operationId": "unload_model",
             }},
+            **oip_paths(),
         },
         "components": {
             "schemas": {

@@ -36,7 +36,7 @@ from policy_server.response_cache import ResponseCache, input_digest
 from policy_server.stats import RequestStats
 from policy_server.serving_model import Served, prepare, resolve_device
 from policy_server.store import ModelStore, Pointer, UnknownModel
-from policy_server.tensors import validate_inputs
+from policy_server.tensors import complete_inputs, split_rows, validate_inputs
 from policy_server.worker_status import WorkerStatusBoard
 
 log = logging.getLogger(__name__)
@@ -301,13 +301,28 @@ class PolicyRuntime:
         return dict(self._problems)
 
     def submit(self, inputs: Mapping[str, Any], deadline: float, name: str | None = None) -> Request:
-        """Validate and queue an observation (InvalidInput, QueueFull, NotReady); ``wait`` for its answer."""
+        """Validate and queue an observation (InvalidInput, QueueFull, NotReady); ``wait`` for its answer.
+
+        Omitted optional inputs are filled with the model's defaults before queueing, so the
+        request shares a batch with requests that send them.
+        """
         name = name or self.default_name
         spec = self.served(name).model.input_spec
-        validate_inputs(inputs, spec)
-        request = self.batcher.submit(inputs, deadline, model=name, spec=spec)
+        request = self.batcher.submit(complete_inputs(inputs, spec), deadline, model=name, spec=spec)
         metrics.QUEUE_DEPTH.set(self.batcher.depth)
         return request
+
+    def submit_rows(self, inputs: Mapping[str, Any], rows: int, deadline: float, name: str | None = None) -> list[Request]:
+        """Validate a vectorized request (every input ``[rows, *shape]``) and queue its rows.
+
+        Raises InvalidInput naming the field (or the row), PayloadTooLarge, QueueFull, NotReady.
+        """
+        name = name or self.default_name
+        spec = self.served(name).model.input_spec
+        complete = complete_inputs(inputs, spec, rows)
+        requests = self.batcher.submit_rows(split_rows(complete, rows), deadline, model=name, spec=spec)
+        metrics.QUEUE_DEPTH.set(self.batcher.depth)
+        return requests
 
     def wait(self, request: Request) -> tuple[dict[str, np.ndarray], str]:
         return self.batcher.wait(request)
@@ -326,32 +341,54 @@ class PolicyRuntime:
         spec = served.model.input_spec
         if request.spec is not spec and request.spec != spec:  # a new version changed its inputs
             try:
-                validate_inputs(request.inputs, spec)
+                validate_inputs(request.inputs, spec, allow_missing_optional=True)  # the executor fills them
             except InvalidInput as exc:
                 raise InvalidInput(f"model {request.model!r} changed to version {served.model.version}: {exc.detail}")
         return served.executor
 
     def infer(
-        self, inputs: Mapping[str, Any], deadline: float, name: str | None = None, outputs: Iterable[str] | None = None
+        self,
+        inputs: Mapping[str, Any],
+        deadline: float,
+        name: str | None = None,
+        outputs: Iterable[str] | None = None,
+        rows: int | None = None,
     ) -> Answer:
-        """One observation's answer: from the cache when on and fresh, else queued, batched and
-        computed. ``outputs`` asks for optional outputs (e.g. attention) besides the usual ones."""
+        """One request's answer: from the cache when on and fresh, else queued, batched and
+        computed. ``outputs`` asks for optional outputs (e.g. attention) besides the usual ones.
+
+        ``rows`` N makes it a vectorized request: every input is ``[N, *shape]``, its rows are
+        batched like N requests (split across batches as the cap needs) and every output is
+        answered ``[N, *shape]`` in row order.
+        """
         served = self.served(name)
         answered = served.model.answered_outputs(outputs)
+        inputs = complete_inputs(inputs, served.model.input_spec, rows)
         key = input_digest(inputs) if self.cache.enabled else None
         if key is not None:
             hit = self.cache.get(served.model.name, served.model.version, key)
             if hit is not None:
                 metrics.CACHE_HITS.inc()
-                return Answer(_only(hit, answered), served.model.version, cache="hit")
+                return Answer(_only(hit, answered), served.model.version, cache="hit", rows=rows)
             metrics.CACHE_MISSES.inc()
-        request = self.submit(inputs, deadline, served.model.name)
-        results, version = self.wait(request)
+        if rows is None:
+            request = self.batcher.submit(inputs, deadline, model=served.model.name, spec=served.model.input_spec)
+            metrics.QUEUE_DEPTH.set(self.batcher.depth)
+            results, version = self.wait(request)
+            requests = [request]
+        else:
+            requests = self.batcher.submit_rows(
+                split_rows(inputs, rows), deadline, model=served.model.name, spec=served.model.input_spec
+            )
+            metrics.QUEUE_DEPTH.set(self.batcher.depth)
+            per_row, version = self.batcher.wait_rows(requests)
+            results = {name: np.stack([row[name] for row in per_row]) for name in per_row[0]}
         if key is not None:
             self.cache.put(served.model.name, version, key, results)
         return Answer(
-            _only(results, answered), version, request.batch_size, request.queue_s, request.compute_s,
-            cache="miss" if key is not None else None,
+            _only(results, answered), version, max(r.batch_size for r in requests),
+            max(r.queue_s for r in requests), max(r.compute_s for r in requests),
+            cache="miss" if key is not None else None, rows=rows,
         )
 
 
@@ -365,6 +402,7 @@ class Answer:
     queue_s: float = 0.0
     compute_s: float = 0.0
     cache: str | None = None  # "hit", "miss", or None when the cache is off
+    rows: int | None = None  # N of a vectorized request, None for one observation
 
 
 def _only(outputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Request arrays against a policy's specs: validation, and random samples for warm-up and tests."""
+"""Request arrays against a policy's specs: validation, defaults for optional inputs, vectorized
+requests, and random samples for warm-up and tests."""
 
 from __future__ import annotations
 
@@ -7,36 +8,109 @@ from typing import Any
 
 import numpy as np
 
-from policy_server.contract import TensorSpec
-from policy_server.errors import InvalidInput
+from policy_server.contract import RTC_INPUTS, TensorSpec
+from policy_server.errors import BadRequest, InvalidInput
+
+BATCH_ROWS_HEADER = "X-Batch-Rows"
 
 
-def validate_inputs(inputs: Mapping[str, Any], spec: Sequence[TensorSpec]) -> None:
+def parse_batch_rows(raw: str | None) -> int | None:
+    """The ``X-Batch-Rows`` header: None when absent (one observation), else N >= 1 (BadRequest)."""
+    if raw is None:
+        return None
+    try:
+        rows = int(raw.strip())
+    except ValueError:
+        raise BadRequest(f"{BATCH_ROWS_HEADER} is not an integer: {raw[:20]!r}") from None
+    if rows < 1:
+        raise BadRequest(f"{BATCH_ROWS_HEADER} must be at least 1, got {rows}")
+    return rows
+
+
+def validate_inputs(
+    inputs: Mapping[str, Any], spec: Sequence[TensorSpec], rows: int | None = None, *, allow_missing_optional: bool = False
+) -> None:
     """Raise InvalidInput naming the field unless ``inputs`` matches ``spec`` exactly.
 
-    Byte order is free (the copy into the batch converts it); kind, size and shape are not.
+    ``rows`` None: one observation, each input of its spec's shape. ``rows`` N: a vectorized
+    request, each input ``[N, *shape]``. Byte order is free (the copy into the batch converts
+    it); kind, size and shape are not. Optional inputs may be missing only with
+    ``allow_missing_optional`` (:func:`complete_inputs` fills them first).
     """
     expected = {s.name: s for s in spec}
-    missing = sorted(expected.keys() - inputs.keys())
+    missing = sorted(n for n in expected.keys() - inputs.keys() if not (allow_missing_optional and expected[n].optional))
     if missing:
         raise InvalidInput(f"missing input {missing[0]!r}; expected {sorted(expected)}")
     extra = sorted(inputs.keys() - expected.keys())
     if extra:
         raise InvalidInput(f"unexpected input {extra[0]!r}; expected {sorted(expected)}")
     for name, s in expected.items():
+        if name not in inputs:
+            continue
         value = inputs[name]
         if not isinstance(value, np.ndarray):
             raise InvalidInput(f"input {name!r}: expected an array, got {type(value).__name__}")
         if value.dtype.newbyteorder("=") != s.np_dtype:
             raise InvalidInput(f"input {name!r}: expected dtype {s.dtype}, got {value.dtype.name}")
-        if value.shape != s.shape:
+        if rows is None:
+            if value.shape != s.shape:
+                raise InvalidInput(f"input {name!r}: expected shape {list(s.shape)}, got {list(value.shape)}")
+            continue
+        if value.ndim != len(s.shape) + 1 or value.shape[0] != rows:
             raise InvalidInput(
-                f"input {name!r}: expected shape {list(s.shape)}, got {list(value.shape)}"
+                f"input {name!r}: a request of {BATCH_ROWS_HEADER} {rows} needs shape {[rows, *s.shape]}, "
+                f"got {list(value.shape)}"
+            )
+        if value.shape[1:] != s.shape:
+            raise InvalidInput(
+                f"input {name!r}: expected shape {[rows, *s.shape]} (rows of {list(s.shape)}), got {list(value.shape)}"
             )
 
 
+def complete_inputs(inputs: Mapping[str, Any], spec: Sequence[TensorSpec], rows: int | None = None) -> dict[str, Any]:
+    """Validate ``inputs`` (see :func:`validate_inputs`), check each row's real-time chunking
+    inputs, and return them with every omitted optional input filled with zeros.
+
+    Raises InvalidInput naming the field, and the row (``row i``) for a per-row problem.
+    """
+    validate_inputs(inputs, spec, rows, allow_missing_optional=True)
+    out = dict(inputs)
+    for s in spec:
+        if s.name not in out:
+            out[s.name] = s.default(rows)
+    names = {s.name for s in spec}
+    if all(n in names for n in RTC_INPUTS):
+        check_rtc_rows(out, rows)
+    return out
+
+
+def check_rtc_rows(inputs: Mapping[str, np.ndarray], rows: int | None) -> None:
+    """Per row: 0 <= prefix_length <= H, 0 <= inference_delay <= prefix_length, a finite prefix."""
+    prefix, length, delay = (np.asarray(inputs[n]) for n in RTC_INPUTS)
+    if rows is None:
+        prefix, length, delay = prefix[None], length[None], delay[None]
+    horizon = prefix.shape[1]
+    for i in range(prefix.shape[0]):
+        where = "" if rows is None else f"row {i}: "
+        n, d = int(length[i, 0]), int(delay[i, 0])
+        if not 0 <= n <= horizon:
+            raise InvalidInput(f"{where}prefix_length {n} is outside 0..{horizon}")
+        if not 0 <= d <= n:
+            raise InvalidInput(f"{where}inference_delay {d} is outside 0..prefix_length ({n})")
+        if not np.isfinite(prefix[i, :n]).all():
+            raise InvalidInput(f"{where}action_prefix is not finite in its first {n} rows")
+
+
+def split_rows(inputs: Mapping[str, np.ndarray], rows: int) -> list[dict[str, np.ndarray]]:
+    """A vectorized request's inputs ``[N, ...]`` as N single observations (views, no copy)."""
+    return [{name: value[i] for name, value in inputs.items()} for i in range(rows)]
+
+
 def sample_inputs(spec: Sequence[TensorSpec], batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching ``spec`` with a leading batch dimension (for warm-up and tests)."""
+    """Random inputs matching ``spec`` with a leading batch dimension (for warm-up and tests).
+
+    Real-time chunking inputs get valid values (a random prefix, lengths and delays in range).
+    """
     rng = np.random.default_rng(seed)
     out = {}
     for s in spec:
@@ -48,4 +122,10 @@ def sample_inputs(spec: Sequence[TensorSpec], batch: int = 1, seed: int = 0) -> 
             out[s.name] = rng.random(shape) < 0.5
         else:
             out[s.name] = rng.standard_normal(shape).astype(s.np_dtype)
+    by_name = {s.name: s for s in spec}
+    if all(n in by_name for n in RTC_INPUTS):
+        horizon = by_name[RTC_INPUTS[0]].shape[0]
+        length = rng.integers(0, horizon, (batch, 1), endpoint=True).astype(np.int32)
+        out[RTC_INPUTS[1]] = length
+        out[RTC_INPUTS[2]] = (rng.random((batch, 1)) * (length + 1)).astype(np.int32).clip(0, length)
     return out

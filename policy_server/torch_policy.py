@@ -5,6 +5,7 @@ Imported only inside workers (by a model's policy.py), so it may import torch at
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -70,3 +71,32 @@ def load_weights_strict(module: torch.nn.Module, path: str) -> None:
                 f"model expects {tuple(expected[key].shape)} {expected[key].dtype}"
             )
     module.load_state_dict(state, strict=True)
+
+
+def rtc_weights(horizon: int, prefix_length: torch.Tensor, inference_delay: torch.Tensor) -> torch.Tensor:
+    """Real-time chunking's soft mask [B, horizon] over a chunk's rows (Black et al. 2025,
+    "Real-Time Execution of Action Chunking Flow Policies", arXiv 2506.07339, eq. 5).
+
+    With n = ``prefix_length`` and d = ``inference_delay`` (int tensors [B, 1]): weight 1 for
+    rows i < d (they play before the new chunk can arrive, so they must equal the prefix),
+    ``c * (e^c - 1) / (e - 1)`` with ``c = (n - i) / (n - d + 1)`` for d <= i < n (decaying
+    from near 1 to near 0 over the rest of the prefix), and 0 from row n on.
+    """
+    i = torch.arange(horizon, device=prefix_length.device, dtype=torch.float32)[None, :]
+    n = prefix_length.to(torch.float32)
+    d = inference_delay.to(torch.float32)
+    c = ((n - i) / (n - d + 1.0)).clamp(0.0, 1.0)
+    soft = c * torch.expm1(c) / math.expm1(1.0)
+    return torch.where(i < d, torch.ones_like(soft), torch.where(i < n, soft, torch.zeros_like(soft)))
+
+
+def inpaint_prefix(
+    action: torch.Tensor, prefix: torch.Tensor, prefix_length: torch.Tensor, inference_delay: torch.Tensor
+) -> torch.Tensor:
+    """A fresh chunk ``action`` [B, H, D] continuing the client's ``prefix`` [B, H, D]: rows
+    [0, d) are the prefix exactly, rows [d, n) blend prefix into the fresh chunk with
+    :func:`rtc_weights`, rows from n on are the fresh chunk. ``prefix_length`` 0 (the server's
+    default when the request omits the inputs) returns ``action`` unchanged."""
+    weights = rtc_weights(action.shape[1], prefix_length, inference_delay).to(action.dtype)[..., None]
+    blended = weights * prefix + (1.0 - weights) * action
+    return torch.where(weights == 1.0, prefix, blended)

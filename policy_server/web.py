@@ -87,6 +87,12 @@ def request_deadline_s(default_ms: int) -> float:
     return min(asked, default_ms) / 1000.0
 
 
+def request_arrival(now: float | None = None) -> float:
+    """When this request arrived (``time.monotonic()``): its first byte behind the front door, else now."""
+    arrived = request.environ.get(ARRIVED)
+    return arrived if arrived is not None else (time.monotonic() if now is None else now)
+
+
 def request_deadline(default_ms: int) -> float:
     """The request's deadline as a ``time.monotonic()`` instant, counted from its arrival.
 
@@ -94,9 +100,8 @@ def request_deadline(default_ms: int) -> float:
     waiting for a thread count too; else it is now. Raises
     DeadlineExceeded (504) when it already passed: nothing is computed for it.
     """
-    arrived = request.environ.get(ARRIVED)
     now = time.monotonic()
-    deadline = (arrived if arrived is not None else now) + request_deadline_s(default_ms)
+    deadline = request_arrival(now) + request_deadline_s(default_ms)
     if deadline <= now:
         raise DeadlineExceeded(f"deadline passed {1e3 * (now - deadline):.1f} ms before the request reached a thread")
     return deadline

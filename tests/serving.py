@@ -53,10 +53,12 @@ def run_server(
     command: list[str] | None = None,
     startup_timeout_s: float = 90.0,
     port: int | None = None,
+    tcp: bool = True,
 ) -> Iterator[RunningServer]:
     """Start ``python server.py`` (or ``command``), wait until every worker is ready, stop it after.
 
     ``port`` (default: a free one) lets a test bring a server back where a client expects it.
+    ``tcp=False``: the server binds no TCP port (``--uds-only``), so no /health check over TCP.
 
     Readiness is read from the log: each worker logs "worker PID ready" once warmed up.
     """
@@ -89,7 +91,8 @@ def run_server(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready in {startup_timeout_s} s:\n{server.log()}")
             time.sleep(0.1)
-        requests.get(server.base_url + "/health", timeout=5).raise_for_status()
+        if tcp:
+            requests.get(server.base_url + "/health", timeout=5).raise_for_status()
         yield server
     finally:
         stop(process)

@@ -139,10 +139,13 @@ def shipped(request):
 def test_shipped_policies_load_with_the_reacher_spec(shipped):
     info = shipped.info()
     assert info["name"] in ("default", "transformer")
-    assert info["inputs"] == [
+    assert info["inputs"][:2] == [
         {"name": "state", "dtype": "float32", "shape": [6]},
         {"name": "image", "dtype": "uint8", "shape": [480, 640, 3]},
     ]
+    # the rest are optional: the transformer's real-time chunking inputs
+    assert [e["name"] for e in info["inputs"][2:]] == info["optional_inputs"]
+    assert all(e.get("optional") for e in info["inputs"][2:])
     assert info["outputs"][0] == {"name": "action", "dtype": "float32", "shape": [10, 7]}
 
 
@@ -165,3 +168,58 @@ def test_transformer_returns_attention_rows_that_sum_to_one():
     assert np.all(attention >= 0)
     np.testing.assert_allclose(attention.sum(axis=-1), 1.0, atol=1e-5)
     assert out["action"].shape == (2, CHUNK, 7)
+
+
+# -- moving targets and history windows ---------------------------------------------------
+
+
+def test_a_moving_target_circles_the_base_and_bounces_at_the_ends_of_its_arc():
+    env = ReacherEnv(21, moving_target=True)
+    env.reset()
+    fixed = ReacherEnv(21)
+    fixed.reset()
+    np.testing.assert_array_equal(env.target, fixed.target)  # same episode draw, then it moves
+    radius = np.linalg.norm(env.target)
+    assert reacher.TARGET_OMEGA[0] <= abs(env.omega) <= reacher.TARGET_OMEGA[1]
+    angles = []
+    for _ in range(60):
+        before = env.target.copy()
+        obs = env.step(np.zeros(7, np.float32)).obs
+        angles.append(np.arctan2(env.target[1], env.target[0]))
+        assert np.isclose(np.linalg.norm(env.target), radius)
+        assert not np.allclose(before, env.target)
+        if env.done:
+            break
+    assert min(angles) >= reacher.TARGET_ANGLE[0] - 1e-9 and max(angles) <= reacher.TARGET_ANGLE[1] + 1e-9
+    red = np.all(obs["image"] == reacher.TARGET_COLOUR, axis=-1)  # drawn where it now is
+    rows, cols = np.nonzero(red)
+    np.testing.assert_allclose([cols.mean(), rows.mean()], reacher.to_pixels(env.target), atol=1.0)
+    target, omega = reacher.move_target(np.array([0.0, 0.1]), np.array(1.0), 2.0)  # past the arc's end
+    assert omega == -1.0 and np.arctan2(target[1], target[0]) <= reacher.TARGET_ANGLE[1]
+
+
+def test_the_expert_leads_a_moving_target():
+    for seed in range(8):
+        env = ReacherEnv(seed, moving_target=True)
+        assert run_episode(env, expert_policy(env), staleness=2).success, seed
+
+
+@pytest.mark.parametrize("pad", ["repeat_first", "zeros"])
+def test_observation_window_pads_an_episode_start_as_declared(pad):
+    window = reacher.ObservationWindow({"image": (3, pad)})
+    frames = [{"image": np.full((2, 2), i, np.uint8), "state": np.full(6, i, np.float32)} for i in range(1, 5)]
+    first = window(frames[0])
+    assert first["image"].shape == (3, 2, 2) and first["state"].shape == (6,)  # only declared keys are windowed
+    expected_pad = 1 if pad == "repeat_first" else 0
+    assert first["image"][:, 0, 0].tolist() == [expected_pad, expected_pad, 1]  # row T-1 the newest
+    assert window(frames[1])["image"][:, 0, 0].tolist() == [expected_pad, 1, 2]
+    assert window(frames[2])["image"][:, 0, 0].tolist() == [1, 2, 3]
+    assert window(frames[3])["image"][:, 0, 0].tolist() == [2, 3, 4]
+    window.reset()
+    assert window(frames[3])["image"][:, 0, 0].tolist() == [expected_pad if pad == "zeros" else 4] * 2 + [4]
+
+
+def test_observation_window_reads_the_model_info_declaration():
+    inputs = [{"name": "state", "dtype": "float32", "shape": [6]},
+              {"name": "image", "dtype": "uint8", "shape": [2, 480, 640, 3], "history": {"steps": 2, "pad": "zeros"}}]
+    assert reacher.ObservationWindow.from_spec(inputs).windows == {"image": (2, "zeros")}

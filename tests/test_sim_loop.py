@@ -41,3 +41,34 @@ def test_both_policies_close_the_loop_over_the_server_as_in_process(tmp_path):
     assert result["attention"]["default"] is None  # the CNN has no optional outputs
     attention = result["attention"]["transformer"]
     assert len(attention["shape"]) >= 2 and abs(attention["row_sums"] - 1.0) < 1e-3
+
+
+def test_delayed_policy_adds_the_latency_and_seeded_jitter():
+    import time
+
+    calls = []
+    policy = sim_loop.DelayedPolicy(lambda: (lambda obs: calls.append(obs) or {"action": obs}), 0.06, 0.02, seed=3)
+    start = time.perf_counter()
+    assert policy("x") == {"action": "x"}
+    assert 0.06 <= time.perf_counter() - start < 0.5 and calls == ["x"]
+
+
+@pytest.mark.integration
+def test_latency_sweep_table_and_vectorized_lockstep_evaluation(tmp_path):
+    with run_server(tmp_path, workers=1, args=("--model-path", "models/default")) as server:
+        result = sim_loop.main([
+            "--url", server.base_url, "--models", "default", "--episodes", "2", "--moving-target",
+            "--latency-ms", "0,150", "--jitter-ms", "20", "--skip-in-process", "--vectorized", "4",
+        ])
+    assert result["moving_target"] is True
+    reports = result["reports"]
+    assert [(r["path"], r["merge"], r["latency_ms"], r["jitter_ms"]) for r in reports] == [
+        ("server", "replace", 0.0, 20.0), ("server", "replace", 150.0, 20.0)]
+    for report in reports:
+        assert report["episodes"] == 2 and report["failures"] == 0 and report["chunks"] >= 2, report
+        assert report["seam_jerk"] >= report["seam_jerk_mean"] >= 0.0 and report["moving_target"], report
+    assert reports[1]["latency_ms_p50"] >= 150.0  # the injected delay is in every round trip
+    vectorized = result["vectorized"]["default"]
+    assert vectorized["environments"] == 4 and vectorized["requests"] >= 1
+    assert vectorized["rows"] == vectorized["env_steps"]  # one action per row, one row per live env per step
+    assert 0.0 <= vectorized["success_rate"] <= 1.0

@@ -81,4 +81,6 @@ class CnnMlp(nn.Module):
 def load_model(model_dir: str, device) -> ModulePolicy:
     module = CnnMlp()
     load_weights_strict(module, os.path.join(model_dir, WEIGHTS))
-    return ModulePolicy(module, INPUT_SPEC, OUTPUT_SPEC, device=device, name="default")
+    policy = ModulePolicy(module, INPUT_SPEC, OUTPUT_SPEC, device=device, name="default")
+    policy.encoded_inputs = ("image",)  # the camera may arrive JPEG/PNG encoded (opt in, client side)
+    return policy

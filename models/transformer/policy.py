@@ -8,6 +8,14 @@ queries attends to each token. Token 0 is the joint state; tokens 1..300 are the
 ``attention`` is an optional output: the policy lists it in ``optional_outputs`` and the
 server returns it only to requests that ask for it.
 
+Real-time chunking (Black et al. 2025, arXiv 2506.07339): the policy declares the optional
+inputs ``action_prefix`` float32[10, 7], ``prefix_length`` int32[1] and ``inference_delay``
+int32[1] (``policy_server.contract.rtc_specs``). Given them, the network's fresh chunk is
+inpainted with the prefix (``policy_server.torch_policy.inpaint_prefix``): rows [0, d) are
+the prefix exactly, rows [d, prefix_length) blend from the prefix into the fresh chunk with
+the paper's soft-mask weights, later rows are the fresh chunk. A request without them
+(zeros: prefix_length 0) gets the plain chunk. The network itself is unchanged (no retraining).
+
 Architecture: a conv stem (8x8 stride 8, then 4x4 stride 4) turns the image into 300 patch
 tokens, a linear layer turns the state into one more token, learned positional embeddings
 (initialised to 2-D sine-cosine) are added, two pre-norm encoder layers (self-attention and a
@@ -26,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from policy_server.contract import TensorSpec
-from policy_server.torch_policy import ModulePolicy, conv_scaled_pixels, load_weights_strict
+from policy_server.contract import TensorSpec, rtc_specs
+from policy_server.torch_policy import ModulePolicy, conv_scaled_pixels, inpaint_prefix, load_weights_strict
 
 WEIGHTS = "model.safetensors"
 CHUNK, DOF = 10, 7
@@ -37,6 +45,7 @@ TOKENS = 1 + GRID[0] * GRID[1]
 INPUT_SPEC = (
     TensorSpec("state", "float32", (6,)),
     TensorSpec("image", "uint8", (480, 640, 3)),
+    *rtc_specs(CHUNK, DOF),  # action_prefix, prefix_length, inference_delay: optional
 )
 OUTPUT_SPEC = (
     TensorSpec("action", "float32", (CHUNK, DOF)),
@@ -140,7 +149,14 @@ class ChunkTransformer(nn.Module):
         self.register_buffer("state_centre", torch.tensor(STATE_CENTRE), persistent=False)
         self.register_buffer("state_scale", torch.tensor(STATE_SCALE), persistent=False)
 
-    def forward(self, state: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        state: torch.Tensor,
+        image: torch.Tensor,
+        action_prefix: torch.Tensor | None = None,
+        prefix_length: torch.Tensor | None = None,
+        inference_delay: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         patches = self.stem[1:](conv_scaled_pixels(self.stem[0], image)).flatten(2).transpose(1, 2)
         state = (state - self.state_centre) / self.state_scale
         tokens = torch.cat([self.state_token(state)[:, None, :], patches], dim=1) + self.position
@@ -151,6 +167,8 @@ class ChunkTransformer(nn.Module):
         for layer in self.decoder:
             x, weights = layer(x, memory)
         action = self.readout(x) * ACTION_SCALE
+        if action_prefix is not None:
+            action = inpaint_prefix(action, action_prefix, prefix_length, inference_delay)
         return {"action": action, "attention": weights}
 
 
@@ -159,4 +177,5 @@ def load_model(model_dir: str, device) -> ModulePolicy:
     load_weights_strict(module, os.path.join(model_dir, WEIGHTS))
     policy = ModulePolicy(module, INPUT_SPEC, OUTPUT_SPEC, device=device, name="transformer")
     policy.optional_outputs = OPTIONAL_OUTPUTS
+    policy.encoded_inputs = ("image",)  # the camera may arrive JPEG/PNG encoded (opt in, client side)
     return policy

@@ -1,0 +1,127 @@
+"""The Open Inference Protocol v2 REST routes, beside the server's own and into the same batcher.
+
+Registered by ``server.create_app`` as the ``oip`` blueprint. A request's batch dimension N
+is a vectorized request (N rows toward the batch cap, answered in row order); keys,
+deadlines (``X-Deadline-Ms`` and the OIP ``timeout`` parameter, microseconds), metrics, the
+access log and model versions work as on ``/infer``. Errors are OIP's ``{"error": "..."}``
+(with our ``detail`` beside it). The codec is :mod:`policy_server.oip`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from policy_server import oip
+from policy_server.config import ServerConfig
+from policy_server.errors import ServingError
+from policy_server.store import UnknownModel
+from policy_server.web import read_body, request_arrival, request_deadline, server_timing
+
+OPEN_ENDPOINTS = frozenset({"oip.live", "oip.ready"})
+INFERENCE_ENDPOINTS = frozenset({"oip.infer", "oip.infer_version"})
+SERVER_NAME = "robot-policy-server"
+SERVER_VERSION = "0.1.0"
+
+
+def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
+    """The ``/v2`` routes over ``runtime`` (a :class:`policy_server.runtime.PolicyRuntime`)."""
+    bp = Blueprint("oip", __name__, url_prefix="/v2")
+
+    @bp.errorhandler(ServingError)
+    def _serving_error(exc: ServingError):
+        message = f"{exc.error}: {exc.detail}" if exc.detail else exc.error
+        response = jsonify({"error": message, "detail": exc.detail})
+        response.status_code = exc.status
+        response.headers.update(exc.headers)
+        return response
+
+    @bp.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException):
+        detail = exc.description or ""
+        response = jsonify({"error": f"{(exc.name or 'error').lower()}: {detail}", "detail": detail})
+        response.status_code = exc.code or 500
+        return response
+
+    def served_version(name: str, version: str | None):
+        served = runtime.served(name)
+        if version is not None and version != served.model.version:
+            raise UnknownModel(f"model {name!r} version {version!r} is not served here (serving {served.model.version!r})")
+        return served
+
+    @bp.get("")
+    def server_metadata():
+        return jsonify({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]})
+
+    @bp.get("/health/live")
+    def live():
+        return jsonify({"live": True})
+
+    @bp.get("/health/ready")
+    def ready():
+        runtime.model  # NotReady -> 503 while loading or after a failed load
+        return jsonify({"ready": True})
+
+    @bp.get("/models/<name>")
+    @bp.get("/models/<name>/versions/<version>")
+    def model_metadata(name: str, version: str | None = None):
+        model = served_version(name, version).model
+        return jsonify(oip.model_metadata(name, model.version, model.input_spec, model.output_spec))
+
+    @bp.get("/models/<name>/ready")
+    @bp.get("/models/<name>/versions/<version>/ready")
+    def model_ready(name: str, version: str | None = None):
+        model = served_version(name, version).model
+        return jsonify({"name": name, "version": model.version, "ready": True})
+
+    def infer_with(name: str, version: str | None) -> Response:
+        t0 = time.perf_counter()
+        deadline = request_deadline(config.deadline_ms)  # counted from the request's arrival
+        body = read_body(config.max_body_bytes)
+        t1 = time.perf_counter()
+        header_length = oip.parse_header_length(request.headers.get(oip.HEADER_LENGTH), len(body), config.oip_max_json_bytes)
+        decoded = oip.decode_request(body, header_length, config.oip_max_json_bytes)
+        if decoded.timeout_us is not None:
+            deadline = min(deadline, request_arrival() + decoded.timeout_us / 1e6)
+        served = served_version(name, version)
+        rows = oip.check_against_spec(decoded.inputs, served.model.input_spec)
+        t2 = time.perf_counter()
+        g.model = name
+        g.answer = answer = runtime.infer(
+            decoded.inputs, deadline, name, list(decoded.outputs), rows
+        )
+        if version is not None and answer.version != version:  # a hot swap in between
+            raise UnknownModel(f"model {name!r} changed to version {answer.version!r} while this request waited")
+        t3 = time.perf_counter()
+        outputs = answer.outputs
+        if decoded.outputs:
+            outputs = {n: outputs[n] for n in decoded.outputs if n in outputs}
+        binary = {
+            n: decoded.binary_output_default if decoded.outputs.get(n) is None else decoded.outputs[n] for n in outputs
+        }
+        payload, header_length = oip.encode_response(name, answer.version, outputs, binary, decoded.request_id)
+        t4 = time.perf_counter()
+        headers = {
+            "X-Model-Version": answer.version,
+            "Server-Timing": server_timing(
+                read=t1 - t0, decode=t2 - t1, queue=answer.queue_s, compute=answer.compute_s, encode=t4 - t3
+            ),
+        }
+        if answer.batch_size:
+            headers["X-Batch-Size"] = str(answer.batch_size)
+        if header_length is None:
+            return Response(payload, status=200, mimetype="application/json", headers=headers)
+        headers[oip.HEADER_LENGTH] = str(header_length)
+        return Response(payload, status=200, mimetype="application/octet-stream", headers=headers)
+
+    @bp.post("/models/<name>/infer")
+    def infer(name: str):
+        return infer_with(name, None)
+
+    @bp.post("/models/<name>/versions/<version>/infer")
+    def infer_version(name: str, version: str):
+        return infer_with(name, version)
+
+    return bp

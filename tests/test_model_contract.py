@@ -1,0 +1,124 @@
+"""Model declarations: optional inputs, history windows and real-time chunking in the contract
+(``describe`` refuses incoherent ones), and the shipped transformer's real-time chunking."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from examples.reacher import ReacherEnv
+from policy_server.contract import History, TensorSpec, rtc_specs
+from policy_server.errors import ModelError
+from policy_server.launcher import ROOT
+from policy_server.model_loader import describe, load_model_dir
+from policy_server.tensors import complete_inputs, sample_inputs
+from policy_server.torch_policy import rtc_weights
+from tests.fakes import FAKE_OUTPUTS, FakePolicy
+
+STATE = TensorSpec("state", "float32", (6,))
+
+
+def policy_with(*inputs: TensorSpec) -> FakePolicy:
+    policy = FakePolicy()
+    policy.input_spec = inputs
+    return policy
+
+
+def described(*inputs: TensorSpec):
+    return describe(policy_with(*inputs), name="p", version="1", device="cpu")
+
+
+def test_optional_and_history_declarations_reach_model_info():
+    model = described(STATE, TensorSpec("image", "uint8", (2, 4, 4, 3), history=History(2)), *rtc_specs(10, 7))
+    info = model.info()
+    assert info["optional_inputs"] == ["action_prefix", "prefix_length", "inference_delay"]
+    assert info["inputs"][1]["history"] == {"steps": 2, "pad": "repeat_first"}
+    assert model.real_time_chunking and model.optional_inputs == ("action_prefix", "prefix_length", "inference_delay")
+    assert info["outputs"] == [s.to_json() for s in FAKE_OUTPUTS]
+
+
+@pytest.mark.parametrize("inputs, fragment", [
+    ((STATE, rtc_specs(10, 7)[0]), "needs all of"),
+    ((STATE, TensorSpec("action_prefix", "float32", (10, 7)), *rtc_specs(10, 7)[1:]), "must be optional"),
+    ((STATE, TensorSpec("action_prefix", "float32", (70,), optional=True), *rtc_specs(10, 7)[1:]), "float32[H, DOF]"),
+    ((STATE, rtc_specs(10, 7)[0], TensorSpec("prefix_length", "int64", (1,), optional=True), rtc_specs(10, 7)[2]),
+     "int32[1]"),
+    ((TensorSpec("state", "float32", (6,), optional=True),), "at least one required"),
+])
+def test_describe_refuses_incoherent_declarations(inputs, fragment):
+    with pytest.raises(ModelError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        described(*inputs)
+
+
+def test_output_specs_cannot_be_optional():
+    policy = FakePolicy()
+    policy.output_spec = (TensorSpec("action", "float32", (10, 7), optional=True),)
+    with pytest.raises(ModelError, match="input declarations"):
+        describe(policy, name="p", version="1", device="cpu")
+
+
+def test_history_shape_and_padding_are_checked():
+    with pytest.raises(ValueError, match=r"needs shape \[3, ...\]"):
+        TensorSpec("image", "uint8", (2, 4, 4, 3), history=History(3))
+    with pytest.raises(ValueError, match="pad must be one of"):
+        History(2, "mirror")
+    with pytest.raises(ValueError, match=">= 1"):
+        History(0)
+
+
+def test_complete_inputs_fills_zeros_of_the_right_shape():
+    spec = (STATE, *rtc_specs(10, 7))
+    filled = complete_inputs({"state": np.ones(6, np.float32)}, spec)
+    assert filled["action_prefix"].shape == (10, 7) and filled["action_prefix"].dtype == np.float32
+    assert filled["prefix_length"].tolist() == [0] and filled["inference_delay"].dtype == np.int32
+    rows = complete_inputs({"state": np.ones((3, 6), np.float32)}, spec, rows=3)
+    assert rows["action_prefix"].shape == (3, 10, 7) and rows["prefix_length"].shape == (3, 1)
+    sample = sample_inputs(spec, batch=20, seed=1)  # warm-up samples pass the row checks
+    complete_inputs(sample, spec, rows=20)
+
+
+# -- the shipped transformer ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def transformer():
+    return load_model_dir(os.path.join(ROOT, "models", "transformer"), "cpu")
+
+
+def forward(model, obs, **rtc):
+    batch = {k: torch.from_numpy(np.asarray(v)[None]) for k, v in {**obs, **rtc}.items()}
+    return model.policy.forward(batch)["action"][0].numpy()
+
+
+def test_transformer_declares_real_time_chunking(transformer):
+    info = transformer.info()
+    assert info["optional_inputs"] == ["action_prefix", "prefix_length", "inference_delay"]
+    assert {e["name"]: e["shape"] for e in info["inputs"]}["action_prefix"] == [10, 7]
+
+
+@pytest.mark.parametrize("length, delay", [(7, 3), (10, 1), (4, 4), (5, 0)])
+def test_transformer_keeps_the_prefix_for_d_rows_and_continues_smoothly(transformer, length, delay):
+    obs = ReacherEnv(11).reset()
+    fresh = forward(transformer, obs)
+    prefix = np.zeros((10, 7), np.float32)
+    prefix[:length] = fresh[:length] + np.array([1.0, -1.0, 0, 0, 0, 0, 0], np.float32)  # an old plan, off by 1
+    rtc = forward(transformer, obs, action_prefix=prefix, prefix_length=np.array([length], np.int32),
+                  inference_delay=np.array([delay], np.int32))
+    np.testing.assert_array_equal(rtc[:delay], prefix[:delay])  # exactly the prefix while it plays
+    np.testing.assert_allclose(rtc[length:], fresh[length:], atol=1e-6)  # the fresh chunk after it
+    within = np.abs(np.diff(fresh[:, :2], axis=0)).max()  # the policy's own step-to-step change
+    steps = np.abs(np.diff(rtc[:, :2], axis=0)).max(axis=1)
+    if length > delay + 2:  # an overlap to blend over: no step takes even half of replacing's jump (1.0)
+        assert steps.max() <= 0.5 + within, steps
+    weights = rtc_weights(10, torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy()
+    assert np.all(np.diff(weights) <= 0) and weights[:delay].tolist() == [1.0] * delay
+
+
+def test_transformer_without_a_prefix_is_the_plain_chunk(transformer):
+    obs = ReacherEnv(12).reset()
+    zeros = dict(action_prefix=np.zeros((10, 7), np.float32), prefix_length=np.array([0], np.int32),
+                 inference_delay=np.array([0], np.int32))
+    np.testing.assert_array_equal(forward(transformer, obs, **zeros), forward(transformer, obs))

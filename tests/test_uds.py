@@ -1,0 +1,67 @@
+"""Unix domain sockets: --uds beside TCP or instead of it, the socket's file mode, and the
+client's unix:// URLs, end to end through gunicorn."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import requests
+
+from policy_server.config import ServerConfig
+from policy_server.errors import ConfigError
+from request_tools import PolicyClient, PolicyConnectionError, unix_socket_path
+from tests.serving import run_server
+
+
+def test_unix_urls():
+    assert unix_socket_path("unix:///tmp/policy.sock") == "/tmp/policy.sock"
+    assert unix_socket_path("http://127.0.0.1:50000") is None
+    with pytest.raises(ValueError):
+        unix_socket_path("unix://relative.sock")
+
+
+def test_config_checks_the_socket_settings():
+    ServerConfig(uds="/tmp/x.sock", uds_mode="600").validate()
+    assert ServerConfig(uds_mode="0660").uds_file_mode() == 0o660
+    for bad in ("rw", "1777", "999"):
+        with pytest.raises(ConfigError, match="uds_mode"):
+            ServerConfig(uds="/tmp/x.sock", uds_mode=bad).validate()
+    with pytest.raises(ConfigError, match="uds_only"):
+        ServerConfig(uds_only=True).validate()
+
+
+def test_missing_socket_is_a_connection_error(tmp_path):
+    client = PolicyClient(f"unix://{tmp_path}/nobody.sock", retries=1, check_spec=False)
+    assert not client.health()
+    with pytest.raises(PolicyConnectionError, match="nobody.sock"):
+        client.infer({"x": np.zeros(1)})
+
+
+@pytest.mark.integration
+def test_socket_beside_tcp_gives_the_same_answers(tmp_path):
+    sock = tmp_path / "policy.sock"
+    with run_server(tmp_path, workers=1, args=("--uds", str(sock), "--uds-mode", "600")) as server:
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600 and stat.S_ISSOCK(os.stat(sock).st_mode)
+        from examples.reacher import ReacherEnv
+
+        obs = ReacherEnv(seed=2).reset()
+        with PolicyClient(server.base_url) as tcp, PolicyClient(f"unix://{sock}") as uds:
+            assert uds.ready() and uds.model_info()["name"] == "default"
+            expected = tcp.infer(obs)["action"]
+            for _ in range(3):  # one keep-alive connection
+                np.testing.assert_array_equal(uds.infer(obs)["action"], expected)
+            np.testing.assert_allclose(uds.infer_batch([obs, obs])["action"], np.stack([expected] * 2), atol=1e-5)
+        assert "Traceback" not in server.log()
+
+
+@pytest.mark.integration
+def test_socket_only(tmp_path):
+    sock = tmp_path / "only.sock"
+    with run_server(tmp_path, workers=1, args=("--uds", str(sock), "--uds-only"), tcp=False) as server:
+        with PolicyClient(f"unix://{sock}") as uds:
+            assert uds.health() and uds.ready()
+        with pytest.raises(requests.ConnectionError):
+            requests.get(server.base_url + "/health", timeout=2)
