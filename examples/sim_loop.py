@@ -224,19 +224,25 @@ def history_windows(inputs: list[dict]) -> dict[str, tuple[int, str]]:
 
 
 def run_vectorized(
-    client: PolicyClient, seeds: list[int], *, moving_target: bool, execute: int, model: str | None = None
+    client: PolicyClient, seeds: list[int], *, moving_target: bool, execute: int, model: str | None = None,
+    max_rows: int = 0,
 ) -> dict[str, Any]:
     """``len(seeds)`` environments in lockstep: one ``infer_batch`` request per step for every
-    live environment, ``execute`` actions of each chunk played before the next request."""
+    live environment (or per ``max_rows`` of them, to fit the server's body limit: 64 two-frame
+    windows are 118 MB), ``execute`` actions of each chunk played before the next request."""
     envs = [ReacherEnv(seed, moving_target=moving_target) for seed in seeds]
     windows = history_windows(client.model_info(model)["inputs"])
     frames = [ObservationWindow(windows) for _ in envs]
     observations = [frame(env.reset()) for frame, env in zip(frames, envs)]
     latencies, rows, start = [], 0, time.perf_counter()
     while live := [i for i, env in enumerate(envs) if not env.done]:
-        sent = time.perf_counter()
-        chunks = client.infer_batch([observations[i] for i in live], model)["action"]
-        latencies.append(time.perf_counter() - sent)
+        parts = []
+        for first in range(0, len(live), max_rows or len(live)):
+            sent = time.perf_counter()
+            part = live[first:first + (max_rows or len(live))]
+            parts.append(client.infer_batch([observations[i] for i in part], model)["action"])
+            latencies.append(time.perf_counter() - sent)
+        chunks = np.concatenate(parts)
         rows += len(live)
         for chunk, i in zip(chunks, live):
             for action in chunk[:execute]:
@@ -315,6 +321,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--merge", default="replace", help="comma-separated merge strategies of the chunk runner")
     parser.add_argument("--vectorized", type=int, default=0, help="also run N environments in lockstep (infer_batch)")
     parser.add_argument("--vectorized-execute", type=int, default=1, help="actions played per lockstep request")
+    parser.add_argument("--vectorized-rows", type=int, default=0,
+                        help="most observations per request (0: all live environments in one)")
     parser.add_argument("--api-key", default=os.environ.get("POLICY_SERVER_API_KEY"))
     parser.add_argument("--admin-key", default=os.environ.get("POLICY_SERVER_ADMIN_KEY"))
     parser.add_argument("--json", help="also write the results here")
@@ -354,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.vectorized:
                 vectorized[name] = run_vectorized(
                     client, list(range(args.seed, args.seed + args.vectorized)), moving_target=args.moving_target,
-                    execute=args.vectorized_execute,
+                    execute=args.vectorized_execute, max_rows=args.vectorized_rows,
                 )
                 log.info("%s vectorized: %s", name, json.dumps(vectorized[name]))
         if not args.skip_in_process:

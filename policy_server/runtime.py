@@ -308,19 +308,14 @@ class PolicyRuntime:
         """
         name = name or self.default_name
         spec = self.served(name).model.input_spec
-        request = self.batcher.submit(complete_inputs(inputs, spec), deadline, model=name, spec=spec)
-        metrics.QUEUE_DEPTH.set(self.batcher.depth)
-        return request
+        return self._enqueue(complete_inputs(inputs, spec), None, deadline, name, spec)[0]
 
-    def submit_rows(self, inputs: Mapping[str, Any], rows: int, deadline: float, name: str | None = None) -> list[Request]:
-        """Validate a vectorized request (every input ``[rows, *shape]``) and queue its rows.
-
-        Raises InvalidInput naming the field (or the row), PayloadTooLarge, QueueFull, NotReady.
-        """
-        name = name or self.default_name
-        spec = self.served(name).model.input_spec
-        complete = complete_inputs(inputs, spec, rows)
-        requests = self.batcher.submit_rows(split_rows(complete, rows), deadline, model=name, spec=spec)
+    def _enqueue(self, inputs: Mapping[str, Any], rows: int | None, deadline: float, name: str, spec) -> list[Request]:
+        """Queue complete inputs: one request, or one per row of a vectorized request (all or none)."""
+        if rows is None:
+            requests = [self.batcher.submit(inputs, deadline, model=name, spec=spec)]
+        else:
+            requests = self.batcher.submit_rows(split_rows(inputs, rows), deadline, model=name, spec=spec)
         metrics.QUEUE_DEPTH.set(self.batcher.depth)
         return requests
 
@@ -371,18 +366,9 @@ class PolicyRuntime:
                 metrics.CACHE_HITS.inc()
                 return Answer(_only(hit, answered), served.model.version, cache="hit", rows=rows)
             metrics.CACHE_MISSES.inc()
-        if rows is None:
-            request = self.batcher.submit(inputs, deadline, model=served.model.name, spec=served.model.input_spec)
-            metrics.QUEUE_DEPTH.set(self.batcher.depth)
-            results, version = self.wait(request)
-            requests = [request]
-        else:
-            requests = self.batcher.submit_rows(
-                split_rows(inputs, rows), deadline, model=served.model.name, spec=served.model.input_spec
-            )
-            metrics.QUEUE_DEPTH.set(self.batcher.depth)
-            per_row, version = self.batcher.wait_rows(requests)
-            results = {name: np.stack([row[name] for row in per_row]) for name in per_row[0]}
+        requests = self._enqueue(inputs, rows, deadline, served.model.name, served.model.input_spec)
+        per_row, version = self.batcher.wait_rows(requests)
+        results = per_row[0] if rows is None else {k: np.stack([row[k] for row in per_row]) for k in per_row[0]}
         if key is not None:
             self.cache.put(served.model.name, version, key, results)
         return Answer(

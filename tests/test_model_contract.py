@@ -122,3 +122,26 @@ def test_transformer_without_a_prefix_is_the_plain_chunk(transformer):
     zeros = dict(action_prefix=np.zeros((10, 7), np.float32), prefix_length=np.array([0], np.int32),
                  inference_delay=np.array([0], np.int32))
     np.testing.assert_array_equal(forward(transformer, obs, **zeros), forward(transformer, obs))
+
+
+# -- the shipped history model -------------------------------------------------------------
+
+
+def test_history_model_declares_a_two_frame_window_padded_with_the_first_frame():
+    model = load_model_dir(os.path.join(ROOT, "models", "history"), "cpu")
+    info = model.info()
+    assert info["name"] == "history" and info["optional_inputs"] == []
+    assert info["inputs"] == [
+        {"name": "state", "dtype": "float32", "shape": [6]},
+        {"name": "image", "dtype": "uint8", "shape": [2, 480, 640, 3], "history": {"steps": 2, "pad": "repeat_first"}},
+    ]
+    env = ReacherEnv(5, moving_target=True)
+    first = env.reset()
+    padded = {"state": first["state"], "image": np.stack([first["image"], first["image"]])}
+    action = forward(model, padded)
+    assert action.shape == (10, 7) and np.isfinite(action).all()
+    # it reads the motion between its frames: the same newest frame after another one differs
+    moved = env.step(np.zeros(7, np.float32)).obs
+    still = forward(model, {"state": moved["state"], "image": np.stack([moved["image"], moved["image"]])})
+    moving = forward(model, {"state": moved["state"], "image": np.stack([first["image"], moved["image"]])})
+    assert np.abs(still - moving).max() > 1e-3

@@ -223,3 +223,11 @@ def test_observation_window_reads_the_model_info_declaration():
     inputs = [{"name": "state", "dtype": "float32", "shape": [6]},
               {"name": "image", "dtype": "uint8", "shape": [2, 480, 640, 3], "history": {"steps": 2, "pad": "zeros"}}]
     assert reacher.ObservationWindow.from_spec(inputs).windows == {"image": (2, "zeros")}
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_history_policy_reaches_held_out_moving_targets(staleness):
+    model = load_model_dir(os.path.join(ROOT, "models", "history"), "cpu")
+    windows = reacher.ObservationWindow.from_spec(model.info()["inputs"]).windows
+    rate, results = evaluate(chunk_fn_of(model), HELD_OUT, staleness=staleness, moving_target=True, windows=windows)
+    assert rate >= 0.8, [r.final_distance for r in results]

@@ -54,10 +54,12 @@ def test_delayed_policy_adds_the_latency_and_seeded_jitter():
 
 
 @pytest.mark.integration
-def test_latency_sweep_table_and_vectorized_lockstep_evaluation(tmp_path):
+def test_latency_sweep_table_and_vectorized_lockstep_evaluation_of_the_history_model(tmp_path):
+    """The history model (loaded beside the default) gets its two-frame windows: a 422 would
+    count as failures and stop the vectorized run."""
     with run_server(tmp_path, workers=1, args=("--model-path", "models/default")) as server:
         result = sim_loop.main([
-            "--url", server.base_url, "--models", "default", "--episodes", "2", "--moving-target",
+            "--url", server.base_url, "--models", "history", "--episodes", "2", "--moving-target",
             "--latency-ms", "0,150", "--jitter-ms", "20", "--skip-in-process", "--vectorized", "4",
         ])
     assert result["moving_target"] is True
@@ -68,7 +70,7 @@ def test_latency_sweep_table_and_vectorized_lockstep_evaluation(tmp_path):
         assert report["episodes"] == 2 and report["failures"] == 0 and report["chunks"] >= 2, report
         assert report["seam_jerk"] >= report["seam_jerk_mean"] >= 0.0 and report["moving_target"], report
     assert reports[1]["latency_ms_p50"] >= 150.0  # the injected delay is in every round trip
-    vectorized = result["vectorized"]["default"]
+    vectorized = result["vectorized"]["history"]
     assert vectorized["environments"] == 4 and vectorized["requests"] >= 1
     assert vectorized["rows"] == vectorized["env_steps"]  # one action per row, one row per live env per step
-    assert 0.0 <= vectorized["success_rate"] <= 1.0
+    assert vectorized["success_rate"] >= 0.75  # lockstep, no timing: the history model reaches moving targets

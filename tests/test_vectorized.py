@@ -244,3 +244,15 @@ def test_model_info_declares_optional_inputs_and_history():
 def test_parse_batch_rows():
     assert parse_batch_rows(None) is None
     assert parse_batch_rows(" 64 ") == 64
+
+
+def test_the_executor_fills_an_optional_input_a_queued_request_lacks():
+    """A request queued before a hot swap added an optional input still stages."""
+    from policy_server.model_loader import describe
+    from tests.fakes import run_in_process
+
+    model = describe(RtcFake(), name="rtc", version="1", device="cpu")
+    observation = fake_observation(8)
+    rows = run_in_process(model, [observation, {**observation, **rtc_inputs(1.0, 2, 1)}])
+    np.testing.assert_array_equal(rows[0]["action"], expected_action(observation))
+    np.testing.assert_allclose(rows[1]["action"], expected_action(observation) + 1.0 + 20.0 + 100.0)
