@@ -69,6 +69,7 @@ HISTORY_PADS = ("repeat_first", "zeros")
 BACKOFF_S = 0.05
 HISTORY_LEN = 1000  # samples kept of each per-request / per-step history in RunnerStats
 LATENCY_WINDOW = 20  # requests the delay estimate looks back over
+WARMUP_REQUESTS = 10  # until this many latencies are known, the delay is assumed long
 MAX_THREADS = 32
 
 
@@ -151,14 +152,24 @@ class ChunkRunner:
     Call :meth:`act` once per control step with that step's observation. A chunk computed
     from step ``s``'s observation is ``[H, *action_shape]``, row ``i`` planned for step
     ``s + i``; rows whose step has passed when it arrives are dropped, and an answer older
-    than a chunk already received is dropped (out of order). Requests go out when the plan
-    (with the chunks still in flight) covers no more than the delay estimate plus one step,
-    at most one per step and at most ``max_in_flight`` at once; the delay estimate is the
-    slowest of the last 20 requests, in steps. Each request's deadline is the time its
-    chunk stays useful, ``(H - 1) / rate_hz``. A failed request is retried after an
-    exponential backoff (or the error's ``retry_after_s``), never later than the plan
-    needs while it still has actions; once the plan runs out the ``fallback`` action
-    (zeros: stop, for velocity or delta actions) is played and counted.
+    than a chunk already received is dropped (out of order).
+
+    Scheduling: with ``d`` the delay estimate in steps (the slowest of the last 20
+    requests; until 10 are measured, at least half the horizon), a request goes out when
+    the plan, counting the chunks still in flight, has ``d`` or fewer actions left after
+    this step: at most one per step and at most ``max_in_flight`` at once. So latency past
+    half the horizon keeps several requests in flight (a new one about every ``H - d``
+    steps), up to about ``0.85 x H``. A request in flight stops counting once it is overdue
+    (older than one step more than any recent answer took), so a late answer is hedged by
+    another request. Each
+    request's deadline is the time its chunk stays useful, ``(H - 1) / rate_hz``; a
+    ``PolicyClient`` keeps its own retries within it. A failed request is retried after an
+    exponential backoff (or the error's ``retry_after_s``), but while the plan still has
+    actions no later than a fresh chunk needs to leave; once the plan runs out the
+    ``fallback`` action (zeros: stop, for velocity or delta actions) is played and counted.
+    Pipelining helps a server that computes requests concurrently (batching, several
+    workers); one that computes them one after another only adds queueing for each extra
+    request: give it ``max_in_flight=1``.
 
     Args:
         policy: a :class:`ChunkPolicy` (e.g. a ``PolicyClient``, or an in-process callable).
@@ -305,12 +316,15 @@ class ChunkRunner:
         self._maybe_ask(obs, t)
         return action
 
-    def delay_estimate_steps(self) -> int:
-        """Steps from an observation to its answer, high estimate (slowest recent request)."""
+    def delay_estimate_steps(self, *, measured_only: bool = False) -> int:
+        """Steps from an observation to its answer, high estimate: the slowest of the last 20
+        requests (until 10 are measured, at least half the horizon unless ``measured_only``)."""
         recent = list(self.stats.latencies_s)[-LATENCY_WINDOW:]
-        if not recent:
-            return 0
-        return math.ceil(max(recent) * self.rate_hz - 1e-9)
+        measured = math.ceil(max(recent, default=0.0) * self.rate_hz - 1e-9)
+        if len(recent) < WARMUP_REQUESTS and self._horizon is not None and not measured_only:
+            # The tail is unknown yet: plan as if answers took at least half the horizon.
+            return max(measured, self._horizon // 2)
+        return measured
 
     def _plan_end(self) -> int:
         return max((c.end for c in self._chunks), default=0)
@@ -325,9 +339,10 @@ class ChunkRunner:
         delay = self.delay_estimate_steps()
         self.stats.delay_steps = delay
         # A request counts towards the plan until it is overdue; then another one hedges it.
-        expected = [r.step + self._horizon for r in live if t - r.step <= delay + 1]
+        overdue = self.delay_estimate_steps(measured_only=True) + 1
+        expected = [r.step + self._horizon for r in live if t - r.step <= overdue]
         covered = max([self._plan_end(), *expected])
-        ahead = self.request_ahead if self.request_ahead is not None else delay + 1
+        ahead = self.request_ahead if self.request_ahead is not None else delay
         if covered - (t + 1) <= ahead:
             self._ask(obs, t, deadline_s=(self._horizon - 1) / self.rate_hz, delay=delay)
 
@@ -390,7 +405,8 @@ class ChunkRunner:
                 prefix[i], length = action, i + 1
             request["action_prefix"] = prefix
             request["prefix_length"] = np.array([length], np.int32)
-            request["inference_delay"] = np.array([min(delay, length)], np.int32)
+            # Row 0 (this step's action) is played already: at least one row is committed.
+            request["inference_delay"] = np.array([min(max(delay, 1), length)], np.int32)
         return request
 
     # -- requests and answers ---------------------------------------------------------
