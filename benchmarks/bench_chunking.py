@@ -1,6 +1,7 @@
 """ChunkRunner latency sweep with a stand-in policy: starved steps and seam jerk per merge strategy.
 
-Usage: python benchmarks/bench_chunking.py [--seeds 3] [--steps 140] [--parallel 8] [--json out.json]
+Usage: python benchmarks/bench_chunking.py [--seeds 3] [--steps 140] [--parallel 8] [--fractions 0.8,0.85]
+       [--strategies replace,rtc] [--json out.json]
 
 A loop at 20 Hz plays 10-action chunks (a 500 ms horizon) from an in-process stand-in policy
 that sleeps an injected latency before answering: constant 0 .. 0.9 x the horizon, and
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warm-steps", type=int, default=60, help="steps of the first episode before it")
     parser.add_argument("--parallel", type=int, default=8, help="runs at once (threads)")
     parser.add_argument("--strategies", default=",".join(("replace/1", *MERGE_STRATEGIES)))
+    parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
+                        help="constant latencies, in fractions of the horizon")
+    parser.add_argument("--no-jitter", action="store_true", help="skip the jitter case")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -139,8 +143,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     horizon_s = HORIZON / RATE_HZ
     cases: list[tuple[str, float | tuple[float, float]]] = [
-        (f"{f:.2f}H const ({f * horizon_s * 1e3:.0f} ms)", f * horizon_s) for f in FRACTIONS]
-    cases.append((f"jitter 30-{0.8 * horizon_s * 1e3:.0f} ms", (0.030, 0.8 * horizon_s)))
+        (f"{f:.2f}H const ({f * horizon_s * 1e3:.0f} ms)", f * horizon_s)
+        for f in (float(x) for x in args.fractions.split(",") if x)]
+    if not args.no_jitter:
+        cases.append((f"jitter 30-{0.8 * horizon_s * 1e3:.0f} ms", (0.030, 0.8 * horizon_s)))
     strategies = [s for s in args.strategies.split(",") if s]
     jobs = [(name, latency, strategy, seed) for name, latency in cases for strategy in strategies
             for seed in range(args.seeds)]
