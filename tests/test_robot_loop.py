@@ -133,16 +133,17 @@ def test_each_action_is_the_one_planned_for_its_step():
 
 
 def test_a_latency_past_half_the_horizon_keeps_several_requests_in_flight():
-    latency_s = 0.7 * HORIZON / RATE_HZ  # 7 of the chunk's 10 steps
-    with ChunkRunner(ramp_policy(delay_s=latency_s), rate_hz=RATE_HZ) as runner:
-        actions, _, slowest = run_loop(runner, 80, RATE_HZ)
+    rate_hz = 20  # 50 ms periods: room for a loaded box's scheduling noise
+    latency_s = 0.7 * HORIZON / rate_hz  # 7 of the chunk's 10 steps
+    with ChunkRunner(ramp_policy(delay_s=latency_s), rate_hz=rate_hz) as runner:
+        actions, _, slowest = run_loop(runner, 60, rate_hz)
     assert runner.stats.starved_steps == 0, runner.stats.to_dict()
-    assert actions == [float(t) for t in range(80)]
+    assert actions == [float(t) for t in range(60)]
     assert runner.stats.max_in_flight >= 3 and runner.stats.delay_steps >= 7
-    assert slowest < 0.5 / RATE_HZ  # act() never waited
+    assert slowest < latency_s / 2  # act() never waited for an answer
     # with one request in flight (the runner before v2) the same latency starves the loop
-    with ChunkRunner(ramp_policy(delay_s=latency_s), rate_hz=RATE_HZ, max_in_flight=1) as single:
-        run_loop(single, 80, RATE_HZ)
+    with ChunkRunner(ramp_policy(delay_s=latency_s), rate_hz=rate_hz, max_in_flight=1) as single:
+        run_loop(single, 60, rate_hz)
     assert single.stats.max_in_flight == 1 and single.stats.starved_steps >= 10
 
 
@@ -155,7 +156,7 @@ def test_an_older_answer_never_replaces_a_newer_one():
     sources = [a[1] for a in actions]
     assert sources == sorted(sources)  # the observation behind the played action never goes back
     assert policy.calls[:3] == [0, 1, 2] and 1.0 not in sources  # the overtaken answer was never played
-    assert runner.stats.out_of_order == 1
+    assert runner.stats.out_of_order >= 1  # (others may overtake each other on a busy box too)
 
 
 def test_a_late_answer_is_hedged_by_another_request():
@@ -165,7 +166,7 @@ def test_a_late_answer_is_hedged_by_another_request():
     assert actions == [float(t) for t in range(40)]  # overdue, it no longer counted: the next one went out
     assert runner.stats.starved_steps == 0
     assert runner.stats.out_of_order + runner.stats.stale_chunks == 1  # when it came, it was dropped
-    assert slowest < 0.01  # act() never waited on the slow request
+    assert slowest < 0.1  # act() never waited on the 0.5 s request
 
 
 def test_a_late_answer_with_one_request_in_flight_lets_the_chunk_play_out_then_the_fallback():
@@ -180,7 +181,7 @@ def test_a_late_answer_with_one_request_in_flight_lets_the_chunk_play_out_then_t
     assert actions[-10:] == [float(t) for t in range(30, 40)]  # from step 16 a new request, and fresh chunks
     assert runner.stats.starved_steps >= 6
     assert runner.stats.out_of_order + runner.stats.stale_chunks == 1  # when it came, it was dropped
-    assert slowest < 0.01
+    assert slowest < 0.1
 
 
 def test_failed_requests_are_retried_with_backoff_and_reported():
@@ -278,9 +279,10 @@ def test_merge_strategies_by_name():
 
 @pytest.mark.parametrize("merge", MERGE_STRATEGIES)
 def test_every_merge_strategy_keeps_actions_on_their_steps(merge):
-    latency_s = 0.6 * HORIZON / RATE_HZ
-    with ChunkRunner(ramp_policy(delay_s=latency_s), rate_hz=RATE_HZ, merge=merge) as runner:
-        actions, _, _ = run_loop(runner, 50, RATE_HZ)
+    rate_hz = 25
+    latency_s = 0.6 * HORIZON / rate_hz
+    with ChunkRunner(ramp_policy(delay_s=latency_s), rate_hz=rate_hz, merge=merge) as runner:
+        actions, _, _ = run_loop(runner, 50, rate_hz)
     assert runner.stats.starved_steps == 0
     np.testing.assert_allclose(actions, np.arange(50), atol=1e-5)  # every chunk agrees: so must the merge
 
@@ -378,15 +380,17 @@ def test_history_windows_are_kept_per_episode_and_padded_at_its_start(pad):
         runner.reset()
         run_loop(runner, 12, RATE_HZ, obs=pos_obs(500.0))
     assert first_episode >= 3 and len(policy.requests) >= first_episode + 3
+    bases = set()
     for n, request in enumerate(policy.requests):
-        base = 100.0 if n < first_episode else 500.0
         s = int(request["t"])
+        base = float(request["pos"][-1, 0]) - s  # the episode's: 100 or 500
+        bases.add(base)
         window = request["pos"]
         assert window.shape == (3, 2) and window.dtype == np.float32
         for row, step in enumerate(range(s - 2, s + 1)):  # row 2 is the newest
             expected = base + step if step >= 0 else (base if pad == "repeat_first" else 0.0)
             assert window[row].tolist() == [expected, expected], (n, s, window)
-    assert int(policy.requests[first_episode]["t"]) == 0  # the new episode starts from its own first step
+    assert bases == {100.0, 500.0}  # (a request sent at the first episode's end may be recorded after the reset)
 
 
 def test_a_history_input_given_as_a_window_is_refused_with_its_name():
