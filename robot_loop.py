@@ -158,7 +158,7 @@ class ChunkRunner:
     requests; until 10 are measured, at least half the horizon), a request goes out when
     the plan, counting the chunks still in flight, has ``d`` or fewer actions left after
     this step: at most one per step and at most ``max_in_flight`` at once, and while
-    ``2 * d <= H`` only one (its answer comes in time to ask again). So latency past
+    ``2 * d < H`` only one (its answer comes in time to ask again). So latency past
     half the horizon keeps several requests in flight (a new one about every ``H - d``
     steps), up to about ``0.85 x H``. A request in flight stops counting once it is overdue
     (older than one step more than any recent answer took), so a late answer is hedged by
@@ -342,7 +342,7 @@ class ChunkRunner:
         # A request counts towards the plan until it is overdue; then another one hedges it.
         overdue = self.delay_estimate_steps(measured_only=True) + 1
         expected = [r.step + self._horizon for r in live if t - r.step <= overdue]
-        if expected and self.request_ahead is None and 2 * delay <= self._horizon:
+        if expected and self.request_ahead is None and 2 * delay < self._horizon:
             return  # the answer in flight arrives in time to ask again: one request is enough
         covered = max([self._plan_end(), *expected])
         ahead = self.request_ahead if self.request_ahead is not None else delay
