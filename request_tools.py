@@ -1,6 +1,8 @@
 """Client for the policy server: what a robot or simulator loop calls.
 
 Imports only numpy, requests and binary_protocol, so a robot installs it without torch.
+The robot loop (``ChunkRunner``, ``LoopClock``, ``RunnerStats``) lives in ``robot_loop``
+and stays importable from here.
 
 Errors::
 
@@ -21,14 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import queue
 import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -506,6 +505,21 @@ class PolicyClient:
             obs = encode_observation(obs, encode, rows=rows)
         return dict_to_binary(dict(obs))
 
+    def __call__(self, obs: Mapping[str, Any], *, deadline_s: float | None = None) -> dict:
+        """``infer(obs, deadline_s=deadline_s)``: a PolicyClient is a ``robot_loop.ChunkPolicy``."""
+        return self.infer(obs, deadline_s=deadline_s)
+
+    def clone(self) -> PolicyClient:
+        """A client with the same settings and its own connection, for another thread (the
+        input spec cache is shared)."""
+        twin = PolicyClient(
+            self.base_url, api_key=self.api_key, admin_key=self.admin_key, model=self.model,
+            timeout_s=self.timeout_s, deadline_s=self.deadline_s, retries=self.retries,
+            check_spec=self.check_spec, use_env_proxies=self._session.trust_env, encode=self.encode,
+        )
+        twin._input_specs = self._input_specs
+        return twin
+
     def input_spec(self, model: str | None = None, refresh: bool = False) -> list[dict]:
         """The model's inputs as the server declares them (read once, then cached)."""
         model = model or self.model
@@ -621,243 +635,14 @@ class PolicyClient:
             return False
 
 
-# -- the robot loop -----------------------------------------------------------------------
+# The robot loop lives in robot_loop.py; these names stay importable from here. Loaded on
+# first use (PEP 562), since robot_loop imports this module's errors.
+_LOOP_NAMES = ("ChunkRunner", "LoopClock", "RunnerStats")
 
 
-@dataclass
-class RunnerStats:
-    """What a :class:`ChunkRunner` did: counts, latencies and the model versions it played."""
+def __getattr__(name: str) -> Any:
+    if name in _LOOP_NAMES:
+        import robot_loop
 
-    steps: int = 0  # actions handed out by act()
-    requests: int = 0  # chunk requests sent
-    chunks: int = 0  # chunks received and played
-    failures: int = 0  # requests that failed (error, timeout, deadline): the runner retried
-    starved_steps: int = 0  # steps with no action left in the chunk: the fallback was played
-    stale_chunks: int = 0  # chunks that arrived after their last action's step: dropped
-    skipped_actions: int = 0  # leading actions of received chunks whose step had passed
-    latencies_s: list[float] = field(default_factory=list)  # of each successful request
-    versions: dict[str, int] = field(default_factory=dict)  # model version -> chunks played
-    errors: list[str] = field(default_factory=list)  # the last few failure messages
-
-
-class ChunkRunner:
-    """Plays action chunks at the loop's rate and fetches the next chunk in the background.
-
-    Call :meth:`act` once per control step with the current observation; it returns the
-    action to apply now and never waits on the network once the first chunk is in. When
-    ``request_ahead`` or fewer actions are left, the current observation is sent on a
-    background thread; the answer (computed from the observation of step ``s`` and arriving
-    at step ``t``) replaces the chunk from its action ``t - s`` on, so the plan stays aligned
-    in time. A late answer lets the current chunk play on; a failed one (error, timeout,
-    server restart) is retried with exponential backoff while the remaining actions play, and
-    once they run out the ``fallback`` action (zeros: stop, for velocity or delta actions) is
-    played and counted in ``stats.starved_steps``.
-
-    Args:
-        policy: a :class:`PolicyClient` (requests carry a deadline: the chunk's horizon), or
-            any callable mapping an observation to outputs (e.g. an in-process policy).
-        rate_hz: the loop's control rate.
-        action_key: the output holding the chunk, shape ``[horizon, *action_shape]``.
-        request_ahead: actions left when the next chunk is requested; None adapts it to the
-            observed latency (the 90th percentile of recent requests, in steps, plus one).
-        fallback: the action played when no action is left.
-        first_chunk_timeout_s: how long the first :meth:`act` of an episode waits for a chunk.
-        max_backoff_s: cap of the retry backoff after failures.
-
-    Not thread-safe: one loop thread calls :meth:`act`; the runner owns one request thread,
-    so a PolicyClient given to it must not be used elsewhere meanwhile.
-    """
-
-    def __init__(
-        self,
-        policy: PolicyClient | Callable[[Mapping[str, Any]], Mapping[str, Any]],
-        *,
-        rate_hz: float,
-        action_key: str = "action",
-        request_ahead: int | None = None,
-        fallback: np.ndarray | None = None,
-        first_chunk_timeout_s: float = 30.0,
-        max_backoff_s: float = 2.0,
-    ) -> None:
-        if rate_hz <= 0:
-            raise ValueError("rate_hz must be positive")
-        self.policy = policy
-        self.rate_hz = rate_hz
-        self.action_key = action_key
-        self.request_ahead = request_ahead
-        self.fallback = fallback
-        self.first_chunk_timeout_s = first_chunk_timeout_s
-        self.max_backoff_s = max_backoff_s
-        self.stats = RunnerStats()
-        self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        # (step asked, outputs or error, latency s, model version) of the current episode
-        self._answer: tuple[int, Any, float, str | None] | None = None
-        self._thread = threading.Thread(target=self._serve_requests, name="chunk-runner", daemon=True)
-        self._thread.start()
-        self.reset()
-
-    def __enter__(self) -> ChunkRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def reset(self) -> None:
-        """Start a new episode: forget the chunk (an answer still in flight is discarded)."""
-        with self._lock:
-            self._episode = getattr(self, "_episode", 0) + 1
-            self._answer = None
-            self._inflight = False
-        self._step = 0
-        self._chunk: np.ndarray | None = None
-        self._index = 0
-        self._retry_at = 0.0
-        self._backoff_s = BACKOFF_S
-        self._last_action: np.ndarray | None = None
-
-    def close(self) -> None:
-        """Stop the request thread (after the request in flight, if any)."""
-        self._jobs.put(None)
-        self._thread.join(timeout=self.first_chunk_timeout_s)
-
-    @property
-    def horizon_s(self) -> float | None:
-        """Seconds the current chunk covers, or None before the first one."""
-        return None if self._chunk is None else len(self._chunk) / self.rate_hz
-
-    def act(self, obs: Mapping[str, Any]) -> np.ndarray:
-        """The action for this control step (``obs`` is the observation at this step)."""
-        step = self._step
-        self._step += 1
-        self._take_answer(step)
-        if self._chunk is None:
-            self._wait_first_chunk(obs, step)
-        if self._index < len(self._chunk):
-            action = self._chunk[self._index]
-            self._index += 1
-        else:
-            self.stats.starved_steps += 1
-            action = self.fallback if self.fallback is not None else np.zeros_like(self._chunk[0])
-        self.stats.steps += 1
-        left = len(self._chunk) - self._index
-        if left <= self._ahead() and not self._inflight and time.monotonic() >= self._retry_at:
-            self._ask(obs, step)
-        return action
-
-    def _ahead(self) -> int:
-        if self.request_ahead is not None:
-            return self.request_ahead
-        recent = sorted(self.stats.latencies_s[-20:])
-        if not recent:
-            return len(self._chunk) // 2
-        p90 = recent[min(len(recent) - 1, int(0.9 * len(recent)))]
-        return min(len(self._chunk) - 1, math.ceil(p90 * self.rate_hz) + 1)
-
-    def _ask(self, obs: Mapping[str, Any], step: int) -> None:
-        with self._lock:
-            self._inflight = True
-            episode = self._episode
-        self.stats.requests += 1
-        # The answer is worthless once every action in it is in the past.
-        deadline_s = (len(self._chunk) - 1) / self.rate_hz if self._chunk is not None else self.first_chunk_timeout_s
-        self._jobs.put((episode, step, dict(obs), deadline_s))
-
-    def _wait_first_chunk(self, obs: Mapping[str, Any], step: int) -> None:
-        give_up = time.monotonic() + self.first_chunk_timeout_s
-        while self._chunk is None:
-            if not self._inflight:
-                if self._retry_at >= give_up:
-                    break
-                time.sleep(max(0.0, self._retry_at - time.monotonic()))
-                self._ask(obs, step)
-            with self._lock:
-                arrived = self._arrived.wait_for(
-                    lambda: self._answer is not None, timeout=max(0.0, give_up - time.monotonic())
-                )
-            if not arrived:
-                break
-            self._take_answer(step)
-        if self._chunk is None:
-            last = self.stats.errors[-1] if self.stats.errors else "no answer"
-            raise PolicyTimeoutError(f"no first chunk within {self.first_chunk_timeout_s} s ({last})")
-
-    def _take_answer(self, step: int) -> None:
-        with self._lock:
-            answer, self._answer = self._answer, None
-            if answer is not None:
-                self._inflight = False
-        if answer is None:
-            return
-        asked_at, result, latency_s, version = answer
-        if isinstance(result, BaseException):
-            self.stats.failures += 1
-            self.stats.errors = [*self.stats.errors[-9:], f"step {asked_at}: {result}"]
-            self._retry_at = time.monotonic() + self._backoff_s
-            self._backoff_s = min(self.max_backoff_s, self._backoff_s * 2)
-            log.warning("chunk request failed (%s); retrying in %.2f s", result, self._retry_at - time.monotonic())
-            return
-        self._backoff_s = BACKOFF_S
-        self.stats.latencies_s.append(latency_s)
-        chunk = np.asarray(result[self.action_key])
-        offset = step - asked_at if self._chunk is not None else 0
-        if offset >= len(chunk):
-            self.stats.stale_chunks += 1
-            return
-        self._chunk, self._index = chunk, offset
-        self.stats.chunks += 1
-        self.stats.skipped_actions += offset
-        if version is not None:
-            self.stats.versions[version] = self.stats.versions.get(version, 0) + 1
-
-    def _serve_requests(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            episode, step, obs, deadline_s = job
-            start = time.monotonic()
-            version = None
-            try:
-                if isinstance(self.policy, PolicyClient):
-                    result: Any = self.policy.infer(obs, deadline_s=deadline_s)
-                    version = self.policy.last_model_version
-                else:
-                    result = self.policy(obs)
-                    if self.action_key not in result:
-                        raise PolicyClientError(f"policy output has no {self.action_key!r}")
-            except Exception as exc:  # noqa: BLE001 - the loop goes on; the failure is reported
-                result = exc
-            with self._lock:
-                if episode == self._episode:
-                    self._answer = (step, result, time.monotonic() - start, version)
-                    self._arrived.notify_all()
-
-
-class LoopClock:
-    """Paces a control loop at ``rate_hz`` (absolute schedule, so sleep jitter does not
-    accumulate) and records how it kept up: ``tick()`` once per step, after the step's work."""
-
-    def __init__(self, rate_hz: float) -> None:
-        self.period_s = 1.0 / rate_hz
-        self.start = self._next = time.perf_counter()
-        self.ticks = 0
-        self.overruns = 0  # steps whose work took longer than the period
-        self.periods_s: list[float] = []
-        self._last = self.start
-
-    def tick(self) -> None:
-        self.ticks += 1
-        self._next += self.period_s
-        now = time.perf_counter()
-        if now > self._next:
-            self.overruns += 1
-            self._next = now  # late: start the next period now rather than sprint to catch up
-        else:
-            time.sleep(self._next - now)
-        now = time.perf_counter()
-        self.periods_s.append(now - self._last)
-        self._last = now
-
-    @property
-    def achieved_hz(self) -> float:
-        elapsed = self._last - self.start
-        return self.ticks / elapsed if elapsed > 0 else 0.0
+        return getattr(robot_loop, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

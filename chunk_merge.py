@@ -1,0 +1,171 @@
+"""How overlapping action chunks make one plan: the merge strategies of ``robot_loop.ChunkRunner``.
+
+A :class:`Chunk` computed from the observation of step ``s`` holds rows for steps
+``s .. s + H - 1``. When a new chunk arrives while older ones still cover the coming steps,
+a :class:`MergeStrategy` says which action each step plays:
+
+- ``replace`` (:class:`ReplaceMerge`): the newest chunk covering the step.
+- ``blend`` (:class:`BlendMerge`): the newest chunk, cross-faded linearly from the plan it
+  replaces over its first ``steps`` steps after arrival.
+- ``temporal_ensembling`` (:class:`TemporalEnsembling`): the weighted mean of every chunk
+  that covers the step, weights ``w_i = exp(-m * i)`` with ``i = 0`` the oldest chunk
+  (Zhao et al. 2023, "Learning Fine-Grained Bimanual Manipulation with Low-Cost Hardware",
+  ACT, section 3.3).
+- ``rtc`` (:class:`RealTimeChunking`): requests carry the plan's not-yet-executed actions
+  and the inference delay, the policy keeps that prefix and continues smoothly from it
+  (Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies", arXiv
+  2506.07339), so its answer is played as it comes (replace).
+
+numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+__all__ = [
+    "MERGE_STRATEGIES",
+    "BlendMerge",
+    "Chunk",
+    "MergeStrategy",
+    "RealTimeChunking",
+    "ReplaceMerge",
+    "TemporalEnsembling",
+    "merge_strategy",
+]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """An action chunk in the plan: ``actions[i]`` is for step ``step + i``; ``arrived`` is
+    the step at which the runner took it in."""
+
+    step: int
+    arrived: int
+    actions: np.ndarray  # [H, *action_shape]
+
+    @property
+    def end(self) -> int:
+        """The first step after the chunk."""
+        return self.step + len(self.actions)
+
+    def covers(self, step: int) -> bool:
+        return self.step <= step < self.end
+
+    def at(self, step: int) -> np.ndarray:
+        return self.actions[step - self.step]
+
+
+class MergeStrategy(Protocol):
+    """Maps a step and the chunks received (oldest first, by observation step) to the
+    action for that step, or None when no chunk covers it. ``sends_prefix``: requests carry
+    the real-time chunking inputs when the model declares them."""
+
+    name: str
+    sends_prefix: bool
+
+    def action(self, step: int, chunks: Sequence[Chunk]) -> np.ndarray | None: ...
+
+
+def _newest_covering(step: int, chunks: Sequence[Chunk], below: int | None = None) -> int | None:
+    for i in range(len(chunks) - 1 if below is None else below - 1, -1, -1):
+        if chunks[i].covers(step):
+            return i
+    return None
+
+
+class ReplaceMerge:
+    """The newest chunk covering the step: an answer replaces the plan from its arrival."""
+
+    name = "replace"
+    sends_prefix = False
+
+    def action(self, step: int, chunks: Sequence[Chunk]) -> np.ndarray | None:
+        i = _newest_covering(step, chunks)
+        return None if i is None else chunks[i].at(step)
+
+
+class BlendMerge:
+    """Cross-fade into each new chunk over its first ``steps`` steps after arrival.
+
+    At ``k`` steps after a chunk arrived (k < steps) the action is ``(1 - a) * old + a * new``
+    with ``a = (k + 1) / (steps + 1)``, where ``old`` is what the plan without the new chunk
+    plays; from then on the new chunk alone.
+    """
+
+    name = "blend"
+    sends_prefix = False
+
+    def __init__(self, steps: int = 3) -> None:
+        if steps < 1:
+            raise ValueError("blend steps must be at least 1")
+        self.steps = steps
+
+    def action(self, step: int, chunks: Sequence[Chunk]) -> np.ndarray | None:
+        return self._at(step, chunks, len(chunks))
+
+    def _at(self, step: int, chunks: Sequence[Chunk], below: int) -> np.ndarray | None:
+        i = _newest_covering(step, chunks, below)
+        if i is None:
+            return None
+        new = chunks[i].at(step)
+        into = step - chunks[i].arrived
+        if into < self.steps:
+            old = self._at(step, chunks, i)
+            if old is not None:
+                a = (into + 1) / (self.steps + 1)
+                return ((1 - a) * old + a * new).astype(new.dtype, copy=False)
+        return new
+
+
+class TemporalEnsembling:
+    """ACT's temporal ensembling: the mean of every chunk covering the step, weighted
+    ``exp(-m * i)`` with ``i = 0`` the oldest (ACT's default ``m = 0.01``; larger ``m``
+    follows new chunks sooner)."""
+
+    name = "temporal_ensembling"
+    sends_prefix = False
+
+    def __init__(self, m: float = 0.01) -> None:
+        if m < 0:
+            raise ValueError("temporal ensembling m must be >= 0")
+        self.m = m
+
+    def action(self, step: int, chunks: Sequence[Chunk]) -> np.ndarray | None:
+        rows = [c.at(step) for c in chunks if c.covers(step)]
+        if not rows:
+            return None
+        weights = np.array([math.exp(-self.m * i) for i in range(len(rows))])
+        weights /= weights.sum()
+        mean = np.tensordot(weights, np.stack(rows).astype(np.float64), axes=1)
+        return mean.astype(rows[-1].dtype, copy=False)
+
+
+class RealTimeChunking(ReplaceMerge):
+    """Real-time chunking, client side: send the prefix and the delay, play answers as-is."""
+
+    name = "rtc"
+    sends_prefix = True
+
+
+MERGE_STRATEGIES = ("replace", "blend", "temporal_ensembling", "rtc")
+_ALIASES = {
+    "replace": ReplaceMerge, "blend": BlendMerge, "temporal_ensembling": TemporalEnsembling,
+    "ensemble": TemporalEnsembling, "rtc": RealTimeChunking, "real_time_chunking": RealTimeChunking,
+}
+
+
+def merge_strategy(merge: str | MergeStrategy) -> MergeStrategy:
+    """A strategy by name (``MERGE_STRATEGIES``, or ``ensemble``/``real_time_chunking``), or
+    ``merge`` itself. Raises ValueError for an unknown name."""
+    if not isinstance(merge, str):
+        return merge
+    try:
+        return _ALIASES[merge]()
+    except KeyError:
+        raise ValueError(f"unknown merge strategy {merge!r}; one of {MERGE_STRATEGIES}") from None

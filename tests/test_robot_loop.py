@@ -1,0 +1,505 @@
+"""robot_loop: the ChunkRunner's scheduling from measured latency (several requests in flight,
+out-of-order answers, past actions dropped), merge strategies, real-time chunking inputs,
+history windows, telemetry, retries; and the loop against a real server (slow, killed and
+restarted, the spec handshake). Loops run at 50 Hz with latencies scaled to the horizon."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+import request_tools
+import robot_loop
+from chunk_merge import BlendMerge, Chunk, ReplaceMerge, TemporalEnsembling, merge_strategy
+from request_tools import (
+    ChunkRunner, LoopClock, ObservationSpecError, PolicyClient, PolicyServerError, PolicyTimeoutError,
+    check_observation,
+)
+from robot_loop import MERGE_STRATEGIES, RTC_INPUTS, ChunkPolicy, RunnerStats
+from tests.serving import free_port, run_server
+from tests.tiny_model import write_tiny_model
+
+HORIZON = 10
+RATE_HZ = 50  # a 10-action chunk covers 0.2 s
+
+
+def ramp_policy(delay_s: float = 0.0, fail: set[int] | None = None, slow: dict[int, float] | None = None,
+                error=ConnectionError):
+    """A callable policy whose chunk for the observation at step t has rows [t + i, t]: an
+    action's first value is the step it was planned for, its second the step of the
+    observation it came from. ``fail``/``slow``: call numbers that raise or take longer."""
+    calls = []
+    lock = threading.Lock()
+
+    def policy(obs):
+        with lock:
+            n = len(calls)
+            calls.append(int(obs["t"]))
+        time.sleep((slow or {}).get(n, delay_s))
+        if n in (fail or set()):
+            raise error(f"call {n} fails")
+        t = float(obs["t"])
+        return {"action": np.stack([np.arange(HORIZON, dtype=np.float32) + t, np.full(HORIZON, t, np.float32)], 1)}
+
+    policy.calls = calls
+    return policy
+
+
+def step_obs(t: int) -> dict:
+    return {"t": np.float32(t)}
+
+
+def image_obs(t: int = 0) -> dict:
+    return {"state": np.zeros(6, np.float32), "image": np.zeros((8, 8, 3), np.uint8)}
+
+
+def run_loop(runner: ChunkRunner, steps: int, rate_hz: float, obs=step_obs, full: bool = False):
+    """``steps`` paced steps; returns each step's action (first value, or the whole action
+    with ``full``), the clock, and the slowest act() after the first (which waits for the
+    first chunk by design)."""
+    clock = LoopClock(rate_hz)
+    actions, slowest_act = [], 0.0
+    for t in range(steps):
+        start = time.perf_counter()
+        action = runner.act(obs(t))
+        actions.append(np.array(action) if full else float(action[0]))
+        if t:
+            slowest_act = max(slowest_act, time.perf_counter() - start)
+        clock.tick()
+    return actions, clock, slowest_act
+
+
+# -- a room of its own ---------------------------------------------------------------------
+
+
+def test_the_loop_tools_live_in_robot_loop_and_stay_importable_from_request_tools():
+    assert request_tools.ChunkRunner is robot_loop.ChunkRunner
+    assert request_tools.LoopClock is robot_loop.LoopClock and request_tools.RunnerStats is RunnerStats
+    with pytest.raises(AttributeError):
+        request_tools.NoSuchThing  # noqa: B018
+    code = ("import robot_loop, sys; from request_tools import ChunkRunner; "
+            "print(sorted(m for m in ('torch', 'flask', 'werkzeug') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]"  # the light client install: numpy and requests only
+
+
+def test_a_policy_client_is_a_chunk_policy_and_clones_for_other_threads():
+    client = PolicyClient("http://127.0.0.1:9", model="m", api_key="k" * 10, retries=0, deadline_s=0.5)
+    assert isinstance(client, ChunkPolicy) and isinstance(ramp_policy(), ChunkPolicy)
+    twin = client.clone()
+    assert twin is not client and twin._session is not client._session
+    assert (twin.base_url, twin.model, twin.api_key, twin.retries, twin.deadline_s) == (
+        client.base_url, "m", "k" * 10, 0, 0.5)
+    client._input_specs["m"] = [{"name": "x", "dtype": "float32", "shape": [1]}]
+    assert twin.input_spec() == client._input_specs["m"]  # the spec cache is shared
+    client.close()
+    twin.close()
+
+
+def test_an_optional_input_may_be_missing_from_an_observation():
+    spec = [{"name": "state", "dtype": "float32", "shape": [2]},
+            {"name": "prefix_length", "dtype": "int32", "shape": [1], "optional": True}]
+    check_observation({"state": np.zeros(2, np.float32)}, spec)
+    check_observation({"state": np.zeros(2, np.float32), "prefix_length": np.zeros(1, np.int32)}, spec)
+    with pytest.raises(ObservationSpecError, match="'prefix_length': dtype int64"):
+        check_observation({"state": np.zeros(2, np.float32), "prefix_length": np.zeros(1, np.int64)}, spec)
+    with pytest.raises(ObservationSpecError, match="'state': missing"):
+        check_observation({}, spec)
+
+
+# -- scheduling ----------------------------------------------------------------------------
+
+
+def test_each_action_is_the_one_planned_for_its_step():
+    with ChunkRunner(ramp_policy(delay_s=0.03), rate_hz=RATE_HZ) as runner:
+        actions, _, _ = run_loop(runner, 60, RATE_HZ)
+    assert actions == [float(t) for t in range(60)]  # newer chunks start where time has got to
+    stats = runner.stats
+    assert stats.starved_steps == 0 and stats.failures == 0
+    assert stats.chunks >= 6
+    # an answer taken at step t for the observation of step s skips its rows for s .. t-1
+    assert stats.skipped_actions == sum(stats.delays_steps) and min(list(stats.delays_steps)[1:]) >= 1
+
+
+def test_a_latency_past_half_the_horizon_keeps_several_requests_in_flight():
+    rate_hz = 20  # 50 ms periods: room for a loaded box's scheduling noise
+    latency_s = 0.7 * HORIZON / rate_hz  # 7 of the chunk's 10 steps
+    with ChunkRunner(ramp_policy(delay_s=latency_s), rate_hz=rate_hz) as runner:
+        actions, _, slowest = run_loop(runner, 60, rate_hz)
+    assert runner.stats.starved_steps == 0, runner.stats.to_dict()
+    assert actions == [float(t) for t in range(60)]
+    assert runner.stats.max_in_flight >= 3 and runner.stats.delay_steps >= 7
+    assert slowest < latency_s / 2  # act() never waited for an answer
+    # with one request in flight (the runner before v2) the same latency starves the loop
+    with ChunkRunner(ramp_policy(delay_s=latency_s), rate_hz=rate_hz, max_in_flight=1) as single:
+        run_loop(single, 60, rate_hz)
+    assert single.stats.max_in_flight == 1 and single.stats.starved_steps >= 10
+
+
+def test_an_older_answer_never_replaces_a_newer_one():
+    # call 1 (sent at step 1) takes 6 steps; the calls after it take none: they overtake it
+    policy = ramp_policy(slow={1: 6 / RATE_HZ})
+    with ChunkRunner(policy, rate_hz=RATE_HZ, request_ahead=HORIZON, max_in_flight=3) as runner:
+        actions, _, _ = run_loop(runner, 30, RATE_HZ, full=True)
+    assert [a[0] for a in actions] == [float(t) for t in range(30)]
+    sources = [a[1] for a in actions]
+    assert sources == sorted(sources)  # the observation behind the played action never goes back
+    assert policy.calls[:3] == [0, 1, 2] and 1.0 not in sources  # the overtaken answer was never played
+    assert runner.stats.out_of_order >= 1  # (others may overtake each other on a busy box too)
+
+
+def test_a_late_answer_is_hedged_by_another_request():
+    policy = ramp_policy(slow={1: 0.5})  # the second request takes 25 steps
+    with ChunkRunner(policy, rate_hz=RATE_HZ, request_ahead=3, fallback=np.full(2, -1.0, np.float32)) as runner:
+        actions, _, slowest = run_loop(runner, 40, RATE_HZ)
+    assert actions == [float(t) for t in range(40)]  # overdue, it no longer counted: the next one went out
+    assert runner.stats.starved_steps == 0
+    assert runner.stats.out_of_order + runner.stats.stale_chunks == 1  # when it came, it was dropped
+    assert slowest < 0.1  # act() never waited on the 0.5 s request
+
+
+def test_a_late_answer_with_one_request_in_flight_lets_the_chunk_play_out_then_the_fallback():
+    policy = ramp_policy(slow={1: 0.5})  # sent at step 6, it would come at step 31
+    with ChunkRunner(policy, rate_hz=RATE_HZ, request_ahead=3, max_in_flight=1,
+                     fallback=np.full(2, -1.0, np.float32)) as runner:
+        actions, _, slowest = run_loop(runner, 40, RATE_HZ)
+    assert policy.calls[1] == 6
+    assert actions[:10] == [float(t) for t in range(10)]  # the first chunk plays to its end
+    # then the fallback, while the late answer is out and could still bring a useful action
+    assert actions[10:16] == [-1.0] * 6
+    assert actions[-10:] == [float(t) for t in range(30, 40)]  # from step 16 a new request, and fresh chunks
+    assert runner.stats.starved_steps >= 6
+    assert runner.stats.out_of_order + runner.stats.stale_chunks == 1  # when it came, it was dropped
+    assert slowest < 0.1
+
+
+def test_failed_requests_are_retried_with_backoff_and_reported():
+    policy = ramp_policy(fail={1, 2, 3})
+    with ChunkRunner(policy, rate_hz=RATE_HZ, request_ahead=4) as runner:
+        actions, _, _ = run_loop(runner, 60, RATE_HZ)
+    assert runner.stats.failures == 3 and len(runner.stats.errors) == 3
+    assert "call 1 fails" in runner.stats.errors[0]
+    assert actions[-1] == 59.0  # recovered
+    gaps = np.diff([t for t in policy.calls[1:5]])
+    assert all(g >= 1 for g in gaps) and gaps[-1] >= gaps[0]  # backoff grows (0.05, 0.1, 0.2 s)
+
+
+class Busy(PolicyServerError):
+    """A 503 the client gave up on, with the server's Retry-After hint."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, "busy", message)
+        self.retry_after_s = 5.0
+
+
+def test_a_retryable_failure_is_retried_within_the_chunk_not_after_retry_after():
+    policy = ramp_policy(fail={1}, error=Busy)
+    with ChunkRunner(policy, rate_hz=RATE_HZ) as runner:
+        actions, _, _ = run_loop(runner, 40, RATE_HZ)
+    assert runner.stats.failures == 1 and "503" in runner.stats.errors[0]
+    assert runner.stats.starved_steps == 0  # retried before the plan ran out, not 5 s later
+    assert actions == [float(t) for t in range(40)]
+
+
+def test_each_request_carries_its_chunks_remaining_horizon_as_deadline():
+    deadlines = []
+
+    def policy(obs, *, deadline_s=None):
+        deadlines.append(deadline_s)
+        return {"action": np.zeros((HORIZON, 2), np.float32)}
+
+    with ChunkRunner(policy, rate_hz=RATE_HZ, first_chunk_timeout_s=7.0) as runner:
+        run_loop(runner, 20, RATE_HZ)
+    assert deadlines[0] == pytest.approx(7.0, abs=0.05)  # the first chunk: the first-chunk timeout
+    later = deadlines[1:]
+    assert later and all(0.9 * (HORIZON - 1) / RATE_HZ <= d <= (HORIZON - 1) / RATE_HZ for d in later)
+
+
+def test_no_first_chunk_raises_after_the_timeout():
+    with ChunkRunner(ramp_policy(fail=set(range(100))), rate_hz=RATE_HZ, first_chunk_timeout_s=0.5) as runner:
+        with pytest.raises(PolicyTimeoutError, match="call"):
+            runner.act({"t": np.float32(0)})
+        assert runner.stats.failures >= 2
+
+
+def test_reset_discards_the_previous_episodes_answer():
+    with ChunkRunner(ramp_policy(delay_s=0.05), rate_hz=RATE_HZ, request_ahead=HORIZON) as runner:
+        runner.act({"t": np.float32(100)})  # asks again at once; the answer is in flight
+        runner.reset()
+        assert float(runner.act({"t": np.float32(0)})[0]) == 0.0  # the new episode's own chunk
+
+
+# -- merge strategies ----------------------------------------------------------------------
+
+
+def chunk(step: int, arrived: int, value: float, horizon: int = HORIZON) -> Chunk:
+    return Chunk(step=step, arrived=arrived, actions=np.full((horizon, 1), value, np.float32))
+
+
+def test_replace_plays_the_newest_chunk_covering_the_step():
+    chunks = [chunk(0, 0, 1.0), chunk(4, 6, 2.0)]
+    merge = ReplaceMerge()
+    assert [float(merge.action(t, chunks)[0]) for t in (3, 5, 13)] == [1.0, 2.0, 2.0]
+    assert merge.action(14, chunks) is None
+
+
+def test_blend_cross_fades_into_a_new_chunk_over_its_first_steps_after_arrival():
+    chunks = [chunk(0, 0, 0.0), chunk(4, 6, 4.0)]  # arrives at step 6
+    merge = BlendMerge(steps=3)
+    played = [float(merge.action(t, chunks)[0]) for t in range(5, 11)]
+    assert played == pytest.approx([0.0, 1.0, 2.0, 3.0, 4.0, 4.0])  # a = 1/4, 2/4, 3/4 from step 6
+    assert float(merge.action(12, chunks)[0]) == 4.0  # past the old chunk: the new one alone
+
+
+def test_temporal_ensembling_weights_every_covering_chunk_oldest_first():
+    chunks = [chunk(0, 0, 0.0), chunk(2, 3, 1.0), chunk(20, 21, 9.0)]
+    merge = TemporalEnsembling(m=math.log(2))  # weights 1, 1/2 for the two covering step 5
+    assert float(merge.action(5, chunks)[0]) == pytest.approx(1 / 3)
+    assert float(merge.action(11, chunks)[0]) == 1.0  # only the second covers step 11
+    assert float(TemporalEnsembling(m=0.0).action(5, chunks)[0]) == pytest.approx(0.5)  # plain mean
+
+
+def test_merge_strategies_by_name():
+    assert [merge_strategy(name).name for name in MERGE_STRATEGIES] == list(MERGE_STRATEGIES)
+    assert merge_strategy("ensemble").name == "temporal_ensembling"
+    with pytest.raises(ValueError, match="unknown merge strategy 'average'"):
+        merge_strategy("average")
+
+
+@pytest.mark.parametrize("merge", MERGE_STRATEGIES)
+def test_every_merge_strategy_keeps_actions_on_their_steps(merge):
+    rate_hz = 25
+    latency_s = 0.6 * HORIZON / rate_hz
+    with ChunkRunner(ramp_policy(delay_s=latency_s), rate_hz=rate_hz, merge=merge) as runner:
+        actions, _, _ = run_loop(runner, 50, rate_hz)
+    assert runner.stats.starved_steps == 0
+    np.testing.assert_allclose(actions, np.arange(50), atol=1e-5)  # every chunk agrees: so must the merge
+
+
+# -- real-time chunking inputs ---------------------------------------------------------------
+
+RTC_INFO = {
+    "inputs": [
+        {"name": "t", "dtype": "float32", "shape": []},
+        {"name": "action_prefix", "dtype": "float32", "shape": [HORIZON, 2], "optional": True},
+        {"name": "prefix_length", "dtype": "int32", "shape": [1], "optional": True},
+        {"name": "inference_delay", "dtype": "int32", "shape": [1], "optional": True},
+    ],
+    "optional_inputs": list(RTC_INPUTS),
+}
+
+
+class RecordingPolicy:
+    """Answers like ramp_policy after ``delay_s``, with ``model_info``; records every request.
+    As a real-time chunking policy would, it keeps rows [0, inference_delay) of the prefix."""
+
+    def __init__(self, info: dict, delay_s: float = 0.0) -> None:
+        self.info, self.delay_s, self.requests = info, delay_s, []
+
+    def model_info(self) -> dict:
+        return self.info
+
+    def __call__(self, obs, *, deadline_s=None):
+        self.requests.append(obs)
+        time.sleep(self.delay_s)
+        t = float(obs["t"])
+        actions = np.stack([np.arange(HORIZON, dtype=np.float32) + t, np.full(HORIZON, t, np.float32)], 1)
+        if "action_prefix" in obs:
+            d = int(obs["inference_delay"][0])
+            actions[:d] = obs["action_prefix"][:d]
+        return {"action": actions}
+
+
+def test_rtc_requests_carry_the_plans_unexecuted_actions_and_the_delay():
+    policy = RecordingPolicy(RTC_INFO, delay_s=2.5 / RATE_HZ)
+    with ChunkRunner(policy, rate_hz=RATE_HZ, merge="rtc", max_in_flight=1) as runner:
+        actions, _, _ = run_loop(runner, 40, RATE_HZ, full=True)
+    assert runner.real_time_chunking
+    first, later = policy.requests[0], policy.requests[1:]
+    assert int(first["prefix_length"][0]) == 0 and int(first["inference_delay"][0]) == 0
+    assert not first["action_prefix"].any()
+    assert len(later) >= 3
+    for request in later:
+        s, length, delay = int(request["t"]), int(request["prefix_length"][0]), int(request["inference_delay"][0])
+        prefix = request["action_prefix"]
+        assert prefix.shape == (HORIZON, 2) and prefix.dtype == np.float32
+        assert 1 <= length <= HORIZON and 3 <= delay <= length  # 2.5 steps measured: 3 or more
+        assert not prefix[length:].any()  # zeros past the plan
+        assert prefix[:length, 0].tolist() == [float(s + i) for i in range(length)]  # the plan for s, s+1, ...
+        played = [a for a in actions[s:s + delay]]
+        np.testing.assert_array_equal(prefix[:len(played)], played)  # and it is what was then played
+    assert runner.stats.starved_steps == 0
+
+
+def test_a_model_that_does_not_declare_the_rtc_inputs_gets_neither():
+    info = {"inputs": [{"name": "t", "dtype": "float32", "shape": []}], "optional_inputs": []}
+    policy = RecordingPolicy(info, delay_s=0.01)
+    with ChunkRunner(policy, rate_hz=RATE_HZ, merge="rtc") as runner:
+        actions, _, _ = run_loop(runner, 30, RATE_HZ)
+    assert not runner.real_time_chunking
+    assert len(policy.requests) >= 3 and all(set(r) == {"t"} for r in policy.requests)
+    assert actions == [float(t) for t in range(30)]  # it plays answers as they come
+    # a model that declares them, with a merge other than rtc: not sent either
+    declared = RecordingPolicy(RTC_INFO, delay_s=0.01)
+    with ChunkRunner(declared, rate_hz=RATE_HZ, merge="replace") as runner:
+        run_loop(runner, 10, RATE_HZ)
+    assert declared.requests and all(set(r) == {"t"} for r in declared.requests)
+
+
+# -- observation history -------------------------------------------------------------------
+
+
+def history_info(pad: str, steps: int = 3) -> dict:
+    return {"inputs": [
+        {"name": "t", "dtype": "float32", "shape": []},
+        {"name": "pos", "dtype": "float32", "shape": [steps, 2], "history": {"steps": steps, "pad": pad}},
+    ]}
+
+
+def pos_obs(base: float):
+    return lambda t: {"t": np.float32(t), "pos": np.full(2, base + t, np.float32)}
+
+
+@pytest.mark.parametrize("pad", ["repeat_first", "zeros"])
+def test_history_windows_are_kept_per_episode_and_padded_at_its_start(pad):
+    policy = RecordingPolicy(history_info(pad))
+    with ChunkRunner(policy, rate_hz=RATE_HZ, request_ahead=HORIZON, max_in_flight=1) as runner:
+        run_loop(runner, 12, RATE_HZ, obs=pos_obs(100.0))
+        first_episode = len(policy.requests)
+        runner.reset()
+        run_loop(runner, 12, RATE_HZ, obs=pos_obs(500.0))
+    assert first_episode >= 3 and len(policy.requests) >= first_episode + 3
+    bases = set()
+    for n, request in enumerate(policy.requests):
+        s = int(request["t"])
+        base = float(request["pos"][-1, 0]) - s  # the episode's: 100 or 500
+        bases.add(base)
+        window = request["pos"]
+        assert window.shape == (3, 2) and window.dtype == np.float32
+        for row, step in enumerate(range(s - 2, s + 1)):  # row 2 is the newest
+            expected = base + step if step >= 0 else (base if pad == "repeat_first" else 0.0)
+            assert window[row].tolist() == [expected, expected], (n, s, window)
+    assert bases == {100.0, 500.0}  # (a request sent at the first episode's end may be recorded after the reset)
+
+
+def test_a_history_input_given_as_a_window_is_refused_with_its_name():
+    with ChunkRunner(RecordingPolicy(history_info("zeros")), rate_hz=RATE_HZ) as runner:
+        with pytest.raises(ObservationSpecError, match=r"'pos': shape \[3, 2\], expected one step \[2\]"):
+            runner.act({"t": np.float32(0), "pos": np.zeros((3, 2), np.float32)})
+
+
+# -- telemetry -----------------------------------------------------------------------------
+
+
+def test_stats_report_latency_delay_staleness_and_in_flight_as_json():
+    with ChunkRunner(ramp_policy(delay_s=0.5 * HORIZON / RATE_HZ), rate_hz=RATE_HZ) as runner:
+        run_loop(runner, 40, RATE_HZ)
+        dump = json.loads(runner.stats.to_json())
+    assert dump["steps"] == 40 and dump["starved_steps"] == 0
+    assert 90 <= dump["latency_ms_p50"] <= dump["latency_ms_p99"]  # 100 ms requests
+    assert dump["delay_steps"] >= 5 and dump["max_in_flight"] >= 2
+    staleness = list(runner.stats.staleness_steps)
+    assert len(staleness) == 40 and max(staleness) <= HORIZON - 1 and max(staleness[5:]) >= 5
+    assert dump["staleness_steps_max"] == max(staleness)
+
+
+def test_stats_histories_are_bounded():
+    stats = RunnerStats()
+    for i in range(3 * robot_loop.HISTORY_LEN):
+        stats.latencies_s.append(0.001 * i)
+        stats.staleness_steps.append(i % 7)
+        stats.delays_steps.append(i % 3)
+    assert len(stats.latencies_s) == len(stats.staleness_steps) == len(stats.delays_steps) == robot_loop.HISTORY_LEN
+    assert stats.to_dict()["staleness_steps_max"] == 6
+
+
+# -- against a real server ---------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    root = tmp_path / "models"
+    write_tiny_model(root / "slow", 3.0, forward_delay_s=0.2)
+    write_tiny_model(root / "fast", 3.0)
+    return root
+
+
+def test_a_slow_server_below_the_horizon_does_not_slow_the_loop(tmp_path, tiny_root):
+    rate_hz = 20  # a 10-action chunk covers 0.5 s; every forward takes 0.2 s
+    with run_server(tmp_path, workers=1, args=("--model-path", str(tiny_root / "slow"),
+                                               "--model-root", str(tiny_root))) as server:
+        with PolicyClient(server.base_url) as client, ChunkRunner(client, rate_hz=rate_hz) as runner:
+            actions, clock, slowest = run_loop(runner, 60, rate_hz, image_obs)
+    assert runner.stats.starved_steps == 0 and runner.stats.failures == 0
+    assert min(runner.stats.latencies_s) >= 0.2
+    assert runner.stats.chunks >= 5 and set(runner.stats.versions) == {"1"}
+    assert all(a == 3.0 for a in actions)
+    assert slowest < 0.5 / HORIZON  # act() never waited on the network
+    assert clock.achieved_hz > 0.9 * rate_hz
+
+
+def test_the_loop_survives_a_server_killed_and_restarted_mid_episode(tmp_path, tiny_root):
+    rate_hz, port = 20, free_port()
+    args = ("--model-path", str(tiny_root / "fast"), "--model-root", str(tiny_root))
+    env = {"POLICY_SERVER_MODEL_STORE": str(tmp_path / "store")}
+    with PolicyClient(f"http://127.0.0.1:{port}", retries=0) as client:
+        with run_server(tmp_path / "a", workers=1, args=args, env=env, port=port) as server:
+            runner = ChunkRunner(client, rate_hz=rate_hz, max_backoff_s=0.5)
+            run_loop(runner, 20, rate_hz, image_obs)
+            assert runner.stats.failures == 0
+            os.killpg(server.process.pid, signal.SIGKILL)  # master and worker: no drain
+            server.process.wait()
+        chunks_before = runner.stats.chunks
+        restarted = threading.Event()
+
+        def restart():
+            with run_server(tmp_path / "b", workers=1, args=args, env=env, port=port):
+                restarted.set()
+                stop.wait(60)
+
+        stop = threading.Event()
+        thread = threading.Thread(target=restart, daemon=True)
+        thread.start()
+        try:
+            clock = LoopClock(rate_hz)
+            steps = 0
+            while not restarted.is_set() and steps < 60 * rate_hz:  # bounded: a minute at most
+                runner.act(image_obs())
+                clock.tick()
+                steps += 1
+            assert restarted.is_set()
+            starved_while_down = runner.stats.starved_steps
+            actions, clock_after, slowest = run_loop(runner, 3 * rate_hz, rate_hz, image_obs)
+        finally:
+            runner.close()
+            stop.set()
+            thread.join(60)
+    assert runner.stats.failures >= 1  # the outage was seen and reported
+    assert starved_while_down > 0  # the chunk ran out while the server was down: fallback played
+    assert runner.stats.chunks > chunks_before  # and chunks flow again after the restart
+    assert actions[-rate_hz:] == [3.0] * rate_hz  # the last second is all served actions
+    assert clock.overruns <= 2 and slowest < 0.5 / HORIZON  # the loop never blocked on the outage
+
+
+def test_spec_mismatch_is_named_before_anything_is_sent(tmp_path, tiny_root):
+    with run_server(tmp_path, workers=1, args=("--model-path", str(tiny_root / "fast"),
+                                               "--model-root", str(tiny_root))) as server:
+        with PolicyClient(server.base_url) as client:
+            bad = {"state": np.zeros(6, np.float32), "image": np.zeros((480, 640, 3), np.uint8)}
+            with pytest.raises(ObservationSpecError, match=r"'image': shape \[480, 640, 3\], expected \[8, 8, 3\]"):
+                client.infer(bad)
+            np.testing.assert_array_equal(client.infer(image_obs())["action"], np.full((10, 7), 3.0, np.float32))
+            scrape = requests.get(server.base_url + "/metrics", timeout=5).text
+    infer_lines = [line for line in scrape.splitlines() if line.startswith("policy_requests_total{route=\"/infer\"")]
+    assert infer_lines == ['policy_requests_total{route="/infer",status="200"} 1.0']  # the bad one never left
