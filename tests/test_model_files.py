@@ -194,10 +194,17 @@ def _link_chain(base: Path, levels: int) -> None:
 def test_a_chain_of_double_directory_links_is_refused_at_once(root, tmp_path):
     """40 levels would take days if each link were walked; each real directory is entered once."""
     _link_chain(root / "m" / "d", 40)
-    with pytest.raises(InvalidModel, match="'d/n0/b' leads to a directory already staged as 'd/n0/a'"):
+    with pytest.raises(InvalidModel, match="'d/n0/a' leads to a directory already staged as 'd/n1'"):
         copied(root / "m", root, tmp_path)
     with pytest.raises(InvalidModel, match="already staged"):
         digest(str(root / "m"), str(root))
+
+
+def test_a_double_link_chain_reached_only_through_links_is_refused(root, tmp_path):
+    _link_chain(root / "chain", 40)  # beside the model directory, inside the root
+    (root / "m" / "entry").symlink_to("../chain/n0")
+    with pytest.raises(InvalidModel, match="'entry/b' leads to a directory already staged as 'entry/a'"):
+        copied(root / "m", root, tmp_path)
 
 
 def test_every_entry_counts_against_the_walk_limit(root, tmp_path):

@@ -401,7 +401,7 @@ def test_a_chain_of_double_directory_links_is_refused_at_once(client, root):
         (root / "k" / "d" / f"n{i}" / "a").symlink_to(f"../n{i + 1}")
         (root / "k" / "d" / f"n{i}" / "b").symlink_to(f"../n{i + 1}")
     refused(client.post("/update_model", json={"model_path": "k"}), 422,
-            "'d/n0/b' leads to a directory already staged as 'd/n0/a'")
+            "'d/n0/a' leads to a directory already staged as 'd/n1'")
     assert_nothing_published(client)
 
 
@@ -519,7 +519,7 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, root
         return {"models": {"default": {"version": str(version), "since": second.changed_at}},
                 "generations": {"default": generation}, "problems": {"default": problem} if problem else {}}
 
-    docs = {101: doc(2, 2), 102: doc(1, 1), 103: doc(1, 2, problem="version 2: broken")}
+    docs = {101: doc(2, 2), 102: doc(1, 1), 103: doc(0, 2, problem="version 2: broken")}
     runtime = SimpleNamespace(board=SimpleNamespace(read=lambda: docs), instance_workers=3, store=store)
     manager = ModelManager(SimpleNamespace(model_root=str(root), update_wait_s=1.0), runtime)
     answer = manager.wait_for(first, 0.0)
