@@ -130,7 +130,7 @@ class ModelManager:
         except OSError as exc:  # a link swapped while being resolved, a name too long
             raise InvalidModel(f"{raw[:200]!r} is not a model directory: {exc.strerror}") from None
         if os.path.commonpath([self.model_root, path]) != self.model_root or path == self.model_root:
-            raise Forbidden(f"model_path must be a directory inside the model root {self.config.model_root!r}")
+            raise Forbidden("model_path must be a directory inside the model root (--model-root)")
         if not os.path.isfile(os.path.join(path, "policy.py")):
             raise InvalidModel(f"{raw!r} is not a model directory (no policy.py)")
         return path

@@ -501,6 +501,8 @@ def test_a_validation_error_shows_no_server_path(client, root):
     store = client.application.extensions["policy_runtime"].store
     for secret in (store.root, str(root), ".staging", socket.gethostname()):
         assert secret not in body["detail"], body
+    outside = refused(client.post("/update_model", json={"model_path": ".."}), 403, "inside the model root")
+    assert str(root) not in outside["detail"] and str(root.parent) not in outside["detail"]
     assert_nothing_published(client)
 
 

@@ -339,3 +339,13 @@ def test_recover_removes_temp_pointers_of_dead_writers(tmp_path, source):
     crashed.write_text('{"half": ')
     assert str(crashed) in store.recover()
     assert not crashed.exists() and store.pointer("m").version == 1
+
+
+def test_a_seed_with_a_non_utf8_file_name_stops_with_the_reason(tmp_path):
+    seed = write_tiny_model(tmp_path / "seed", tag=1.0)
+    with open(os.path.join(os.fsencode(seed), b"odd\xfe.txt"), "wb") as fh:
+        fh.write(b"x")
+    store = ModelStore(str(tmp_path / "store"))
+    with pytest.raises(ModelError, match=r"'odd\\udcfe.txt' is not a UTF-8 file name"):
+        store.seed("m", str(seed))
+    assert store.pointer("m") is None
