@@ -184,6 +184,11 @@ class _Walk:
             _refuse_special(st.st_mode, shown)
             if not stat.S_ISLNK(st.st_mode):
                 return os.open(name, flags, dir_fd=dir_fd), os.path.join(real, name)
+            try:  # the kernel bounds a chain of links (40 hops); realpath alone does not
+                os.stat(name, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise InvalidModel(f"{shown!r} is a chain of links that is too long or loops") from None
             target = os.path.realpath(os.path.join(real, name))
             if not _inside(target, self.root):
                 raise Forbidden(f"{shown!r} is a link that leads outside the model root")

@@ -248,3 +248,12 @@ def test_a_source_whose_link_vanishes_while_resolving_is_refused(root, tmp_path,
     monkeypatch.setattr(model_files.os.path, "realpath", vanished)
     with pytest.raises(InvalidModel, match="cannot resolve 'm': No such file or directory"):
         copied(root / "m", root, tmp_path)
+
+
+def test_a_long_chain_of_file_links_is_refused(root, tmp_path):
+    """1,200 links each to the next: realpath recursed once per hop (RecursionError, a 500)."""
+    (root / "m" / "l1200").write_text("end")
+    for i in range(1200):
+        (root / "m" / f"l{i:04d}").symlink_to(f"l{i + 1:04d}" if i < 1199 else "l1200")
+    with pytest.raises(InvalidModel, match="'l0000' is a chain of links that is too long or loops"):
+        copied(root / "m", root, tmp_path)
