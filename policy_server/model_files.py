@@ -146,7 +146,9 @@ class _Walk:
                             "each directory may be reached once"
                         )
                     if shown.count(os.sep) + 1 > MAX_DEPTH:
-                        raise InvalidModel(f"the model directory is more than {MAX_DEPTH} levels deep (at {shown[:160]!r})")
+                        raise InvalidModel(
+                            f"the model directory is more than {MAX_DEPTH} levels deep (at {shown[:160]!r})"
+                        )
                     self.dirs_seen[key] = shown
                     dirs.append((name, target))
                 elif stat.S_ISREG(st.st_mode):
