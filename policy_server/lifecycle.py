@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from policy_server import metrics, weights_check
+from policy_server import metrics, model_files, weights_check
 from policy_server.config import ServerConfig
 from policy_server.errors import (
     BadRequest,
@@ -29,7 +29,6 @@ from policy_server.errors import (
     NotReady,
     PayloadTooLarge,
     ServingError,
-    store_write_error,
 )
 from policy_server.runtime import PolicyRuntime
 from policy_server.store import ModelStore, Pointer, check_name
@@ -41,6 +40,19 @@ MAX_WAIT_S = 300.0
 WAIT_POLL_S = 0.02
 UPDATE_KINDS = ("model_path", "weights", "version")
 UPDATE_KEYS = frozenset(UPDATE_KINDS) | {"model"}
+
+
+def _without_paths(text: str, names: dict[str, str]) -> str:
+    """``text`` with each path in ``names`` (and its real path) replaced by its short name:
+    error details never show the server's directories or host name."""
+    pairs = {}
+    for path, short in names.items():
+        for variant in {path, os.path.realpath(path)}:
+            pairs[variant.rstrip(os.sep) + os.sep] = ""
+            pairs[variant.rstrip(os.sep)] = short
+    for path in sorted(pairs, key=len, reverse=True):
+        text = text.replace(path, pairs[path])
+    return text
 
 
 class ModelManager:
@@ -109,9 +121,16 @@ class ModelManager:
         """A model directory inside the model root (relative paths are relative to it); Forbidden otherwise."""
         if not isinstance(raw, str) or not raw or "\0" in raw:
             raise BadRequest("model_path must be a non-empty string")
-        path = os.path.realpath(os.path.join(self.model_root, raw))  # an absolute raw replaces the root
+        try:
+            raw.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest(f"model_path {raw[:200]!r} is not valid UTF-8 (a lone surrogate)") from None
+        try:
+            path = os.path.realpath(os.path.join(self.model_root, raw))  # an absolute raw replaces the root
+        except OSError as exc:  # a link swapped while being resolved, a name too long
+            raise InvalidModel(f"{raw[:200]!r} is not a model directory: {exc.strerror}") from None
         if os.path.commonpath([self.model_root, path]) != self.model_root or path == self.model_root:
-            raise Forbidden(f"model_path must be a directory inside the model root {self.config.model_root!r}")
+            raise Forbidden("model_path must be a directory inside the model root (--model-root)")
         if not os.path.isfile(os.path.join(path, "policy.py")):
             raise InvalidModel(f"{raw!r} is not a model directory (no policy.py)")
         return path
@@ -126,14 +145,14 @@ class ModelManager:
             raise Conflict(f"{name} version {current.version} has no {WEIGHTS_FILE} to replace")
         expected, _ = weights_check.read_header(weights_path, f"version {current.version}'s {WEIGHTS_FILE}")
         arrays = weights_check.check_push(weights, expected)
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
+        # serialised here and written by us: safetensors' own save_file reports a full disk
+        # as a SafetensorError, which would be a generic 500 instead of the 507 it is
+        data = save(arrays, metadata={"pushed_over": str(current.version)})
         staged = store.stage(name, source, skip=(WEIGHTS_FILE,))
         try:
-            save_file(arrays, os.path.join(staged, WEIGHTS_FILE), metadata={"pushed_over": str(current.version)})
-        except OSError as exc:
-            store.discard(staged)
-            raise store_write_error(exc, "writing the pushed weights") from None
+            model_files.write_new_file(os.path.join(staged, WEIGHTS_FILE), data, "writing the pushed weights")
         except BaseException:
             store.discard(staged)
             raise
@@ -152,7 +171,9 @@ class ModelManager:
         except Exception as exc:
             self.store.discard(staged)
             log.warning("update of %s refused: %s: %s", name, type(exc).__name__, exc)
-            reason = exc.detail if isinstance(exc, ServingError) else f"{type(exc).__name__}: {str(exc)[:500]}"
+            reason = exc.detail if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
+            reason = _without_paths(reason, {staged: "<candidate>", self.model_root: "<model root>",
+                                             self.store.root: "<store>"})[:500]
             raise InvalidModel(f"validation failed, nothing published: {reason}") from None
         validated = time.perf_counter()
         pointer = self.store.publish(name, staged)
@@ -191,22 +212,29 @@ class ModelManager:
             if complete or time.monotonic() >= deadline:
                 break
             time.sleep(WAIT_POLL_S)
-        report, switch_s = [], 0.0
+        report, switch_s, superseded = [], 0.0, False
         for pid, doc in sorted(workers.items()):
             served = doc.get("models", {}).get(pointer.model)
+            problem = doc.get("problems", {}).get(pointer.model)
             ok = (served is not None and served["version"] == str(pointer.version)) if pointer.loaded else served is None
             if ok and served is not None:
                 switch_s = max(switch_s, served["since"] - pointer.changed_at)
+            newer = doc.get("generations", {}).get(pointer.model, 0) > pointer.generation
+            if not ok and newer and problem is None:
+                ok = superseded = True  # it followed a later update (another client's): not lagging
             report.append({
-                "pid": pid, "ok": ok, "version": served["version"] if served else None,
-                "problem": doc.get("problems", {}).get(pointer.model),
+                "pid": pid, "ok": ok, "version": served["version"] if served else None, "problem": problem,
             })
         all_ok = all(w["ok"] for w in report) and len(report) >= self.runtime.instance_workers
-        return {
+        result = {
             "all_workers": all_ok, "workers": report, "switch_s": round(max(0.0, switch_s), 4),
             "lagging": [w["pid"] for w in report if not w["ok"]],
             "missing_workers": max(0, self.runtime.instance_workers - len(report)),
         }
+        latest = self.store.pointer(pointer.model) if superseded else None
+        if latest is not None and latest.generation > pointer.generation:
+            result["superseded_by"] = {"version": latest.version, "generation": latest.generation}
+        return result
 
     def workers(self) -> dict[str, dict[str, str]]:
         """What each live worker of this instance serves: ``{pid: {model: version}}``."""

@@ -6,7 +6,11 @@ and what an opened descriptor *is* comes from ``fstat`` on that descriptor, so n
 be swapped between the check and the read. A symbolic link is resolved to its target's path;
 a target outside the confinement root is refused (403, naming the file), one inside is
 opened component by component from the root's descriptor, again never following a link.
-FIFOs, devices and sockets are refused. :func:`copy_tree` writes the contents into a fresh
+FIFOs, devices and sockets are refused. The walk is bounded whatever the links do: each
+real directory is entered once (a second path to it is refused, so a chain of directories
+linking twice to the next cannot multiply the work), at most ``Limits.entries`` names
+are looked at in all, and at most :data:`MAX_DEPTH` levels deep. File names must be UTF-8.
+:func:`copy_tree` writes the contents into a fresh
 directory (no links are copied), so the copy, not the source, is what is validated and
 served. No torch here.
 """
@@ -26,16 +30,23 @@ IGNORED = frozenset({"__pycache__"})
 _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # NONBLOCK: a FIFO never hangs the open
+MAX_DEPTH = 64  # directory levels below the model directory (422 deeper)
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket"}
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds on one model directory: regular files and their total bytes."""
+    """Bounds on one model directory: regular files, their total bytes, and every name looked
+    at (files, directories, links: what bounds the walk's work)."""
 
     max_files: int = 10_000
     max_bytes: int = 16 << 30  # as --stage-max-bytes
+    max_entries: int | None = None  # None: 10 x max_files
+
+    @property
+    def entries(self) -> int:
+        return self.max_entries if self.max_entries is not None else 10 * self.max_files
 
 
 def _kind(mode: int) -> str:
@@ -73,12 +84,17 @@ class _Walk:
     """One confined, bounded walk of ``source`` (which must lie inside ``root``)."""
 
     def __init__(self, source: str, root: str, limits: Limits | None, skip: tuple[str, ...]) -> None:
-        self.root = os.path.realpath(root)
-        self.source = os.path.realpath(source)
+        try:
+            self.root = os.path.realpath(root)
+            self.source = os.path.realpath(source)
+        except OSError as exc:  # a link swapped while being resolved
+            raise InvalidModel(f"cannot resolve {os.path.basename(source)!r}: {exc.strerror}") from None
         self.limits = limits
         self.skip = frozenset(skip)
         self.files = 0
         self.bytes = 0
+        self.entries_seen = 0
+        self.dirs_seen: dict[tuple[int, int], str] = {}  # each real directory once: (st_dev, st_ino) -> shown
         if not _inside(self.source, self.root):
             raise Forbidden(f"{source!r} is outside its root")
 
@@ -105,17 +121,35 @@ class _Walk:
         try:
             here = os.fstat(dir_fd)
             ancestors = (*ancestors, (here.st_dev, here.st_ino))
+            self.dirs_seen.setdefault((here.st_dev, here.st_ino), rel or ".")
             files, dirs = [], []
-            for name in sorted(os.listdir(dir_fd)):
+            names = sorted(os.listdir(dir_fd))
+            self._count_entries(len(names))
+            for name in names:
                 if name in IGNORED or (not rel and name in self.skip):
                     continue
                 shown = os.path.join(rel, name)
+                try:
+                    name.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise InvalidModel(f"{shown!r} is not a UTF-8 file name; rename it") from None
                 fd, target = self._open_entry(root_fd, dir_fd, name, shown, real)
                 st = os.fstat(fd)
                 if stat.S_ISDIR(st.st_mode):
                     os.close(fd)
-                    if (st.st_dev, st.st_ino) in ancestors:
+                    key = (st.st_dev, st.st_ino)
+                    if key in ancestors:
                         raise Forbidden(f"{shown!r} links back to a directory above it")
+                    if key in self.dirs_seen:
+                        raise InvalidModel(
+                            f"{shown!r} leads to a directory already staged as {self.dirs_seen[key]!r}; "
+                            "each directory may be reached once"
+                        )
+                    if shown.count(os.sep) + 1 > MAX_DEPTH:
+                        raise InvalidModel(
+                            f"the model directory is more than {MAX_DEPTH} levels deep (at {shown[:160]!r})"
+                        )
+                    self.dirs_seen[key] = shown
                     dirs.append((name, target))
                 elif stat.S_ISREG(st.st_mode):
                     os.close(fd)
@@ -152,12 +186,23 @@ class _Walk:
             _refuse_special(st.st_mode, shown)
             if not stat.S_ISLNK(st.st_mode):
                 return os.open(name, flags, dir_fd=dir_fd), os.path.join(real, name)
+            try:  # the kernel bounds a chain of links (40 hops); realpath alone does not
+                os.stat(name, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise InvalidModel(f"{shown!r} is a chain of links that is too long or loops") from None
             target = os.path.realpath(os.path.join(real, name))
             if not _inside(target, self.root):
                 raise Forbidden(f"{shown!r} is a link that leads outside the model root")
             return _open_beneath(root_fd, os.path.relpath(target, self.root), flags), target
         except OSError as exc:
             raise self._refuse_os(exc, shown) from None
+
+    def _count_entries(self, count: int) -> None:
+        self.entries_seen += count
+        limit = (self.limits or Limits()).entries
+        if self.entries_seen > limit:
+            raise PayloadTooLarge(f"the model directory has more than {limit} entries (files, directories, links)")
 
     def _count(self, size: int) -> None:
         self.files += 1
@@ -199,6 +244,27 @@ def digest(source: str, root: str | None = None, *, suffix: str = "", limits: Li
         for chunk in _chunks(fd, shown):
             hasher.update(chunk)
     return hasher.hexdigest()[:12]
+
+
+def write_new_file(path: str, data: bytes, doing: str, mode: int = 0o644) -> None:
+    """Create ``path`` (never through a link, never over a file) holding ``data``.
+
+    Raises InsufficientStorage (507) or StoreWriteFailed (500) naming the reason (no path)
+    when it cannot be written; a partial file is left for the caller to discard.
+    """
+    try:
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        raise store_write_error(exc, doing) from None
+    try:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(out, view):]
+            except OSError as exc:
+                raise store_write_error(exc, doing) from None
+    finally:
+        os.close(out)
 
 
 def copy_tree(source: str, dest: str, root: str | None = None, *, limits: Limits | None = None,

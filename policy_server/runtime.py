@@ -237,6 +237,10 @@ class PolicyRuntime:
             try:
                 served = self._load_version(pointer)
             except Exception as exc:
+                if self._superseded(pointer):
+                    log.info("%s version %d was pruned by a later update before it loaded; following the "
+                             "pointer at the next poll", name, pointer.version)
+                    return
                 metrics.RELOAD_FAILURES.labels(name).inc()
                 self._problems[name] = f"version {pointer.version}: {type(exc).__name__}: {exc}"
                 log.exception("loading %s version %d failed; still serving the previous one", name, pointer.version)
@@ -247,6 +251,14 @@ class PolicyRuntime:
                 self._install(name, served)
                 return
         self._publish_status()
+
+    def _superseded(self, pointer: Pointer) -> bool:
+        """Whether ``pointer``'s version vanished because a later publish pruned it (no failure:
+        the watcher's next poll sees the newer pointer and follows that)."""
+        if os.path.isdir(self.store.version_dir(pointer.model, pointer.version)):
+            return False
+        latest = self.store.pointer(pointer.model)
+        return latest is not None and latest.generation > pointer.generation
 
     def _load_version(self, pointer: Pointer) -> Served:
         with self._load_lock:

@@ -128,7 +128,8 @@ def _writing(doing: str) -> Iterator[None]:
 
 
 class ModelStore:
-    """Numbered versions and a current pointer per model, under ``root``; keeps the last ``keep``.
+    """Numbered versions and a current pointer per model, under ``root``; keeps the last ``keep``
+    and always the current and previous version (see :meth:`_to_keep`).
 
     ``model_root`` confines the seed directory when it lies inside it (see :meth:`seed`);
     ``limits`` bound every directory staged.
@@ -231,7 +232,7 @@ class ModelStore:
         try:
             with _writing("writing the new version"):
                 _fsync_dir(os.path.dirname(target))
-            kept = sorted(visible + [version])[-self.keep:]
+            kept = self._to_keep(visible, version, old.version if old else None)
             pointer = Pointer(
                 model=name,
                 version=version,
@@ -252,6 +253,15 @@ class ModelStore:
             shutil.rmtree(self.version_dir(name, dropped), ignore_errors=True)
         log.info("published %s version %d (previous %s)", name, version, pointer.previous)
         return pointer
+
+    def _to_keep(self, visible: list[int], version: int, previous: int | None) -> list[int]:
+        """The newest ``keep`` versions, but always the new current one and the previous
+        (the rollback target the answer names, and what lagging workers may still load):
+        ``keep=1`` keeps those two."""
+        must = {version} | ({previous} if previous in visible else set())
+        room = max(0, self.keep - len(must))
+        others = sorted(set(visible) - must)[-room:] if room else []
+        return sorted(must | set(others))
 
     def set_current(self, name: str, version: int) -> Pointer:
         """Rollback (or forward): point CURRENT at a kept version."""
@@ -348,6 +358,7 @@ class ModelStore:
                 with self._locked(name):
                     pointer = self.pointer(name)
                     removed += self._remove_leftovers(name, pointer, self._visible(pointer, self._on_disk(name)))
+                    removed += self._remove_pointer_temps(name)
                 staging = self._path(name, STAGING)
                 if os.path.isdir(staging):
                     removed += self._clean_stale(staging)
@@ -387,6 +398,18 @@ class ModelStore:
                 path = self.version_dir(name, version)
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
+        return removed
+
+    def _remove_pointer_temps(self, name: str) -> list[str]:
+        """Temp pointer files (``.CURRENT-*``) of writers that died before their rename (call
+        under the lock: every pointer writer holds it, so none is live)."""
+        removed = []
+        for entry in os.listdir(self._path(name)):
+            if entry.startswith(f".{POINTER}-"):
+                path = self._path(name, entry)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                    removed.append(path)
         return removed
 
     @contextlib.contextmanager

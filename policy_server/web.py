@@ -124,6 +124,8 @@ def read_command(max_bytes: int) -> dict:
             data = json.loads(body) if body else {}
         except ValueError as exc:
             raise BadRequest(f"body is not JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest("body is not JSON a server accepts: nested too deeply") from None
     elif mimetype == BINARY_MIMETYPE:
         data = binary_to_dict(read_body(max_bytes))
     else:

@@ -180,3 +180,80 @@ def test_a_file_swapped_for_an_outside_link_between_check_and_open_is_refused(ro
     with pytest.raises(Forbidden, match="'policy.py' changed into a link while being read"):
         copied(root / "m", root, tmp_path / "out")
     assert swapped
+
+
+def _link_chain(base: Path, levels: int) -> None:
+    """Each directory links twice to the next: 2**levels paths if every link were followed."""
+    (base / "n0").mkdir(parents=True)
+    for i in range(levels):
+        (base / f"n{i + 1}").mkdir()
+        (base / f"n{i}" / "a").symlink_to(f"../n{i + 1}")
+        (base / f"n{i}" / "b").symlink_to(f"../n{i + 1}")
+
+
+def test_a_chain_of_double_directory_links_is_refused_at_once(root, tmp_path):
+    """40 levels would take days if each link were walked; each real directory is entered once."""
+    _link_chain(root / "m" / "d", 40)
+    with pytest.raises(InvalidModel, match="'d/n0/a' leads to a directory already staged as 'd/n1'"):
+        copied(root / "m", root, tmp_path)
+    with pytest.raises(InvalidModel, match="already staged"):
+        digest(str(root / "m"), str(root))
+
+
+def test_a_double_link_chain_reached_only_through_links_is_refused(root, tmp_path):
+    _link_chain(root / "chain", 40)  # beside the model directory, inside the root
+    (root / "m" / "entry").symlink_to("../chain/n0")
+    with pytest.raises(InvalidModel, match="'entry/b' leads to a directory already staged as 'entry/a'"):
+        copied(root / "m", root, tmp_path)
+
+
+def test_every_entry_counts_against_the_walk_limit(root, tmp_path):
+    for i in range(30):
+        (root / "m" / f"empty{i:02d}").mkdir()
+        (root / "m" / f"empty{i:02d}" / "link").symlink_to("../policy.py")  # a link per directory
+    with pytest.raises(PayloadTooLarge, match="more than 20 entries"):
+        copied(root / "m", root, tmp_path, limits=Limits(max_files=1000, max_bytes=1 << 30, max_entries=20))
+    assert Limits(max_files=7, max_bytes=1).entries == 70
+
+
+def test_a_very_deep_directory_is_refused_with_a_reason(root, tmp_path):
+    from policy_server.model_files import MAX_DEPTH
+
+    deep = root / "m"
+    for _ in range(MAX_DEPTH):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    copied(root / "m", root, tmp_path / "ok")  # exactly MAX_DEPTH levels are fine
+    (deep / "d").mkdir()  # one more (1,100 more was a RecursionError, a generic 500)
+    with pytest.raises(InvalidModel, match=f"more than {MAX_DEPTH} levels deep"):
+        copied(root / "m", root, tmp_path / "deep")
+
+
+def test_a_file_name_that_is_not_utf8_is_refused_before_copying(root, tmp_path):
+    with open(os.path.join(os.fsencode(root / "m"), b"bad\xff.txt"), "wb") as fh:
+        fh.write(b"x")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(InvalidModel, match=r"'bad\\udcff.txt' is not a UTF-8 file name"):
+        copy_tree(str(root / "m"), str(dest), str(root))
+    assert os.listdir(dest) == []  # refused while listing, before any file was written
+
+
+def test_a_source_whose_link_vanishes_while_resolving_is_refused(root, tmp_path, monkeypatch):
+    from policy_server import model_files
+
+    def vanished(path, *args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(model_files.os.path, "realpath", vanished)
+    with pytest.raises(InvalidModel, match="cannot resolve 'm': No such file or directory"):
+        copied(root / "m", root, tmp_path)
+
+
+def test_a_long_chain_of_file_links_is_refused(root, tmp_path):
+    """1,200 links each to the next: realpath recursed once per hop (RecursionError, a 500)."""
+    (root / "m" / "l1200").write_text("end")
+    for i in range(1200):
+        (root / "m" / f"l{i:04d}").symlink_to(f"l{i + 1:04d}" if i < 1199 else "l1200")
+    with pytest.raises(InvalidModel, match="'l0000' is a chain of links that is too long or loops"):
+        copied(root / "m", root, tmp_path)

@@ -192,15 +192,6 @@ def test_a_failing_pointer_write_answers_json_and_keeps_serving(client, root, mo
     assert push(client, tiny_weights(3.0)).get_json()["version"] == 2  # and it recovers
 
 
-def test_a_failing_weights_write_is_507(client, monkeypatch):
-    import safetensors.numpy
-
-    monkeypatch.setattr(safetensors.numpy, "save_file", _raise(errno.ENOSPC))
-    refused(push(client, tiny_weights(3.0)), 507, "writing the pushed weights failed")
-    monkeypatch.undo()
-    assert_nothing_published(client)
-
-
 def test_a_staging_area_that_cannot_be_written_is_500(client, root):
     store = client.application.extensions["policy_runtime"].store
     staging = os.path.join(store.root, "default", ".staging")
@@ -396,3 +387,169 @@ def test_the_client_sends_its_wait_and_sizes_its_timeout(monkeypatch):
         ("load", 305.0, None),
         ("unload", 7.5, {"wait_s": 2.5}),
     ]
+
+
+# -- hostile update paths (second round) --------------------------------------------------
+
+
+def test_a_chain_of_double_directory_links_is_refused_at_once(client, root):
+    """Each directory links twice to the next: 2**30 paths if every link were walked."""
+    write_tiny_model(root / "k", tag=2.0)
+    (root / "k" / "d" / "n0").mkdir(parents=True)
+    for i in range(30):
+        (root / "k" / "d" / f"n{i + 1}").mkdir()
+        (root / "k" / "d" / f"n{i}" / "a").symlink_to(f"../n{i + 1}")
+        (root / "k" / "d" / f"n{i}" / "b").symlink_to(f"../n{i + 1}")
+    refused(client.post("/update_model", json={"model_path": "k"}), 422,
+            "'d/n0/a' leads to a directory already staged as 'd/n1'")
+    assert_nothing_published(client)
+
+
+def test_a_directory_too_deep_is_422(client, root):
+    from policy_server.model_files import MAX_DEPTH
+
+    write_tiny_model(root / "deep", tag=2.0)
+    (root / "deep" / "/".join(["d"] * (MAX_DEPTH + 1))).mkdir(parents=True)
+    refused(client.post("/update_model", json={"model_path": "deep"}), 422, f"more than {MAX_DEPTH} levels deep")
+    assert_nothing_published(client)
+
+
+def _fail_writes_to(monkeypatch, suffix: str, code: int) -> None:
+    """os.write raises ``code`` for files whose name ends in ``suffix`` (as a full disk does)."""
+    real_write = os.write
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(suffix):
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+@pytest.mark.parametrize("code, status, reason", [
+    (errno.ENOSPC, 507, "No space left on device (ENOSPC)"),
+    (errno.EIO, 500, "Input/output error (EIO)"),
+])
+def test_a_failing_weights_write_names_the_reason(client, monkeypatch, code, status, reason):
+    """safetensors' save_file reported a full disk as SafetensorError: a generic 500."""
+    _fail_writes_to(monkeypatch, "/model.safetensors", code)
+    body = refused(push(client, tiny_weights(3.0)), status, reason)
+    assert "writing the pushed weights failed" in body["detail"]
+    monkeypatch.undo()
+    assert_nothing_published(client)
+
+
+def test_the_previous_version_stays_a_rollback_target(tmp_path, root):
+    """README: ``update_model(version=answer["previous"])`` after a rollback to the oldest kept."""
+    app = make_store_app(tmp_path, root, store_keep=2)
+    try:
+        client = app.test_client()
+        for tag in (2.0, 3.0):
+            assert push(client, tiny_weights(tag)).status_code == 200
+        assert client.post("/update_model", json={"version": 2}).status_code == 200
+        answer = push(client, tiny_weights(4.0)).get_json()
+        assert (answer["version"], answer["previous"]) == (4, 2)
+        back = client.post("/update_model", json={"version": answer["previous"]})
+        assert back.status_code == 200, back.get_json()
+        assert infer(client)[:2] == ("2", 2.0)
+    finally:
+        app.extensions["policy_runtime"].stop(5)
+
+
+@pytest.mark.parametrize("route", ["/update_model", "/models/other/load"])
+def test_a_lone_surrogate_model_path_is_400(client, route):
+    response = client.post(route, data='{"model_path": "\\ud800"}', content_type="application/json")
+    refused(response, 400, "not valid UTF-8")
+    assert_nothing_published(client)
+
+
+def test_deeply_nested_json_is_400(client):
+    refused(client.post("/update_model", data="[" * 100_000, content_type="application/json"), 400, "nested")
+
+
+def test_a_model_path_whose_link_vanishes_while_resolving_is_422(client, root, monkeypatch):
+    real = os.path.realpath
+
+    def swapped(path, *args, **kwargs):
+        if "swapped" in str(path):
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os.path, "realpath", swapped)
+    refused(client.post("/update_model", json={"model_path": "swapped"}), 422,
+            "'swapped' is not a model directory: No such file or directory")
+    monkeypatch.undo()
+    assert_nothing_published(client)
+
+
+def test_a_non_utf8_file_name_is_refused_before_staging(client, root):
+    write_tiny_model(root / "odd", tag=2.0)
+    with open(os.path.join(os.fsencode(root / "odd"), b"notes\xff.txt"), "wb") as fh:
+        fh.write(b"x")
+    refused(client.post("/update_model", json={"model_path": "odd"}), 422,
+            "'notes\\udcff.txt' is not a UTF-8 file name")
+    assert_nothing_published(client)
+
+
+def test_a_validation_error_shows_no_server_path(client, root):
+    import socket
+
+    write_tiny_model(root / "leaky", tag=2.0)
+    policy = root / "leaky" / "policy.py"
+    policy.write_text(policy.read_text() + "\nopen(__file__ + '.missing')\n")
+    body = refused(client.post("/update_model", json={"model_path": "leaky"}), 422, "policy.py.missing")
+    store = client.application.extensions["policy_runtime"].store
+    for secret in (store.root, str(root), ".staging", socket.gethostname()):
+        assert secret not in body["detail"], body
+    outside = refused(client.post("/update_model", json={"model_path": ".."}), 403, "inside the model root")
+    assert str(root) not in outside["detail"] and str(root.parent) not in outside["detail"]
+    assert_nothing_published(client)
+
+
+def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, root):
+    """Another client's update lands before this one's wait ends: the workers serve something
+    newer, which is not lagging."""
+    from types import SimpleNamespace
+
+    from policy_server.lifecycle import ModelManager
+
+    store = ModelStore(str(tmp_path / "store"))
+    first = store.publish("default", store.stage("default", str(root / "tiny")))
+    second = store.publish("default", store.stage("default", str(root / "tiny")))
+
+    def doc(version, generation, problem=None):
+        return {"models": {"default": {"version": str(version), "since": second.changed_at}},
+                "generations": {"default": generation}, "problems": {"default": problem} if problem else {}}
+
+    docs = {101: doc(2, 2), 102: doc(1, 1), 103: doc(0, 2, problem="version 2: broken")}
+    runtime = SimpleNamespace(board=SimpleNamespace(read=lambda: docs), instance_workers=3, store=store)
+    manager = ModelManager(SimpleNamespace(model_root=str(root), update_wait_s=1.0), runtime)
+    answer = manager.wait_for(first, 0.0)
+    assert [w["ok"] for w in answer["workers"]] == [True, True, False]
+    assert answer["lagging"] == [103] and answer["all_workers"] is False  # 103 failed the newer one
+    assert answer["superseded_by"] == {"version": second.version, "generation": second.generation}
+    del docs[103]
+    runtime.instance_workers = 2
+    answer = manager.wait_for(first, 0.0)
+    assert answer["all_workers"] is True and answer["lagging"] == []
+    assert "superseded_by" not in manager.wait_for(second, 0.0)
+
+
+def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(app, client, caplog):
+    """A worker about to load version N while a later publish prunes N: no reload failure, and
+    the watcher follows the newer pointer."""
+    import dataclasses
+    import time
+
+    runtime = app.extensions["policy_runtime"]
+    current = runtime.store.pointer("default")
+    pruned = dataclasses.replace(current, version=99, generation=current.generation - 1)
+    with caplog.at_level("INFO", logger="policy_server.runtime"):
+        runtime._follow(pruned)
+    assert "default" not in runtime.problems()
+    assert "pruned by a later update" in caplog.text and "failed" not in caplog.text
+    deadline = time.monotonic() + 5
+    while runtime._generations.get("default") != current.generation and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runtime._generations["default"] == current.generation
+    assert infer(client)[:2] == ("1", 1.0)

@@ -314,3 +314,38 @@ def test_a_seed_with_non_finite_weights_is_refused(tmp_path):
     with pytest.raises(ModelError, match="weight 'linear.bias' is not finite"):
         store.seed("m", str(seed))
     assert store.names() == [] and os.listdir(os.path.join(store.root, "m", ".staging")) == []
+
+
+@pytest.mark.parametrize("keep", [1, 2, 5])
+def test_publishing_after_a_rollback_to_the_oldest_keeps_it_as_previous(tmp_path, source, keep):
+    """Rollback to the oldest kept version, publish: the answer's ``previous`` must stay a
+    rollback target (it was pruned, and ``set_current(previous)`` answered 404)."""
+    store = ModelStore(str(tmp_path / "store"), keep=keep)
+    for _ in range(keep + 2):
+        publish_copy(store, "m", source)
+    oldest = store.versions("m")[0]
+    store.set_current("m", oldest)
+    pointer = store.publish("m", store.stage("m", str(source)))
+    assert pointer.previous == oldest and {oldest, pointer.version} <= set(store.versions("m"))
+    assert len(store.versions("m")) == max(keep, 2)
+    assert os.path.isdir(store.version_dir("m", oldest))
+    assert store.set_current("m", pointer.previous).version == oldest
+
+
+def test_recover_removes_temp_pointers_of_dead_writers(tmp_path, source):
+    store = ModelStore(str(tmp_path / "store"))
+    publish_copy(store, "m", source)
+    crashed = tmp_path / "store" / "m" / ".CURRENT-crash1"
+    crashed.write_text('{"half": ')
+    assert str(crashed) in store.recover()
+    assert not crashed.exists() and store.pointer("m").version == 1
+
+
+def test_a_seed_with_a_non_utf8_file_name_stops_with_the_reason(tmp_path):
+    seed = write_tiny_model(tmp_path / "seed", tag=1.0)
+    with open(os.path.join(os.fsencode(seed), b"odd\xfe.txt"), "wb") as fh:
+        fh.write(b"x")
+    store = ModelStore(str(tmp_path / "store"))
+    with pytest.raises(ModelError, match=r"'odd\\udcfe.txt' is not a UTF-8 file name"):
+        store.seed("m", str(seed))
+    assert store.pointer("m") is None
