@@ -385,7 +385,9 @@ def test_self_referential_list_walk_is_bounded():
 
 def test_opcode_floods_are_cut_off():
     tuples = b"\x80\x05}\x8c\x01xN" + b"\x85" * 1_599_990 + b"s."
-    assert "opcodes" in _rejected_quickly(tuples, limit_s=1.5)
+    # The opcode cap is what stops it (the message says so); the time bound only has to tell
+    # "cut off" from "runs for minutes", so it leaves room for a loaded CI box.
+    assert "opcodes" in _rejected_quickly(tuples, limit_s=10.0)
     empty_frames = b"\x80\x05" + (b"\x95" + bytes(8)) * 1000 + b"}."
     assert "FRAME" in _rejected_quickly(empty_frames)
 
