@@ -54,17 +54,18 @@ from policy_server.front_door_http import (
 )
 
 log = logging.getLogger(__name__)
-count_refusal = count_vanished = None  # policy_server.observability's, bound in the worker (init_process)
+count_refusal = count_vanished = count_closed = None  # policy_server.observability's, bound in the worker (init_process)
 
 PROBE_PATHS = frozenset({"/health", "/ready"})
 PROBE_THREADS = 2
 RECV_BYTES = 1 << 20
 LINGER_S = 2.0  # after a closing refusal: read and drop what the client still sends, then close
-SCAN_S = 0.05
-OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show a probe's head  # how often deadlines are checked
-SEND_TIMEOUT_S = 10.0
+SCAN_S = 0.05  # how often deadlines are checked
+OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show a probe's head
+SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
+EVICT_FRACTION = 50  # at worker_connections, close this fraction (1/50) of them, the longest idle
 PREALLOCATE_BYTES = 4 << 20  # bodies up to this are received in place (a stalled one costs its length)
-SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time  # a request thread's wait for a client that does not read its answer
+SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time
 
 IDLE, READING, DISCARDING, BUSY, LINGERING = range(5)
 
@@ -120,8 +121,8 @@ class FrontDoorWorker(ThreadWorker):
     def init_process(self) -> None:
         # Imported here, in the worker: the master loads this class before it creates the
         # Prometheus multiprocess directory, and must not own metric files.
-        global count_refusal, count_vanished
-        from policy_server.observability import count_refusal, count_vanished
+        global count_refusal, count_vanished, count_closed
+        from policy_server.observability import count_closed, count_refusal, count_vanished
 
         self.probe_pool = futures.ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
         super().init_process()
@@ -236,8 +237,11 @@ class FrontDoorWorker(ThreadWorker):
                 return
             overload = None if head.probe else self._overloaded()  # probes always pass
             if overload is not None:
+                # Kept open only when the client will send its body anyway: one waiting for
+                # "100 Continue" may send its next request instead, which would be taken for it.
+                waits = conn.req._expected_100_continue and len(conn.buf) < conn.need
                 self._refuse(conn, Refusal(503, "overloaded", overload, "admission", retry=True),
-                             keep_alive=not conn.req.should_close())
+                             keep_alive=not conn.req.should_close() and not waits)
                 return
             conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
             if conn.req._expected_100_continue:
@@ -386,6 +390,21 @@ class FrontDoorWorker(ThreadWorker):
         except OSError:
             pass
 
+    def _make_room(self) -> None:
+        """At ``worker_connections``: close the longest-idle connections (no request begun),
+        then answered ones still lingering, so a new client (a probe) is still accepted:
+        idle connections cannot lock the door."""
+        idle = sorted((c for c in self.conns if c.state == IDLE and not c.buf), key=lambda c: c.deadline)
+        room = max(1, self.worker_connections // EVICT_FRACTION)
+        evicted = idle[:room]
+        if len(evicted) < room:
+            evicted += [c for c in self.conns if c.state == LINGERING][:room - len(evicted)]
+        for conn in evicted:
+            self._close(conn)
+        if evicted:
+            count_closed("evicted", len(evicted))
+            log.info("at %d connections: closed %d idle ones to make room", self.worker_connections, len(evicted))
+
     def _expire(self) -> None:
         now = time.monotonic()
         if now < self._next_scan:
@@ -399,6 +418,8 @@ class FrontDoorWorker(ThreadWorker):
                 part = "body" if conn.req is not None else "request head"
                 self._refuse(conn, Refusal(408, "request timeout", f"{part} not received in time", f"{part.split()[-1]}_timeout"))
             else:  # idle keep-alive, discarding or lingering
+                if conn.state == IDLE:
+                    count_closed("idle")
                 self._close(conn)
 
     def finish_request(self, conn: Conn, future) -> None:
@@ -424,6 +445,8 @@ class FrontDoorWorker(ThreadWorker):
         self.set_accept_enabled(True)
         while self.alive:
             self.notify()
+            if self.nr_conns >= self.worker_connections:
+                self._make_room()
             can_accept = self.nr_conns < self.worker_connections
             if can_accept != self._accepting:
                 self.set_accept_enabled(can_accept)

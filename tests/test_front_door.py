@@ -307,3 +307,38 @@ def test_a_replacement_worker_takes_no_request_before_it_is_warm_and_totals_neve
         prometheus = metric(metrics_text(server), "policy_requests_total", route="/infer", status="200")
         assert stats["total_requests"] == sent == prometheus  # the dead worker's requests still count
         assert stats["failed_requests"] == 0
+
+
+def test_idle_connections_cannot_lock_the_door(tmp_path):
+    """At worker_connections, the longest-idle connections are closed to let new ones in."""
+    env = {"GUNICORN_CMD_ARGS": "--worker-connections 40"}
+    with run_server(tmp_path, workers=1, args=("--threads", "2"), env=env) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(60)]
+        try:
+            time.sleep(0.3)
+            assert requests.get(server.base_url + "/health", timeout=1).status_code == 200
+            assert closed_by_server(idle[0], timeout_s=2)  # the oldest went, quietly
+            text = metrics_text(server)
+            assert metric(text, "policy_front_door_closed_total", reason="evicted") >= 20
+        finally:
+            for sock in idle:
+                sock.close()
+        assert " ERROR " not in server.log() and "Traceback" not in server.log()
+
+
+def test_a_refused_request_that_waits_for_100_continue_is_closed(door):
+    """Refused over the admission limit before its body: the client may never send the body,
+    so the connection closes instead of taking its next request for the body."""
+    stalled = [stalled_upload(door.port) for _ in range(6)]  # the admission limit, all held
+    try:
+        time.sleep(0.2)
+        sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+        with sock:
+            sock.sendall(_head(door.port, 1000, extra="Expect: 100-continue\r\n"))
+            status, headers, body = read_answer(sock, timeout_s=5)
+            assert (status, headers["retry-after"], headers["connection"]) == (503, "1", "close")
+            assert closed_by_server(sock, timeout_s=5)
+    finally:
+        for sock in stalled:
+            sock.close()
+    time.sleep(0.3)
