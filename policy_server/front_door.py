@@ -30,6 +30,7 @@ import collections
 import errno
 import io
 import logging
+import resource
 import selectors
 import socket
 import threading
@@ -63,7 +64,10 @@ LINGER_S = 2.0  # after a closing refusal: read and drop what the client still s
 SCAN_S = 0.05  # how often deadlines are checked
 OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show a probe's head
 SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
+FD_RESERVE = 64  # descriptors kept for the worker's own files (model, logs, metrics) under RLIMIT_NOFILE
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 EVICT_FRACTION = 50  # at worker_connections, close this fraction (1/50) of them, the longest idle
+EVICT_LOG_S = 10.0
 PREALLOCATE_BYTES = 4 << 20  # bodies up to this are received in place (a stalled one costs its length)
 SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time
 
@@ -115,6 +119,9 @@ class FrontDoorWorker(ThreadWorker):
         self.probe_pool = None
         self._next_scan = 0.0
         self._url_adapter = None
+        self.max_conns = self.worker_connections  # lowered when descriptors run out
+        self._evicted = 0  # closed to make room since the last log line
+        self._next_evict_log = 0.0
         self._scratch = bytearray(RECV_BYTES)  # the poller's one receive buffer
         self._scratch_view = memoryview(self._scratch)
 
@@ -125,6 +132,11 @@ class FrontDoorWorker(ThreadWorker):
         from policy_server.observability import count_closed, count_refusal, count_vanished
 
         self.probe_pool = futures.ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft - FD_RESERVE < self.worker_connections:
+            self.max_conns = max(8, soft - FD_RESERVE)
+            log.warning("worker_connections %d lowered to %d: RLIMIT_NOFILE is %d", self.worker_connections,
+                        self.max_conns, soft)
         super().init_process()
 
     # -- the poller ---------------------------------------------------------------
@@ -134,6 +146,11 @@ class FrontDoorWorker(ThreadWorker):
             sock, client = listener.accept()
         except OSError as exc:
             if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return
+            if exc.errno in OUT_OF_FDS:  # hold what we have and make room; the backlog waits
+                self.max_conns = max(1, min(self.max_conns, self.nr_conns))
+                log.warning("accept failed (%s): at most %d connections from now on", exc.strerror, self.max_conns)
+                self._make_room()
                 return
             raise
         sock.setblocking(False)
@@ -395,7 +412,7 @@ class FrontDoorWorker(ThreadWorker):
         then answered ones still lingering, so a new client (a probe) is still accepted:
         idle connections cannot lock the door."""
         idle = sorted((c for c in self.conns if c.state == IDLE and not c.buf), key=lambda c: c.deadline)
-        room = max(1, self.worker_connections // EVICT_FRACTION)
+        room = max(1, self.max_conns // EVICT_FRACTION)
         evicted = idle[:room]
         if len(evicted) < room:
             evicted += [c for c in self.conns if c.state == LINGERING][:room - len(evicted)]
@@ -403,7 +420,12 @@ class FrontDoorWorker(ThreadWorker):
             self._close(conn)
         if evicted:
             count_closed("evicted", len(evicted))
-            log.info("at %d connections: closed %d idle ones to make room", self.worker_connections, len(evicted))
+            self._evicted += len(evicted)
+            now = time.monotonic()
+            if now >= self._next_evict_log:  # at most one line per EVICT_LOG_S under a flood
+                self._next_evict_log = now + EVICT_LOG_S
+                log.info("at %d connections: closed %d idle ones to make room", self.max_conns, self._evicted)
+                self._evicted = 0
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -445,9 +467,9 @@ class FrontDoorWorker(ThreadWorker):
         self.set_accept_enabled(True)
         while self.alive:
             self.notify()
-            if self.nr_conns >= self.worker_connections:
+            if self.nr_conns >= self.max_conns:
                 self._make_room()
-            can_accept = self.nr_conns < self.worker_connections
+            can_accept = self.nr_conns < self.max_conns
             if can_accept != self._accepting:
                 self.set_accept_enabled(can_accept)
             self.wait_for_and_dispatch_events(timeout=SCAN_S if self.conns else 1.0)
