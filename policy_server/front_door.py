@@ -79,7 +79,7 @@ class Conn:
 
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
-        "route", "nreq", "scanned", "over_cap", "started", "body", "filled",
+        "route", "nreq", "scanned", "over_cap", "started", "body", "filled", "reserved",
     )
 
     def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
@@ -98,6 +98,7 @@ class Conn:
         self.started = False  # a request thread took its current request
         self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
         self.filled = 0
+        self.reserved = 0  # its body's length, counted in the worker's reading_bytes while being read
 
 
 class FrontDoorWorker(ThreadWorker):
@@ -110,6 +111,7 @@ class FrontDoorWorker(ThreadWorker):
         self.conns: set[Conn] = set()
         self.held = 0  # requests from first byte to answer
         self.reading = 0
+        self.reading_bytes = 0  # Content-Length of the bodies being read, summed
         self.reading_by_addr: dict[str, int] = {}
         self.dispatched = 0  # requests handed to the request threads' pool ...
         self.started = 0  # ... and taken by a thread (incremented there, under _count_lock)
@@ -215,6 +217,8 @@ class FrontDoorWorker(ThreadWorker):
         if conn.state != READING:
             return
         self.reading -= 1
+        self.reading_bytes -= conn.reserved
+        conn.reserved = 0
         left = self.reading_by_addr[conn.addr] - 1
         if left:
             self.reading_by_addr[conn.addr] = left
@@ -252,7 +256,7 @@ class FrontDoorWorker(ThreadWorker):
             if not head.probe and conn.over_cap is not None:
                 self._refuse(conn, conn.over_cap)
                 return
-            overload = None if head.probe else self._overloaded()  # probes always pass
+            overload = None if head.probe else self._overloaded(conn.need)  # probes always pass
             if overload is not None:
                 # Kept open only when the client will send its body anyway: one waiting for
                 # "100 Continue" may send its next request instead, which would be taken for it.
@@ -260,6 +264,8 @@ class FrontDoorWorker(ThreadWorker):
                 self._refuse(conn, Refusal(503, "overloaded", overload, "admission", retry=True),
                              keep_alive=not conn.req.should_close() and not waits)
                 return
+            conn.reserved = conn.need
+            self.reading_bytes += conn.need
             conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
             if conn.req._expected_100_continue:
                 conn.req._expected_100_continue = False
@@ -304,16 +310,19 @@ class FrontDoorWorker(ThreadWorker):
         except Exception:  # NotFound, MethodNotAllowed, RequestRedirect
             return "unmatched"
 
-    def _overloaded(self) -> str | None:
-        """Why a new request cannot be admitted now, or None.
+    def _overloaded(self, length: int) -> str | None:
+        """Why a new request with a body of ``length`` bytes cannot be admitted now, or None.
 
-        Two bounds: the count of requests held (``admission_limit``), and how long ago the
-        oldest request still waiting for a thread arrived (``shed_wait_ms``): past it the
+        Three bounds: the count of requests held (``admission_limit``), the bytes of bodies
+        being received (``max_reading_bytes``; one body alone always fits), and how long ago
+        the oldest request still waiting for a thread arrived (``shed_wait_ms``): past it the
         worker cannot answer what it holds within their deadlines, so it sheds new ones.
         """
         s = self.settings
         if self.held > s.admission_limit:
             return f"{self.held - 1} requests held by this worker"
+        if length and self.reading_bytes and self.reading_bytes + length > s.max_reading_bytes:
+            return f"{self.reading_bytes} bytes of request bodies being received by this worker"
         queued = self.dispatched - self.started  # waiting for a request thread
         expected_ms = 1e3 * queued * self.service_s / self.cfg.threads
         if expected_ms > s.shed_wait_ms:

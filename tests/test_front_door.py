@@ -365,3 +365,26 @@ def test_a_low_descriptor_limit_never_kills_the_worker(tmp_path):
         assert "lowered to 136" in server.log()
         assert not errors_in(server.log())
         assert len(server.ready_workers()) == 1  # never restarted
+
+
+def test_bodies_being_received_are_bounded_in_bytes(tmp_path):
+    """Slow uploads cannot make a worker hold unbounded memory: past ``max_reading_bytes``
+    a new body is refused (503 + Retry-After) from its head; a probe still answers."""
+    args = ("--threads", "2", "--max-reading-bytes", str(2 * BODY_BYTES))
+    with run_server(tmp_path, workers=1, args=args) as server:
+        held = [stalled_upload(server.port) for _ in range(2)]  # 1.8 MB of bodies being received
+        try:
+            time.sleep(0.2)
+            third = stalled_upload(server.port, sent=0)
+            with third:
+                status, headers, body = read_answer(third, timeout_s=5)
+            assert (status, headers["retry-after"], body["error"]) == (503, "1", "overloaded")
+            assert "bytes of request bodies" in body["detail"]
+            assert requests.get(server.base_url + "/health", timeout=1).status_code == 200
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.3)  # the poller notices the closed uploads, and the bytes are free again
+        with PolicyClient(server.base_url, retries=0) as client:
+            assert client.infer(observation(5))["action"].shape == (10, 7)
+        assert refusals(metrics_text(server), "admission", 503) == 1
