@@ -388,3 +388,39 @@ def test_bodies_being_received_are_bounded_in_bytes(tmp_path):
         with PolicyClient(server.base_url, retries=0) as client:
             assert client.infer(observation(5))["action"].shape == (10, 7)
         assert refusals(metrics_text(server), "admission", 503) == 1
+
+
+def test_pipelined_requests_are_answered_in_order_even_after_a_refusal(door):
+    """Several requests in one send; a 503 (body read and dropped) does not desynchronise
+    the connection: the next request on it is still parsed from its own first byte."""
+    body = dict_to_binary(observation(6))
+    probe = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+    with sock:
+        sock.sendall(_head(door.port, len(body)) + body + probe + _head(door.port, len(body)) + body)
+        answers = [read_answer(sock)[:2] for _ in range(3)]
+        assert [status for status, _ in answers] == [200, 200, 200], answers
+    stalled = [stalled_upload(door.port) for _ in range(6)]  # the admission limit, all held
+    try:
+        time.sleep(0.2)
+        sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+        with sock:
+            sock.sendall(_head(door.port, len(body)) + body + probe)
+            status, headers, detail = read_answer(sock)
+            assert (status, headers.get("retry-after"), headers["connection"]) == (503, "1", "keep-alive"), detail
+            assert read_answer(sock)[0] == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+    time.sleep(0.3)
+
+
+def test_a_half_closed_client_still_gets_its_answer(door):
+    """shutdown(SHUT_WR) right after a complete request: the client is still reading."""
+    body = dict_to_binary(observation(7))
+    sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+    with sock:
+        sock.sendall(_head(door.port, len(body)) + body)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_answer(sock)[0] == 200
+        assert closed_by_server(sock, timeout_s=5)
