@@ -423,6 +423,7 @@ def test_pipelined_requests_are_answered_in_order_even_after_a_refusal(door):
         sock.sendall(_head(door.port, len(body)) + body + probe + _head(door.port, len(body)) + body)
         answers = read_answers(sock, 3)
         assert [status for status, _, _ in answers] == [200, 200, 200], answers
+    time.sleep(0.3)  # the last answer is on the wire a moment before its thread hands the slot back
     stalled = [stalled_upload(door.port) for _ in range(6)]  # the admission limit, all held
     try:
         time.sleep(0.2)
