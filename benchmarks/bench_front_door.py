@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/bench_front_door.py [--runs 3] [--phases shed,stalled,robots]
                                              [--robots 500] [--robot-seconds 20] [--json out.json]
+                                             [--server-arg=--max-reading-bytes=16777216 ...]
 
 Phases (each starts its own server, stops it at the end):
 
@@ -199,7 +200,8 @@ def _worker_rss_mb(pids) -> dict[int, float]:
 
 
 def phase_robots(args, tmp: Path) -> dict:
-    with run_server(tmp / "robots", workers=args.workers, args=("--threads", str(args.threads))) as server:
+    server_args = ("--threads", str(args.threads), *args.server_arg)
+    with run_server(tmp / "robots", workers=args.workers, args=server_args) as server:
         queue = multiprocessing.Queue()
         per = [args.robots // args.processes + (i < args.robots % args.processes) for i in range(args.processes)]
         procs = [multiprocessing.Process(target=_robot_process, args=(server.port, n, args.robot_seconds, queue))
@@ -272,6 +274,8 @@ def main() -> None:
     parser.add_argument("--robots", type=int, default=500)
     parser.add_argument("--robot-seconds", type=float, default=20.0)
     parser.add_argument("--processes", type=int, default=16, help="load-generating processes for the robots")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra server flag for the robots phase, repeatable: --server-arg=--max-reading-bytes=16777216")
     parser.add_argument("--json")
     args = parser.parse_args()
     phases = {"shed": phase_shed, "stalled": phase_stalled, "robots": phase_robots, "malloc": phase_malloc}

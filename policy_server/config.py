@@ -97,6 +97,10 @@ class ServerConfig:
     max_reading_per_client: int = _opt(
         64, "connections one client address sends unfinished requests on, per worker; past it: 503 and close"
     )
+    max_reading_bytes: int = _opt(
+        256 * 1024 * 1024, "bytes of request bodies a worker receives at once (their Content-Lengths summed); a "
+        "request that would pass it gets 503 with Retry-After from its head (bounds the memory slow uploads hold)"
+    )
     malloc_tuning: bool = _opt(
         False, "workers raise glibc's mmap and trim thresholds (mallopt); measured no gain, see DEVELOPMENT.md"
     )
@@ -163,7 +167,7 @@ class ServerConfig:
             "workers", "threads", "max_body_bytes", "timeout_s", "queue_size", "deadline_ms",
             "store_keep", "store_poll_ms", "max_update_bytes", "stage_max_files", "stage_max_bytes",
             "admission_limit", "max_reading_per_worker", "max_reading_per_client", "min_body_bytes_per_s",
-            "shed_wait_ms",
+            "shed_wait_ms", "max_reading_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

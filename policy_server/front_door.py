@@ -2,20 +2,22 @@
 
 ``worker_class = "policy_server.front_door.FrontDoorWorker"`` (gunicorn.conf.py). Built on
 gunicorn's gthread ``ThreadWorker``: the same accept loop, thread pool and WSGI response
-code, but the *poller* thread reads each request's head and body without blocking, into a
-per-connection buffer, and a request thread gets only complete requests. So:
+code, but the *poller* thread reads each request's head and body without blocking
+(:mod:`policy_server.front_door_reader`), and a request thread gets only complete requests. So:
 
 - a slow, stalled or vanished client costs a buffer and a file descriptor, never a thread;
-  reading is bounded by ``head_timeout_s`` (from the request's first byte) and a body deadline of ``body_timeout_s`` + length / ``min_body_bytes_per_s``; past
-  it: JSON 408 and the connection closes;
-- requests being read are bounded per worker (``max_reading_per_worker``) and per client
-  address (``max_reading_per_client``): past either, JSON 503 + Retry-After, connection closed;
-- admission: every request the worker holds (being read, waiting for a thread, in the app,
-  queued, batching) counts against ``admission_limit``; past it the poller answers 503 with
-  Retry-After at once, and the connection stays usable (its body is read and dropped);
-- protocol refusals (bad request line, oversize line or headers, bad framing, chunked
-  bodies, bodies over the limit) get the documented JSON body, a count in
-  ``policy_requests_total`` and ``policy_front_door_refusals_total``, and one access-log line;
+  reading is bounded by ``head_timeout_s`` (from the request's first byte) and a body
+  deadline of ``body_timeout_s`` + length / ``min_body_bytes_per_s``; past it: JSON 408 and
+  the connection closes;
+- requests being read are bounded per worker (``max_reading_per_worker``), per client
+  address (``max_reading_per_client``) and in body bytes (``max_reading_bytes``); connections
+  by ``worker_connections`` (the longest idle make room for new ones);
+- admission (this module): every request the worker holds (being read, waiting for a
+  thread, in the app, queued, batching) counts against ``admission_limit``, and a worker
+  whose requests wait too long for a thread (``shed_wait_ms``) sheds; past either the
+  poller answers 503 with Retry-After at once, and the connection stays usable;
+- protocol refusals get the documented JSON body, a count in ``policy_requests_total`` and
+  ``policy_front_door_refusals_total``, and one access-log line;
 - ``/health`` and ``/ready`` run on a reserved lane of their own (``PROBE_THREADS``), so they
   answer while every request thread is busy;
 - each request's arrival (``time.monotonic()``) goes into ``environ[ARRIVED]``; the app
@@ -27,11 +29,8 @@ per-connection buffer, and a request thread gets only complete requests. So:
 from __future__ import annotations
 
 import collections
-import errno
-import io
 import logging
 import selectors
-import socket
 import threading
 import time
 from concurrent import futures
@@ -41,258 +40,56 @@ from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
-from policy_server.front_door_http import (
-    ARRIVED,
-    DEFERRED,
-    GONE,
-    Refusal,
-    head_overflow,
-    parse_head,
-    refusal_bytes,
-    reset_by_peer,
-    send_quietly,
-)
+from policy_server.front_door_http import ARRIVED, DEFERRED, GONE, reset_by_peer
+from policy_server.front_door_reader import BUSY, IDLE, PROBE_PATHS, SCAN_S, Conn, RequestReader
 
 log = logging.getLogger(__name__)
-count_refusal = count_vanished = None  # policy_server.observability's, bound in the worker (init_process)
 
-PROBE_PATHS = frozenset({"/health", "/ready"})
 PROBE_THREADS = 2
-RECV_BYTES = 1 << 20
-LINGER_S = 2.0  # after a closing refusal: read and drop what the client still sends, then close
-SCAN_S = 0.05
-OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show a probe's head  # how often deadlines are checked
-SEND_TIMEOUT_S = 10.0
-PREALLOCATE_BYTES = 4 << 20  # bodies up to this are received in place (a stalled one costs its length)
-SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time  # a request thread's wait for a client that does not read its answer
-
-IDLE, READING, DISCARDING, BUSY, LINGERING = range(5)
+SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
+SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time
 
 
-class Conn:
-    """One client connection and what the poller knows of its current request."""
-
-    __slots__ = (
-        "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
-        "route", "nreq", "scanned", "over_cap", "started", "body", "filled",
-    )
-
-    def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
-        self.sock, self.client, self.server = sock, client, server
-        self.addr = client[0] if isinstance(client, tuple) else str(client)
-        self.buf = bytearray()
-        self.state = IDLE
-        self.arrived = now  # of the current request: its first byte
-        self.deadline = now + idle_s  # idle (no request begun): closed quietly then
-        self.req = None
-        self.need = 0
-        self.route = "front_door"
-        self.nreq = 0
-        self.scanned = 0
-        self.over_cap = None  # the Refusal it gets unless its head shows a probe
-        self.started = False  # a request thread took its current request
-        self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
-        self.filled = 0
-
-
-class FrontDoorWorker(ThreadWorker):
+class FrontDoorWorker(RequestReader, ThreadWorker):
     """gthread, with requests read whole by the poller before a thread takes them."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        config = ServerConfig.from_env()
-        self.settings = config
-        self.conns: set[Conn] = set()
-        self.held = 0  # requests from first byte to answer
-        self.reading = 0
-        self.reading_by_addr: dict[str, int] = {}
+        self.settings = ServerConfig.from_env()
+        self._init_reader()
         self.dispatched = 0  # requests handed to the request threads' pool ...
         self.started = 0  # ... and taken by a thread (incremented there, under _count_lock)
         self._count_lock = threading.Lock()
         self.service_s = 0.0  # moving average of a request thread's time per request
         self.waiting: collections.deque[tuple[Conn, int]] = collections.deque()  # (conn, request number)
         self.probe_pool = None
-        self._next_scan = 0.0
-        self._url_adapter = None
-        self._scratch = bytearray(RECV_BYTES)  # the poller's one receive buffer
-        self._scratch_view = memoryview(self._scratch)
+        self.obs = None
 
     def init_process(self) -> None:
         # Imported here, in the worker: the master loads this class before it creates the
         # Prometheus multiprocess directory, and must not own metric files.
-        global count_refusal, count_vanished
-        from policy_server.observability import count_refusal, count_vanished
+        from policy_server import observability
 
+        self.obs = observability
         self.probe_pool = futures.ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
+        self._fit_descriptor_limit()
         super().init_process()
 
-    # -- the poller ---------------------------------------------------------------
+    # -- admission and hand-off (poller thread) -------------------------------------
 
-    def accept(self, listener) -> None:
-        try:
-            sock, client = listener.accept()
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                return
-            raise
-        sock.setblocking(False)
-        self.nr_conns += 1
-        conn = Conn(sock, client, listener.getsockname(), time.monotonic(), self.cfg.keepalive or 2.0)
-        self.conns.add(conn)
-        self.poller.register(sock, selectors.EVENT_READ, partial(self._readable, conn))
+    def _overloaded(self, length: int) -> str | None:
+        """Why a new request with a body of ``length`` bytes cannot be admitted now, or None.
 
-    def _readable(self, conn: Conn, _fileobj=None) -> None:
-        if conn.body is not None:  # straight into the body's own buffer: no copy here
-            try:
-                n = conn.sock.recv_into(memoryview(conn.body)[conn.filled:])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                n = 0
-            if not n:
-                self._peer_closed(conn)
-                return
-            conn.filled += n
-            if conn.filled == conn.need:
-                self._advance(conn)
-            return
-        try:
-            n = conn.sock.recv_into(self._scratch)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            n = 0
-        if not n:
-            self._peer_closed(conn)
-            return
-        data = self._scratch_view[:n]
-        if conn.state in (LINGERING,):
-            return
-        if conn.state == IDLE:  # a request begins: it arrives with its first byte
-            conn.arrived = time.monotonic()
-            conn.deadline = conn.arrived + self.settings.head_timeout_s
-            self._start_reading(conn)
-            if conn.state != READING:
-                return
-        conn.buf += data
-        self._advance(conn)
-
-    def _start_reading(self, conn: Conn) -> None:
-        s = self.settings
-        conn.state = READING
-        self.held += 1
-        self.reading += 1
-        self.reading_by_addr[conn.addr] = self.reading_by_addr.get(conn.addr, 0) + 1
-        # Over a cap, the request is refused once its head shows it is not a probe (probes
-        # always pass), or after OVER_CAP_GRACE_S if its head has not come by then.
-        conn.over_cap = None
-        if self.reading > s.max_reading_per_worker:
-            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent to this worker",
-                                    "too_many_readers", retry=True)
-        elif self.reading_by_addr[conn.addr] > s.max_reading_per_client:
-            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent from this address",
-                                    "too_many_readers_per_client", retry=True)
-
-    def _stop_reading(self, conn: Conn) -> None:
-        if conn.state != READING:
-            return
-        self.reading -= 1
-        left = self.reading_by_addr[conn.addr] - 1
-        if left:
-            self.reading_by_addr[conn.addr] = left
-        else:
-            del self.reading_by_addr[conn.addr]
-        conn.state = IDLE
-
-    def _advance(self, conn: Conn) -> None:
-        """Act on what a connection's buffer holds: parse the head, wait for the body, dispatch."""
-        s = self.settings
-        if conn.state == DISCARDING:
-            dropped = min(conn.need, len(conn.buf))
-            del conn.buf[:dropped]
-            conn.need -= dropped
-            if conn.need == 0:
-                self._keep_alive(conn)
-            return
-        if conn.req is None:
-            end = conn.buf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
-            if end < 0:
-                conn.scanned = len(conn.buf)
-                refusal = head_overflow(self.cfg, conn.buf)
-                if refusal is not None:
-                    self._refuse(conn, refusal)
-                return
-            try:
-                head = parse_head(self.cfg, bytes(conn.buf[:end + 4]), conn.client, conn.nreq + 1, self._limit_for, self._route_of)
-            except Refusal as refusal:
-                self._refuse(conn, refusal)
-                return
-            del conn.buf[:end + 4]
-            conn.scanned = 0
-            conn.nreq += 1
-            conn.req, conn.need, conn.route = head.req, head.length, head.route
-            if not head.probe and conn.over_cap is not None:
-                self._refuse(conn, conn.over_cap)
-                return
-            overload = None if head.probe else self._overloaded()  # probes always pass
-            if overload is not None:
-                self._refuse(conn, Refusal(503, "overloaded", overload, "admission", retry=True),
-                             keep_alive=not conn.req.should_close())
-                return
-            conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
-            if conn.req._expected_100_continue:
-                conn.req._expected_100_continue = False
-                if len(conn.buf) < conn.need:
-                    send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-            if len(conn.buf) < conn.need <= PREALLOCATE_BYTES:
-                conn.body = bytearray(conn.need)  # the rest is received straight into it
-                conn.filled = len(conn.buf)
-                conn.body[:conn.filled] = conn.buf
-                conn.buf = bytearray()
-                return
-        if conn.body is not None:
-            if conn.filled < conn.need:
-                return
-            body, conn.body = bytes(conn.body), None
-        elif len(conn.buf) < conn.need:
-            return
-        elif len(conn.buf) == conn.need:
-            body, conn.buf = bytes(conn.buf), bytearray()
-        else:
-            body = bytes(memoryview(conn.buf)[:conn.need])
-            del conn.buf[:conn.need]
-        conn.req.body = io.BytesIO(body)  # wsgi.input; reading it all returns ``body`` itself, no copy
-        self._dispatch(conn)
-
-    def _limit_for(self, path: str) -> int:
-        s = self.settings
-        if path == "/update_model" or (path.startswith("/models/") and path.endswith("/load")):
-            return s.max_update_bytes
-        return s.max_body_bytes
-
-    def _route_of(self, method: str, path: str) -> str:
-        """The Flask rule a path maps to (the ``route`` label), or "unmatched"."""
-        if self._url_adapter is None:
-            url_map = getattr(self.wsgi, "url_map", None)
-            if url_map is None:
-                return "unmatched"
-            self._url_adapter = url_map.bind("localhost")
-        try:
-            rule, _ = self._url_adapter.match(path, method=method, return_rule=True)
-            return rule.rule
-        except Exception:  # NotFound, MethodNotAllowed, RequestRedirect
-            return "unmatched"
-
-    def _overloaded(self) -> str | None:
-        """Why a new request cannot be admitted now, or None.
-
-        Two bounds: the count of requests held (``admission_limit``), and how long ago the
-        oldest request still waiting for a thread arrived (``shed_wait_ms``): past it the
+        Three bounds: the count of requests held (``admission_limit``), the bytes of bodies
+        being received (``max_reading_bytes``; one body alone always fits), and how long ago
+        the oldest request still waiting for a thread arrived (``shed_wait_ms``): past it the
         worker cannot answer what it holds within their deadlines, so it sheds new ones.
         """
         s = self.settings
         if self.held > s.admission_limit:
             return f"{self.held - 1} requests held by this worker"
+        if length and self.reading_bytes and self.reading_bytes + length > s.max_reading_bytes:
+            return f"{self.reading_bytes} bytes of request bodies being received by this worker"
         queued = self.dispatched - self.started  # waiting for a request thread
         expected_ms = 1e3 * queued * self.service_s / self.cfg.threads
         if expected_ms > s.shed_wait_ms:
@@ -318,89 +115,6 @@ class FrontDoorWorker(ThreadWorker):
         future = pool.submit(self.handle, conn)
         future.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 
-    def _refuse(self, conn: Conn, refusal: Refusal, keep_alive: bool = False) -> None:
-        """Answer from the poller. ``keep_alive``: the framing is known, drop the body and go on."""
-        self._stop_reading(conn)
-        route = conn.route if conn.req is not None else refusal.route
-        count_refusal(route, refusal.status, refusal.reason, conn.req or refusal.req, conn.addr,
-                      time.monotonic() - conn.arrived)
-        self.held -= 1
-        keep_alive = keep_alive and self.alive
-        send_quietly(conn.sock, refusal_bytes(refusal, close=not keep_alive))
-        if keep_alive:
-            conn.state = DISCARDING
-            conn.deadline = time.monotonic() + self.settings.body_timeout_s + conn.need / self.settings.min_body_bytes_per_s
-            conn.req = None
-            self._advance(conn)
-            return
-        self._linger(conn)
-
-    def _linger(self, conn: Conn) -> None:
-        """Half-close, then drop what still arrives for a while: closing with unread input would
-        send a reset that can destroy the answer before the client reads it."""
-        conn.state = LINGERING
-        conn.req = None
-        conn.body = None
-        conn.buf = bytearray()
-        conn.deadline = time.monotonic() + LINGER_S
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(conn)
-
-    def _keep_alive(self, conn: Conn) -> None:
-        conn.state = IDLE
-        conn.req = None
-        conn.body = None
-        conn.need = 0
-        conn.route = "front_door"
-        conn.deadline = time.monotonic() + (self.cfg.keepalive if self.alive else min(self.cfg.keepalive, 2.0))
-        if conn.buf:  # pipelined: the next request is already here
-            conn.arrived = time.monotonic()
-            conn.deadline = conn.arrived + self.settings.head_timeout_s
-            self._start_reading(conn)
-            if conn.state == READING:
-                self._advance(conn)
-
-    def _peer_closed(self, conn: Conn) -> None:
-        if conn.state == READING:
-            if conn.buf or conn.req is not None:
-                count_vanished(conn.route, conn.req, conn.addr, time.monotonic() - conn.arrived,
-                               "while sending its request")
-            self.held -= 1
-        self._stop_reading(conn)
-        self._close(conn)
-
-    def _close(self, conn: Conn) -> None:
-        if conn not in self.conns:
-            return
-        self.conns.discard(conn)
-        if conn.state != BUSY:
-            try:
-                self.poller.unregister(conn.sock)
-            except (KeyError, ValueError, OSError):
-                pass
-        self.nr_conns -= 1
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        if now < self._next_scan:
-            return
-        self._next_scan = now + SCAN_S
-        for conn in [c for c in self.conns if c.over_cap is not None and c.state == READING and c.req is None]:
-            if now - conn.arrived > OVER_CAP_GRACE_S:
-                self._refuse(conn, conn.over_cap)
-        for conn in [c for c in self.conns if c.state != BUSY and c.deadline <= now]:
-            if conn.state == READING:
-                part = "body" if conn.req is not None else "request head"
-                self._refuse(conn, Refusal(408, "request timeout", f"{part} not received in time", f"{part.split()[-1]}_timeout"))
-            else:  # idle keep-alive, discarding or lingering
-                self._close(conn)
-
     def finish_request(self, conn: Conn, future) -> None:
         """A request thread is done with ``conn`` (on the poller thread)."""
         self.held -= 1
@@ -424,7 +138,9 @@ class FrontDoorWorker(ThreadWorker):
         self.set_accept_enabled(True)
         while self.alive:
             self.notify()
-            can_accept = self.nr_conns < self.worker_connections
+            if self.nr_conns >= self.max_conns:
+                self._make_room()
+            can_accept = self.nr_conns < self.max_conns
             if can_accept != self._accepting:
                 self.set_accept_enabled(can_accept)
             self.wait_for_and_dispatch_events(timeout=SCAN_S if self.conns else 1.0)
@@ -475,7 +191,7 @@ class FrontDoorWorker(ThreadWorker):
         delivered = False
         try:
             if reset_by_peer(conn.sock):  # while the socket is still non-blocking
-                count_vanished(conn.route, req, conn.addr, time.monotonic() - conn.arrived, "before its request ran")
+                self.obs.count_vanished(conn.route, req, conn.addr, time.monotonic() - conn.arrived, "before its request ran")
                 return False
             conn.sock.settimeout(SEND_TIMEOUT_S)
             resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)

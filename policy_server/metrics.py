@@ -60,6 +60,12 @@ FRONT_DOOR_REFUSALS = Counter(
     "Requests the front door answered itself (timeouts, protocol errors, limits, overload), by reason and status",
     ["reason", "status"],
 )
+FRONT_DOOR_CLOSED = Counter(
+    "policy_front_door_closed_total",
+    "Connections the front door closed between requests: idle past keepalive_s, or the longest idle "
+    "closed to make room for a new connection when the worker holds worker_connections",
+    ["reason"],
+)
 CACHE_HITS = Counter("policy_cache_hits_total", "Answers served from the response cache")
 CACHE_MISSES = Counter("policy_cache_misses_total", "Cache lookups that found nothing fresh")
 

@@ -104,3 +104,8 @@ def count_vanished(route: str, req, remote: str, latency_s: float, when: str) ->
         "path": getattr(req, "path", None), "status": CLIENT_CLOSED, "latency_ms": round(latency_s * 1e3, 3),
         "remote": remote, "detail": f"client closed the connection {when}",
     }))
+
+
+def count_closed(reason: str, n: int = 1) -> None:
+    """Connections the front door closed between requests ("idle", "evicted")."""
+    metrics.FRONT_DOOR_CLOSED.labels(reason).inc(n)

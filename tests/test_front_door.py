@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import threading
 import time
 
@@ -64,6 +65,29 @@ def read_answer(sock: socket.socket, timeout_s: float = 30.0) -> tuple[int, dict
     return int(lines[0].split()[1]), headers, json.loads(body) if body and is_json else {}
 
 
+def read_answers(sock: socket.socket, n: int, timeout_s: float = 30.0) -> list[tuple[int, dict, dict]]:
+    """``n`` pipelined answers on ``sock`` (they may come in one segment): status, headers, JSON body."""
+    sock.settimeout(timeout_s)
+    buf, answers = b"", []
+    while len(answers) < n:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            lines = buf[:end].decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            length = int(headers.get("content-length", 0))
+            if len(buf) >= end + 4 + length:
+                body = buf[end + 4:end + 4 + length]
+                buf = buf[end + 4 + length:]
+                is_json = headers.get("content-type") == "application/json"
+                answers.append((int(lines[0].split()[1]), headers, json.loads(body) if body and is_json else {}))
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {answers!r} and {buf[:200]!r}")
+        buf += chunk
+    return answers
+
+
 def closed_by_server(sock: socket.socket, timeout_s: float = 10.0) -> bool:
     sock.settimeout(timeout_s)
     try:
@@ -74,6 +98,11 @@ def closed_by_server(sock: socket.socket, timeout_s: float = 10.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def errors_in(log: str) -> list[str]:
+    """Lines logged at ERROR (ours or gunicorn's) and tracebacks."""
+    return [line for line in log.splitlines() if " ERROR " in line or "[ERROR]" in line or "Traceback" in line]
 
 
 def metrics_text(server) -> str:
@@ -307,3 +336,115 @@ def test_a_replacement_worker_takes_no_request_before_it_is_warm_and_totals_neve
         prometheus = metric(metrics_text(server), "policy_requests_total", route="/infer", status="200")
         assert stats["total_requests"] == sent == prometheus  # the dead worker's requests still count
         assert stats["failed_requests"] == 0
+
+
+def test_idle_connections_cannot_lock_the_door(tmp_path):
+    """At worker_connections, the longest-idle connections are closed to let new ones in."""
+    env = {"GUNICORN_CMD_ARGS": "--worker-connections 40"}
+    with run_server(tmp_path, workers=1, args=("--threads", "2"), env=env) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(60)]
+        try:
+            time.sleep(0.3)
+            assert requests.get(server.base_url + "/health", timeout=1).status_code == 200
+            assert closed_by_server(idle[0], timeout_s=2)  # the oldest went, quietly
+            text = metrics_text(server)
+            assert metric(text, "policy_front_door_closed_total", reason="evicted") >= 20
+        finally:
+            for sock in idle:
+                sock.close()
+        assert not errors_in(server.log())
+
+
+def test_a_refused_request_that_waits_for_100_continue_is_closed(door):
+    """Refused over the admission limit before its body: the client may never send the body,
+    so the connection closes instead of taking its next request for the body."""
+    stalled = [stalled_upload(door.port) for _ in range(6)]  # the admission limit, all held
+    try:
+        time.sleep(0.2)
+        sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+        with sock:
+            sock.sendall(_head(door.port, 1000, extra="Expect: 100-continue\r\n"))
+            status, headers, body = read_answer(sock, timeout_s=5)
+            assert (status, headers["retry-after"], headers["connection"]) == (503, "1", "close")
+            assert closed_by_server(sock, timeout_s=5)
+    finally:
+        for sock in stalled:
+            sock.close()
+    time.sleep(0.3)
+
+
+def test_a_low_descriptor_limit_never_kills_the_worker(tmp_path):
+    """Under RLIMIT_NOFILE 200 the worker holds fewer connections than worker_connections
+    (1000): an accept that runs out of descriptors would otherwise crash it."""
+    command = ["bash", "-c", f"ulimit -n 200 && exec {sys.executable} server.py --threads 2"]
+    with run_server(tmp_path, workers=1, command=command) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(250)]
+        try:
+            time.sleep(0.3)
+            assert requests.get(server.base_url + "/health", timeout=1).status_code == 200
+        finally:
+            for sock in idle:
+                sock.close()
+        assert "lowered to 136" in server.log()
+        assert not errors_in(server.log())
+        assert len(server.ready_workers()) == 1  # never restarted
+
+
+def test_bodies_being_received_are_bounded_in_bytes(tmp_path):
+    """Slow uploads cannot make a worker hold unbounded memory: past ``max_reading_bytes``
+    a new body is refused (503 + Retry-After) from its head; a probe still answers."""
+    args = ("--threads", "2", "--max-reading-bytes", str(2 * BODY_BYTES))
+    with run_server(tmp_path, workers=1, args=args) as server:
+        held = [stalled_upload(server.port) for _ in range(2)]  # 1.8 MB of bodies being received
+        try:
+            time.sleep(0.2)
+            third = stalled_upload(server.port, sent=0)
+            with third:
+                status, headers, body = read_answer(third, timeout_s=5)
+            assert (status, headers["retry-after"], body["error"]) == (503, "1", "overloaded")
+            assert "bytes of request bodies" in body["detail"]
+            assert requests.get(server.base_url + "/health", timeout=1).status_code == 200
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.3)  # the poller notices the closed uploads, and the bytes are free again
+        with PolicyClient(server.base_url, retries=0) as client:
+            assert client.infer(observation(5))["action"].shape == (10, 7)
+        assert refusals(metrics_text(server), "admission", 503) == 1
+
+
+def test_pipelined_requests_are_answered_in_order_even_after_a_refusal(door):
+    """Several requests in one send; a 503 (body read and dropped) does not desynchronise
+    the connection: the next request on it is still parsed from its own first byte."""
+    body = dict_to_binary(observation(6))
+    probe = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+    with sock:
+        sock.sendall(_head(door.port, len(body)) + body + probe + _head(door.port, len(body)) + body)
+        answers = read_answers(sock, 3)
+        assert [status for status, _, _ in answers] == [200, 200, 200], answers
+    time.sleep(0.3)  # the last answer is on the wire a moment before its thread hands the slot back
+    stalled = [stalled_upload(door.port) for _ in range(6)]  # the admission limit, all held
+    try:
+        time.sleep(0.2)
+        sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+        with sock:
+            sock.sendall(_head(door.port, len(body)) + body + probe)
+            (status, headers, detail), (probe_status, _, _) = read_answers(sock, 2)
+            assert (status, headers.get("retry-after"), headers["connection"]) == (503, "1", "keep-alive"), detail
+            assert probe_status == 200
+    finally:
+        for sock in stalled:
+            sock.close()
+    time.sleep(0.3)
+
+
+def test_a_half_closed_client_still_gets_its_answer(door):
+    """shutdown(SHUT_WR) right after a complete request: the client is still reading."""
+    body = dict_to_binary(observation(7))
+    sock = socket.create_connection(("127.0.0.1", door.port), timeout=30)
+    with sock:
+        sock.sendall(_head(door.port, len(body)) + body)
+        sock.shutdown(socket.SHUT_WR)
+        assert read_answer(sock)[0] == 200
+        assert closed_by_server(sock, timeout_s=5)

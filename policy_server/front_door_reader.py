@@ -1,0 +1,369 @@
+"""The front door's poller side: reading each request whole, without blocking, before a thread sees it.
+
+:class:`RequestReader` is mixed into :class:`policy_server.front_door.FrontDoorWorker` and
+runs on gunicorn's poller thread only. Per connection (:class:`Conn`) it accepts, receives
+the head and the body into a buffer, parses the head (:mod:`policy_server.front_door_http`),
+bounds the reading (head timeout, body deadline, reading caps per worker, per address and
+in bytes), asks the worker whether to admit (``_overloaded``), hands a complete request to
+the worker (``_dispatch``), and answers refusals itself (JSON, then linger or keep alive).
+Connections are bounded too: at ``worker_connections`` (or under RLIMIT_NOFILE) the
+longest-idle ones are closed to make room, so idle clients cannot lock the door.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import resource
+import selectors
+import socket
+import time
+from functools import partial
+
+from policy_server.front_door_http import Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
+
+log = logging.getLogger("policy_server.front_door")
+
+PROBE_PATHS = frozenset({"/health", "/ready"})
+RECV_BYTES = 1 << 20
+LINGER_S = 2.0  # after a closing refusal: read and drop what the client still sends, then close
+SCAN_S = 0.05  # how often deadlines are checked
+OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show a probe's head
+PREALLOCATE_BYTES = 4 << 20  # bodies up to this are received in place (a stalled one costs its length)
+FD_RESERVE = 64  # descriptors kept for the worker's own files (model, logs, metrics) under RLIMIT_NOFILE
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+EVICT_FRACTION = 50  # at worker_connections, close this fraction (1/50) of them, the longest idle
+EVICT_LOG_S = 10.0
+
+IDLE, READING, DISCARDING, BUSY, LINGERING = range(5)
+
+
+class Conn:
+    """One client connection and what the poller knows of its current request."""
+
+    __slots__ = (
+        "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
+        "route", "nreq", "scanned", "over_cap", "started", "body", "filled", "reserved",
+    )
+
+    def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
+        self.sock, self.client, self.server = sock, client, server
+        self.addr = client[0] if isinstance(client, tuple) else str(client)
+        self.buf = bytearray()
+        self.state = IDLE
+        self.arrived = now  # of the current request: its first byte
+        self.deadline = now + idle_s  # idle (no request begun): closed quietly then
+        self.req = None
+        self.need = 0
+        self.route = "front_door"
+        self.nreq = 0
+        self.scanned = 0
+        self.over_cap = None  # the Refusal it gets unless its head shows a probe
+        self.started = False  # a request thread took its current request
+        self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
+        self.filled = 0
+        self.reserved = 0  # its body's length, counted in the worker's reading_bytes while being read
+
+
+class RequestReader:
+    """The poller side of the front door (a mixin over gunicorn's ``ThreadWorker``).
+
+    Needs from the worker: ``settings`` (ServerConfig), ``cfg``, ``poller``, ``alive``,
+    ``nr_conns``, ``worker_connections``, ``wsgi``, ``obs`` (policy_server.observability),
+    ``_overloaded(length)`` and ``_dispatch(conn)``.
+    """
+
+    def _init_reader(self) -> None:
+        self.conns: set[Conn] = set()
+        self.held = 0  # requests from first byte to answer
+        self.reading = 0
+        self.reading_bytes = 0  # Content-Length of the bodies being read, summed
+        self.reading_by_addr: dict[str, int] = {}
+        self.max_conns = self.worker_connections  # lowered under RLIMIT_NOFILE or when descriptors run out
+        self._next_scan = 0.0
+        self._url_adapter = None
+        self._evicted = 0  # closed to make room since the last log line
+        self._next_evict_log = 0.0
+        self._scratch = bytearray(RECV_BYTES)  # the poller's one receive buffer
+        self._scratch_view = memoryview(self._scratch)
+
+    def _fit_descriptor_limit(self) -> None:
+        """Hold fewer connections than ``worker_connections`` when RLIMIT_NOFILE would run out first."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft - FD_RESERVE < self.worker_connections:
+            self.max_conns = max(8, soft - FD_RESERVE)
+            log.warning("worker_connections %d lowered to %d: RLIMIT_NOFILE is %d", self.worker_connections,
+                        self.max_conns, soft)
+
+    def accept(self, listener) -> None:
+        try:
+            sock, client = listener.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return
+            if exc.errno in OUT_OF_FDS:  # hold what we have and make room; the backlog waits
+                self.max_conns = max(1, min(self.max_conns, self.nr_conns))
+                log.warning("accept failed (%s): at most %d connections from now on", exc.strerror, self.max_conns)
+                self._make_room()
+                return
+            raise
+        sock.setblocking(False)
+        self.nr_conns += 1
+        conn = Conn(sock, client, listener.getsockname(), time.monotonic(), self.cfg.keepalive or 2.0)
+        self.conns.add(conn)
+        self.poller.register(sock, selectors.EVENT_READ, partial(self._readable, conn))
+
+    def _readable(self, conn: Conn, _fileobj=None) -> None:
+        if conn.body is not None:  # straight into the body's own buffer: no copy here
+            try:
+                n = conn.sock.recv_into(memoryview(conn.body)[conn.filled:])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if not n:
+                self._peer_closed(conn)
+                return
+            conn.filled += n
+            if conn.filled == conn.need:
+                self._advance(conn)
+            return
+        try:
+            n = conn.sock.recv_into(self._scratch)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            n = 0
+        if not n:
+            self._peer_closed(conn)
+            return
+        data = self._scratch_view[:n]
+        if conn.state in (LINGERING,):
+            return
+        if conn.state == IDLE:  # a request begins: it arrives with its first byte
+            conn.arrived = time.monotonic()
+            conn.deadline = conn.arrived + self.settings.head_timeout_s
+            self._start_reading(conn)
+            if conn.state != READING:
+                return
+        conn.buf += data
+        self._advance(conn)
+
+    def _start_reading(self, conn: Conn) -> None:
+        s = self.settings
+        conn.state = READING
+        self.held += 1
+        self.reading += 1
+        self.reading_by_addr[conn.addr] = self.reading_by_addr.get(conn.addr, 0) + 1
+        # Over a cap, the request is refused once its head shows it is not a probe (probes
+        # always pass), or after OVER_CAP_GRACE_S if its head has not come by then.
+        conn.over_cap = None
+        if self.reading > s.max_reading_per_worker:
+            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent to this worker",
+                                    "too_many_readers", retry=True)
+        elif self.reading_by_addr[conn.addr] > s.max_reading_per_client:
+            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent from this address",
+                                    "too_many_readers_per_client", retry=True)
+
+    def _stop_reading(self, conn: Conn) -> None:
+        if conn.state != READING:
+            return
+        self.reading -= 1
+        self.reading_bytes -= conn.reserved
+        conn.reserved = 0
+        left = self.reading_by_addr[conn.addr] - 1
+        if left:
+            self.reading_by_addr[conn.addr] = left
+        else:
+            del self.reading_by_addr[conn.addr]
+        conn.state = IDLE
+
+    def _advance(self, conn: Conn) -> None:
+        """Act on what a connection's buffer holds: parse the head, wait for the body, dispatch."""
+        s = self.settings
+        if conn.state == DISCARDING:
+            dropped = min(conn.need, len(conn.buf))
+            del conn.buf[:dropped]
+            conn.need -= dropped
+            if conn.need == 0:
+                self._keep_alive(conn)
+            return
+        if conn.req is None:
+            end = conn.buf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
+            if end < 0:
+                conn.scanned = len(conn.buf)
+                refusal = head_overflow(self.cfg, conn.buf)
+                if refusal is not None:
+                    self._refuse(conn, refusal)
+                return
+            try:
+                head = parse_head(self.cfg, bytes(conn.buf[:end + 4]), conn.client, conn.nreq + 1, self._limit_for, self._route_of)
+            except Refusal as refusal:
+                self._refuse(conn, refusal)
+                return
+            del conn.buf[:end + 4]
+            conn.scanned = 0
+            conn.nreq += 1
+            conn.req, conn.need, conn.route = head.req, head.length, head.route
+            if not head.probe and conn.over_cap is not None:
+                self._refuse(conn, conn.over_cap)
+                return
+            overload = None if head.probe else self._overloaded(conn.need)  # probes always pass
+            if overload is not None:
+                # Kept open only when the client will send its body anyway: one waiting for
+                # "100 Continue" may send its next request instead, which would be taken for it.
+                waits = conn.req._expected_100_continue and len(conn.buf) < conn.need
+                self._refuse(conn, Refusal(503, "overloaded", overload, "admission", retry=True),
+                             keep_alive=not conn.req.should_close() and not waits)
+                return
+            conn.reserved = conn.need
+            self.reading_bytes += conn.need
+            conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
+            if conn.req._expected_100_continue:
+                conn.req._expected_100_continue = False
+                if len(conn.buf) < conn.need:
+                    send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            if len(conn.buf) < conn.need <= PREALLOCATE_BYTES:
+                conn.body = bytearray(conn.need)  # the rest is received straight into it
+                conn.filled = len(conn.buf)
+                conn.body[:conn.filled] = conn.buf
+                conn.buf = bytearray()
+                return
+        if conn.body is not None:
+            if conn.filled < conn.need:
+                return
+            body, conn.body = bytes(conn.body), None
+        elif len(conn.buf) < conn.need:
+            return
+        elif len(conn.buf) == conn.need:
+            body, conn.buf = bytes(conn.buf), bytearray()
+        else:
+            body = bytes(memoryview(conn.buf)[:conn.need])
+            del conn.buf[:conn.need]
+        conn.req.body = io.BytesIO(body)  # wsgi.input; reading it all returns ``body`` itself, no copy
+        self._dispatch(conn)
+
+    def _limit_for(self, path: str) -> int:
+        s = self.settings
+        if path == "/update_model" or (path.startswith("/models/") and path.endswith("/load")):
+            return s.max_update_bytes
+        return s.max_body_bytes
+
+    def _route_of(self, method: str, path: str) -> str:
+        """The Flask rule a path maps to (the ``route`` label), or "unmatched"."""
+        if self._url_adapter is None:
+            url_map = getattr(self.wsgi, "url_map", None)
+            if url_map is None:
+                return "unmatched"
+            self._url_adapter = url_map.bind("localhost")
+        try:
+            rule, _ = self._url_adapter.match(path, method=method, return_rule=True)
+            return rule.rule
+        except Exception:  # NotFound, MethodNotAllowed, RequestRedirect
+            return "unmatched"
+
+    def _refuse(self, conn: Conn, refusal: Refusal, keep_alive: bool = False) -> None:
+        """Answer from the poller. ``keep_alive``: the framing is known, drop the body and go on."""
+        self._stop_reading(conn)
+        route = conn.route if conn.req is not None else refusal.route
+        self.obs.count_refusal(route, refusal.status, refusal.reason, conn.req or refusal.req, conn.addr,
+                      time.monotonic() - conn.arrived)
+        self.held -= 1
+        keep_alive = keep_alive and self.alive
+        send_quietly(conn.sock, refusal_bytes(refusal, close=not keep_alive))
+        if keep_alive:
+            conn.state = DISCARDING
+            conn.deadline = time.monotonic() + self.settings.body_timeout_s + conn.need / self.settings.min_body_bytes_per_s
+            conn.req = None
+            self._advance(conn)
+            return
+        self._linger(conn)
+
+    def _linger(self, conn: Conn) -> None:
+        """Half-close, then drop what still arrives for a while: closing with unread input would
+        send a reset that can destroy the answer before the client reads it."""
+        conn.state = LINGERING
+        conn.req = None
+        conn.body = None
+        conn.buf = bytearray()
+        conn.deadline = time.monotonic() + LINGER_S
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+
+    def _keep_alive(self, conn: Conn) -> None:
+        conn.state = IDLE
+        conn.req = None
+        conn.body = None
+        conn.need = 0
+        conn.route = "front_door"
+        conn.deadline = time.monotonic() + (self.cfg.keepalive if self.alive else min(self.cfg.keepalive, 2.0))
+        if conn.buf:  # pipelined: the next request is already here
+            conn.arrived = time.monotonic()
+            conn.deadline = conn.arrived + self.settings.head_timeout_s
+            self._start_reading(conn)
+            if conn.state == READING:
+                self._advance(conn)
+
+    def _peer_closed(self, conn: Conn) -> None:
+        if conn.state == READING:
+            if conn.buf or conn.req is not None:
+                self.obs.count_vanished(conn.route, conn.req, conn.addr, time.monotonic() - conn.arrived,
+                               "while sending its request")
+            self.held -= 1
+        self._stop_reading(conn)
+        self._close(conn)
+
+    def _close(self, conn: Conn) -> None:
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        if conn.state != BUSY:
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+        self.nr_conns -= 1
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _make_room(self) -> None:
+        """At ``worker_connections``: close the longest-idle connections (no request begun),
+        then answered ones still lingering, so a new client (a probe) is still accepted:
+        idle connections cannot lock the door."""
+        idle = sorted((c for c in self.conns if c.state == IDLE and not c.buf), key=lambda c: c.deadline)
+        room = max(1, self.max_conns // EVICT_FRACTION)
+        evicted = idle[:room]
+        if len(evicted) < room:
+            evicted += [c for c in self.conns if c.state == LINGERING][:room - len(evicted)]
+        for conn in evicted:
+            self._close(conn)
+        if evicted:
+            self.obs.count_closed("evicted", len(evicted))
+            self._evicted += len(evicted)
+            now = time.monotonic()
+            if now >= self._next_evict_log:  # at most one line per EVICT_LOG_S under a flood
+                self._next_evict_log = now + EVICT_LOG_S
+                log.info("at %d connections: closed %d idle ones to make room", self.max_conns, self._evicted)
+                self._evicted = 0
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        if now < self._next_scan:
+            return
+        self._next_scan = now + SCAN_S
+        for conn in [c for c in self.conns if c.over_cap is not None and c.state == READING and c.req is None]:
+            if now - conn.arrived > OVER_CAP_GRACE_S:
+                self._refuse(conn, conn.over_cap)
+        for conn in [c for c in self.conns if c.state != BUSY and c.deadline <= now]:
+            if conn.state == READING:
+                part = "body" if conn.req is not None else "request head"
+                self._refuse(conn, Refusal(408, "request timeout", f"{part} not received in time", f"{part.split()[-1]}_timeout"))
+            else:  # idle keep-alive, discarding or lingering
+                if conn.state == IDLE:
+                    self.obs.count_closed("idle")
+                self._close(conn)
