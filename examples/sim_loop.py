@@ -93,6 +93,7 @@ class PathReport:
     step_jerk_mean: float = 0.0
     rtc: bool = False  # requests carried the real-time chunking inputs
     max_in_flight: int = 0  # the most requests the runner had out at once
+    request_ahead: int | None = None  # the runner's fixed ask point (None: from the measured delay)
     wall_s: float = 0.0
 
     @property
@@ -112,8 +113,9 @@ class PathReport:
 
     def row(self) -> str:
         """One row of the sweep table (markdown)."""
+        merge = self.merge if self.request_ahead is None else f"{self.merge} (ask at {self.request_ahead} left)"
         return (
-            f"| {self.model} | {self.merge} | {self.latency_ms:.0f} | {self.jitter_ms:.0f} | "
+            f"| {self.model} | {merge} | {self.latency_ms:.0f} | {self.jitter_ms:.0f} | "
             f"{self.success_rate:.0%} | {self.starved_steps} / {self.steps} | {self.seam_jerk:.3f} | "
             f"{self.seam_jerk_mean:.3f} | {self.step_jerk_max:.3f} | {self.step_jerk_mean:.3f} | "
             f"{self.latency_ms_p50:.0f} | {self.max_in_flight} | {self.failures} |"
@@ -174,10 +176,14 @@ class DelayedPolicy:
         return getattr(getattr(self._local, "policy", None), "last_model_version", None)
 
 
-def make_runner(policy: Any, merge: str, model_info: Mapping[str, Any] | None = None) -> ChunkRunner:
+def make_runner(
+    policy: Any, merge: str, model_info: Mapping[str, Any] | None = None, request_ahead: int | None = None,
+) -> ChunkRunner:
     """A ``robot_loop.ChunkRunner`` at the reacher's rate with overlap strategy ``merge``,
-    told the model's declarations (``model_info``: history windows, optional inputs)."""
-    return ChunkRunner(policy, rate_hz=ReacherEnv.control_hz, merge=merge, model_info=model_info)
+    told the model's declarations (``model_info``: history windows, optional inputs);
+    ``request_ahead`` fixes the runner's ask point (None: from the measured delay)."""
+    return ChunkRunner(policy, rate_hz=ReacherEnv.control_hz, merge=merge, model_info=model_info,
+                       request_ahead=request_ahead)
 
 
 def run_episodes(
@@ -201,7 +207,7 @@ def run_episodes(
     periods: list[float] = []
     seams: list[float] = []
     steps: list[float] = []
-    with make_runner(policy, report.merge, model_info) as runner:
+    with make_runner(policy, report.merge, model_info, report.request_ahead) as runner:
         for seed in seeds:
             env = ReacherEnv(seed, moving_target=report.moving_target)
             obs = env.reset()
@@ -347,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="comma-separated injected round-trip latencies: one server run per value")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="plus uniform [0, this) per request")
     parser.add_argument("--merge", default="replace", help="comma-separated merge strategies of the chunk runner")
+    parser.add_argument("--request-ahead", type=int, default=None,
+                        help="ask for the next chunk with this many planned actions left (default: the measured delay)")
     parser.add_argument("--vectorized", type=int, default=0, help="also run N environments in lockstep (infer_batch)")
     parser.add_argument("--vectorized-execute", type=int, default=1, help="actions played per lockstep request")
     parser.add_argument("--vectorized-rows", type=int, default=0,
@@ -379,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             info = client.model_info(name)
             for merge in merges:
                 for latency in latencies:
-                    report = PathReport(name, "server", merge, latency, args.jitter_ms, args.moving_target)
+                    report = PathReport(name, "server", merge, latency, args.jitter_ms, args.moving_target,
+                                        request_ahead=args.request_ahead)
                     if latency or args.jitter_ms:
                         policy: Any = DelayedPolicy(lambda: client_for(name), latency / 1e3, args.jitter_ms / 1e3,
                                                     seed=args.seed)
@@ -395,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log.info("%s vectorized: %s", name, json.dumps(vectorized[name]))
         if not args.skip_in_process:
             local = in_process_policy(os.path.join(args.model_root, name))
-            report = PathReport(name, "in-process", merges[0], moving_target=args.moving_target)
+            report = PathReport(name, "in-process", merges[0], moving_target=args.moving_target,
+                                request_ahead=args.request_ahead)
             reports.append(run_episodes(local, seeds, report, model_info=local.model_info()))
             log.info("%s", reports[-1].line())
 
