@@ -1,7 +1,7 @@
 """Close the reacher's control loop over the policy server, and in-process, and compare.
 
 Each episode runs at the task's control rate (20 Hz) in real time: a
-``request_tools.ChunkRunner`` plays the current action chunk and asks the server for the
+``robot_loop.ChunkRunner`` plays the current action chunk and asks the server for the
 next one in the background, so the loop never waits on the network. The same episodes
 (same seeds) then run with the policy loaded in this process through the same runner, so
 the two success rates differ only by the serving path.
