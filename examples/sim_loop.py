@@ -1,7 +1,7 @@
 """Close the reacher's control loop over the policy server, and in-process, and compare.
 
 Each episode runs at the task's control rate (20 Hz) in real time: a
-``request_tools.ChunkRunner`` plays the current action chunk and asks the server for the
+``robot_loop.ChunkRunner`` plays the current action chunk and asks the server for the
 next one in the background, so the loop never waits on the network. The same episodes
 (same seeds) then run with the policy loaded in this process through the same runner, so
 the two success rates differ only by the serving path.
@@ -24,18 +24,21 @@ A harder task and a latency sweep::
 ``--moving-target`` moves the reacher's target (see ``examples/reacher.py``);
 ``--latency-ms`` adds that much round-trip delay to every chunk request (plus up to
 ``--jitter-ms`` more, uniform, seeded) and runs the server path once per latency and per
-``--merge`` strategy, printing one table. A model whose ``/model_info`` declares a history
-window gets its observations windowed here (``reacher.ObservationWindow``).
+``--merge`` strategy (``replace``, ``blend``, ``temporal_ensembling``, ``rtc``), printing one
+table. Every path hands the runner the model's ``/model_info`` (``model_info=``), so the
+runner keeps the history windows a model declares (the loop passes each step's
+observation) and, for ``--merge rtc``, sends the real-time chunking inputs to a model that
+lists them in ``optional_inputs`` (the transformer).
 
 A vectorized evaluation: ``--vectorized 64`` runs 64 environments in lockstep, as fast as
 the server answers, with one ``PolicyClient.infer_batch`` request per step for every live
-environment (``--vectorized-execute`` actions of each chunk played per request).
+environment (``--vectorized-execute`` actions of each chunk played per request); it windows
+the history inputs itself (``reacher.ObservationWindow``), since no runner is in that path.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import os
@@ -52,12 +55,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from examples.reacher import ObservationWindow, ReacherEnv  # noqa: E402
-from request_tools import ChunkRunner, LoopClock, PolicyClient, PolicyServerError  # noqa: E402
-
-try:  # the loop tools' own module, once it exists; request_tools re-exports the same runner
-    from robot_loop import ChunkRunner as LoopRunner  # type: ignore[import-not-found]  # noqa: E402
-except ImportError:
-    LoopRunner = ChunkRunner
+from request_tools import PolicyClient, PolicyServerError  # noqa: E402
+from robot_loop import ChunkRunner, LoopClock  # noqa: E402
 
 log = logging.getLogger("sim_loop")
 
@@ -88,7 +87,13 @@ class PathReport:
     versions: dict[str, int] = field(default_factory=dict)
     seam_jerk: float = 0.0  # largest |change| of the joint command at a chunk boundary (rad/s)
     seam_jerk_mean: float = 0.0
-    step_jerk_p99: float = 0.0  # the same, p99 over the other steps (the policy's own change)
+    seams: int = 0  # chunk boundaries measured
+    step_jerk_max: float = 0.0  # the same over the other steps (the policy's own change inside a chunk)
+    step_jerk_p99: float = 0.0
+    step_jerk_mean: float = 0.0
+    rtc: bool = False  # requests carried the real-time chunking inputs
+    max_in_flight: int = 0  # the most requests the runner had out at once
+    request_ahead: int | None = None  # the runner's fixed ask point (None: from the measured delay)
     wall_s: float = 0.0
 
     @property
@@ -108,17 +113,19 @@ class PathReport:
 
     def row(self) -> str:
         """One row of the sweep table (markdown)."""
+        merge = self.merge if self.request_ahead is None else f"{self.merge} (ask at {self.request_ahead} left)"
         return (
-            f"| {self.model} | {self.merge} | {self.latency_ms:.0f} | {self.jitter_ms:.0f} | "
+            f"| {self.model} | {merge} | {self.latency_ms:.0f} | {self.jitter_ms:.0f} | "
             f"{self.success_rate:.0%} | {self.starved_steps} / {self.steps} | {self.seam_jerk:.3f} | "
-            f"{self.seam_jerk_mean:.3f} | {self.step_jerk_p99:.3f} | {self.latency_ms_p50:.0f} | {self.failures} |"
+            f"{self.seam_jerk_mean:.3f} | {self.step_jerk_max:.3f} | {self.step_jerk_mean:.3f} | "
+            f"{self.latency_ms_p50:.0f} | {self.max_in_flight} | {self.failures} |"
         )
 
 
 TABLE_HEADER = (
     "| model | merge | latency ms | jitter ms | success | starved steps | seam jerk max | seam jerk mean "
-    "| in-chunk jerk p99 | round trip p50 ms | failed |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| in-chunk max | in-chunk mean | round trip p50 ms | max in flight | failed |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -126,7 +133,9 @@ class DelayedPolicy:
     """A chunk policy behind an injected round-trip delay: ``latency_s`` plus uniform
     ``[0, jitter_s)`` (seeded), half before the request and half after. Thread-safe: each
     calling thread gets its own client from ``make_client`` (a runner may keep several
-    requests in flight)."""
+    requests in flight). The observation dict is forwarded whole (history windows and the
+    real-time chunking inputs included); ``model_info()`` and ``last_model_version`` are the
+    wrapped client's, so it is a ``robot_loop.ChunkPolicy`` like the client itself."""
 
     def __init__(self, make_client: Callable[[], Any], latency_s: float, jitter_s: float = 0.0, seed: int = 0) -> None:
         self.make_client = make_client
@@ -135,31 +144,46 @@ class DelayedPolicy:
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._info: Mapping[str, Any] | None = None
+
+    def _policy(self) -> Any:
+        policy = getattr(self._local, "policy", None)
+        if policy is None:
+            policy = self._local.policy = self.make_client()
+        return policy
 
     def __call__(self, obs: Mapping[str, Any]) -> Mapping[str, Any]:
         with self._lock:
             delay = self.latency_s + self.jitter_s * float(self._rng.random())
-        policy = getattr(self._local, "policy", None)
-        if policy is None:
-            policy = self._local.policy = self.make_client()
+        policy = self._policy()
         time.sleep(delay / 2)
         try:
             return policy.infer(obs) if hasattr(policy, "infer") else policy(obs)
         finally:
             time.sleep(delay / 2)
 
+    def model_info(self) -> Mapping[str, Any]:
+        """The wrapped policy's ``/model_info`` (read once, without the injected delay);
+        ``{}`` for a policy without one."""
+        if self._info is None:
+            policy = self._policy()
+            self._info = policy.model_info() if callable(getattr(policy, "model_info", None)) else {}
+        return self._info
 
-def make_runner(policy: Any, merge: str) -> Any:
-    """A chunk runner at the reacher's rate with overlap strategy ``merge``.
+    @property
+    def last_model_version(self) -> Any:
+        """The model version of this thread's last answer (None before one)."""
+        return getattr(getattr(self._local, "policy", None), "last_model_version", None)
 
-    Uses ``robot_loop.ChunkRunner(merge=...)`` when that module exists; the runner in
-    ``request_tools`` only replaces (``merge="replace"``).
-    """
-    if "merge" in inspect.signature(LoopRunner).parameters:
-        return LoopRunner(policy, rate_hz=ReacherEnv.control_hz, merge=merge)
-    if merge != "replace":
-        raise SystemExit(f"--merge {merge}: this runner only replaces chunks (robot_loop.ChunkRunner has merge=)")
-    return LoopRunner(policy, rate_hz=ReacherEnv.control_hz)
+
+def make_runner(
+    policy: Any, merge: str, model_info: Mapping[str, Any] | None = None, request_ahead: int | None = None,
+) -> ChunkRunner:
+    """A ``robot_loop.ChunkRunner`` at the reacher's rate with overlap strategy ``merge``,
+    told the model's declarations (``model_info``: history windows, optional inputs);
+    ``request_ahead`` fixes the runner's ask point (None: from the measured delay)."""
+    return ChunkRunner(policy, rate_hz=ReacherEnv.control_hz, merge=merge, model_info=model_info,
+                       request_ahead=request_ahead)
 
 
 def run_episodes(
@@ -167,32 +191,36 @@ def run_episodes(
     seeds: list[int],
     report: PathReport,
     *,
-    windows: dict[str, tuple[int, str]] | None = None,
+    model_info: Mapping[str, Any] | None = None,
 ) -> PathReport:
     """Run one episode per seed through a chunk runner at the task's control rate.
 
-    ``windows`` (a history model's declaration) turns each observation into its window.
+    ``model_info`` (the model's ``/model_info``) goes to the runner: it keeps the history
+    windows the model declares (each step's observation is passed as it comes) and sends
+    the real-time chunking inputs for ``merge="rtc"`` when the model declares them.
+
+    Jerk: the change of the joint command (dims 0-1) between consecutive played actions;
+    a seam where the chunk behind the action changes (``runner.last_chunk_step``), in-chunk
+    elsewhere. Steps into or out of a starved step (the fallback played) count as neither.
     """
     start = time.perf_counter()
     periods: list[float] = []
     seams: list[float] = []
     steps: list[float] = []
-    window = ObservationWindow(windows or {})
-    with make_runner(policy, report.merge) as runner:
+    with make_runner(policy, report.merge, model_info, report.request_ahead) as runner:
         for seed in seeds:
             env = ReacherEnv(seed, moving_target=report.moving_target)
             obs = env.reset()
             runner.reset()
-            window.reset()
             clock = LoopClock(env.control_hz)
-            previous = None
+            previous, previous_chunk = None, None
             while not env.done:
-                chunks = runner.stats.chunks
-                action = np.asarray(runner.act(window(obs)))
-                if previous is not None:  # a new chunk adopted at this step is a seam
+                action = np.asarray(runner.act(obs))
+                chunk = runner.last_chunk_step
+                if previous is not None and chunk is not None and previous_chunk is not None:
                     change = float(np.max(np.abs(action[:2] - previous[:2])))
-                    (seams if runner.stats.chunks != chunks else steps).append(change)
-                previous = action
+                    (seams if chunk != previous_chunk else steps).append(change)
+                previous, previous_chunk = action, chunk
                 obs = env.step(action).obs
                 clock.tick()
             report.episodes += 1
@@ -201,9 +229,11 @@ def run_episodes(
             report.achieved_hz.append(clock.achieved_hz)
             periods.extend(clock.periods_s[1:])  # the first step waits for the episode's first chunk
         stats = runner.stats
+        report.rtc = runner.real_time_chunking
     latencies = stats.latencies_s
     report.chunks, report.starved_steps, report.failures = stats.chunks, stats.starved_steps, stats.failures
     report.versions = dict(stats.versions)
+    report.max_in_flight = stats.max_in_flight
     if latencies:
         report.latency_ms_p50 = float(np.percentile(latencies, 50) * 1e3)
         report.latency_ms_p99 = float(np.percentile(latencies, 99) * 1e3)
@@ -211,15 +241,17 @@ def run_episodes(
         report.period_ms_p99 = float(np.percentile(periods, 99) * 1e3)
         report.worst_period_ms = float(max(periods) * 1e3)
     if seams:
-        report.seam_jerk, report.seam_jerk_mean = float(max(seams)), float(np.mean(seams))
+        report.seam_jerk, report.seam_jerk_mean, report.seams = float(max(seams)), float(np.mean(seams)), len(seams)
     if steps:
+        report.step_jerk_max, report.step_jerk_mean = float(max(steps)), float(np.mean(steps))
         report.step_jerk_p99 = float(np.percentile(steps, 99))
     report.wall_s = time.perf_counter() - start
     return report
 
 
 def history_windows(inputs: list[dict]) -> dict[str, tuple[int, str]]:
-    """The history windows declared in ``/model_info``'s ``inputs``."""
+    """The history windows declared in ``/model_info``'s ``inputs`` (for :func:`run_vectorized`,
+    which calls ``infer_batch`` without a runner and so windows the observations itself)."""
     return ObservationWindow.from_spec(inputs).windows
 
 
@@ -260,8 +292,9 @@ def run_vectorized(
 
 
 def in_process_policy(model_dir: str) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
-    """The policy loaded here (CPU), called one observation at a time; ``.inputs`` is its
-    input spec as ``/model_info`` gives it. Omitted optional inputs get the server's zeros."""
+    """The policy loaded here (CPU), called one observation at a time (the whole window of a
+    history input, as the runner sends it); ``.model_info()`` is what ``/model_info`` would
+    answer. Omitted optional inputs get the server's zeros."""
     import torch
 
     from policy_server.model_loader import load_model_dir
@@ -278,7 +311,8 @@ def in_process_policy(model_dir: str) -> Callable[[Mapping[str, Any]], dict[str,
             outputs = model.policy.forward(batch)
         return {k: v[0].numpy() for k, v in outputs.items()}
 
-    infer.inputs = model.info()["inputs"]  # type: ignore[attr-defined]
+    info = model.info()
+    infer.model_info = lambda: info  # type: ignore[attr-defined]
     return infer
 
 
@@ -319,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="comma-separated injected round-trip latencies: one server run per value")
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="plus uniform [0, this) per request")
     parser.add_argument("--merge", default="replace", help="comma-separated merge strategies of the chunk runner")
+    parser.add_argument("--request-ahead", type=int, default=None,
+                        help="ask for the next chunk with this many planned actions left (default: the measured delay)")
     parser.add_argument("--vectorized", type=int, default=0, help="also run N environments in lockstep (infer_batch)")
     parser.add_argument("--vectorized-execute", type=int, default=1, help="actions played per lockstep request")
     parser.add_argument("--vectorized-rows", type=int, default=0,
@@ -348,16 +384,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             except PolicyServerError as exc:
                 raise SystemExit(f"cannot serve {name}: {exc}") from exc
             attention[name] = show_attention(client, name, seeds[0])
-            windows = history_windows(client.model_info(name)["inputs"])
+            info = client.model_info(name)
             for merge in merges:
                 for latency in latencies:
-                    report = PathReport(name, "server", merge, latency, args.jitter_ms, args.moving_target)
+                    report = PathReport(name, "server", merge, latency, args.jitter_ms, args.moving_target,
+                                        request_ahead=args.request_ahead)
                     if latency or args.jitter_ms:
                         policy: Any = DelayedPolicy(lambda: client_for(name), latency / 1e3, args.jitter_ms / 1e3,
                                                     seed=args.seed)
                     else:
                         policy = client
-                    reports.append(run_episodes(policy, seeds, report, windows=windows))
+                    reports.append(run_episodes(policy, seeds, report, model_info=info))
                     log.info("%s", reports[-1].line())
             if args.vectorized:
                 vectorized[name] = run_vectorized(
@@ -367,8 +404,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log.info("%s vectorized: %s", name, json.dumps(vectorized[name]))
         if not args.skip_in_process:
             local = in_process_policy(os.path.join(args.model_root, name))
-            report = PathReport(name, "in-process", merges[0], moving_target=args.moving_target)
-            reports.append(run_episodes(local, seeds, report, windows=history_windows(local.inputs)))
+            report = PathReport(name, "in-process", merges[0], moving_target=args.moving_target,
+                                request_ahead=args.request_ahead)
+            reports.append(run_episodes(local, seeds, report, model_info=local.model_info()))
             log.info("%s", reports[-1].line())
 
     if sweep:
