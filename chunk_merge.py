@@ -14,7 +14,9 @@ a :class:`MergeStrategy` says which action each step plays:
 - ``rtc`` (:class:`RealTimeChunking`): requests carry the plan's not-yet-executed actions
   and the inference delay, the policy keeps that prefix and continues smoothly from it
   (Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies", arXiv
-  2506.07339), so its answer is played as it comes (replace).
+  2506.07339), so its answer is played as it comes (replace). An answer whose prefix is
+  no longer the plan (another answer was adopted while it was out: ``Chunk.stale_prefix``)
+  is cross-faded in as ``blend`` does.
 
 numpy only.
 """
@@ -43,11 +45,13 @@ __all__ = [
 @dataclass(frozen=True)
 class Chunk:
     """An action chunk in the plan: ``actions[i]`` is for step ``step + i``; ``arrived`` is
-    the step at which the runner took it in."""
+    the step at which the runner took it in; ``stale_prefix``: a real-time chunking answer
+    conditioned on a prefix that is no longer the plan (``rtc`` blends it in)."""
 
     step: int
     arrived: int
     actions: np.ndarray  # [H, *action_shape]
+    stale_prefix: bool = False
 
     @property
     def end(self) -> int:
@@ -109,13 +113,16 @@ class BlendMerge:
     def action(self, step: int, chunks: Sequence[Chunk]) -> np.ndarray | None:
         return self._at(step, chunks, len(chunks))
 
+    def _blends(self, chunk: Chunk) -> bool:
+        return True
+
     def _at(self, step: int, chunks: Sequence[Chunk], below: int) -> np.ndarray | None:
         i = _newest_covering(step, chunks, below)
         if i is None:
             return None
         new = chunks[i].at(step)
         into = step - chunks[i].arrived
-        if into < self.steps:
+        if into < self.steps and self._blends(chunks[i]):
             old = self._at(step, chunks, i)
             if old is not None:
                 a = (into + 1) / (self.steps + 1)
@@ -146,11 +153,20 @@ class TemporalEnsembling:
         return mean.astype(rows[-1].dtype, copy=False)
 
 
-class RealTimeChunking(ReplaceMerge):
-    """Real-time chunking, client side: send the prefix and the delay, play answers as-is."""
+class RealTimeChunking(BlendMerge):
+    """Real-time chunking, client side: send the prefix and the delay, play answers as-is.
+
+    An answer marked ``stale_prefix`` (its prefix was taken from a plan that another
+    answer has replaced since, as happens with several requests in flight) continued a
+    motion that is no longer played: it is cross-faded in over ``steps`` steps as
+    :class:`BlendMerge` does. Every other answer replaces the plan from its arrival.
+    """
 
     name = "rtc"
     sends_prefix = True
+
+    def _blends(self, chunk: Chunk) -> bool:
+        return chunk.stale_prefix
 
 
 MERGE_STRATEGIES = ("replace", "blend", "temporal_ensembling", "rtc")

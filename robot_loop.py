@@ -104,6 +104,7 @@ class RunnerStats:
     stale_chunks: int = 0  # chunks that arrived after their last action's step: dropped
     out_of_order: int = 0  # answers older than a chunk already received: dropped
     skipped_actions: int = 0  # leading rows of received chunks whose step had passed
+    stale_prefixes: int = 0  # rtc answers whose prefix was no longer the plan: blended in
     in_flight: int = 0  # requests out now
     max_in_flight: int = 0  # the most requests out at once
     delay_steps: int = 0  # the delay the runner plans with now: steps from observation to answer (high estimate)
@@ -117,7 +118,7 @@ class RunnerStats:
         """Counts, latency p50/p99 (ms) and delay/staleness summaries (steps), JSON-ready."""
         out: dict[str, Any] = {k: getattr(self, k) for k in (
             "steps", "requests", "chunks", "failures", "starved_steps", "stale_chunks", "out_of_order",
-            "skipped_actions", "in_flight", "max_in_flight", "delay_steps")}
+            "skipped_actions", "stale_prefixes", "in_flight", "max_in_flight", "delay_steps")}
         out["latency_ms_p50"] = _percentile(self.latencies_s, 50) * 1e3
         out["latency_ms_p99"] = _percentile(self.latencies_s, 99) * 1e3
         out["delay_steps_p50"] = _percentile(self.delays_steps, 50)
@@ -136,6 +137,7 @@ class RunnerStats:
 class _Request:
     step: int
     sent: float
+    prefix: np.ndarray | None = None  # rtc: the plan's actions for steps step .. step + prefix_length - 1
 
 
 def _accepts_deadline(policy: Any) -> bool:
@@ -417,7 +419,8 @@ class ChunkRunner:
     def _ask(self, obs: Mapping[str, Any], t: int, *, deadline_s: float, delay: int = 0) -> None:
         request = self._request_obs(obs, t, delay)
         rid = next(self._ids)
-        self._pending[rid] = _Request(t, time.monotonic())
+        prefix = request["action_prefix"][:int(request["prefix_length"][0])] if self._rtc else None
+        self._pending[rid] = _Request(t, time.monotonic(), prefix)
         self.stats.requests += 1
         with self._pool_lock:
             self._busy += 1
@@ -482,7 +485,7 @@ class ChunkRunner:
     def _take(self, t: int, episode: int, rid: int, step: int, result: Any, latency_s: float, version: str | None) -> None:
         if episode != self._episode:
             return
-        self._pending.pop(rid, None)
+        sent = self._pending.pop(rid, None)
         if isinstance(result, BaseException):
             self._failed(step, result)
             return
@@ -500,7 +503,9 @@ class ChunkRunner:
         if step + len(actions) <= t:
             self.stats.stale_chunks += 1
             return
-        self._chunks.append(Chunk(step=step, arrived=t, actions=actions))
+        stale = sent is not None and sent.prefix is not None and not self._plan_is(sent.prefix, step, t, len(actions))
+        self.stats.stale_prefixes += stale
+        self._chunks.append(Chunk(step=step, arrived=t, actions=actions, stale_prefix=stale))
         self._newest_step = step
         self._started = True
         self.stats.chunks += 1
@@ -508,6 +513,17 @@ class ChunkRunner:
         self.stats.delays_steps.append(t - step)
         if version is not None:
             self.stats.versions[version] = self.stats.versions.get(version, 0) + 1
+
+    def _plan_is(self, prefix: np.ndarray, step: int, t: int, horizon: int) -> bool:
+        """Whether the plan still plays ``prefix`` (rows for steps ``step ..``) from step
+        ``t`` on, over the answer's steps: no other answer changed it since it was sent."""
+        for s in range(t, step + horizon):
+            action = self.merge.action(s, self._chunks)
+            if s - step >= len(prefix):
+                return action is None
+            if action is None or not np.allclose(prefix[s - step], action, rtol=1e-6, atol=1e-6):
+                return False
+        return True
 
     def _failed(self, step: int, error: BaseException) -> None:
         self.stats.failures += 1

@@ -342,6 +342,84 @@ def test_rtc_requests_carry_the_plans_unexecuted_actions_and_the_delay():
     assert runner.stats.starved_steps == 0
 
 
+class GatedRtcPolicy:
+    """Answers call n (observation step s) only once ``release(n)`` is called: rows ``[s + i,
+    100 * n]``, except rows [0, inference_delay) which keep the prefix, as real-time chunking
+    does. Records every request."""
+
+    def __init__(self) -> None:
+        self.requests, self.gates, self.lock = [], {}, threading.Lock()
+
+    def gate(self, n: int) -> threading.Event:
+        with self.lock:
+            return self.gates.setdefault(n, threading.Event())
+
+    def release(self, *calls: int) -> None:
+        for n in calls:
+            self.gate(n).set()
+
+    def model_info(self) -> dict:
+        return RTC_INFO
+
+    def __call__(self, obs, *, deadline_s=None):
+        with self.lock:
+            n = len(self.requests)
+            self.requests.append(obs)
+        self.gate(n).wait(10.0)
+        s = float(obs["t"])
+        actions = np.stack([np.arange(HORIZON, dtype=np.float32) + s, np.full(HORIZON, 100.0 * n, np.float32)], 1)
+        d = int(obs["inference_delay"][0])
+        actions[:d] = obs["action_prefix"][:d]
+        return {"action": actions}
+
+
+def test_rtc_answer_with_a_stale_prefix_is_blended_one_with_the_live_prefix_played_as_is():
+    policy = GatedRtcPolicy()
+    policy.release(0)
+    runner = ChunkRunner(policy, rate_hz=RATE_HZ, merge="rtc", request_ahead=8, max_in_flight=2)
+
+    def act(t: int) -> float:
+        return float(runner.act(step_obs(t))[1])
+
+    def answered(count: int) -> None:  # wait until `count` answers wait in the runner's queue
+        give_up = time.monotonic() + 10.0
+        while runner._answers.qsize() < count and time.monotonic() < give_up:
+            time.sleep(0.001)
+
+    try:
+        played = [act(t) for t in range(6)]  # chunk 0 (rows [i, 0]); A sent at step 1, B at step 2
+        give_up = time.monotonic() + 10.0
+        while len(policy.requests) < 3 and time.monotonic() < give_up:  # B's thread picks it up
+            time.sleep(0.001)
+        assert [int(r["t"]) for r in policy.requests] == [0, 1, 2]
+        assert [int(r["inference_delay"][0]) for r in policy.requests[1:]] == [5, 5]
+        policy.release(1)
+        answered(1)
+        played.append(act(6))  # A's prefix (chunk 0 from step 1) is still the plan: played as-is
+        policy.release(2)
+        answered(1)
+        played += [act(t) for t in range(7, 11)]  # B's prefix (chunk 0 from step 2) is not: A replaced it
+    finally:
+        for n in range(len(policy.requests) + 2):
+            policy.release(n)
+        runner.close()
+    # steps 0-5 chunk 0; 6 A's own row (a blend would give 75); 7-9 cross-fade A (100) -> B (200)
+    # with weights 1/4, 2/4, 3/4 (played as-is B would give 200); 10 B alone.
+    assert played == [0, 0, 0, 0, 0, 0, 100, 125, 150, 175, 200]
+    assert runner.stats.stale_prefixes == 1 and runner.stats.chunks == 3
+    assert runner.stats.to_dict()["stale_prefixes"] == 1
+
+
+def test_rtc_merge_blends_only_chunks_marked_stale():
+    old = Chunk(step=0, arrived=0, actions=np.zeros((HORIZON, 1)))
+    new = np.full((HORIZON, 1), 4.0)
+    rtc = merge_strategy("rtc")
+    fresh = [old, Chunk(step=2, arrived=3, actions=new)]
+    stale = [old, Chunk(step=2, arrived=3, actions=new, stale_prefix=True)]
+    assert [float(rtc.action(t, fresh)[0]) for t in range(3, 8)] == [4, 4, 4, 4, 4]  # from its arrival, step 3
+    assert [float(rtc.action(t, stale)[0]) for t in range(3, 8)] == [1, 2, 3, 4, 4]
+
+
 def test_a_model_that_does_not_declare_the_rtc_inputs_gets_neither():
     info = {"inputs": [{"name": "t", "dtype": "float32", "shape": []}], "optional_inputs": []}
     policy = RecordingPolicy(info, delay_s=0.01)
