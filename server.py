@@ -23,6 +23,7 @@ from policy_server.runtime import PolicyRuntime
 from policy_server.stats import instance_summary
 from policy_server.tensors import BATCH_ROWS_HEADER, parse_batch_rows
 from policy_server.web import (
+    answer_headers,
     binary_response,
     check_keys,
     read_body,
@@ -30,7 +31,6 @@ from policy_server.web import (
     register_error_handlers,
     request_deadline,
     requested_outputs,
-    server_timing,
     wait_seconds,
 )
 
@@ -74,16 +74,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         t3 = time.perf_counter()
         payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()
-        headers = {
-            "X-Model-Version": answer.version,
-            "Server-Timing": server_timing(
-                read=t1 - t0, decode=t2 - t1, queue=answer.queue_s, compute=answer.compute_s, encode=t4 - t3
-            ),
-        }
-        if answer.batch_size:
-            headers["X-Batch-Size"] = str(answer.batch_size)
-        if answer.cache:
-            headers["X-Cache"] = answer.cache
+        headers = answer_headers(answer, read_s=t1 - t0, decode_s=t2 - t1, encode_s=t4 - t3)
         if rows is not None:
             headers[BATCH_ROWS_HEADER] = str(rows)
         return binary_response(payload, headers)

@@ -18,7 +18,7 @@ from policy_server import oip
 from policy_server.config import ServerConfig
 from policy_server.errors import ServingError
 from policy_server.store import UnknownModel
-from policy_server.web import read_body, request_arrival, request_deadline, server_timing
+from policy_server.web import answer_headers, read_body, request_arrival, request_deadline
 
 OPEN_ENDPOINTS = frozenset({"oip.live", "oip.ready"})
 INFERENCE_ENDPOINTS = frozenset({"oip.infer", "oip.infer_version"})
@@ -103,14 +103,7 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         }
         payload, header_length = oip.encode_response(name, answer.version, outputs, binary, decoded.request_id)
         t4 = time.perf_counter()
-        headers = {
-            "X-Model-Version": answer.version,
-            "Server-Timing": server_timing(
-                read=t1 - t0, decode=t2 - t1, queue=answer.queue_s, compute=answer.compute_s, encode=t4 - t3
-            ),
-        }
-        if answer.batch_size:
-            headers["X-Batch-Size"] = str(answer.batch_size)
+        headers = answer_headers(answer, read_s=t1 - t0, decode_s=t2 - t1, encode_s=t4 - t3)
         if header_length is None:
             return Response(payload, status=200, mimetype="application/json", headers=headers)
         headers[oip.HEADER_LENGTH] = str(header_length)

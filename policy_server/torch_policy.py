@@ -43,6 +43,22 @@ class ModulePolicy:
         return sum(p.numel() for p in self.module.parameters())
 
 
+class SpatialSoftmax(torch.nn.Module):
+    """[B, K, H, W] scores to [B, 2K] expected (x, y) per channel, in [-1, 1] image coordinates
+    (the spatial softmax keypoint layer of Levine et al. 2016, "End-to-End Training of Deep
+    Visuomotor Policies"). Its one parameter is the softmax temperature (log scale)."""
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+        self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
+        self.log_temperature = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        weights = torch.softmax(scores.flatten(2) / self.log_temperature.exp(), dim=-1)  # [B, K, HW]
+        return (weights @ self.grid).flatten(1)  # [B, K * 2]
+
+
 def conv_scaled_pixels(conv: torch.nn.Conv2d, image: torch.Tensor) -> torch.Tensor:
     """``conv`` applied to uint8 NHWC ``image`` scaled to [-1, 1], without a scaled copy.
 

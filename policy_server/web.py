@@ -158,6 +158,23 @@ def server_timing(**stages_s: float) -> str:
     return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in stages_s.items())
 
 
+def answer_headers(answer, *, read_s: float, decode_s: float, encode_s: float) -> dict[str, str]:
+    """The headers every inference answer carries (``/infer`` and OIP alike): the model
+    version, Server-Timing (read, decode, queue, compute, encode; ms), the batch size and the
+    cache outcome when there is one. ``answer`` is a ``runtime.Answer``."""
+    headers = {
+        "X-Model-Version": answer.version,
+        "Server-Timing": server_timing(
+            read=read_s, decode=decode_s, queue=answer.queue_s, compute=answer.compute_s, encode=encode_s
+        ),
+    }
+    if answer.batch_size:
+        headers["X-Batch-Size"] = str(answer.batch_size)
+    if answer.cache:
+        headers["X-Cache"] = answer.cache
+    return headers
+
+
 def error_response(status: int, error: str, detail: str = "", headers=None) -> Response:
     response = jsonify({"error": error, "detail": detail})
     response.status_code = status

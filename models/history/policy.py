@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from policy_server.contract import History, TensorSpec
-from policy_server.torch_policy import ModulePolicy, conv_scaled_pixels, load_weights_strict
+from policy_server.torch_policy import ModulePolicy, SpatialSoftmax, conv_scaled_pixels, load_weights_strict
 
 WEIGHTS = "model.safetensors"
 CHUNK, DOF, FRAMES = 10, 7, 2
@@ -36,20 +36,6 @@ STATE_CENTRE = (1.6, 0.0, 0.0, 0.0, 0.0, 0.05)
 STATE_SCALE = (2.0, 2.0, 3.0, 3.0, 0.2, 0.2)
 ACTION_SCALE = 3.0
 MOTION_SCALE = 10.0
-
-
-class SpatialSoftmax(nn.Module):
-    """[B, K, H, W] scores to [B, 2K] expected (x, y) per channel, in [-1, 1] image coordinates."""
-
-    def __init__(self, height: int, width: int) -> None:
-        super().__init__()
-        ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
-        self.register_buffer("grid", torch.stack([xs.flatten(), ys.flatten()], dim=1), persistent=False)
-        self.log_temperature = nn.Parameter(torch.zeros(()))
-
-    def forward(self, scores: torch.Tensor) -> torch.Tensor:
-        weights = torch.softmax(scores.flatten(2) / self.log_temperature.exp(), dim=-1)  # [B, K, HW]
-        return (weights @ self.grid).flatten(1)  # [B, K * 2]
 
 
 class HistoryCnnMlp(nn.Module):
