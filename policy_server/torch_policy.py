@@ -5,7 +5,6 @@ Imported only inside workers (by a model's policy.py), so it may import torch at
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
