@@ -148,6 +148,21 @@ def _accepts_deadline(policy: Any) -> bool:
     return any(p.name == "deadline_s" or p.kind is p.VAR_KEYWORD for p in params)
 
 
+def rtc_request_ahead(delay: int, horizon: int) -> int:
+    """Planned actions left at which a real-time chunking runner asks (steps; ``delay`` d and
+    ``horizon`` H in steps): ``d + max(2, (H - d) // 2)``, capped at ``H - d``, never below d.
+
+    Asking only when about d actions are left sends a prefix of about d + 1 rows, so the
+    server has one row after the delay to blend over and the seam is nearly a plain replace.
+    Asking earlier is the paper's execution horizon s (Black et al. 2025, arXiv 2506.07339,
+    section 4: replan every s steps with d <= s <= H - d): asking with ``ahead`` left is
+    s = H - ahead, so the cap at H - d keeps s >= d (about one request in flight, no more
+    requests per step than before), and from d >= H / 2 on there is no such s and the
+    runner asks at d left, as it does without real-time chunking.
+    """
+    return max(delay, min(delay + max(2, (horizon - delay) // 2), horizon - delay))
+
+
 class ChunkRunner:
     """Plays action chunks at the loop's rate and fetches the next ones in the background.
 
@@ -182,7 +197,8 @@ class ChunkRunner:
             or a :class:`MergeStrategy`. ``"rtc"`` sends the plan's not-yet-executed actions
             and the delay when the model declares the real-time chunking inputs.
         request_ahead: a fixed number of planned actions left at which to ask (None: from
-            the measured delay).
+            the measured delay d; with real-time chunking on, :func:`rtc_request_ahead`, earlier,
+            so the prefix overlaps the fresh chunk for several rows after d).
         max_in_flight: the most requests out at once (None: the chunk's horizon).
         fallback: the action played when no action is planned.
         first_chunk_timeout_s: how long the first :meth:`act` of an episode waits.
@@ -347,7 +363,12 @@ class ChunkRunner:
         if expected and self.request_ahead is None and 2 * delay < self._horizon:
             return  # the answer in flight arrives in time to ask again: one request is enough
         covered = max([self._plan_end(), *expected])
-        ahead = self.request_ahead if self.request_ahead is not None else delay
+        if self.request_ahead is not None:
+            ahead = self.request_ahead
+        elif self._rtc:
+            ahead = rtc_request_ahead(delay, self._horizon)
+        else:
+            ahead = delay
         if covered - (t + 1) <= ahead:
             self._ask(obs, t, deadline_s=(self._horizon - 1) / self.rate_hz, delay=delay)
 

@@ -47,7 +47,6 @@ RATE_HZ = 20.0
 HORIZON = 10
 DOF = 2
 OFFSET_SIGMA = 0.1
-EASE_STEPS = 5.0
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 
 
@@ -81,14 +80,21 @@ class StandInPolicy:
         phase = 2 * np.pi * steps[:, None] / np.array([40.0, 55.0])
         chunk = (np.sin(phase) + offset).astype(np.float32)
         d = int(obs["inference_delay"][0]) if "inference_delay" in obs else 0
-        if d > 0:
-            prefix = obs["action_prefix"]
-            gap = prefix[d - 1] - chunk[d - 1]
-            k = np.arange(1, HORIZON - d + 1)
-            ease = np.where(k < EASE_STEPS, 0.5 * (1 + np.cos(np.pi * k / EASE_STEPS)), 0.0)[:, None]
-            chunk[d:] += (gap * ease).astype(np.float32)
-            chunk[:d] = prefix[:d]
-        return {"action": chunk}
+        n = int(obs["prefix_length"][0]) if "prefix_length" in obs else 0
+        if n > 0:
+            w = rtc_weights(HORIZON, n, d)[:, None]
+            chunk = np.where(w == 1.0, obs["action_prefix"], w * obs["action_prefix"] + (1 - w) * chunk)
+        return {"action": chunk.astype(np.float32)}
+
+
+def rtc_weights(horizon: int, prefix_length: int, inference_delay: int) -> np.ndarray:
+    """A numpy mirror (this benchmark stays torch-free) of the server's real-time chunking
+    mask ``policy_server.torch_policy.rtc_weights`` for one request: [horizon] float64, 1 for
+    rows < d, ``(n - i) / (n - d)`` for d <= i < n (a linear ramp from 1 to 0), 0 after."""
+    i = np.arange(horizon, dtype=np.float64)
+    n, d = float(prefix_length), float(inference_delay)
+    c = np.clip((n - i) / max(n - d, 1.0), 0.0, 1.0)
+    return np.where(i < d, 1.0, np.where(i < n, c, 0.0))
 
 
 def run_one(strategy: str, latency_s: float | tuple[float, float], seed: int, steps: int,

@@ -5,7 +5,6 @@ Imported only inside workers (by a model's policy.py), so it may import torch at
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -90,20 +89,25 @@ def load_weights_strict(module: torch.nn.Module, path: str) -> None:
 
 
 def rtc_weights(horizon: int, prefix_length: torch.Tensor, inference_delay: torch.Tensor) -> torch.Tensor:
-    """Real-time chunking's soft mask [B, horizon] over a chunk's rows (Black et al. 2025,
-    "Real-Time Execution of Action Chunking Flow Policies", arXiv 2506.07339, eq. 5).
+    """Real-time chunking's soft mask [B, horizon] float32 over a chunk's rows (after Black et
+    al. 2025, "Real-Time Execution of Action Chunking Flow Policies", arXiv 2506.07339, eq. 5).
 
     With n = ``prefix_length`` and d = ``inference_delay`` (int tensors [B, 1]): weight 1 for
     rows i < d (they play before the new chunk can arrive, so they must equal the prefix),
-    ``c * (e^c - 1) / (e - 1)`` with ``c = (n - i) / (n - d + 1)`` for d <= i < n (decaying
-    from near 1 to near 0 over the rest of the prefix), and 0 from row n on.
+    ``(n - i) / (n - d)`` for d <= i < n (a linear ramp from 1 at row d to 0 at row n), and
+    0 from row n on. The paper's eq. 5 uses ``c * (e^c - 1) / (e - 1)`` with
+    ``c = (n - i) / (n - d + 1)``: that leaves row d a weight below 1 (0.19 when n = d + 1,
+    an 81% jump to the fresh chunk right where it starts playing), and even with row d at 1
+    its exponential drops half the gap in the first step after it. The linear ramp spreads
+    the gap evenly, 1 / (n - d) of it per step, the smallest largest step (measured:
+    DEVELOPMENT.md "Robot loop v2"). Numpy mirror, for torch-free code:
+    ``benchmarks/bench_chunking.py`` ``rtc_weights``.
     """
     i = torch.arange(horizon, device=prefix_length.device, dtype=torch.float32)[None, :]
     n = prefix_length.to(torch.float32)
     d = inference_delay.to(torch.float32)
-    c = ((n - i) / (n - d + 1.0)).clamp(0.0, 1.0)
-    soft = c * torch.expm1(c) / math.expm1(1.0)
-    return torch.where(i < d, torch.ones_like(soft), torch.where(i < n, soft, torch.zeros_like(soft)))
+    c = ((n - i) / (n - d).clamp_min(1.0)).clamp(0.0, 1.0)
+    return torch.where(i < d, torch.ones_like(c), torch.where(i < n, c, torch.zeros_like(c)))
 
 
 def inpaint_prefix(

@@ -115,6 +115,9 @@ def test_transformer_keeps_the_prefix_for_d_rows_and_continues_smoothly(transfor
         assert steps.max() <= 0.5 + within, steps
     weights = rtc_weights(10, torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy()
     assert np.all(np.diff(weights) <= 0) and weights[:delay].tolist() == [1.0] * delay
+    # A linear ramp from 1 at row d to 0 at row n: each step takes 1 / (n - d) of the gap.
+    np.testing.assert_allclose(weights[delay:length], (length - np.arange(delay, length)) / max(length - delay, 1))
+    assert weights[length:].tolist() == [0.0] * (10 - length)
 
 
 def test_transformer_without_a_prefix_is_the_plain_chunk(transformer):

@@ -339,7 +339,15 @@ def test_rtc_requests_carry_the_plans_unexecuted_actions_and_the_delay():
         assert prefix[:length, 0].tolist() == [float(s + i) for i in range(length)]  # the plan for s, s+1, ...
         played = [a for a in actions[s:s + delay]]
         np.testing.assert_array_equal(prefix[:len(played)], played)  # and it is what was then played
+    # asked early (rtc_request_ahead), so the prefix overlaps the fresh chunk past the delay
+    assert max(int(r["prefix_length"][0]) - int(r["inference_delay"][0]) for r in later) >= 2
     assert runner.stats.starved_steps == 0
+
+
+@pytest.mark.parametrize("delay, ahead", [(0, 5), (1, 5), (2, 6), (3, 6), (4, 6), (5, 5), (8, 8), (10, 10)])
+def test_rtc_asks_with_the_delay_plus_an_overlap_left_keeping_one_request_per_delay(delay, ahead):
+    # d + max(2, (H - d) // 2), capped at H - d (the paper's s >= d), never below d
+    assert robot_loop.rtc_request_ahead(delay, HORIZON) == ahead
 
 
 class GatedRtcPolicy:
