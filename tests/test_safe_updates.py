@@ -21,29 +21,10 @@ from hypothesis.extra import numpy as hnp
 from binary_protocol import dict_to_binary
 from policy_server.launcher import ROOT
 from policy_server.store import ModelStore
-from tests.test_lifecycle import BINARY, infer, make_store_app, push
+from tests.test_lifecycle import BINARY, app, client, infer, make_store_app, push, root  # noqa: F401 (fixtures)
 from tests.tiny_model import POLICY, tiny_weights, write_tiny_model
 
 CANARY_CODE = "open({path!r}, 'w').write('ran')\n"
-
-
-@pytest.fixture
-def root(tmp_path):
-    root = tmp_path / "models"
-    write_tiny_model(root / "tiny", tag=1.0)
-    return root
-
-
-@pytest.fixture
-def app(tmp_path, root):
-    app = make_store_app(tmp_path, root)
-    yield app
-    app.extensions["policy_runtime"].stop(5)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
 
 
 def assert_nothing_published(client, name: str = "default") -> None:

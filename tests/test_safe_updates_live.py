@@ -20,19 +20,13 @@ from policy_server.store import ModelStore
 from request_tools import PolicyClient, PolicyServerError
 from tests.fakes import fake_observation
 from tests.serving import run_server
+from tests.test_lifecycle import root  # noqa: F401 (fixture)
 from tests.test_safe_updates import CANARY_CODE
 from tests.tiny_model import POLICY, tiny_weights, write_tiny_model
 
 pytestmark = pytest.mark.integration
 
 ADMIN_KEY = "admin-key-for-tests"
-
-
-@pytest.fixture
-def root(tmp_path):
-    root = tmp_path / "models"
-    write_tiny_model(root / "tiny", tag=1.0)
-    return root
 
 
 def live(tmp_path: Path, root: Path, store: Path, workers: int = 2):
