@@ -33,7 +33,9 @@ EXPECTED = {
     Access.OPEN: {"/health", "/ready", "/metrics", "/openapi.json", "/v2/health/live", "/v2/health/ready"},
     Access.ADMIN: {"/update_model", "/models/<name>/load", "/models/<name>/unload"},
 }
-INFERENCE_RULES = {"/infer", "/models/<name>/infer", "/v2/models/<name>/infer", "/v2/models/<name>/versions/<version>/infer"}
+INFERENCE_RULES = {
+    "/infer", "/models/<name>/infer", "/v2/models/<name>/infer", "/v2/models/<name>/versions/<version>/infer",
+}
 QUIET_RULES = {"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
 
