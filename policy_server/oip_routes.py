@@ -16,8 +16,7 @@ from werkzeug.exceptions import HTTPException
 
 from policy_server import oip
 from policy_server.config import ServerConfig
-from policy_server.errors import ServingError
-from policy_server.store import UnknownModel
+from policy_server.errors import ServingError, UnknownModel
 from policy_server.web import answer_headers, read_body, request_arrival, request_deadline
 
 OPEN_ENDPOINTS = frozenset({"oip.live", "oip.ready"})

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from policy_server.contract import MODEL_NAME_PATTERN
+
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
@@ -44,7 +46,7 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 NAME = {
     "name": "name", "in": "path", "required": True, "description": "Model name",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+    "schema": {"type": "string", "pattern": f"^{MODEL_NAME_PATTERN.pattern}$"},
 }
 WAIT_S = {
     "name": "wait_s", "in": "query", "required": False,

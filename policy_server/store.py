@@ -29,7 +29,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -38,7 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from policy_server import model_files, weights_check
-from policy_server.errors import ModelError, ServingError, store_write_error
+from policy_server.contract import MODEL_NAME_PATTERN, check_model_name, directory_digest, require_model_dir
+from policy_server.errors import ModelError, ServingError, UnknownModel, UnknownVersion, store_write_error
 from policy_server.worker_status import _alive
 
 log = logging.getLogger(__name__)
@@ -47,21 +47,8 @@ POINTER = "CURRENT"
 VERSIONS = "versions"
 STAGING = ".staging"
 LOCK = ".lock"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 STALE_STAGING_S = 3600.0
 _HOST = socket.gethostname().replace("-", "_")[:64] or "host"
-
-
-class UnknownModel(ServingError):
-    status, error = 404, "unknown model"
-
-
-class UnknownVersion(ServingError):
-    status, error = 404, "unknown version"
-
-
-class InvalidModelName(ServingError):
-    status, error = 400, "bad request"
 
 
 @dataclass(frozen=True)
@@ -87,13 +74,6 @@ class Pointer:
         data = dataclasses.asdict(self)
         data["kept"] = list(self.kept) if self.kept is not None else None
         return data
-
-
-def check_name(name: str) -> str:
-    """Model names are path components: letters, digits, ``_.-``, at most 64, no leading dot."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidModelName(f"model name must match {NAME_PATTERN.pattern}")
-    return name
 
 
 def _fsync_tree(path: str) -> None:
@@ -142,8 +122,7 @@ class ModelStore:
         self.root = os.path.abspath(root)
         self.keep = keep
         self.model_root = os.path.realpath(model_root) if model_root else None
-        self.limits = limits or model_files.Limits()
-        os.makedirs(self.root, exist_ok=True)
+        self.limits = limits or model_files.Limits()  # ``root`` is created by the first write
 
     # -- reading (cheap: workers poll these) ---------------------------------------------
 
@@ -153,7 +132,7 @@ class ModelStore:
             entries = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(n for n in entries if NAME_PATTERN.fullmatch(n) and os.path.isfile(self._path(n, POINTER)))
+        return sorted(n for n in entries if MODEL_NAME_PATTERN.fullmatch(n) and os.path.isfile(self._path(n, POINTER)))
 
     def read_pointer_bytes(self, name: str) -> bytes | None:
         """The raw pointer, or None. Opening the file (not a cached stat) is what NFS makes consistent."""
@@ -164,7 +143,7 @@ class ModelStore:
             return None
 
     def pointer(self, name: str) -> Pointer | None:
-        raw = self.read_pointer_bytes(check_name(name))
+        raw = self.read_pointer_bytes(check_model_name(name))
         return None if raw is None else Pointer(**json.loads(raw))
 
     def require(self, name: str) -> Pointer:
@@ -188,7 +167,7 @@ class ModelStore:
         confined to ``root`` (default: ``source_dir`` itself), see :func:`model_files.copy_tree`.
         Publish or :meth:`discard` it. Raises Forbidden, InvalidModel, PayloadTooLarge for the
         source, InsufficientStorage or StoreWriteFailed when the copy cannot be written."""
-        staging = self._path(check_name(name), STAGING)
+        staging = self._path(check_model_name(name), STAGING)
         with _writing("creating the staging directory"):
             os.makedirs(staging, exist_ok=True)
             self._clean_stale(staging)
@@ -214,13 +193,13 @@ class ModelStore:
         try:
             with _writing("syncing the staged version to disk"):
                 _fsync_tree(staged_dir)
-            with self._locked(check_name(name)):
+            with self._locked(check_model_name(name)):
                 return self._commit(name, staged_dir, seed_digest)
         finally:
             self.discard(staged_dir)  # already renamed away when published
 
     def _commit(self, name: str, staged_dir: str, seed_digest: str | None) -> Pointer:
-        digest = model_files.digest(staged_dir)
+        digest = directory_digest(staged_dir)
         old = self.pointer(name)
         visible = self._visible(old, self._on_disk(name))
         self._remove_leftovers(name, old, visible)
@@ -277,7 +256,7 @@ class ModelStore:
                 previous=old.version,
                 generation=old.generation + 1,
                 loaded=True,
-                digest=model_files.digest(self.version_dir(name, version)),
+                digest=directory_digest(self.version_dir(name, version)),
                 changed_at=time.time(),
                 kept=tuple(kept),
             )
@@ -315,15 +294,14 @@ class ModelStore:
         a publish that crashed are removed first (:meth:`recover`). ModelError when the seed is
         not a model directory, leaves its root, or holds non-finite weights.
         """
-        if not os.path.isfile(os.path.join(model_dir, "policy.py")):
-            raise ModelError(f"{model_dir} is not a model directory (no policy.py)")
+        require_model_dir(model_dir)
         self.recover()
         root = self.seed_root(model_dir)
         try:
-            digest = model_files.digest(model_dir, root, limits=self.limits)
+            digest = directory_digest(model_dir, root, limits=self.limits)
         except ServingError as exc:
             raise ModelError(f"seed {model_dir}: {exc.detail}") from None
-        pointer = self.pointer(check_name(name))
+        pointer = self.pointer(check_model_name(name))
         if pointer is not None and pointer.seed_digest == digest:
             return pointer
         with self._locked(name):  # another worker or instance may seed it too
@@ -336,7 +314,7 @@ class ModelStore:
                     weights_check.check_directory(staged)
                     with _writing("syncing the staged version to disk"):
                         _fsync_tree(staged)
-                    return self._commit(name, staged, model_files.digest(staged))
+                    return self._commit(name, staged, directory_digest(staged))
                 finally:
                     self.discard(staged)
             except ServingError as exc:
@@ -352,7 +330,7 @@ class ModelStore:
         except OSError:
             return removed
         for name in entries:
-            if not NAME_PATTERN.fullmatch(name) or not os.path.isdir(self._path(name)):
+            if not MODEL_NAME_PATTERN.fullmatch(name) or not os.path.isdir(self._path(name)):
                 continue
             try:
                 with self._locked(name):

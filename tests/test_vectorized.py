@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from binary_protocol import binary_to_dict, dict_to_binary
-from policy_server.batcher import QueueFull
+from policy_server.errors import QueueFull
 from policy_server.contract import TensorSpec, rtc_specs
 from policy_server.errors import PayloadTooLarge
 from policy_server.launcher import ROOT
