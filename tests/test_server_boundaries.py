@@ -16,7 +16,8 @@ def test_loading_gunicorn_conf_and_the_server_imports_no_torch(tmp_path):
         import runpy
         import sys
 
-        runpy.run_path("gunicorn.conf.py")
+        conf = runpy.run_path("gunicorn.conf.py")
+        conf["on_starting"](None)  # as the master does before it forks
         import server
 
         server.create_app()  # what each worker builds before post_worker_init loads the model
