@@ -308,7 +308,7 @@ class Batcher:
         try:
             executor = self.executor if self.executor_for is None else self.executor_for(batch[0])
             return executor, executor.launch(batch), batch
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (fails only this batch; _fail logs it)
             self._fail(batch, exc)
             self._finished(batch)
             return None
@@ -316,7 +316,7 @@ class Batcher:
     def _finish(self, executor: Executor, handle: Any, batch: list[Request]) -> None:
         try:
             outputs, version = executor.finish(handle)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (fails only this batch; _fail logs it)
             self._fail(batch, exc)
         else:
             for request, output in zip(batch, outputs):

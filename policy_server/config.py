@@ -14,8 +14,8 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from policy_server.errors import ConfigError
 from policy_server.contract import MODEL_NAME_PATTERN
+from policy_server.errors import ConfigError
 
 ENV_PREFIX = "POLICY_SERVER_"
 # Measured with benchmarks/bench_serving.py on 2 CPU cores (default policy, 16 clients):

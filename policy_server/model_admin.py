@@ -87,7 +87,9 @@ class ModelAdmin:
         """Publish a new version (``model_path`` or ``weights``) or roll back (``version``)."""
         unknown = sorted(set(body) - UPDATE_KEYS)
         if unknown:
-            raise BadRequest(f"unknown field {unknown[0]!r}; expected one of {list(UPDATE_KINDS)} and optionally 'model'")
+            raise BadRequest(
+                f"unknown field {unknown[0]!r}; expected one of {list(UPDATE_KINDS)} and optionally 'model'"
+            )
         kinds = [k for k in UPDATE_KINDS if k in body]
         if len(kinds) != 1:
             raise BadRequest(f"give exactly one of {list(UPDATE_KINDS)}")
@@ -178,7 +180,7 @@ class ModelAdmin:
         try:
             weights_check.check_directory(staged)  # before any of its code runs
             candidate = self.follower.validate(name, staged)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (the model's own code may raise anything: refused, not a 500)
             self.store.discard(staged)
             log.warning("update of %s refused: %s: %s", name, type(exc).__name__, exc)
             reason = exc.detail if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
@@ -228,7 +230,10 @@ class ModelAdmin:
         for pid, doc in sorted(workers.items()):
             served = doc.get("models", {}).get(pointer.model)
             problem = doc.get("problems", {}).get(pointer.model)
-            ok = (served is not None and served["version"] == str(pointer.version)) if pointer.loaded else served is None
+            if pointer.loaded:
+                ok = served is not None and served["version"] == str(pointer.version)
+            else:
+                ok = served is None
             if ok and served is not None:
                 switch_s = max(switch_s, served["since"] - pointer.changed_at)
             newer = doc.get("generations", {}).get(pointer.model, 0) > pointer.generation

@@ -275,7 +275,9 @@ class PolicyRuntime:
             try:
                 validate_inputs(request.inputs, spec, allow_missing_optional=True)  # the executor fills them
             except InvalidInput as exc:
-                raise InvalidInput(f"model {request.model!r} changed to version {served.model.version}: {exc.detail}")
+                raise InvalidInput(
+                    f"model {request.model!r} changed to version {served.model.version}: {exc.detail}"
+                ) from None
         return served
 
     def infer(

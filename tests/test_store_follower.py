@@ -17,7 +17,7 @@ from tests.tiny_model import tiny_weights, write_tiny_model
 
 
 @pytest.fixture
-def app(tmp_path, root):
+def app(tmp_path, root):  # noqa: F811 (the imported fixture)
     app = make_store_app(tmp_path, root, store_poll_ms=60_000)
     yield app
     app.extensions["policy_runtime"].stop(5)
@@ -42,7 +42,7 @@ def test_the_receiving_worker_serves_a_validated_update_without_loading_it_again
     assert status["models"]["default"]["version"] == "2" and status["generations"]["default"] == answer["generation"]
 
 
-def test_adopt_never_serves_a_candidate_over_a_newer_pointer(app, root):
+def test_adopt_never_serves_a_candidate_over_a_newer_pointer(app, root):  # noqa: F811 (the imported fixture)
     runtime = app.extensions["policy_runtime"]
     follower, store, client = runtime.follower, runtime.store, app.test_client()
     write_tiny_model(root / "next", tag=5.0)
