@@ -20,7 +20,10 @@ Semantics (see ../shared/DESIGN.md, "Batching"):
 - :meth:`Batcher.stop` refuses new work, answers everything already accepted, then ends.
 
 The device work is the ``executor``'s: ``launch(requests)`` starts a batch and returns a
-handle, ``finish(handle)`` returns one output dict per request plus the model version.
+handle, ``finish(handle)`` returns one output dict per request plus the model version. In
+the server that is a :class:`policy_server.serving_model.Served` entry: it hands the
+requests' input dicts to its :class:`policy_server.executor.BatchExecutor` and names its
+model's version.
 With ``executor_for``, the executor is looked up per batch (by its first request's
 ``model``): a hot reload replaces it between two batches, and a batch is launched and
 finished by one executor, so it never mixes model versions.
