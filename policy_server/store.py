@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from policy_server import model_files, weights_check
 from policy_server.contract import MODEL_NAME_PATTERN, check_model_name, directory_digest, require_model_dir
-from policy_server.errors import ModelError, ServingError, UnknownModel, UnknownVersion, store_write_error
+from policy_server.errors import ModelError, ServingError, UnknownModel, UnknownVersion
 from policy_server.worker_status import _alive
 
 log = logging.getLogger(__name__)
@@ -74,37 +74,6 @@ class Pointer:
         data = dataclasses.asdict(self)
         data["kept"] = list(self.kept) if self.kept is not None else None
         return data
-
-
-def _fsync_tree(path: str) -> None:
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for name in dirs:
-            _fsync_dir(os.path.join(root, name))
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _writing(doing: str) -> Iterator[None]:
-    """Turn an OSError while writing the store into its answer (507 or 500, naming the reason)."""
-    try:
-        yield
-    except OSError as exc:
-        log.error("model store: %s failed: %s", doing, exc)
-        raise store_write_error(exc, doing) from None
 
 
 class ModelStore:
@@ -168,7 +137,7 @@ class ModelStore:
         Publish or :meth:`discard` it. Raises Forbidden, InvalidModel, PayloadTooLarge for the
         source, InsufficientStorage or StoreWriteFailed when the copy cannot be written."""
         staging = self._path(check_model_name(name), STAGING)
-        with _writing("creating the staging directory"):
+        with model_files.writing("creating the staging directory"):
             os.makedirs(staging, exist_ok=True)
             self._clean_stale(staging)
             path = tempfile.mkdtemp(prefix=f"candidate-{os.getpid()}@{_HOST}-", dir=staging)
@@ -191,8 +160,8 @@ class ModelStore:
         unchanged (InsufficientStorage or StoreWriteFailed for an I/O failure).
         """
         try:
-            with _writing("syncing the staged version to disk"):
-                _fsync_tree(staged_dir)
+            with model_files.writing("syncing the staged version to disk"):
+                model_files.fsync_tree(staged_dir)
             with self._locked(check_model_name(name)):
                 return self._commit(name, staged_dir, seed_digest)
         finally:
@@ -205,12 +174,12 @@ class ModelStore:
         self._remove_leftovers(name, old, visible)
         version = max(self._on_disk(name) + visible + [old.version if old else 0]) + 1
         target = self.version_dir(name, version)
-        with _writing("writing the new version"):
+        with model_files.writing("writing the new version"):
             os.makedirs(self._path(name, VERSIONS), exist_ok=True)
             os.rename(staged_dir, target)
         try:
-            with _writing("writing the new version"):
-                _fsync_dir(os.path.dirname(target))
+            with model_files.writing("writing the new version"):
+                model_files.fsync_dir(os.path.dirname(target))
             kept = self._to_keep(visible, version, old.version if old else None)
             pointer = Pointer(
                 model=name,
@@ -223,7 +192,7 @@ class ModelStore:
                 seed_digest=seed_digest if seed_digest is not None else (old.seed_digest if old else None),
                 kept=tuple(kept),
             )
-            with _writing("writing the pointer"):
+            with model_files.writing("writing the pointer"):
                 self._write_pointer(pointer)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)  # never visible: the pointer does not list it
@@ -260,7 +229,7 @@ class ModelStore:
                 changed_at=time.time(),
                 kept=tuple(kept),
             )
-            with _writing("writing the pointer"):
+            with model_files.writing("writing the pointer"):
                 self._write_pointer(pointer)
         log.info("%s now points at version %d (was %d)", name, version, old.version)
         return pointer
@@ -273,7 +242,7 @@ class ModelStore:
             if old.loaded == loaded:
                 return old
             pointer = dataclasses.replace(old, loaded=loaded, generation=old.generation + 1, changed_at=time.time())
-            with _writing("writing the pointer"):
+            with model_files.writing("writing the pointer"):
                 self._write_pointer(pointer)
         return pointer
 
@@ -312,8 +281,8 @@ class ModelStore:
                 staged = self.stage(name, model_dir, root=root)
                 try:
                     weights_check.check_directory(staged)
-                    with _writing("syncing the staged version to disk"):
-                        _fsync_tree(staged)
+                    with model_files.writing("syncing the staged version to disk"):
+                        model_files.fsync_tree(staged)
                     return self._commit(name, staged, directory_digest(staged))
                 finally:
                     self.discard(staged)
@@ -392,7 +361,7 @@ class ModelStore:
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:
-        with _writing("taking the store lock"):
+        with model_files.writing("taking the store lock"):
             os.makedirs(self._path(name), exist_ok=True)
             fd = os.open(self._path(name, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -402,23 +371,8 @@ class ModelStore:
             os.close(fd)  # releases the lock
 
     def _write_pointer(self, pointer: Pointer) -> None:
-        directory = self._path(pointer.model)
-        fd, tmp = tempfile.mkstemp(prefix=".CURRENT-", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(pointer.to_json(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._path(pointer.model, POINTER))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        try:  # past the replace the new pointer is live: failing now would disown a served version
-            _fsync_dir(directory)
-        except OSError as exc:
-            log.warning("the new pointer of %s is live but its directory entry may not be on disk: %s",
-                        pointer.model, exc)
+        data = json.dumps(pointer.to_json()).encode()
+        model_files.replace_durably(self._path(pointer.model, POINTER), data, temp_prefix=f".{POINTER}-")
 
     @staticmethod
     def _clean_stale(staging: str) -> list[str]:

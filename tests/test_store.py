@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from policy_server import model_files
 from policy_server import store as store_module
 from policy_server.contract import check_model_name, directory_digest
 from policy_server.errors import (
@@ -195,8 +196,8 @@ def test_other_io_failures_are_500_naming_the_reason(tmp_path, source, monkeypat
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(store_module.os if step == "rename" else store_module, "rename" if step == "rename"
-                        else "_fsync_tree", read_only)
+    monkeypatch.setattr(store_module.os if step == "rename" else model_files, "rename" if step == "rename"
+                        else "fsync_tree", read_only)
     with pytest.raises(StoreWriteFailed, match=r"Read-only file system \(EROFS\)") as refused:
         store.publish("m", staged)
     assert refused.value.status == 500 and "nothing was published" in refused.value.detail
