@@ -323,7 +323,8 @@ def openapi_document(version: str = "1") -> dict[str, Any]:
                 **INFER, "operationId": "infer_named", "summary": "Inference on a named model",
                 "parameters": [NAME, *INFER["parameters"]],
             }},
-            "/health": _get("Liveness: the process answers", open_route=True, errors=()),
+            "/health": _get("Liveness: the process answers and its batcher thread runs (503 once it ended)",
+                             open_route=True, errors=("503",)),
             "/ready": _get("Readiness: the default model is loaded and warm", open_route=True, errors=("503",)),
             "/metrics": {"get": {
                 "summary": "Prometheus metrics summed over every worker", "security": [{}],
