@@ -16,8 +16,9 @@ from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server import access, metrics, observability
 from policy_server.access import ADMIN, DOCS, INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
+from policy_server.errors import BatcherLost
 from policy_server.images import decode_inputs
-from policy_server.lifecycle import ModelManager
+from policy_server.model_admin import ModelAdmin
 from policy_server.oip_routes import oip_blueprint
 from policy_server.openapi import openapi_document
 from policy_server.runtime import PolicyRuntime
@@ -48,7 +49,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     app = PolicyFlask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(config.max_body_bytes, config.max_update_bytes)
     runtime = PolicyRuntime(config, policy)
-    manager = ModelManager(config, runtime)
+    manager = ModelAdmin(config, runtime)
     app.extensions["policy_runtime"] = runtime
     register_error_handlers(app)
     observability.install(app, runtime.stats)
@@ -97,6 +98,8 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
 
     @probes.get("/health")
     def health():
+        if runtime.batcher_lost:  # nothing would answer a queued request: restart this worker
+            raise BatcherLost("the worker's batcher thread ended; see the server log")
         return jsonify({"status": "ok"})
 
     @probes.get("/ready")

@@ -19,8 +19,7 @@ from werkzeug.exceptions import HTTPException
 from policy_server import oip
 from policy_server.access import INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
-from policy_server.errors import ServingError
-from policy_server.store import UnknownModel
+from policy_server.errors import ServingError, UnknownModel
 from policy_server.web import answer_headers, read_body, request_arrival, request_deadline
 
 SERVER_NAME = "robot-policy-server"

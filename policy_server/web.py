@@ -13,9 +13,9 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from binary_protocol import ProtocolError, binary_to_dict
-from policy_server.batcher import DeadlineExceeded
 from policy_server.errors import (
     BadRequest,
+    DeadlineExceeded,
     LengthRequired,
     PayloadTooLarge,
     ServingError,

@@ -85,7 +85,7 @@ def test_every_route_enforces_its_declared_access():
             assert 401 not in (nothing, api, wrong_admin), (method, url)
         elif audience.access is Access.API:
             assert (nothing, wrong_admin) == (401, 401) and api != 401, (method, url)
-        else:  # admin: the API key is not enough; the admin key is tested in test_lifecycle (it changes state)
+        else:  # admin: the API key is not enough; the admin key is tested in test_model_admin (it changes state)
             assert (nothing, api, wrong_admin) == (401, 401, 401), (method, url)
 
 
