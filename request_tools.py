@@ -8,16 +8,11 @@ Unix socket transport (``policy_client.unix_socket``) and the robot loop (``Chun
 ``LoopClock``, ``RunnerStats``, from ``robot_loop``). :func:`send_inference_request`, one
 observation in one call without a client, is defined here.
 
-Errors::
-
-    PolicyClientError              base of everything this module raises
-    ├── PolicyServerError          the server answered with an error status (.status, .error, .detail)
-    ├── PolicyTimeoutError         no answer within timeout_s (or the call's deadline)
-    ├── PolicyConnectionError      could not connect (after retries)
-    └── ObservationSpecError       an observation does not match the server's input spec
-                                   (.field names it); raised before anything is sent
-
-Transport errors are chained (``raise ... from``). Example::
+Errors, drawn as a tree in ``policy_client.errors``: everything raised is a
+``PolicyClientError``: ``PolicyServerError`` (an error status: ``.status``, ``.error``,
+``.detail``), ``PolicyTimeoutError``, ``PolicyConnectionError`` (after retries) and
+``ObservationSpecError`` (``.field``; raised before anything is sent). Transport errors
+are chained (``raise ... from``). Example::
 
     with PolicyClient("http://127.0.0.1:50000") as client:
         action = client.infer({"state": state, "image": image})["action"]

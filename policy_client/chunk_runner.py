@@ -332,7 +332,9 @@ class ChunkRunner:
             wait_s = None
             self._take(t, *answer)
 
-    def _take(self, t: int, episode: int, rid: int, step: int, result: Any, latency_s: float, version: str | None) -> None:
+    def _take(
+        self, t: int, episode: int, rid: int, step: int, result: Any, latency_s: float, version: str | None
+    ) -> None:
         if episode != self._episode:
             return
         sent = self._pending.pop(rid, None)

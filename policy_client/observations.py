@@ -53,7 +53,8 @@ def stack_observations(observations: Sequence[Mapping[str, Any]]) -> dict[str, n
         for i, obs in enumerate(observations):
             value = obs[name]
             if not isinstance(value, np.ndarray) or value.shape != first.shape or value.dtype != first.dtype:
-                got = f"{value.dtype.name}{list(value.shape)}" if isinstance(value, np.ndarray) else type(value).__name__
+                got = (f"{value.dtype.name}{list(value.shape)}" if isinstance(value, np.ndarray)
+                       else type(value).__name__)
                 raise ObservationSpecError(name, f"row {i} is {got}, row 0 is {first.dtype.name}{list(first.shape)}")
         out[name] = np.stack([obs[name] for obs in observations])
     return out

@@ -1,5 +1,5 @@
 """The client's boundaries, checked in fresh interpreters: a robot installs numpy and
-requests, never the server's libraries; every client module is packaged and copied into
+requests, and importing the client loads none of the server's libraries; every client module is packaged and copied into
 the image; each stays under 400 lines; every PolicyClient call takes the one request path."""
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ SETUP.read(ROOT / "setup.cfg")
 ROOT_MODULES = SETUP["options"]["py_modules"].split()
 PACKAGE_MODULES = sorted(f"policy_client.{m.name}" for m in pkgutil.iter_modules(policy_client.__path__))
 CLIENT_MODULES = [*ROOT_MODULES, "policy_client", *PACKAGE_MODULES]
-SERVER_LIBRARIES = ("torch", "flask", "werkzeug", "gunicorn", "safetensors", "prometheus_client", "policy_server")
-# What numpy and requests bring along; anything else third-party is a new client dependency.
-CLIENT_LIBRARIES = {"numpy", "requests", "urllib3", "idna", "certifi", "charset_normalizer", "chardet"}
+# The server's libraries, and the image codecs (loaded only when an image is encoded).
+NOT_ON_A_ROBOT = ("torch", "flask", "werkzeug", "jinja2", "gunicorn", "safetensors", "prometheus_client",
+                  "policy_server", "simplejpeg", "PIL")
 
 # Prints the top-level names of the modules an import added, in a fresh interpreter.
 PROBE = """
@@ -52,18 +52,18 @@ def test_the_client_modules_are_found():
 
 
 @pytest.mark.parametrize("module", CLIENT_MODULES)
-def test_importing_a_client_module_loads_only_numpy_and_requests(module):
+def test_importing_a_client_module_loads_no_server_library(module):
     added = added_modules(f"import {module}")
-    assert not added & set(SERVER_LIBRARIES), f"{module} loads {sorted(added & set(SERVER_LIBRARIES))}"
-    ours = {*ROOT_MODULES, "policy_client"}
-    assert added - ours <= CLIENT_LIBRARIES, f"{module} loads {sorted(added - ours - CLIENT_LIBRARIES)}"
+    assert module.partition(".")[0] in added  # the probe sees what the import loads
+    assert not added & set(NOT_ON_A_ROBOT), f"{module} loads {sorted(added & set(NOT_ON_A_ROBOT))}"
 
 
 def test_image_codecs_load_only_when_an_image_is_encoded():
     setup = ("from image_codecs import parse_codec; from request_tools import PolicyClient; "
              "PolicyClient('http://127.0.0.1:9', encode={'image': 'jpeg:80'}); parse_codec('png')")
     assert not added_modules(setup) & {"simplejpeg", "PIL"}
-    encode = "import numpy as np; from image_codecs import encode_array; encode_array(np.zeros((4, 4, 3), np.uint8), 'jpeg')"
+    encode = ("import numpy as np; from image_codecs import encode_array; "
+              "encode_array(np.zeros((4, 4, 3), np.uint8), 'jpeg')")
     assert "simplejpeg" in added_modules(encode)
 
 
