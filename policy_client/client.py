@@ -1,6 +1,6 @@
 """``PolicyClient``: a keep-alive connection to one policy server (numpy and requests only).
 
-Every call goes through one request path (``PolicyClient._send`` -> ``transport.request``):
+Every call goes through one request path (``PolicyClient._call`` -> ``transport.request``):
 deadlines, retries and error mapping are the same for inference, model management and probes.
 """
 
@@ -95,7 +95,7 @@ class PolicyClient:
     def close(self) -> None:
         self._session.close()
 
-    def _send(
+    def _call(
         self,
         method: str,
         route: str,
@@ -192,7 +192,7 @@ class PolicyClient:
             headers["X-Batch-Rows"] = str(rows)
         route = f"/models/{model}/infer" if model else "/infer"
         try:
-            response = self._send(
+            response = self._call(
                 "POST", route, deadline=deadline, data=body, headers=headers,
                 params={"outputs": ",".join(outputs)} if outputs else None,
             )
@@ -251,11 +251,11 @@ class PolicyClient:
     def model_info(self, model: str | None = None) -> dict:
         """Name, version, digest, device, parameter count and input/output specs of a served model."""
         model = model or self.model
-        return self._send("GET", f"/models/{model}" if model else "/model_info", headers=self._headers()).json()
+        return self._call("GET", f"/models/{model}" if model else "/model_info", headers=self._headers()).json()
 
     def models(self) -> list[dict]:
         """Every model the server knows: name, current version, state, device, kept versions."""
-        return self._send("GET", "/models", headers=self._headers()).json()["models"]
+        return self._call("GET", "/models", headers=self._headers()).json()["models"]
 
     def update_model(
         self,
@@ -310,7 +310,7 @@ class PolicyClient:
         headers = {**self._headers(admin=True), "Content-Type": content_type}
         if json_body is not None:
             data = json.dumps(json_body).encode()
-        return self._send(
+        return self._call(
             "POST", route,
             timeout_s=self.timeout_s + (longest_wait_s if wait_s is None else wait_s), retries=0, data=data,
             headers=headers, params=None if wait_s is None else {"wait_s": wait_s},  # 0 is sent: "do not wait"
@@ -339,7 +339,7 @@ class PolicyClient:
 
     def _probe(self, route: str) -> bool:
         try:
-            self._send("GET", route)
+            self._call("GET", route)
             return True
         except (PolicyServerError, PolicyConnectionError):
             return False
