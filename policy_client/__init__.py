@@ -10,7 +10,9 @@ robot loop); the modules here are where they live:
 ``unix_socket``        HTTP over a Unix domain socket (``unix:///path/to.sock`` URLs)
 ``client``             ``PolicyClient``: a keep-alive connection to one server
 ``chunk_runner``       ``ChunkRunner``: plays action chunks while the next ones are fetched
+``chunk_policy``       ``ChunkPolicy``: the callable the runner asks for chunks
 ``chunk_schedule``     when the runner asks: the delay estimate and the ask point
+``rtc_inputs``         real-time chunking: the prefix and delay a request carries
 ``history_windows``    the per-episode windows of inputs a model takes as a history
 ``runner_stats``       ``RunnerStats``: what a runner did, bounded histories
 ``loop_clock``         ``LoopClock``: paces a control loop at a fixed rate
