@@ -21,8 +21,10 @@ RUN if ! command -v python3 >/dev/null; then \
 
 WORKDIR /app
 COPY setup.cfg pyproject.toml constraints.txt ./
-COPY binary_protocol.py request_tools.py server.py gunicorn.conf.py locustfile.py ./
+COPY server.py gunicorn.conf.py locustfile.py ./
+COPY binary_protocol.py image_codecs.py request_tools.py robot_loop.py chunk_merge.py ./
 COPY policy_server ./policy_server
+COPY policy_client ./policy_client
 COPY models ./models
 RUN python3 -m venv /opt/venv \
     && if [ -n "$TORCH_SPEC" ]; then /opt/venv/bin/pip install "$TORCH_SPEC"; fi \

@@ -216,7 +216,8 @@ class _Dtype(_Token):
 
     def build(self, state: Any) -> None:
         # numpy's plain form is (3, byteorder, None, None, None, -1, -1, 0); subarrays,
-        # fields, metadata and flags never reach numpy's C __setstate__ (numpy #30476).
+        # fields, metadata and flags never reach numpy's C __setstate__, which has read
+        # uninitialised memory when handed a crafted state.
         if self.built:
             raise ProtocolError("dtype state given twice")
         if (

@@ -13,8 +13,8 @@ a :class:`MergeStrategy` says which action each step plays:
   ACT, section 3.3).
 - ``rtc`` (:class:`RealTimeChunking`): requests carry the plan's not-yet-executed actions
   and the inference delay, the policy keeps that prefix and continues smoothly from it
-  (Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies", arXiv
-  2506.07339), so its answer is played as it comes (replace). An answer whose prefix is
+  (Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies"), so its
+  answer is played as it comes (replace). An answer whose prefix is
   no longer the plan (another answer was adopted while it was out: ``Chunk.stale_prefix``)
   is cross-faded in as ``blend`` does.
 

@@ -263,12 +263,14 @@ def test_spec_is_read_once_and_again_only_when_an_observation_stops_matching(stu
     assert len(server.script.requests) == 4
 
 
-def test_a_422_drops_the_cached_spec(stub):
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_a_422_drops_the_cached_spec(stub, vectorized):
     server, url = stub("422", "ok")
     with PolicyClient(url) as client:
+        call = (lambda: client.infer_batch([OBS, OBS])) if vectorized else (lambda: client.infer(OBS))
         with pytest.raises(PolicyServerError):
-            client.infer(OBS)
-        client.infer(OBS)
+            call()
+        call()
     assert server.script.spec_reads == 2
 
 

@@ -345,6 +345,7 @@ def test_a_push_repeating_a_key_is_refused(client, setitems):
 def test_the_client_sends_its_wait_and_sizes_its_timeout(monkeypatch):
     """PolicyClient waits 10 s by default, sends wait_s=0 as such, and leaves it to the server on None."""
     import request_tools
+    from policy_client import transport
 
     calls = []
 
@@ -356,7 +357,7 @@ def test_the_client_sends_its_wait_and_sizes_its_timeout(monkeypatch):
         calls.append((url.rsplit("/", 1)[-1], timeout_s, params))
         return Answer()
 
-    monkeypatch.setattr(request_tools, "_request", fake_request)
+    monkeypatch.setattr(transport, "request", fake_request)
     with request_tools.PolicyClient("http://127.0.0.1:9", timeout_s=5) as client:
         client.update_model(version=1)
         client.update_model(version=1, wait_s=0)

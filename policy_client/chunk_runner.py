@@ -1,0 +1,387 @@
+"""``ChunkRunner``: play action chunks at a fixed rate while the next ones are computed elsewhere.
+
+``runner.act(obs)`` once per control step returns the action to apply now; in the
+background the runner asks its :class:`~policy_client.chunk_policy.ChunkPolicy` for the
+next chunks (when: :mod:`policy_client.chunk_schedule`), merges the answers into one plan
+(:mod:`chunk_merge`), and keeps the model's history windows
+(:mod:`policy_client.history_windows`) and real-time chunking inputs
+(:mod:`policy_client.rtc_inputs`). Overview: ``robot_loop``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from chunk_merge import Chunk, MergeStrategy, merge_strategy
+from policy_client.chunk_policy import ChunkPolicy, accepts_deadline
+from policy_client.chunk_schedule import delay_estimate_steps, should_ask
+from policy_client.errors import PolicyClientError, PolicyTimeoutError
+from policy_client.history_windows import HistoryWindows
+from policy_client.rtc_inputs import RTC_INPUTS, plan_plays, rtc_inputs
+from policy_client.runner_stats import RunnerStats
+
+__all__ = ["BACKOFF_S", "MAX_THREADS", "ChunkRunner"]
+
+log = logging.getLogger(__name__)
+
+BACKOFF_S = 0.05
+MAX_THREADS = 32
+
+
+@dataclass
+class _Request:
+    step: int
+    sent: float
+    prefix: np.ndarray | None = None  # rtc: the plan's actions for steps step .. step + prefix_length - 1
+
+
+class ChunkRunner:
+    """Plays action chunks at the loop's rate and fetches the next ones in the background.
+
+    Call :meth:`act` once per control step with that step's observation. A chunk computed
+    from step ``s``'s observation is ``[H, *action_shape]``, row ``i`` planned for step
+    ``s + i``; rows whose step has passed when it arrives are dropped, and an answer older
+    than a chunk already received is dropped (out of order).
+
+    Scheduling (:func:`~policy_client.chunk_schedule.should_ask`): a request goes out when
+    the plan, counting the chunks in flight, has about the delay estimate's number of
+    actions left, at most one per step and at most ``max_in_flight`` at once, so latency
+    past half the horizon keeps several requests in flight (up to about ``0.85 x H``). Each
+    request's deadline is the time its chunk stays useful, ``(H - 1) / rate_hz``; a
+    ``PolicyClient`` keeps its own retries within it. A failed request is retried after an
+    exponential backoff (or the error's ``retry_after_s``), but while the plan still has
+    actions no later than a fresh chunk needs to leave; once the plan runs out the
+    ``fallback`` action (zeros: stop, for velocity or delta actions) is played and counted.
+    Pipelining helps a server that computes requests concurrently (batching, several
+    workers); one that computes them one after another only adds queueing for each extra
+    request: give it ``max_in_flight=1``.
+
+    Args:
+        policy: a :class:`ChunkPolicy` (e.g. a ``PolicyClient``, or an in-process callable).
+        rate_hz: the loop's control rate.
+        action_key: the output holding the chunk.
+        merge: how overlapping chunks make the plan: a name in :data:`MERGE_STRATEGIES`
+            or a :class:`MergeStrategy`. ``"rtc"`` sends the plan's not-yet-executed actions
+            and the delay when the model declares the real-time chunking inputs.
+        request_ahead: a fixed number of planned actions left at which to ask (None: from
+            the measured delay d; with real-time chunking on,
+            :func:`~policy_client.chunk_schedule.rtc_request_ahead`, earlier, so the prefix
+            overlaps the fresh chunk for several rows after d).
+        max_in_flight: the most requests out at once (None: the chunk's horizon).
+        fallback: the action played when no action is planned.
+        first_chunk_timeout_s: how long the first :meth:`act` of an episode waits.
+        max_backoff_s: cap of the retry backoff after failures.
+        model_info: the model's ``/model_info`` dict (default: ``policy.model_info()`` if
+            the policy has it, else no history windows and no optional inputs).
+
+    Not thread-safe: one loop thread calls :meth:`act`.
+    """
+
+    def __init__(
+        self,
+        policy: ChunkPolicy | Any,
+        *,
+        rate_hz: float,
+        action_key: str = "action",
+        merge: str | MergeStrategy = "replace",
+        request_ahead: int | None = None,
+        max_in_flight: int | None = None,
+        fallback: np.ndarray | None = None,
+        first_chunk_timeout_s: float = 30.0,
+        max_backoff_s: float = 2.0,
+        model_info: Mapping[str, Any] | None = None,
+    ) -> None:
+        if rate_hz <= 0:
+            raise ValueError("rate_hz must be positive")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.policy = policy
+        self.rate_hz = rate_hz
+        self.action_key = action_key
+        self.merge = merge_strategy(merge)
+        self.request_ahead = request_ahead
+        self.max_in_flight = max_in_flight
+        self.fallback = fallback
+        self.first_chunk_timeout_s = first_chunk_timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.stats = RunnerStats()
+        self._given_info = model_info
+        self._info: Mapping[str, Any] | None = None
+        self._info_failed = False
+        self._rtc = False
+        self._history = HistoryWindows({})
+        self._accepts_deadline = accepts_deadline(policy)
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._pool_lock = threading.Lock()
+        self._busy = 0
+        self._workers: list[threading.Thread] = []
+        self._clones: list[Any] = []
+        self._ids = itertools.count()
+        self._episode = 0
+        self._horizon: int | None = None
+        self._action_like: np.ndarray | None = None
+        self.reset()
+
+    def __enter__(self) -> ChunkRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- episode and lifetime ---------------------------------------------------------
+
+    def reset(self) -> None:
+        """Start a new episode: forget the plan and the history windows (answers still in
+        flight are discarded when they arrive)."""
+        self._episode += 1
+        self._step = 0
+        self._chunks: list[Chunk] = []
+        self._newest_step = -1
+        self._started = False
+        self._pending: dict[int, _Request] = {}
+        self._retry_at = 0.0
+        self._backoff_s = BACKOFF_S
+        self.last_chunk_step: int | None = None  # observation step of the chunk behind the last action
+        self._history.clear()
+        if self._info_failed:
+            self._info = None  # read the model's declarations again at the first act
+
+    def close(self) -> None:
+        """Stop the request threads (after the requests in flight, if any)."""
+        for _ in self._workers:
+            self._jobs.put(None)
+        give_up = time.monotonic() + self.first_chunk_timeout_s
+        for worker in self._workers:
+            worker.join(timeout=max(0.0, give_up - time.monotonic()))
+        for clone in self._clones:
+            if callable(getattr(clone, "close", None)):
+                clone.close()
+        self._workers, self._clones = [], []
+
+    @property
+    def horizon_s(self) -> float | None:
+        """Seconds a chunk covers, or None before the first one."""
+        return None if self._horizon is None else self._horizon / self.rate_hz
+
+    @property
+    def real_time_chunking(self) -> bool:
+        """True when requests carry the plan's prefix (merge ``rtc`` and the model declares it)."""
+        return self._rtc
+
+    # -- the loop step ----------------------------------------------------------------
+
+    def act(self, obs: Mapping[str, Any]) -> np.ndarray:
+        """The action for this control step; ``obs`` is this step's observation (per-step
+        values also for inputs the model takes as a history window).
+
+        Raises:
+            PolicyTimeoutError: the episode's first chunk did not come within
+                ``first_chunk_timeout_s``.
+            ObservationSpecError: a history input has the wrong per-step shape.
+        """
+        t = self._step
+        self._step += 1
+        if self._info is None:
+            self._read_model_info()
+        self._history.observe(obs)
+        self._take_answers(t)
+        if not self._started:
+            self._wait_first_chunk(obs, t)
+        action = self.merge.action(t, self._chunks)
+        if action is None:
+            self.stats.starved_steps += 1
+            action = self.fallback if self.fallback is not None else np.zeros_like(self._action_like)
+            self.last_chunk_step = None
+        else:
+            newest = next(c for c in reversed(self._chunks) if c.covers(t))
+            self.last_chunk_step = newest.step
+            self.stats.staleness_steps.append(t - newest.step)
+        self.stats.steps += 1
+        self._chunks = [c for c in self._chunks if c.end > t + 1 or c is self._chunks[-1]]
+        self._maybe_ask(obs, t)
+        return action
+
+    def delay_estimate_steps(self, *, measured_only: bool = False) -> int:
+        """Steps from an observation to its answer, high estimate: the slowest of the last 20
+        requests (until 10 are measured, at least half the horizon unless ``measured_only``)."""
+        return delay_estimate_steps(self.stats.latencies_s, self.rate_hz, self._horizon, measured_only=measured_only)
+
+    def _plan_end(self) -> int:
+        return max((c.end for c in self._chunks), default=0)
+
+    def _maybe_ask(self, obs: Mapping[str, Any], t: int) -> None:
+        if time.monotonic() < self._retry_at or self._horizon is None or t <= self._newest_step:
+            return
+        live = [r for r in self._pending.values() if t < r.step + self._horizon]
+        cap = self.max_in_flight or self._horizon
+        if len(live) >= cap or self._busy >= MAX_THREADS:
+            return
+        delay = self.delay_estimate_steps()
+        self.stats.delay_steps = delay
+        if should_ask(
+            t, horizon=self._horizon, plan_end=self._plan_end(), live_steps=[r.step for r in live], delay=delay,
+            overdue=self.delay_estimate_steps(measured_only=True) + 1, request_ahead=self.request_ahead, rtc=self._rtc,
+        ):
+            self._ask(obs, t, deadline_s=(self._horizon - 1) / self.rate_hz, delay=delay)
+
+    # -- model declarations: history windows and real-time chunking --------------------
+
+    def _read_model_info(self) -> None:
+        info: Mapping[str, Any] = {}
+        self._info_failed = False
+        if self._given_info is not None:
+            info = self._given_info
+        elif callable(getattr(self.policy, "model_info", None)):
+            try:
+                info = self.policy.model_info()
+            except Exception as exc:  # noqa: BLE001 - the loop goes on without declarations
+                log.warning("could not read the model's declarations (%s); reading again next episode", exc)
+                self._note_error(f"model_info: {exc}")
+                self._info_failed = True
+        self._info = info
+        inputs = {entry["name"]: entry for entry in info.get("inputs", [])}
+        self._history = HistoryWindows(inputs)
+        declared = set(info.get("optional_inputs", []))
+        self._rtc = bool(self.merge.sends_prefix and declared.issuperset(RTC_INPUTS))
+        if self.merge.sends_prefix and not self._rtc:
+            log.info("the model does not declare %s: real-time chunking plays answers as they come", RTC_INPUTS)
+        self._prefix_shape = tuple(inputs["action_prefix"]["shape"]) if self._rtc else None
+
+    def _request_obs(self, obs: Mapping[str, Any], t: int, delay: int) -> dict[str, Any]:
+        request = dict(obs)
+        self._history.fill(request)
+        if self._rtc:
+            request.update(rtc_inputs(self.merge, self._chunks, t, self._prefix_shape, delay))
+        return request
+
+    # -- requests and answers ---------------------------------------------------------
+
+    def _ask(self, obs: Mapping[str, Any], t: int, *, deadline_s: float, delay: int = 0) -> None:
+        request = self._request_obs(obs, t, delay)
+        rid = next(self._ids)
+        prefix = request["action_prefix"][:int(request["prefix_length"][0])] if self._rtc else None
+        self._pending[rid] = _Request(t, time.monotonic(), prefix)
+        self.stats.requests += 1
+        with self._pool_lock:
+            self._busy += 1
+            if self._busy > len(self._workers) and len(self._workers) < MAX_THREADS:
+                policy = self.policy
+                if self._workers and callable(getattr(self.policy, "clone", None)):
+                    policy = self.policy.clone()
+                    self._clones.append(policy)
+                worker = threading.Thread(target=self._serve, args=(policy,), name="chunk-runner", daemon=True)
+                self._workers.append(worker)
+                worker.start()
+            self.stats.in_flight = self._busy
+            self.stats.max_in_flight = max(self.stats.max_in_flight, self._busy)
+        self._jobs.put((self._episode, rid, t, request, deadline_s, time.monotonic() + deadline_s))
+
+    def _serve(self, policy: Any) -> None:
+        while (job := self._jobs.get()) is not None:
+            episode, rid, step, obs, deadline_s, deadline = job
+            start = time.monotonic()
+            version = None
+            try:
+                if start >= deadline:
+                    raise PolicyTimeoutError("deadline passed while the request waited for a thread")
+                left_s = deadline - start
+                result: Any = policy(obs, deadline_s=left_s) if self._accepts_deadline else policy(obs)
+                version = getattr(policy, "last_model_version", None)
+                if not isinstance(result, Mapping) or self.action_key not in result:
+                    raise PolicyClientError(f"policy output has no {self.action_key!r}")
+            except Exception as exc:  # noqa: BLE001 - the loop goes on; the failure is reported
+                result = exc
+            latency_s = time.monotonic() - start
+            with self._pool_lock:
+                self._busy -= 1
+                self.stats.in_flight = self._busy
+            self._answers.put((episode, rid, step, result, latency_s, version))
+
+    def _wait_first_chunk(self, obs: Mapping[str, Any], t: int) -> None:
+        give_up = time.monotonic() + self.first_chunk_timeout_s
+        while not self._started:
+            if not self._pending:
+                if self._retry_at >= give_up:
+                    break
+                time.sleep(max(0.0, self._retry_at - time.monotonic()))
+                self._ask(obs, t, deadline_s=self.first_chunk_timeout_s)
+            left = give_up - time.monotonic()
+            if left <= 0:
+                break
+            self._take_answers(t, wait_s=left)
+        if not self._started:
+            last = self.stats.errors[-1] if self.stats.errors else "no answer"
+            raise PolicyTimeoutError(f"no first chunk within {self.first_chunk_timeout_s} s ({last})")
+
+    def _take_answers(self, t: int, wait_s: float | None = None) -> None:
+        while True:
+            try:
+                answer = self._answers.get(timeout=wait_s) if wait_s is not None else self._answers.get_nowait()
+            except queue.Empty:
+                return
+            wait_s = None
+            self._take(t, *answer)
+
+    def _take(
+        self, t: int, episode: int, rid: int, step: int, result: Any, latency_s: float, version: str | None
+    ) -> None:
+        if episode != self._episode:
+            return
+        sent = self._pending.pop(rid, None)
+        if isinstance(result, BaseException):
+            self._failed(step, result)
+            return
+        self._backoff_s = BACKOFF_S
+        self.stats.latencies_s.append(latency_s)
+        actions = np.asarray(result[self.action_key])
+        if actions.ndim < 1 or len(actions) == 0:
+            self._failed(step, PolicyClientError(f"{self.action_key!r} is not a chunk: shape {list(actions.shape)}"))
+            return
+        self._horizon = len(actions)
+        self._action_like = actions[0]
+        if step <= self._newest_step:
+            self.stats.out_of_order += 1
+            return
+        if step + len(actions) <= t:
+            self.stats.stale_chunks += 1
+            return
+        stale = sent is not None and sent.prefix is not None and not plan_plays(
+            self.merge, self._chunks, sent.prefix, step, t, len(actions))
+        self.stats.stale_prefixes += stale
+        self._chunks.append(Chunk(step=step, arrived=t, actions=actions, stale_prefix=stale))
+        self._newest_step = step
+        self._started = True
+        self.stats.chunks += 1
+        self.stats.skipped_actions += t - step
+        self.stats.delays_steps.append(t - step)
+        if version is not None:
+            self.stats.versions[version] = self.stats.versions.get(version, 0) + 1
+
+    def _failed(self, step: int, error: BaseException) -> None:
+        self.stats.failures += 1
+        self._note_error(f"step {step}: {error}")
+        delay_s = self._backoff_s
+        hint = getattr(error, "retry_after_s", None)
+        if isinstance(hint, (int, float)) and hint >= 0:
+            delay_s = float(hint)
+        # While the plan still has actions, retry no later than a fresh chunk needs to leave
+        # (at most one request per step); once it has run out, back off.
+        if self._started and self._plan_end() > self._step:
+            slack_s = (self._plan_end() - self._step - self.delay_estimate_steps() - 1) / self.rate_hz
+            delay_s = min(delay_s, max(0.0, slack_s))
+        self._retry_at = time.monotonic() + delay_s
+        self._backoff_s = min(self.max_backoff_s, self._backoff_s * 2)
+        log.warning("chunk request failed (%s); retrying in %.2f s", error, delay_s)
+
+    def _note_error(self, message: str) -> None:
+        self.stats.errors = [*self.stats.errors[-9:], message]
