@@ -40,9 +40,9 @@ import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.timing import time_executor  # noqa: E402
 from binary_protocol import binary_to_dict, dict_to_binary  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
-from benchmarks.timing import time_executor  # noqa: E402
 
 log = logging.getLogger("bench_serving")
 MODEL = str(ROOT / "models" / "default")

@@ -31,7 +31,14 @@ from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.bench_serving import (  # noqa: E402
-    CORES, MODEL, ROOT, Target, concurrent, free_port, raw_http_client, reference_observation,
+    CORES,
+    MODEL,
+    ROOT,
+    Target,
+    concurrent,
+    free_port,
+    raw_http_client,
+    reference_observation,
 )
 from binary_protocol import dict_to_binary  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402

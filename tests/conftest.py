@@ -5,6 +5,8 @@ import pytest
 from policy_server.config import ServerConfig
 from server import create_app
 from tests.fakes import FakePolicy
+from tests.store_app import make_store_app
+from tests.tiny_model import write_tiny_model
 
 
 def make_app(policy=None, **config):
@@ -22,3 +24,23 @@ def app():
 @pytest.fixture
 def client(app):
     return app.test_client()
+
+
+@pytest.fixture
+def tiny_models(tmp_path):
+    """A model root holding one tiny model, ``tiny``, whose every action is 1.0."""
+    root = tmp_path / "models"
+    write_tiny_model(root / "tiny", tag=1.0)
+    return root
+
+
+@pytest.fixture
+def store_app(tmp_path, tiny_models):
+    app = make_store_app(tmp_path, tiny_models)
+    yield app
+    app.extensions["policy_runtime"].stop(5)
+
+
+@pytest.fixture
+def store_client(store_app):
+    return store_app.test_client()

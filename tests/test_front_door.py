@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from binary_protocol import dict_to_binary
-from request_tools import PolicyClient, PolicyServerError
+from request_tools import PolicyClient
 from tests.serving import run_server
 from tests.test_integration import SLOW_POLICY, observation
 from tests.test_observability import metric

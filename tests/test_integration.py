@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import http.client
 import json
-import signal
-import time
 import os
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 
-from binary_protocol import dict_to_binary
 from policy_server.contract import TensorSpec, directory_digest
 from policy_server.model_loader import load_model_dir
 from policy_server.tensors import sample_inputs

@@ -13,92 +13,48 @@ import threading
 import numpy as np
 import pytest
 
-from binary_protocol import binary_to_dict, dict_to_binary
+from binary_protocol import dict_to_binary
 from policy_server.config import ServerConfig
 from server import create_app
 from tests.fakes import FakePolicy, fake_observation
 from tests.hostile_payloads import hostile_payloads
+from tests.store_app import BINARY, infer, make_store_app, push
 from tests.tiny_model import tiny_weights, write_tiny_model
 
-BINARY = {"Content-Type": "application/octet-stream"}
 ADMIN_KEY = "admin-key-0123"
 API_KEY = "api-key-0123"
 
 
-@pytest.fixture
-def root(tmp_path):
-    root = tmp_path / "models"
-    write_tiny_model(root / "tiny", tag=1.0)
-    return root
-
-
-def make_store_app(tmp_path, root, **config):
-    settings = dict(
-        model_path=str(root / "tiny"), model_store=str(tmp_path / "store"), model_root=str(root),
-        store_poll_ms=10,
-    )
-    settings.update(config)
-    app = create_app(ServerConfig(**settings))
-    runtime = app.extensions["policy_runtime"]
-    runtime.start(block=True)
-    assert runtime.ready, runtime.failure
-    return app
-
-
-@pytest.fixture
-def app(tmp_path, root):
-    app = make_store_app(tmp_path, root)
-    yield app
-    app.extensions["policy_runtime"].stop(5)
-
-
-@pytest.fixture
-def client(app):
-    return app.test_client()
-
-
-def infer(client, route="/infer", headers=None, obs=None):
-    response = client.post(route, data=dict_to_binary(obs or fake_observation(0)), headers={**BINARY, **(headers or {})})
-    assert response.status_code == 200, response.get_json()
-    action = binary_to_dict(response.get_data())["action"]
-    return response.headers["X-Model-Version"], float(action.flat[0]), response
-
-
-def push(client, weights, wait_s=5, **extra):
-    body = dict_to_binary({"weights": weights, **extra})
-    return client.post(f"/update_model?wait_s={wait_s}", data=body, headers=BINARY)
-
-
-def test_update_from_a_model_path_switches_the_served_version(client, root):
-    assert infer(client)[:2] == ("1", 1.0)
-    write_tiny_model(root / "next", tag=2.0)
-    response = client.post("/update_model?wait_s=5", json={"model_path": "next"})
+def test_update_from_a_model_path_switches_the_served_version(store_client, tiny_models):
+    assert infer(store_client)[:2] == ("1", 1.0)
+    write_tiny_model(tiny_models / "next", tag=2.0)
+    response = store_client.post("/update_model?wait_s=5", json={"model_path": "next"})
     assert response.status_code == 200, response.get_json()
     answer = response.get_json()
     assert (answer["version"], answer["previous"], answer["model"]) == (2, 1, "default")
     assert answer["all_workers"] is True and [w["version"] for w in answer["workers"]] == ["2"]
     assert 0 <= answer["switch_s"] < 5
-    assert infer(client)[:2] == ("2", 2.0)
-    assert client.get("/model_info").get_json()["version"] == "2"
+    assert infer(store_client)[:2] == ("2", 2.0)
+    assert store_client.get("/model_info").get_json()["version"] == "2"
 
 
-def test_weights_push_then_rollback(client):
-    answer = push(client, tiny_weights(3.0)).get_json()
+def test_weights_push_then_rollback(store_client):
+    answer = push(store_client, tiny_weights(3.0)).get_json()
     assert (answer["version"], answer["previous"], answer["all_workers"]) == (2, 1, True)
-    assert infer(client)[:2] == ("2", 3.0)
-    back = client.post("/update_model?wait_s=5", json={"version": 1}).get_json()
+    assert infer(store_client)[:2] == ("2", 3.0)
+    back = store_client.post("/update_model?wait_s=5", json={"version": 1}).get_json()
     assert (back["version"], back["previous"], back["all_workers"]) == (1, 2, True)
-    assert infer(client)[:2] == ("1", 1.0)
+    assert infer(store_client)[:2] == ("1", 1.0)
 
 
-def test_update_without_wait_answers_at_once_and_the_worker_follows(client):
-    answer = push(client, tiny_weights(4.0), wait_s=0).get_json()
+def test_update_without_wait_answers_at_once_and_the_worker_follows(store_client):
+    answer = push(store_client, tiny_weights(4.0), wait_s=0).get_json()
     assert answer["version"] == 2 and "workers" not in answer
     for _ in range(200):
-        if infer(client)[0] == "2":
+        if infer(store_client)[0] == "2":
             break
         threading.Event().wait(0.01)
-    assert infer(client)[:2] == ("2", 4.0)
+    assert infer(store_client)[:2] == ("2", 4.0)
 
 
 def _unsafe_pickle() -> bytes:
@@ -155,112 +111,112 @@ BAD_UPDATES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_UPDATES))
-def test_bad_updates_are_refused_and_serving_is_untouched(client, root, tmp_path, case):
-    (root / "empty").mkdir()
-    write_tiny_model(root / "broken", tag=5.0, raise_on_load=True)
+def test_bad_updates_are_refused_and_serving_is_untouched(store_client, tiny_models, tmp_path, case):
+    (tiny_models / "empty").mkdir()
+    write_tiny_model(tiny_models / "broken", tag=5.0, raise_on_load=True)
     outside = write_tiny_model(tmp_path / "outside", tag=6.0)
-    (root / "escape").symlink_to(outside)
+    (tiny_models / "escape").symlink_to(outside)
     make_request, status, fragment = BAD_UPDATES[case]
-    store = client.application.extensions["policy_runtime"].store
+    store = store_client.application.extensions["policy_runtime"].store
     before = store.pointer("default")
-    response = client.post("/update_model?wait_s=1", **make_request(root))
+    response = store_client.post("/update_model?wait_s=1", **make_request(tiny_models))
     assert response.status_code == status, response.get_json()
     assert fragment in response.get_json()["detail"]
     assert store.pointer("default") == before and store.versions("default") == [1]
     assert os.listdir(os.path.join(store.root, "default", ".staging")) == []
-    assert infer(client)[:2] == ("1", 1.0)
+    assert infer(store_client)[:2] == ("1", 1.0)
 
 
-def test_armed_pickles_sent_as_updates_run_nothing(client, tmp_path):
+def test_armed_pickles_sent_as_updates_run_nothing(store_client, tmp_path):
     canary = tmp_path / "canary"
     armed = [p for p in hostile_payloads(str(canary)) if p.armed]
     assert len(armed) >= 20
     for payload in armed:
-        response = client.post("/update_model", data=payload.body, headers=BINARY)
+        response = store_client.post("/update_model", data=payload.body, headers=BINARY)
         assert response.status_code == 400, payload.id
     assert not canary.exists()
-    assert client.application.extensions["policy_runtime"].store.versions("default") == [1]
+    assert store_client.application.extensions["policy_runtime"].store.versions("default") == [1]
 
 
 def test_a_fixed_policy_server_has_no_hot_reload():
-    app = create_app(ServerConfig(), policy=FakePolicy())
-    app.extensions["policy_runtime"].start(block=True)
-    response = app.test_client().post("/update_model", json={"version": 1})
+    store_app = create_app(ServerConfig(), policy=FakePolicy())
+    store_app.extensions["policy_runtime"].start(block=True)
+    response = store_app.test_client().post("/update_model", json={"version": 1})
     assert response.status_code == 409 and "model store" in response.get_json()["detail"]
 
 
-def test_admin_key_guards_management_only(tmp_path, root):
-    app = make_store_app(tmp_path, root, admin_key=ADMIN_KEY, api_key=API_KEY)
-    client = app.test_client()
+def test_admin_key_guards_management_only(tmp_path, tiny_models):
+    store_app = make_store_app(tmp_path, tiny_models, admin_key=ADMIN_KEY, api_key=API_KEY)
+    store_client = store_app.test_client()
     update = {"json": {"version": 1}}
-    assert client.post("/update_model", **update).status_code == 401
-    assert client.post("/update_model", headers={"X-API-Key": API_KEY}, **update).status_code == 401
-    assert client.post("/update_model", headers={"X-Admin-Key": "wrong-key-000"}, **update).status_code == 401
-    assert client.post("/models/x/unload", headers={"X-API-Key": API_KEY}).status_code == 401
-    assert client.post("/update_model", headers={"X-Admin-Key": ADMIN_KEY}, **update).status_code == 200
-    assert client.post("/infer", data=dict_to_binary(fake_observation(0)), headers={**BINARY, "X-Admin-Key": ADMIN_KEY}
+    assert store_client.post("/update_model", **update).status_code == 401
+    assert store_client.post("/update_model", headers={"X-API-Key": API_KEY}, **update).status_code == 401
+    assert store_client.post("/update_model", headers={"X-Admin-Key": "wrong-key-000"}, **update).status_code == 401
+    assert store_client.post("/models/x/unload", headers={"X-API-Key": API_KEY}).status_code == 401
+    assert store_client.post("/update_model", headers={"X-Admin-Key": ADMIN_KEY}, **update).status_code == 200
+    assert store_client.post("/infer", data=dict_to_binary(fake_observation(0)), headers={**BINARY, "X-Admin-Key": ADMIN_KEY}
                        ).status_code == 401  # the admin key is not an inference key
-    assert infer(client, headers={"X-API-Key": API_KEY})[0] == "1"
-    assert client.get("/models", headers={"X-API-Key": API_KEY}).status_code == 200
-    app.extensions["policy_runtime"].stop(5)
+    assert infer(store_client, headers={"X-API-Key": API_KEY})[0] == "1"
+    assert store_client.get("/models", headers={"X-API-Key": API_KEY}).status_code == 200
+    store_app.extensions["policy_runtime"].stop(5)
 
 
-def test_without_an_admin_key_management_follows_the_api_key(tmp_path, root):
-    app = make_store_app(tmp_path, root, api_key=API_KEY)
-    client = app.test_client()
-    assert client.post("/update_model", json={"version": 1}).status_code == 401
-    assert client.post("/update_model", json={"version": 1}, headers={"X-API-Key": API_KEY}).status_code == 200
-    app.extensions["policy_runtime"].stop(5)
+def test_without_an_admin_key_management_follows_the_api_key(tmp_path, tiny_models):
+    store_app = make_store_app(tmp_path, tiny_models, api_key=API_KEY)
+    store_client = store_app.test_client()
+    assert store_client.post("/update_model", json={"version": 1}).status_code == 401
+    assert store_client.post("/update_model", json={"version": 1}, headers={"X-API-Key": API_KEY}).status_code == 200
+    store_app.extensions["policy_runtime"].stop(5)
 
 
-def test_several_models_load_serve_and_unload(client, root):
-    write_tiny_model(root / "second", tag=7.0)
-    loaded = client.post("/models/second/load?wait_s=5", json={"model_path": "second"}).get_json()
+def test_several_models_load_serve_and_unload(store_client, tiny_models):
+    write_tiny_model(tiny_models / "second", tag=7.0)
+    loaded = store_client.post("/models/second/load?wait_s=5", json={"model_path": "second"}).get_json()
     assert (loaded["model"], loaded["version"], loaded["all_workers"]) == ("second", 1, True)
-    listing = client.get("/models").get_json()
+    listing = store_client.get("/models").get_json()
     assert listing["default"] == "default"
     by_name = {m["name"]: m for m in listing["models"]}
     assert by_name["second"]["state"] == by_name["default"]["state"] == "serving"
     assert by_name["second"]["device"] == "cpu" and by_name["second"]["kept_versions"] == [1]
     assert list(listing["workers"].values()) == [{"default": "1", "second": "1"}]
-    assert infer(client, "/models/second/infer")[:2] == ("1", 7.0)
-    assert infer(client)[:2] == ("1", 1.0)
-    assert client.get("/models/second").get_json()["name"] == "second"
-    pushed = push(client, tiny_weights(8.0), model="second").get_json()
-    assert pushed["version"] == 2 and infer(client, "/models/second/infer")[:2] == ("2", 8.0)
-    assert infer(client)[:2] == ("1", 1.0)  # the other model is untouched
+    assert infer(store_client, "/models/second/infer")[:2] == ("1", 7.0)
+    assert infer(store_client)[:2] == ("1", 1.0)
+    assert store_client.get("/models/second").get_json()["name"] == "second"
+    pushed = push(store_client, tiny_weights(8.0), model="second").get_json()
+    assert pushed["version"] == 2 and infer(store_client, "/models/second/infer")[:2] == ("2", 8.0)
+    assert infer(store_client)[:2] == ("1", 1.0)  # the other model is untouched
 
-    unloaded = client.post("/models/second/unload?wait_s=5").get_json()
+    unloaded = store_client.post("/models/second/unload?wait_s=5").get_json()
     assert unloaded["loaded"] is False and unloaded["all_workers"] is True
-    response = client.post("/models/second/infer", data=dict_to_binary(fake_observation(0)), headers=BINARY)
+    response = store_client.post("/models/second/infer", data=dict_to_binary(fake_observation(0)), headers=BINARY)
     assert response.status_code == 404 and "not loaded" in response.get_json()["detail"]
-    states = {m["name"]: m["state"] for m in client.get("/models").get_json()["models"]}
+    states = {m["name"]: m["state"] for m in store_client.get("/models").get_json()["models"]}
     assert states == {"default": "serving", "second": "unloaded"}
-    reloaded = client.post("/models/second/load?wait_s=5").get_json()
-    assert reloaded["all_workers"] is True and infer(client, "/models/second/infer")[:2] == ("2", 8.0)
+    reloaded = store_client.post("/models/second/load?wait_s=5").get_json()
+    assert reloaded["all_workers"] is True and infer(store_client, "/models/second/infer")[:2] == ("2", 8.0)
 
 
-def test_unknown_models_and_unloading_the_default(client):
-    assert client.post("/models/default/unload").status_code == 409
-    assert client.post("/models/nope/unload").status_code == 404
-    assert client.post("/models/nope/load").status_code == 404
-    response = client.post("/models/nope/infer", data=dict_to_binary(fake_observation(0)), headers=BINARY)
+def test_unknown_models_and_unloading_the_default(store_client):
+    assert store_client.post("/models/default/unload").status_code == 409
+    assert store_client.post("/models/nope/unload").status_code == 404
+    assert store_client.post("/models/nope/load").status_code == 404
+    response = store_client.post("/models/nope/infer", data=dict_to_binary(fake_observation(0)), headers=BINARY)
     assert response.status_code == 404
-    assert client.get("/models/nope").status_code == 404
+    assert store_client.get("/models/nope").status_code == 404
 
 
-def pushes_under_load(app, tags: list[float]) -> tuple[list, set]:
+def pushes_under_load(store_app, tags: list[float]) -> tuple[list, set]:
     """Push each tag as the next version while 4 threads infer; return (mismatches, versions seen).
 
     A mismatch is an answer whose action is not the tag of the version it names.
     """
-    client = app.test_client()
-    version, value, _ = infer(client)
+    store_client = store_app.test_client()
+    version, value, _ = infer(store_client)
     expected = {version: value}
     stop, errors, seen = threading.Event(), [], set()
 
     def load():
-        local = app.test_client()
+        local = store_app.test_client()
         while not stop.is_set():
             version, value, _ = infer(local)
             seen.add(version)
@@ -272,7 +228,7 @@ def pushes_under_load(app, tags: list[float]) -> tuple[list, set]:
         t.start()
     try:
         for tag in tags:
-            answer = push(client, tiny_weights(tag)).get_json()
+            answer = push(store_client, tiny_weights(tag)).get_json()
             assert answer["all_workers"], answer
             expected[str(answer["version"])] = tag
     finally:
@@ -282,36 +238,36 @@ def pushes_under_load(app, tags: list[float]) -> tuple[list, set]:
     return errors, seen
 
 
-def test_requests_during_updates_always_match_their_version(app):
+def test_requests_during_updates_always_match_their_version(store_app):
     """No answer mixes versions: each action equals the tag of the version it names."""
-    errors, seen = pushes_under_load(app, [10.0 * i for i in range(2, 8)])
+    errors, seen = pushes_under_load(store_app, [10.0 * i for i in range(2, 8)])
     assert errors == [] and len(seen) >= 3
 
 
-def test_cache_hits_misses_and_a_new_version_invalidates(tmp_path, root):
-    app = make_store_app(tmp_path, root, cache_size=8, cache_ttl_s=60)
-    client = app.test_client()
-    first = infer(client)[2]
-    again = infer(client)[2]
-    other = infer(client, obs=fake_observation(1))[2]
+def test_cache_hits_misses_and_a_new_version_invalidates(tmp_path, tiny_models):
+    store_app = make_store_app(tmp_path, tiny_models, cache_size=8, cache_ttl_s=60)
+    store_client = store_app.test_client()
+    first = infer(store_client)[2]
+    again = infer(store_client)[2]
+    other = infer(store_client, obs=fake_observation(1))[2]
     assert (first.headers["X-Cache"], again.headers["X-Cache"], other.headers["X-Cache"]) == ("miss", "hit", "miss")
     assert again.get_data() == first.get_data() and "X-Batch-Size" not in again.headers
-    assert push(client, tiny_weights(9.0)).status_code == 200
-    version, value, after = infer(client)
+    assert push(store_client, tiny_weights(9.0)).status_code == 200
+    version, value, after = infer(store_client)
     assert (version, value, after.headers["X-Cache"]) == ("2", 9.0, "miss")
-    assert infer(client)[2].headers["X-Cache"] == "hit"
-    app.extensions["policy_runtime"].stop(5)
+    assert infer(store_client)[2].headers["X-Cache"] == "hit"
+    store_app.extensions["policy_runtime"].stop(5)
 
 
-def test_cache_is_off_by_default(client):
-    assert "X-Cache" not in infer(client)[2].headers
-    assert "X-Cache" not in infer(client)[2].headers
+def test_cache_is_off_by_default(store_client):
+    assert "X-Cache" not in infer(store_client)[2].headers
+    assert "X-Cache" not in infer(store_client)[2].headers
 
 
-def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(client, app):
+def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(store_client, store_app):
     """A published version that this worker cannot load (e.g. removed files): it reports the
     problem, keeps serving, and a wait says so."""
-    runtime = app.extensions["policy_runtime"]
+    runtime = store_app.extensions["policy_runtime"]
     store = runtime.store
     staged = store.stage("default", store.version_dir("default", 1))
     with open(os.path.join(staged, "raise_on_load"), "w") as fh:
@@ -321,31 +277,31 @@ def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(client, app)
 
     report = ModelAdmin(runtime.config, runtime).wait_for(pointer, 5)
     assert report["all_workers"] is False and "refuses to load" in report["workers"][0]["problem"]
-    assert infer(client)[:2] == ("1", 1.0)
-    states = {m["name"]: m for m in client.get("/models").get_json()["models"]}
+    assert infer(store_client)[:2] == ("1", 1.0)
+    states = {m["name"]: m for m in store_client.get("/models").get_json()["models"]}
     assert states["default"]["state"] == "failed" and states["default"]["version"] == "2"
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
-def test_hot_swap_on_cuda_under_concurrent_requests(tmp_path, root):
+def test_hot_swap_on_cuda_under_concurrent_requests(tmp_path, tiny_models):
     """The pipelined CUDA executor: weight pushes while requests run; every answer matches its version."""
-    app = make_store_app(tmp_path, root, device="cuda")
-    assert app.test_client().get("/model_info").get_json()["device"].startswith("cuda")
-    errors, _ = pushes_under_load(app, [100.0 + i for i in range(2, 6)])
-    assert errors == [] and infer(app.test_client())[:2] == ("5", 105.0)
-    app.extensions["policy_runtime"].stop(5)
+    store_app = make_store_app(tmp_path, tiny_models, device="cuda")
+    assert store_app.test_client().get("/model_info").get_json()["device"].startswith("cuda")
+    errors, _ = pushes_under_load(store_app, [100.0 + i for i in range(2, 6)])
+    assert errors == [] and infer(store_app.test_client())[:2] == ("5", 105.0)
+    store_app.extensions["policy_runtime"].stop(5)
 
 
-def test_updates_show_in_the_metrics(client):
+def test_updates_show_in_the_metrics(store_client):
     from tests.test_observability import metric
 
     def scrape():
-        return client.get("/metrics").get_data(as_text=True)
+        return store_client.get("/metrics").get_data(as_text=True)
 
     before = scrape()
-    assert push(client, tiny_weights(2.0)).status_code == 200
-    assert push(client, _nan_weights()).status_code == 422
+    assert push(store_client, tiny_weights(2.0)).status_code == 200
+    assert push(store_client, _nan_weights()).status_code == 422
     after = scrape()
     assert metric(after, "policy_model_reloads_total", model="default") - metric(
         before, "policy_model_reloads_total", model="default") == 1

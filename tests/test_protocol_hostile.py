@@ -13,12 +13,12 @@ import contextlib
 import copyreg
 import json
 import os
+import struct
 import subprocess
 import sys
-import struct
 import textwrap
-import warnings
 import time
+import warnings
 from pathlib import Path
 
 import pytest

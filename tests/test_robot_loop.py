@@ -22,7 +22,12 @@ import request_tools
 import robot_loop
 from chunk_merge import BlendMerge, Chunk, ReplaceMerge, TemporalEnsembling, merge_strategy
 from request_tools import (
-    ChunkRunner, LoopClock, ObservationSpecError, PolicyClient, PolicyServerError, PolicyTimeoutError,
+    ChunkRunner,
+    LoopClock,
+    ObservationSpecError,
+    PolicyClient,
+    PolicyServerError,
+    PolicyTimeoutError,
     check_observation,
 )
 from robot_loop import MERGE_STRATEGIES, RTC_INPUTS, ChunkPolicy, RunnerStats

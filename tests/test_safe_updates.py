@@ -21,22 +21,22 @@ from hypothesis.extra import numpy as hnp
 from binary_protocol import dict_to_binary
 from policy_server.launcher import ROOT
 from policy_server.store import ModelStore
-from tests.test_model_admin import BINARY, app, client, infer, make_store_app, push, root  # noqa: F401 (fixtures)
+from tests.store_app import BINARY, infer, make_store_app, push
 from tests.tiny_model import POLICY, tiny_weights, write_tiny_model
 
 CANARY_CODE = "open({path!r}, 'w').write('ran')\n"
 
 
-def assert_nothing_published(client, name: str = "default") -> None:
-    store: ModelStore = client.application.extensions["policy_runtime"].store
+def assert_nothing_published(store_client, name: str = "default") -> None:
+    store: ModelStore = store_client.application.extensions["policy_runtime"].store
     pointer = store.pointer(name)
     assert (pointer.version, pointer.generation) == (1, 1)
     assert store.versions(name) == [1]
     assert os.listdir(os.path.join(store.root, name, "versions")) == ["000001"]
     assert os.listdir(os.path.join(store.root, name, ".staging")) == []
-    by_name = {m["name"]: m for m in client.get("/models").get_json()["models"]}
+    by_name = {m["name"]: m for m in store_client.get("/models").get_json()["models"]}
     assert by_name[name]["kept_versions"] == [1]
-    assert infer(client)[:2] == ("1", 1.0)
+    assert infer(store_client)[:2] == ("1", 1.0)
 
 
 def refused(response, status: int, fragment: str) -> dict:
@@ -49,88 +49,88 @@ def refused(response, status: int, fragment: str) -> dict:
 # -- confinement ----------------------------------------------------------------------
 
 
-def test_a_policy_py_linked_out_of_the_root_is_refused_and_never_runs(client, root, tmp_path):
+def test_a_policy_py_linked_out_of_the_root_is_refused_and_never_runs(store_client, tiny_models, tmp_path):
     canary = tmp_path / "canary"
     outside = tmp_path / "outside_policy.py"
     outside.write_text(CANARY_CODE.format(path=str(canary)) + POLICY)
-    evil = write_tiny_model(root / "evil", tag=2.0)
+    evil = write_tiny_model(tiny_models / "evil", tag=2.0)
     (evil / "policy.py").unlink()
     (evil / "policy.py").symlink_to(outside)
-    refused(client.post("/update_model", json={"model_path": "evil"}), 403,
+    refused(store_client.post("/update_model", json={"model_path": "evil"}), 403,
             "'policy.py' is a link that leads outside the model root")
-    refused(client.post("/models/other/load", json={"model_path": "evil"}), 403, "'policy.py'")
+    refused(store_client.post("/models/other/load", json={"model_path": "evil"}), 403, "'policy.py'")
     assert not canary.exists()
-    assert_nothing_published(client)
+    assert_nothing_published(store_client)
 
 
-def test_a_weights_file_linked_out_of_the_root_is_refused(client, root, tmp_path):
+def test_a_weights_file_linked_out_of_the_root_is_refused(store_client, tiny_models, tmp_path):
     write_tiny_model(tmp_path / "outside", tag=9.0)
-    evil = write_tiny_model(root / "evil", tag=2.0)
+    evil = write_tiny_model(tiny_models / "evil", tag=2.0)
     (evil / "sub").mkdir()
     (evil / "sub" / "model.safetensors").symlink_to(tmp_path / "outside" / "model.safetensors")
-    refused(client.post("/update_model", json={"model_path": "evil"}), 403, "'sub/model.safetensors'")
-    assert_nothing_published(client)
+    refused(store_client.post("/update_model", json={"model_path": "evil"}), 403, "'sub/model.safetensors'")
+    assert_nothing_published(store_client)
 
 
-def test_a_link_inside_the_root_is_served_as_a_copy(client, root):
-    linked = root / "linked"
+def test_a_link_inside_the_root_is_served_as_a_copy(store_client, tiny_models):
+    linked = tiny_models / "linked"
     linked.mkdir()
-    (linked / "policy.py").symlink_to(root / "tiny" / "policy.py")
-    write_tiny_model(root / "weights_only", tag=3.0)
+    (linked / "policy.py").symlink_to(tiny_models / "tiny" / "policy.py")
+    write_tiny_model(tiny_models / "weights_only", tag=3.0)
     (linked / "model.safetensors").symlink_to("../weights_only/model.safetensors")
-    answer = client.post("/update_model", json={"model_path": "linked"}).get_json()
+    answer = store_client.post("/update_model", json={"model_path": "linked"}).get_json()
     assert answer["version"] == 2 and answer["all_workers"] is True
-    store = client.application.extensions["policy_runtime"].store
+    store = store_client.application.extensions["policy_runtime"].store
     published = store.version_dir("default", 2)
     assert not any(os.path.islink(os.path.join(published, f)) for f in os.listdir(published))
-    (root / "weights_only" / "model.safetensors").write_bytes(b"changed later")  # the copy is what serves
-    assert infer(client)[:2] == ("2", 3.0)
+    (tiny_models / "weights_only" / "model.safetensors").write_bytes(b"changed later")  # the copy is what serves
+    assert infer(store_client)[:2] == ("2", 3.0)
 
 
-def test_special_files_and_limits_are_refused(client, root, tmp_path):
-    fifo = write_tiny_model(root / "fifo", tag=2.0)
+def test_special_files_and_limits_are_refused(store_client, tiny_models, tmp_path):
+    fifo = write_tiny_model(tiny_models / "fifo", tag=2.0)
     os.mkfifo(fifo / "pipe")
-    refused(client.post("/update_model", json={"model_path": "fifo"}), 422, "'pipe' is a FIFO")
-    assert_nothing_published(client)
-    app = make_store_app(tmp_path / "small", root, stage_max_files=2)
+    refused(store_client.post("/update_model", json={"model_path": "fifo"}), 422, "'pipe' is a FIFO")
+    assert_nothing_published(store_client)
+    store_app = make_store_app(tmp_path / "small", tiny_models, stage_max_files=2)
     try:
-        small = app.test_client()
-        write_tiny_model(root / "three", tag=2.0)
-        (root / "three" / "notes.txt").write_text("a third file")
+        small = store_app.test_client()
+        write_tiny_model(tiny_models / "three", tag=2.0)
+        (tiny_models / "three" / "notes.txt").write_text("a third file")
         refused(small.post("/update_model", json={"model_path": "three"}), 413, "more than 2 files")
         assert_nothing_published(small)
     finally:
-        app.extensions["policy_runtime"].stop(5)
+        store_app.extensions["policy_runtime"].stop(5)
 
 
 # -- weights checked before anything runs -----------------------------------------------
 
 
 @pytest.mark.parametrize("value", [-np.inf, np.inf, np.nan])
-def test_a_non_finite_weight_push_is_refused_naming_the_key(client, value):
+def test_a_non_finite_weight_push_is_refused_naming_the_key(store_client, value):
     weights = tiny_weights(2.0)
     weights["linear.bias"][7] = value
-    refused(push(client, weights), 422, "weight 'linear.bias' is not finite")
-    assert_nothing_published(client)
+    refused(push(store_client, weights), 422, "weight 'linear.bias' is not finite")
+    assert_nothing_published(store_client)
 
 
-def test_a_model_directory_with_a_non_finite_weight_is_refused_before_its_code_runs(client, root, tmp_path):
+def test_a_model_directory_with_a_non_finite_weight_is_refused_before_its_code_runs(store_client, tiny_models, tmp_path):
     from safetensors.numpy import save_file
 
     canary = tmp_path / "canary"
-    bad = write_tiny_model(root / "bad", tag=2.0)
+    bad = write_tiny_model(tiny_models / "bad", tag=2.0)
     (bad / "policy.py").write_text(CANARY_CODE.format(path=str(canary)) + POLICY)
     weights = tiny_weights(2.0)
     weights["linear.weight"][1, 2] = -np.inf
     save_file(weights, str(bad / "model.safetensors"))
-    refused(client.post("/update_model", json={"model_path": "bad"}), 422,
+    refused(store_client.post("/update_model", json={"model_path": "bad"}), 422,
             "model.safetensors: weight 'linear.weight' is not finite")
     assert not canary.exists()
-    assert_nothing_published(client)
+    assert_nothing_published(store_client)
 
 
-def test_a_constant_policy_is_published_with_a_warning(client):
-    answer = push(client, tiny_weights(2.0)).get_json()  # the tiny model's output is its bias: constant
+def test_a_constant_policy_is_published_with_a_warning(store_client):
+    answer = push(store_client, tiny_weights(2.0)).get_json()  # the tiny model's output is its bias: constant
     assert answer["version"] == 2
     assert answer["warnings"] == [  # warm-up: batch 1 twice, then the CPU batch cap of 4
         "output 'action' was identical for 6 distinct random observations: the policy may ignore its input"]
@@ -138,13 +138,13 @@ def test_a_constant_policy_is_published_with_a_warning(client):
 
 def test_a_policy_that_uses_its_input_has_no_warning(tmp_path):
     models = os.path.join(ROOT, "models")
-    app = make_store_app(tmp_path, Path(models), model_path=os.path.join(models, "default"))
+    store_app = make_store_app(tmp_path, Path(models), model_path=os.path.join(models, "default"))
     try:
-        answer = app.test_client().post("/update_model", json={"model_path": "default"}).get_json()
+        answer = store_app.test_client().post("/update_model", json={"model_path": "default"}).get_json()
         assert answer["version"] == 2, answer
         assert "warnings" not in answer and answer["all_workers"] is True
     finally:
-        app.extensions["policy_runtime"].stop(5)
+        store_app.extensions["policy_runtime"].stop(5)
 
 
 # -- store failures ---------------------------------------------------------------------
@@ -161,56 +161,56 @@ def _raise(code: int):
     (errno.EROFS, 500, "Read-only file system (EROFS)"),
     (errno.EACCES, 500, "Permission denied (EACCES)"),
 ])
-def test_a_failing_pointer_write_answers_json_and_keeps_serving(client, root, monkeypatch, code, status, reason):
+def test_a_failing_pointer_write_answers_json_and_keeps_serving(store_client, tiny_models, monkeypatch, code, status, reason):
     monkeypatch.setattr(ModelStore, "_write_pointer", _raise(code))
-    write_tiny_model(root / "next", tag=2.0)
-    body = refused(client.post("/update_model", json={"model_path": "next"}), status, reason)
+    write_tiny_model(tiny_models / "next", tag=2.0)
+    body = refused(store_client.post("/update_model", json={"model_path": "next"}), status, reason)
     assert "writing the pointer failed" in body["detail"]
-    refused(push(client, tiny_weights(3.0)), status, reason)
-    refused(client.post("/update_model", json={"version": 1}), status, reason)
+    refused(push(store_client, tiny_weights(3.0)), status, reason)
+    refused(store_client.post("/update_model", json={"version": 1}), status, reason)
     monkeypatch.undo()
-    assert_nothing_published(client)
-    assert push(client, tiny_weights(3.0)).get_json()["version"] == 2  # and it recovers
+    assert_nothing_published(store_client)
+    assert push(store_client, tiny_weights(3.0)).get_json()["version"] == 2  # and it recovers
 
 
-def test_a_staging_area_that_cannot_be_written_is_500(client, root):
-    store = client.application.extensions["policy_runtime"].store
+def test_a_staging_area_that_cannot_be_written_is_500(store_client, tiny_models):
+    store = store_client.application.extensions["policy_runtime"].store
     staging = os.path.join(store.root, "default", ".staging")
     os.rmdir(staging)
     open(staging, "w").close()  # a file where the staging directory should be: fails even for root
-    write_tiny_model(root / "next", tag=2.0)
-    refused(client.post("/update_model", json={"model_path": "next"}), 500, "creating the staging directory failed")
+    write_tiny_model(tiny_models / "next", tag=2.0)
+    refused(store_client.post("/update_model", json={"model_path": "next"}), 500, "creating the staging directory failed")
     os.unlink(staging)
     os.mkdir(staging)
-    assert_nothing_published(client)
+    assert_nothing_published(store_client)
 
 
 # -- read your writes --------------------------------------------------------------------
 
 
-def test_updates_wait_for_every_worker_by_default(client, root):
-    response = client.post("/update_model", data=dict_to_binary({"weights": tiny_weights(2.0)}), headers=BINARY)
+def test_updates_wait_for_every_worker_by_default(store_client, tiny_models):
+    response = store_client.post("/update_model", data=dict_to_binary({"weights": tiny_weights(2.0)}), headers=BINARY)
     answer = response.get_json()
     assert answer["all_workers"] is True and answer["lagging"] == [] and answer["missing_workers"] == 0
-    assert infer(client)[:2] == ("2", 2.0)
-    quick = client.post("/update_model?wait_s=0", json={"version": 1}).get_json()
+    assert infer(store_client)[:2] == ("2", 2.0)
+    quick = store_client.post("/update_model?wait_s=0", json={"version": 1}).get_json()
     assert quick["version"] == 1 and "all_workers" not in quick
-    write_tiny_model(root / "second", tag=5.0)
-    loaded = client.post("/models/second/load", json={"model_path": "second"}).get_json()
+    write_tiny_model(tiny_models / "second", tag=5.0)
+    loaded = store_client.post("/models/second/load", json={"model_path": "second"}).get_json()
     assert loaded["all_workers"] is True
-    assert infer(client, "/models/second/infer")[:2] == ("1", 5.0)
-    unloaded = client.post("/models/second/unload").get_json()
+    assert infer(store_client, "/models/second/infer")[:2] == ("1", 5.0)
+    unloaded = store_client.post("/models/second/unload").get_json()
     assert unloaded["all_workers"] is True
-    assert client.post("/models/second/infer", data=dict_to_binary({}), headers=BINARY).status_code == 404
+    assert store_client.post("/models/second/infer", data=dict_to_binary({}), headers=BINARY).status_code == 404
 
 
-def test_the_default_wait_is_a_setting(tmp_path, root):
-    app = make_store_app(tmp_path, root, update_wait_s=0.0)
+def test_the_default_wait_is_a_setting(tmp_path, tiny_models):
+    store_app = make_store_app(tmp_path, tiny_models, update_wait_s=0.0)
     try:
-        answer = app.test_client().post("/update_model", json={"version": 1}).get_json()
+        answer = store_app.test_client().post("/update_model", json={"version": 1}).get_json()
         assert answer["version"] == 1 and "all_workers" not in answer
     finally:
-        app.extensions["policy_runtime"].stop(5)
+        store_app.extensions["policy_runtime"].stop(5)
 
 
 # -- fuzzing the update path --------------------------------------------------------------
@@ -258,33 +258,33 @@ def broken_safetensors(draw) -> bytes:
     return struct.pack("<Q", length) + valid[8:]
 
 
-def test_fuzzed_weight_files_are_refused_with_a_reason(tmp_path, root):
-    app = make_store_app(tmp_path, root)
-    client = app.test_client()
-    target = write_tiny_model(root / "fuzz", tag=2.0)
+def test_fuzzed_weight_files_are_refused_with_a_reason(tmp_path, tiny_models):
+    store_app = make_store_app(tmp_path, tiny_models)
+    store_client = store_app.test_client()
+    target = write_tiny_model(tiny_models / "fuzz", tag=2.0)
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
     @given(broken_safetensors())
     def check(data: bytes) -> None:
         (target / "model.safetensors").write_bytes(data)
-        response = client.post("/update_model?wait_s=0", json={"model_path": "fuzz"})
+        response = store_client.post("/update_model?wait_s=0", json={"model_path": "fuzz"})
         body = response.get_json()
         assert response.status_code == 422, body
         assert body["detail"].startswith("validation failed, nothing published: "), body
 
     try:
         check()
-        assert_nothing_published(client)
+        assert_nothing_published(store_client)
     finally:
-        app.extensions["policy_runtime"].stop(5)
+        store_app.extensions["policy_runtime"].stop(5)
 
 
 PUSH_DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.uint8, np.bool_])
 
 
-def test_fuzzed_weight_pushes_are_refused_with_a_reason(tmp_path, root):
-    app = make_store_app(tmp_path, root)
-    client = app.test_client()
+def test_fuzzed_weight_pushes_are_refused_with_a_reason(tmp_path, tiny_models):
+    store_app = make_store_app(tmp_path, tiny_models)
+    store_client = store_app.test_client()
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
     @given(
@@ -300,16 +300,16 @@ def test_fuzzed_weight_pushes_are_refused_with_a_reason(tmp_path, root):
         if spoil:  # a right-shaped push with one value made non-finite
             weights = {**good, "linear.bias": good["linear.bias"].copy()}
             weights["linear.bias"][0] = np.nan
-        response = client.post("/update_model?wait_s=0", data=dict_to_binary({"weights": weights}), headers=BINARY)
+        response = store_client.post("/update_model?wait_s=0", data=dict_to_binary({"weights": weights}), headers=BINARY)
         body = response.get_json()
         assert 400 <= response.status_code < 500, body
         assert body["detail"], body
 
     try:
         check()
-        assert_nothing_published(client)
+        assert_nothing_published(store_client)
     finally:
-        app.extensions["policy_runtime"].stop(5)
+        store_app.extensions["policy_runtime"].stop(5)
 
 
 def _pickled_push_repeating_a_key(setitems: bool) -> bytes:
@@ -332,14 +332,14 @@ def _pickled_push_repeating_a_key(setitems: bool) -> bytes:
 
 
 @pytest.mark.parametrize("setitems", [True, False])
-def test_a_push_repeating_a_key_is_refused(client, setitems):
+def test_a_push_repeating_a_key_is_refused(store_client, setitems):
     import pickle
 
     data = _pickled_push_repeating_a_key(setitems)
     decoded = pickle.loads(data)  # what CPython would make of it: a silent last-wins dict
     assert set(decoded["weights"]) == {"linear.bias", "linear.weight"}
-    refused(client.post("/update_model", data=data, headers=BINARY), 400, "repeats a key")
-    assert_nothing_published(client)
+    refused(store_client.post("/update_model", data=data, headers=BINARY), 400, "repeats a key")
+    assert_nothing_published(store_client)
 
 
 def test_the_client_sends_its_wait_and_sizes_its_timeout(monkeypatch):
@@ -358,11 +358,11 @@ def test_the_client_sends_its_wait_and_sizes_its_timeout(monkeypatch):
         return Answer()
 
     monkeypatch.setattr(transport, "request", fake_request)
-    with request_tools.PolicyClient("http://127.0.0.1:9", timeout_s=5) as client:
-        client.update_model(version=1)
-        client.update_model(version=1, wait_s=0)
-        client.load_model("x", wait_s=None)
-        client.unload_model("x", wait_s=2.5)
+    with request_tools.PolicyClient("http://127.0.0.1:9", timeout_s=5) as store_client:
+        store_client.update_model(version=1)
+        store_client.update_model(version=1, wait_s=0)
+        store_client.load_model("x", wait_s=None)
+        store_client.unload_model("x", wait_s=2.5)
     assert calls == [
         ("update_model", 15.0, {"wait_s": 10.0}),
         ("update_model", 5.0, {"wait_s": 0}),
@@ -374,26 +374,26 @@ def test_the_client_sends_its_wait_and_sizes_its_timeout(monkeypatch):
 # -- hostile update paths (second round) --------------------------------------------------
 
 
-def test_a_chain_of_double_directory_links_is_refused_at_once(client, root):
+def test_a_chain_of_double_directory_links_is_refused_at_once(store_client, tiny_models):
     """Each directory links twice to the next: 2**30 paths if every link were walked."""
-    write_tiny_model(root / "k", tag=2.0)
-    (root / "k" / "d" / "n0").mkdir(parents=True)
+    write_tiny_model(tiny_models / "k", tag=2.0)
+    (tiny_models / "k" / "d" / "n0").mkdir(parents=True)
     for i in range(30):
-        (root / "k" / "d" / f"n{i + 1}").mkdir()
-        (root / "k" / "d" / f"n{i}" / "a").symlink_to(f"../n{i + 1}")
-        (root / "k" / "d" / f"n{i}" / "b").symlink_to(f"../n{i + 1}")
-    refused(client.post("/update_model", json={"model_path": "k"}), 422,
+        (tiny_models / "k" / "d" / f"n{i + 1}").mkdir()
+        (tiny_models / "k" / "d" / f"n{i}" / "a").symlink_to(f"../n{i + 1}")
+        (tiny_models / "k" / "d" / f"n{i}" / "b").symlink_to(f"../n{i + 1}")
+    refused(store_client.post("/update_model", json={"model_path": "k"}), 422,
             "'d/n0/a' leads to a directory already staged as 'd/n1'")
-    assert_nothing_published(client)
+    assert_nothing_published(store_client)
 
 
-def test_a_directory_too_deep_is_422(client, root):
+def test_a_directory_too_deep_is_422(store_client, tiny_models):
     from policy_server.model_files import MAX_DEPTH
 
-    write_tiny_model(root / "deep", tag=2.0)
-    (root / "deep" / "/".join(["d"] * (MAX_DEPTH + 1))).mkdir(parents=True)
-    refused(client.post("/update_model", json={"model_path": "deep"}), 422, f"more than {MAX_DEPTH} levels deep")
-    assert_nothing_published(client)
+    write_tiny_model(tiny_models / "deep", tag=2.0)
+    (tiny_models / "deep" / "/".join(["d"] * (MAX_DEPTH + 1))).mkdir(parents=True)
+    refused(store_client.post("/update_model", json={"model_path": "deep"}), 422, f"more than {MAX_DEPTH} levels deep")
+    assert_nothing_published(store_client)
 
 
 def _fail_writes_to(monkeypatch, suffix: str, code: int) -> None:
@@ -412,44 +412,44 @@ def _fail_writes_to(monkeypatch, suffix: str, code: int) -> None:
     (errno.ENOSPC, 507, "No space left on device (ENOSPC)"),
     (errno.EIO, 500, "Input/output error (EIO)"),
 ])
-def test_a_failing_weights_write_names_the_reason(client, monkeypatch, code, status, reason):
+def test_a_failing_weights_write_names_the_reason(store_client, monkeypatch, code, status, reason):
     """safetensors' save_file reported a full disk as SafetensorError: a generic 500."""
     _fail_writes_to(monkeypatch, "/model.safetensors", code)
-    body = refused(push(client, tiny_weights(3.0)), status, reason)
+    body = refused(push(store_client, tiny_weights(3.0)), status, reason)
     assert "writing the pushed weights failed" in body["detail"]
     monkeypatch.undo()
-    assert_nothing_published(client)
+    assert_nothing_published(store_client)
 
 
-def test_the_previous_version_stays_a_rollback_target(tmp_path, root):
+def test_the_previous_version_stays_a_rollback_target(tmp_path, tiny_models):
     """README: ``update_model(version=answer["previous"])`` after a rollback to the oldest kept."""
-    app = make_store_app(tmp_path, root, store_keep=2)
+    store_app = make_store_app(tmp_path, tiny_models, store_keep=2)
     try:
-        client = app.test_client()
+        store_client = store_app.test_client()
         for tag in (2.0, 3.0):
-            assert push(client, tiny_weights(tag)).status_code == 200
-        assert client.post("/update_model", json={"version": 2}).status_code == 200
-        answer = push(client, tiny_weights(4.0)).get_json()
+            assert push(store_client, tiny_weights(tag)).status_code == 200
+        assert store_client.post("/update_model", json={"version": 2}).status_code == 200
+        answer = push(store_client, tiny_weights(4.0)).get_json()
         assert (answer["version"], answer["previous"]) == (4, 2)
-        back = client.post("/update_model", json={"version": answer["previous"]})
+        back = store_client.post("/update_model", json={"version": answer["previous"]})
         assert back.status_code == 200, back.get_json()
-        assert infer(client)[:2] == ("2", 2.0)
+        assert infer(store_client)[:2] == ("2", 2.0)
     finally:
-        app.extensions["policy_runtime"].stop(5)
+        store_app.extensions["policy_runtime"].stop(5)
 
 
 @pytest.mark.parametrize("route", ["/update_model", "/models/other/load"])
-def test_a_lone_surrogate_model_path_is_400(client, route):
-    response = client.post(route, data='{"model_path": "\\ud800"}', content_type="application/json")
+def test_a_lone_surrogate_model_path_is_400(store_client, route):
+    response = store_client.post(route, data='{"model_path": "\\ud800"}', content_type="application/json")
     refused(response, 400, "not valid UTF-8")
-    assert_nothing_published(client)
+    assert_nothing_published(store_client)
 
 
-def test_deeply_nested_json_is_400(client):
-    refused(client.post("/update_model", data="[" * 100_000, content_type="application/json"), 400, "nested")
+def test_deeply_nested_json_is_400(store_client):
+    refused(store_client.post("/update_model", data="[" * 100_000, content_type="application/json"), 400, "nested")
 
 
-def test_a_model_path_whose_link_vanishes_while_resolving_is_422(client, root, monkeypatch):
+def test_a_model_path_whose_link_vanishes_while_resolving_is_422(store_client, tiny_models, monkeypatch):
     real = os.path.realpath
 
     def swapped(path, *args, **kwargs):
@@ -458,37 +458,37 @@ def test_a_model_path_whose_link_vanishes_while_resolving_is_422(client, root, m
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(os.path, "realpath", swapped)
-    refused(client.post("/update_model", json={"model_path": "swapped"}), 422,
+    refused(store_client.post("/update_model", json={"model_path": "swapped"}), 422,
             "'swapped' is not a model directory: No such file or directory")
     monkeypatch.undo()
-    assert_nothing_published(client)
+    assert_nothing_published(store_client)
 
 
-def test_a_non_utf8_file_name_is_refused_before_staging(client, root):
-    write_tiny_model(root / "odd", tag=2.0)
-    with open(os.path.join(os.fsencode(root / "odd"), b"notes\xff.txt"), "wb") as fh:
+def test_a_non_utf8_file_name_is_refused_before_staging(store_client, tiny_models):
+    write_tiny_model(tiny_models / "odd", tag=2.0)
+    with open(os.path.join(os.fsencode(tiny_models / "odd"), b"notes\xff.txt"), "wb") as fh:
         fh.write(b"x")
-    refused(client.post("/update_model", json={"model_path": "odd"}), 422,
+    refused(store_client.post("/update_model", json={"model_path": "odd"}), 422,
             "'notes\\udcff.txt' is not a UTF-8 file name")
-    assert_nothing_published(client)
+    assert_nothing_published(store_client)
 
 
-def test_a_validation_error_shows_no_server_path(client, root):
+def test_a_validation_error_shows_no_server_path(store_client, tiny_models):
     import socket
 
-    write_tiny_model(root / "leaky", tag=2.0)
-    policy = root / "leaky" / "policy.py"
+    write_tiny_model(tiny_models / "leaky", tag=2.0)
+    policy = tiny_models / "leaky" / "policy.py"
     policy.write_text(policy.read_text() + "\nopen(__file__ + '.missing')\n")
-    body = refused(client.post("/update_model", json={"model_path": "leaky"}), 422, "policy.py.missing")
-    store = client.application.extensions["policy_runtime"].store
-    for secret in (store.root, str(root), ".staging", socket.gethostname()):
+    body = refused(store_client.post("/update_model", json={"model_path": "leaky"}), 422, "policy.py.missing")
+    store = store_client.application.extensions["policy_runtime"].store
+    for secret in (store.root, str(tiny_models), ".staging", socket.gethostname()):
         assert secret not in body["detail"], body
-    outside = refused(client.post("/update_model", json={"model_path": ".."}), 403, "inside the model root")
-    assert str(root) not in outside["detail"] and str(root.parent) not in outside["detail"]
-    assert_nothing_published(client)
+    outside = refused(store_client.post("/update_model", json={"model_path": ".."}), 403, "inside the model root")
+    assert str(tiny_models) not in outside["detail"] and str(tiny_models.parent) not in outside["detail"]
+    assert_nothing_published(store_client)
 
 
-def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, root):
+def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, tiny_models):
     """Another client's update lands before this one's wait ends: the workers serve something
     newer, which is not lagging."""
     from types import SimpleNamespace
@@ -496,8 +496,8 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, root
     from policy_server.model_admin import ModelAdmin
 
     store = ModelStore(str(tmp_path / "store"))
-    first = store.publish("default", store.stage("default", str(root / "tiny")))
-    second = store.publish("default", store.stage("default", str(root / "tiny")))
+    first = store.publish("default", store.stage("default", str(tiny_models / "tiny")))
+    second = store.publish("default", store.stage("default", str(tiny_models / "tiny")))
 
     def doc(version, generation, problem=None):
         return {"models": {"default": {"version": str(version), "since": second.changed_at}},
@@ -505,7 +505,7 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, root
 
     docs = {101: doc(2, 2), 102: doc(1, 1), 103: doc(0, 2, problem="version 2: broken")}
     runtime = SimpleNamespace(board=SimpleNamespace(read=lambda: docs), instance_workers=3, store=store)
-    manager = ModelAdmin(SimpleNamespace(model_root=str(root), update_wait_s=1.0), runtime)
+    manager = ModelAdmin(SimpleNamespace(model_root=str(tiny_models), update_wait_s=1.0), runtime)
     answer = manager.wait_for(first, 0.0)
     assert [w["ok"] for w in answer["workers"]] == [True, True, False]
     assert answer["lagging"] == [103] and answer["all_workers"] is False  # 103 failed the newer one
@@ -517,13 +517,13 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, root
     assert "superseded_by" not in manager.wait_for(second, 0.0)
 
 
-def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(app, client, caplog):
+def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(store_app, store_client, caplog):
     """A worker about to load version N while a later publish prunes N: no reload failure, and
     the watcher follows the newer pointer."""
     import dataclasses
     import time
 
-    runtime = app.extensions["policy_runtime"]
+    runtime = store_app.extensions["policy_runtime"]
     current = runtime.store.pointer("default")
     pruned = dataclasses.replace(current, version=99, generation=current.generation - 1)
     with caplog.at_level("INFO", logger="policy_server.store_follower"):
@@ -534,4 +534,4 @@ def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(app, client, ca
     while runtime.follower.generations.get("default") != current.generation and time.monotonic() < deadline:
         time.sleep(0.01)
     assert runtime.follower.generations["default"] == current.generation
-    assert infer(client)[:2] == ("1", 1.0)
+    assert infer(store_client)[:2] == ("1", 1.0)

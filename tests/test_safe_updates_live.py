@@ -20,7 +20,6 @@ from policy_server.store import ModelStore
 from request_tools import PolicyClient, PolicyServerError
 from tests.fakes import fake_observation
 from tests.serving import run_server
-from tests.test_model_admin import root  # noqa: F401 (fixture)
 from tests.test_safe_updates import CANARY_CODE
 from tests.tiny_model import POLICY, tiny_weights, write_tiny_model
 
@@ -29,10 +28,10 @@ pytestmark = pytest.mark.integration
 ADMIN_KEY = "admin-key-for-tests"
 
 
-def live(tmp_path: Path, root: Path, store: Path, workers: int = 2):
+def live(tmp_path: Path, tiny_models: Path, store: Path, workers: int = 2):
     return run_server(
         tmp_path, workers=workers,
-        args=("--model-path", str(root / "tiny"), "--model-root", str(root), "--store-poll-ms", "50",
+        args=("--model-path", str(tiny_models / "tiny"), "--model-root", str(tiny_models), "--store-poll-ms", "50",
               "--admin-key", ADMIN_KEY),
         env={"POLICY_SERVER_MODEL_STORE": str(store)},
     )
@@ -63,15 +62,15 @@ def refusal(call, status: int, fragment: str) -> None:
     assert fragment in refused.value.detail, refused.value.detail
 
 
-def test_bad_updates_publish_nothing_and_good_ones_are_true_when_answered(tmp_path, root):
+def test_bad_updates_publish_nothing_and_good_ones_are_true_when_answered(tmp_path, tiny_models):
     canary = tmp_path / "canary"
     outside = tmp_path / "outside_policy.py"
     outside.write_text(CANARY_CODE.format(path=str(canary)) + POLICY)
-    evil = write_tiny_model(root / "evil", tag=2.0)
+    evil = write_tiny_model(tiny_models / "evil", tag=2.0)
     (evil / "policy.py").unlink()
     (evil / "policy.py").symlink_to(outside)
     store = tmp_path / "store"
-    with live(tmp_path, root, store) as server, PolicyClient(server.base_url, admin_key=ADMIN_KEY) as admin:
+    with live(tmp_path, tiny_models, store) as server, PolicyClient(server.base_url, admin_key=ADMIN_KEY) as admin:
         refusal(lambda: admin.update_model(model_path="evil"), 403, "'policy.py' is a link that leads outside")
         refusal(lambda: admin.load_model("other", model_path="evil"), 403, "'policy.py'")
         weights = tiny_weights(2.0)
@@ -112,14 +111,14 @@ def remount(path: Path, mode: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
 
 
-def test_store_write_failures_answer_json_and_keep_serving(tmp_path, root):
+def test_store_write_failures_answer_json_and_keep_serving(tmp_path, tiny_models):
     store = tmp_path / "store"
     with tiny_filesystem(store, "1m") as mounted:
         if not mounted and os.geteuid() == 0:
             pytest.skip("cannot mount a tmpfs here, and root ignores a read-only mode")
-        write_tiny_model(root / "big", tag=2.0)
-        (root / "big" / "blob.bin").write_bytes(os.urandom(2 << 20))  # more than the store holds
-        with live(tmp_path, root, store) as server, PolicyClient(server.base_url, admin_key=ADMIN_KEY) as admin:
+        write_tiny_model(tiny_models / "big", tag=2.0)
+        (tiny_models / "big" / "blob.bin").write_bytes(os.urandom(2 << 20))  # more than the store holds
+        with live(tmp_path, tiny_models, store) as server, PolicyClient(server.base_url, admin_key=ADMIN_KEY) as admin:
             if mounted:
                 refusal(lambda: admin.update_model(model_path="big"), 507, "No space left on device (ENOSPC)")
                 assert_only_version_one(server, store)
@@ -139,18 +138,18 @@ def test_store_write_failures_answer_json_and_keep_serving(tmp_path, root):
             assert served(server) == {("2", 3.0)}
 
 
-def test_leftovers_of_a_crashed_publish_are_removed_at_start(tmp_path, root):
+def test_leftovers_of_a_crashed_publish_are_removed_at_start(tmp_path, tiny_models):
     store_dir = tmp_path / "store"
-    store = ModelStore(str(store_dir), model_root=str(root))
-    store.seed("default", str(root / "tiny"))  # what the server will find already seeded
-    staged = store.stage("default", str(root / "tiny"))
+    store = ModelStore(str(store_dir), model_root=str(tiny_models))
+    store.seed("default", str(tiny_models / "tiny"))  # what the server will find already seeded
+    staged = store.stage("default", str(tiny_models / "tiny"))
     os.rename(staged, store.version_dir("default", 2))  # killed between its rename and its pointer
     dead = subprocess.Popen(["true"])
     dead.wait()
     orphan = store_dir / "default" / ".staging" / f"candidate-{dead.pid}@{store_module._HOST}-x"
     orphan.mkdir()
     assert store.versions("default") == [1]  # invisible even before the cleanup
-    with live(tmp_path, root, store_dir, workers=1) as server, PolicyClient(server.base_url) as client:
+    with live(tmp_path, tiny_models, store_dir, workers=1) as server, PolicyClient(server.base_url) as client:
         assert not orphan.exists()
         assert_only_version_one(server, store_dir)
         assert {m["name"]: m["kept_versions"] for m in client.models()} == {"default": [1]}

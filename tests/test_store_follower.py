@@ -12,13 +12,13 @@ import os
 
 import pytest
 
-from tests.test_model_admin import infer, make_store_app, push, root  # noqa: F401 (fixture)
+from tests.store_app import infer, make_store_app, push
 from tests.tiny_model import tiny_weights, write_tiny_model
 
 
 @pytest.fixture
-def app(tmp_path, root):  # noqa: F811 (the imported fixture)
-    app = make_store_app(tmp_path, root, store_poll_ms=60_000)
+def app(tmp_path, tiny_models):  # this module's own: a store the worker does not poll
+    app = make_store_app(tmp_path, tiny_models, store_poll_ms=60_000)
     yield app
     app.extensions["policy_runtime"].stop(5)
 
@@ -42,11 +42,11 @@ def test_the_receiving_worker_serves_a_validated_update_without_loading_it_again
     assert status["models"]["default"]["version"] == "2" and status["generations"]["default"] == answer["generation"]
 
 
-def test_adopt_never_serves_a_candidate_over_a_newer_pointer(app, root):  # noqa: F811 (the imported fixture)
+def test_adopt_never_serves_a_candidate_over_a_newer_pointer(app, tiny_models):  # noqa: F811 (the imported fixture)
     runtime = app.extensions["policy_runtime"]
     follower, store, client = runtime.follower, runtime.store, app.test_client()
-    write_tiny_model(root / "next", tag=5.0)
-    staged = store.stage("default", str(root / "next"))
+    write_tiny_model(tiny_models / "next", tag=5.0)
+    staged = store.stage("default", str(tiny_models / "next"))
     candidate = follower.validate("default", staged)
     assert candidate.name == "default" and candidate.served.model.version == "candidate"
     pointer = store.publish("default", staged)
