@@ -381,7 +381,7 @@ class GatedRtcPolicy:
         return {"action": actions}
 
 
-def test_rtc_answer_with_a_stale_prefix_is_blended_one_with_the_live_prefix_played_as_is():
+def test_rtc_answer_with_a_stale_prefix_is_anchored_one_with_the_live_prefix_played_as_is():
     policy = GatedRtcPolicy()
     policy.release(0)
     runner = ChunkRunner(policy, rate_hz=RATE_HZ, merge="rtc", request_ahead=8, max_in_flight=2)
@@ -411,21 +411,26 @@ def test_rtc_answer_with_a_stale_prefix_is_blended_one_with_the_live_prefix_play
         for n in range(len(policy.requests) + 2):
             policy.release(n)
         runner.close()
-    # steps 0-5 chunk 0; 6 A's own row (a blend would give 75); 7-9 cross-fade A (100) -> B (200)
-    # with weights 1/4, 2/4, 3/4 (played as-is B would give 200); 10 B alone.
-    assert played == [0, 0, 0, 0, 0, 0, 100, 125, 150, 175, 200]
+    # steps 0-5 chunk 0; 6 A's own row (anchoring it would give 0); from 7 B anchored to A:
+    # B's 200 shifted by A - B = -100 at its arrival, the shift falling by 1/H (10) per step
+    # (played as-is B would give 200).
+    assert played == pytest.approx([0, 0, 0, 0, 0, 0, 100, 100, 110, 120, 130])
     assert runner.stats.stale_prefixes == 1 and runner.stats.chunks == 3
     assert runner.stats.to_dict()["stale_prefixes"] == 1
 
 
-def test_rtc_merge_blends_only_chunks_marked_stale():
+def test_rtc_merge_anchors_only_chunks_marked_stale():
     old = Chunk(step=0, arrived=0, actions=np.zeros((HORIZON, 1)))
     new = np.full((HORIZON, 1), 4.0)
     rtc = merge_strategy("rtc")
     fresh = [old, Chunk(step=2, arrived=3, actions=new)]
     stale = [old, Chunk(step=2, arrived=3, actions=new, stale_prefix=True)]
     assert [float(rtc.action(t, fresh)[0]) for t in range(3, 8)] == [4, 4, 4, 4, 4]  # from its arrival, step 3
-    assert [float(rtc.action(t, stale)[0]) for t in range(3, 8)] == [1, 2, 3, 4, 4]
+    # anchored at its arrival to the old plan (0): offset -4, falling by 1/H per step
+    assert [float(rtc.action(t, stale)[0]) for t in range(3, 8)] == pytest.approx([0, 0.4, 0.8, 1.2, 1.6])
+    # the offset is kept from its first use: dropping the old chunk does not move the plan
+    assert float(rtc.action(8, stale[1:])[0]) == pytest.approx(2.0)
+    assert float(merge_strategy("rtc").action(8, stale[1:])[0]) == 4.0  # never anchored: nothing to anchor to
 
 
 def test_a_model_that_does_not_declare_the_rtc_inputs_gets_neither():
