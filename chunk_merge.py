@@ -158,9 +158,11 @@ class RealTimeChunking:
 
     An answer marked ``stale_prefix`` (its prefix was taken from a plan that another
     answer has replaced since, as happens with several requests in flight) continued a
-    motion that is no longer played. It is anchored to the plan it replaces, as the
-    server's inpainting anchors a fresh chunk to its prefix: at its arrival step ``a`` it
-    plays what the plan played (``offset = old(a) - new(a)``), then ``new(step) +
+    motion that is no longer played, or its prefix ended before its arrival, so the rows it
+    chose freely were played from other answers (the runner marks both). It is anchored to
+    the plan it replaces, as the server's inpainting anchors a fresh chunk to its prefix:
+    at its arrival step ``a`` it plays what the plan would have (``offset = old(a) -
+    new(a)``, or ``old(a - 1) - new(a - 1)`` when the plan ends at ``a``), then ``new(step) +
     offset * max(0, 1 - (step - a) / steps)``, the offset spread evenly over ``steps``
     (default: the chunk's length H; a later chunk anchors to this one, so it need not be
     gone by the chunk's end). Every other answer replaces the plan from its arrival.
@@ -199,15 +201,19 @@ class RealTimeChunking:
         return (new + share * offset).astype(new.dtype, copy=False)
 
     def _offset(self, chunks: Sequence[Chunk], i: int) -> np.ndarray | None:
+        """``old(a) - new(a)`` at the arrival step a; when the old plan ends just before a,
+        ``old(a - 1) - new(a - 1)`` (the answer then goes on from the last played action
+        with its own step); None when nothing was played to anchor to (a starved step)."""
         chunk = chunks[i]
         known = self._offsets.get(id(chunk))
         if known is not None and known[0] is chunk:
             return known[1]
         offset = None
-        if chunk.covers(chunk.arrived):
-            old = self._at(chunk.arrived, chunks, i)
+        for at in (chunk.arrived, chunk.arrived - 1):
+            old = self._at(at, chunks, i) if chunk.covers(at) else None
             if old is not None:
-                offset = np.asarray(old, np.float64) - chunk.at(chunk.arrived)
+                offset = np.asarray(old, np.float64) - chunk.at(at)
+                break
         self._offsets[id(chunk)] = (chunk, offset)
         return offset
 

@@ -536,9 +536,11 @@ class ChunkRunner:
             self.stats.versions[version] = self.stats.versions.get(version, 0) + 1
 
     def _plan_is(self, prefix: np.ndarray, step: int, t: int, horizon: int) -> bool:
-        """Whether the plan still plays ``prefix`` (rows for steps ``step ..``) from step
-        ``t`` on, over the answer's steps: no other answer changed it since it was sent."""
-        for s in range(t, step + horizon):
+        """Whether the plan still plays ``prefix`` (rows for steps ``step ..``) from the step
+        before ``t`` on, over the answer's steps: no other answer changed it since it was
+        sent, and the prefix reaches the last played step (with several requests in flight
+        it may end before: the rows the answer chose then were played from other answers)."""
+        for s in range(max(t - 1, step), step + horizon):
             action = self.merge.action(s, self._chunks)
             if s - step >= len(prefix):
                 return action is None
