@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -15,7 +16,7 @@ from policy_server.errors import ModelError
 from policy_server.launcher import ROOT
 from policy_server.model_loader import describe, load_model_dir
 from policy_server.tensors import complete_inputs, sample_inputs
-from policy_server.torch_policy import rtc_weights
+from policy_server.torch_policy import inpaint_prefix, rtc_weights
 from tests.fakes import FAKE_OUTPUTS, FakePolicy
 
 STATE = TensorSpec("state", "float32", (6,))
@@ -152,3 +153,23 @@ def test_history_model_declares_a_two_frame_window_padded_with_the_first_frame()
     still = forward(model, {"state": moved["state"], "image": np.stack([moved["image"], moved["image"]])})
     moving = forward(model, {"state": moved["state"], "image": np.stack([first["image"], moved["image"]])})
     assert np.abs(still - moving).max() > 1e-3
+
+
+def test_the_benchmarks_numpy_mirror_of_the_rtc_inpainting_matches_the_servers():
+    """``benchmarks/bench_chunking.py`` stays torch-free with its own copy of the inpainting;
+    its stand-in sweep only says something about the server if the two agree."""
+    spec = importlib.util.spec_from_file_location("bench_chunking", os.path.join(ROOT, "benchmarks", "bench_chunking.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    for length, delay in [(7, 3), (10, 1), (4, 4), (5, 0), (0, 0), (2, 1), (10, 10)]:
+        chunk = rng.normal(size=(10, 2)).astype(np.float32)
+        prefix = np.zeros((10, 2), np.float32)
+        prefix[:length] = rng.normal(size=(length, 2))
+        served = inpaint_prefix(torch.from_numpy(chunk)[None], torch.from_numpy(prefix)[None],
+                                torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy()
+        mirrored = bench.inpaint_prefix(chunk.astype(np.float64), prefix, length, delay)
+        np.testing.assert_allclose(mirrored, served, atol=1e-6)
+        np.testing.assert_allclose(bench.rtc_weights(10, length, delay),
+                                   rtc_weights(10, torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy(),
+                                   atol=1e-7)
