@@ -16,7 +16,7 @@ a :class:`MergeStrategy` says which action each step plays:
   (Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies"), so its
   answer is played as it comes (replace). An answer whose prefix is
   no longer the plan (another answer was adopted while it was out: ``Chunk.stale_prefix``)
-  is cross-faded in as ``blend`` does.
+  is anchored to the plan it replaces, the offset spread over the following H steps.
 
 numpy only.
 """
@@ -46,7 +46,7 @@ __all__ = [
 class Chunk:
     """An action chunk in the plan: ``actions[i]`` is for step ``step + i``; ``arrived`` is
     the step at which the runner took it in; ``stale_prefix``: a real-time chunking answer
-    conditioned on a prefix that is no longer the plan (``rtc`` blends it in)."""
+    conditioned on a prefix that is no longer the plan (``rtc`` anchors it to the plan)."""
 
     step: int
     arrived: int
@@ -153,20 +153,69 @@ class TemporalEnsembling:
         return mean.astype(rows[-1].dtype, copy=False)
 
 
-class RealTimeChunking(BlendMerge):
+class RealTimeChunking:
     """Real-time chunking, client side: send the prefix and the delay, play answers as-is.
 
     An answer marked ``stale_prefix`` (its prefix was taken from a plan that another
     answer has replaced since, as happens with several requests in flight) continued a
-    motion that is no longer played: it is cross-faded in over ``steps`` steps as
-    :class:`BlendMerge` does. Every other answer replaces the plan from its arrival.
+    motion that is no longer played, or its prefix ended before its arrival, so the rows it
+    chose freely were played from other answers (the runner marks both). It is anchored to
+    the plan it replaces, as the server's inpainting anchors a fresh chunk to its prefix:
+    at its arrival step ``a`` it plays what the plan would have (``offset = old(a) -
+    new(a)``, or ``old(a - 1) - new(a - 1)`` when the plan ends at ``a``), then ``new(step) +
+    offset * max(0, 1 - (step - a) / steps)``, the offset spread evenly over ``steps``
+    (default: the chunk's length H; a later chunk anchors to this one, so it need not be
+    gone by the chunk's end). Every other answer replaces the plan from its arrival.
+    Keeps each stale chunk's offset from its first use (by identity, for the chunks still
+    passed in), so a strategy object belongs to one runner.
     """
 
     name = "rtc"
     sends_prefix = True
 
-    def _blends(self, chunk: Chunk) -> bool:
-        return chunk.stale_prefix
+    def __init__(self, steps: int | None = None) -> None:
+        if steps is not None and steps < 1:
+            raise ValueError("rtc anchor steps must be at least 1")
+        self.steps = steps
+        self._offsets: dict[int, tuple[Chunk, np.ndarray]] = {}
+
+    def action(self, step: int, chunks: Sequence[Chunk]) -> np.ndarray | None:
+        if self._offsets:
+            live = {id(c) for c in chunks}
+            self._offsets = {key: value for key, value in self._offsets.items() if key in live}
+        return self._at(step, chunks, len(chunks))
+
+    def _at(self, step: int, chunks: Sequence[Chunk], below: int) -> np.ndarray | None:
+        i = _newest_covering(step, chunks, below)
+        if i is None:
+            return None
+        chunk = chunks[i]
+        new = chunk.at(step)
+        if not chunk.stale_prefix:
+            return new
+        offset = self._offset(chunks, i)
+        if offset is None:
+            return new
+        span = self.steps or len(chunk.actions)
+        share = max(0.0, 1.0 - max(step - chunk.arrived, 0) / span)
+        return (new + share * offset).astype(new.dtype, copy=False)
+
+    def _offset(self, chunks: Sequence[Chunk], i: int) -> np.ndarray | None:
+        """``old(a) - new(a)`` at the arrival step a; when the old plan ends just before a,
+        ``old(a - 1) - new(a - 1)`` (the answer then goes on from the last played action
+        with its own step); None when nothing was played to anchor to (a starved step)."""
+        chunk = chunks[i]
+        known = self._offsets.get(id(chunk))
+        if known is not None and known[0] is chunk:
+            return known[1]
+        offset = None
+        for at in (chunk.arrived, chunk.arrived - 1):
+            old = self._at(at, chunks, i) if chunk.covers(at) else None
+            if old is not None:
+                offset = np.asarray(old, np.float64) - chunk.at(at)
+                break
+        self._offsets[id(chunk)] = (chunk, offset)
+        return offset
 
 
 MERGE_STRATEGIES = ("replace", "blend", "temporal_ensembling", "rtc")

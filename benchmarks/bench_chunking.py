@@ -1,16 +1,31 @@
 """ChunkRunner latency sweep with a stand-in policy: starved steps and seam jerk per merge strategy.
 
 Usage: python benchmarks/bench_chunking.py [--seeds 3] [--steps 140] [--parallel 8] [--fractions 0.8,0.85]
-       [--strategies replace,rtc] [--json out.json]
+       [--strategies replace,rtc] [--stand-in blend|conditioned] [--mode-noise 0.02] [--json out.json]
 
 A loop at 20 Hz plays 10-action chunks (a 500 ms horizon) from an in-process stand-in policy
 that sleeps an injected latency before answering: constant 0 .. 0.9 x the horizon, and
 seeded uniform jitter from 30 ms to 0.8 x the horizon. The stand-in's chunk is a smooth
 function of time (two sines, max step-to-step change about 0.16) plus a random offset per
-chunk (sigma 0.1), so a seam between two chunks shows as a jump. As a real-time chunking
-policy would, it keeps the first ``inference_delay`` rows equal to the ``action_prefix`` it
-is given and eases from there back to its own chunk (a half cosine over 5 steps, so the
-first free row continues the prefix's motion).
+chunk (sigma 0.1), so a seam between two chunks shows as a jump: the offset is the sample's
+mode (think of a flow policy's draw), the sines what every sample agrees on. Given the real-time
+chunking inputs, the stand-in is one of two policies (``--stand-in``):
+
+- ``blend`` (the default): a policy that does not condition on the prefix; its fresh chunk
+  (a new random offset) goes through the server's inpainting (``rtc_weights`` /
+  ``inpaint_prefix`` here, a numpy mirror of ``policy_server.torch_policy``'s): rows
+  [0, d) the prefix, later rows the fresh chunk shifted by the offset at row d - 1, the
+  shift falling linearly to 0 one row past the chunk. This is what the shipped transformer
+  does.
+- ``conditioned``: a policy that conditions on the prefix, as guided inpainting of a flow
+  policy (Black et al. 2025) or a model trained with the prefix as an input would: it reads
+  the prefix's mode (the mean of ``prefix - sines`` over the committed rows) and draws its
+  own near it (plus normal noise of sigma ``--mode-noise``, default 0.02, a fifth of a fresh
+  draw's: the continuation is not exact), then goes through the same inpainting. Only the
+  mode is modelled: with ``--mode-noise 0`` and a prefix that is the plan actually played,
+  its answers continue the plan exactly, so it passes the seam goal by construction; what
+  it tests is the runner (does the prefix it sends hold the played plan's mode, with
+  several requests in flight and answers arriving late) and what mode noise costs.
 
 Each run plays a first episode of ``--warm-steps`` (the runner learns the latency; its
 starved steps are shown as "cold") and then, after ``runner.reset()``, the measured episode
@@ -53,9 +68,11 @@ FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9)
 class StandInPolicy:
     """Smooth chunks with a per-chunk offset after an injected latency; honours the RTC prefix."""
 
-    def __init__(self, seed: int, latency_s: float | tuple[float, float], rtc: bool) -> None:
+    def __init__(self, seed: int, latency_s: float | tuple[float, float], rtc: bool,
+                 conditioned: bool = False, mode_noise: float = 0.02) -> None:
         self.rng = np.random.default_rng(seed)
         self.latency_s = latency_s
+        self.conditioned, self.mode_noise = conditioned, mode_noise
         self.lock = threading.Lock()
         self.info = {
             "inputs": [{"name": "t", "dtype": "int64", "shape": []}],
@@ -72,35 +89,54 @@ class StandInPolicy:
         return self.info
 
     def __call__(self, obs: dict, *, deadline_s: float | None = None) -> dict:
-        with self.lock:
-            offset = self.rng.normal(0.0, OFFSET_SIGMA, DOF)
-            latency = self.latency_s if isinstance(self.latency_s, float) else self.rng.uniform(*self.latency_s)
-        time.sleep(latency)
-        steps = int(obs["t"]) + np.arange(HORIZON)
-        phase = 2 * np.pi * steps[:, None] / np.array([40.0, 55.0])
-        chunk = (np.sin(phase) + offset).astype(np.float32)
         d = int(obs["inference_delay"][0]) if "inference_delay" in obs else 0
         n = int(obs["prefix_length"][0]) if "prefix_length" in obs else 0
+        steps = int(obs["t"]) + np.arange(HORIZON)
+        base = np.sin(2 * np.pi * steps[:, None] / np.array([40.0, 55.0]))
+        with self.lock:
+            if self.conditioned and n > 0:  # the prefix's mode, drawn again with a little noise
+                committed = min(max(d, 1), n)
+                mode = (obs["action_prefix"][:committed] - base[:committed]).mean(axis=0)
+                offset = mode + self.rng.normal(0.0, self.mode_noise, DOF)
+            else:
+                offset = self.rng.normal(0.0, OFFSET_SIGMA, DOF)
+            latency = self.latency_s if isinstance(self.latency_s, float) else self.rng.uniform(*self.latency_s)
+        time.sleep(latency)
+        chunk = base + offset
         if n > 0:
-            w = rtc_weights(HORIZON, n, d)[:, None]
-            chunk = np.where(w == 1.0, obs["action_prefix"], w * obs["action_prefix"] + (1 - w) * chunk)
+            chunk = inpaint_prefix(chunk, obs["action_prefix"], n, d)
         return {"action": chunk.astype(np.float32)}
 
 
 def rtc_weights(horizon: int, prefix_length: int, inference_delay: int) -> np.ndarray:
     """A numpy mirror (this benchmark stays torch-free) of the server's real-time chunking
-    mask ``policy_server.torch_policy.rtc_weights`` for one request: [horizon] float64, 1 for
-    rows < d, ``(n - i) / (n - d)`` for d <= i < n (a linear ramp from 1 to 0), 0 after."""
+    weights ``policy_server.torch_policy.rtc_weights`` for one request: [horizon] float64,
+    the share of the seam offset each row keeps: with k = max(d - 1, 0), 1 for rows <= k,
+    ``(H - i) / (H - k)`` after (a linear ramp to 0 one row past the chunk); 0 when n = 0."""
+    if prefix_length <= 0:
+        return np.zeros(horizon)
     i = np.arange(horizon, dtype=np.float64)
-    n, d = float(prefix_length), float(inference_delay)
-    c = np.clip((n - i) / max(n - d, 1.0), 0.0, 1.0)
-    return np.where(i < d, 1.0, np.where(i < n, c, 0.0))
+    k = max(inference_delay - 1, 0)
+    return np.clip((horizon - i) / (horizon - k), 0.0, 1.0)
+
+
+def inpaint_prefix(chunk: np.ndarray, prefix: np.ndarray, prefix_length: int, inference_delay: int) -> np.ndarray:
+    """Numpy mirror of ``policy_server.torch_policy.inpaint_prefix`` for one request: rows
+    [0, d) the prefix, later rows ``chunk`` shifted by ``rtc_weights`` times the offset
+    ``prefix[k] - chunk[k]``, k = max(d - 1, 0)."""
+    if prefix_length <= 0:
+        return chunk
+    k = min(max(inference_delay - 1, 0), len(chunk) - 1)
+    out = chunk + rtc_weights(len(chunk), prefix_length, inference_delay)[:, None] * (prefix[k] - chunk[k])
+    out[:inference_delay] = prefix[:inference_delay]
+    return out
 
 
 def run_one(strategy: str, latency_s: float | tuple[float, float], seed: int, steps: int,
-            warm_steps: int) -> dict[str, Any]:
+            warm_steps: int, stand_in: str = "blend", mode_noise: float = 0.02) -> dict[str, Any]:
     merge, _, cap = strategy.partition("/")
-    policy = StandInPolicy(seed, latency_s, rtc=merge == "rtc")
+    policy = StandInPolicy(seed, latency_s, rtc=merge == "rtc", conditioned=stand_in == "conditioned",
+                           mode_noise=mode_noise)
     played, sources = [], []
     with ChunkRunner(policy, rate_hz=RATE_HZ, merge=merge, max_in_flight=int(cap) if cap else None) as runner:
         clock = LoopClock(RATE_HZ)
@@ -142,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)),
                         help="constant latencies, in fractions of the horizon")
     parser.add_argument("--no-jitter", action="store_true", help="skip the jitter case")
+    parser.add_argument("--stand-in", choices=("blend", "conditioned"), default="blend",
+                        help="rtc: a policy blended with the prefix by the server, or one conditioned on it")
+    parser.add_argument("--mode-noise", type=float, default=0.02,
+                        help="conditioned stand-in: sigma of its mode's draw around the prefix's")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -158,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for seed in range(args.seeds)]
     start = time.perf_counter()
     with ThreadPoolExecutor(args.parallel) as pool:
-        runs = list(pool.map(lambda job: run_one(job[2], job[1], job[3], args.steps, args.warm_steps), jobs))
+        runs = list(pool.map(lambda job: run_one(job[2], job[1], job[3], args.steps, args.warm_steps,
+                                                     args.stand_in, args.mode_noise), jobs))
     rows = []
     for name, _ in cases:
         for strategy in strategies:
@@ -182,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  row["starved"], row["steps"], row["starved_pct"], cold, row["seam_jerk"], row["in_chunk_change"],
                  row["requests_per_step"], row["max_in_flight"], row["overruns"])
     result = {"rate_hz": RATE_HZ, "horizon": HORIZON, "seeds": args.seeds, "steps": args.steps,
+              "stand_in": args.stand_in, "mode_noise": args.mode_noise,
               "warm_steps": args.warm_steps,
               "wall_s": time.perf_counter() - start, "rows": rows}
     log.info("%d runs in %.0f s", len(runs), result["wall_s"])

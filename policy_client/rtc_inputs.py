@@ -47,9 +47,11 @@ def rtc_inputs(
 def plan_plays(
     merge: MergeStrategy, chunks: Sequence[Chunk], prefix: np.ndarray, step: int, t: int, horizon: int
 ) -> bool:
-    """Whether the plan still plays ``prefix`` (rows for steps ``step ..``) from step
-    ``t`` on, over the answer's steps: no other answer changed it since it was sent."""
-    for s in range(t, step + horizon):
+    """Whether the plan still plays ``prefix`` (rows for steps ``step ..``) from the step
+    before ``t`` on, over the answer's steps: no other answer changed it since it was
+    sent, and the prefix reaches the last played step (with several requests in flight
+    it may end before: the rows the answer chose then were played from other answers)."""
+    for s in range(max(t - 1, step), step + horizon):
         action = merge.action(s, chunks)
         if s - step >= len(prefix):
             return action is None

@@ -32,7 +32,7 @@ class RunnerStats:
     stale_chunks: int = 0  # chunks that arrived after their last action's step: dropped
     out_of_order: int = 0  # answers older than a chunk already received: dropped
     skipped_actions: int = 0  # leading rows of received chunks whose step had passed
-    stale_prefixes: int = 0  # rtc answers whose prefix was no longer the plan: blended in
+    stale_prefixes: int = 0  # rtc answers whose prefix was no longer the plan: anchored to it
     in_flight: int = 0  # requests out now
     max_in_flight: int = 0  # the most requests out at once
     delay_steps: int = 0  # the delay the runner plans with now: steps from observation to answer (high estimate)

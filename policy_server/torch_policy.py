@@ -89,34 +89,41 @@ def load_weights_strict(module: torch.nn.Module, path: str) -> None:
 
 
 def rtc_weights(horizon: int, prefix_length: torch.Tensor, inference_delay: torch.Tensor) -> torch.Tensor:
-    """Real-time chunking's soft mask [B, horizon] float32 over a chunk's rows (after Black et
-    al. 2025, "Real-Time Execution of Action Chunking Flow Policies", arXiv 2506.07339, eq. 5).
+    """How much of the seam offset each row of a real-time chunking answer keeps: [B, horizon]
+    float32 (after Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies",
+    arXiv 2506.07339, whose soft mask decays the prefix's pull over the chunk).
 
-    With n = ``prefix_length`` and d = ``inference_delay`` (int tensors [B, 1]): weight 1 for
-    rows i < d (they play before the new chunk can arrive, so they must equal the prefix),
-    ``(n - i) / (n - d)`` for d <= i < n (a linear ramp from 1 at row d to 0 at row n), and
-    0 from row n on. The paper's eq. 5 uses ``c * (e^c - 1) / (e - 1)`` with
-    ``c = (n - i) / (n - d + 1)``: that leaves row d a weight below 1 (0.19 when n = d + 1,
-    an 81% jump to the fresh chunk right where it starts playing), and even with row d at 1
-    its exponential drops half the gap in the first step after it. The linear ramp spreads
-    the gap evenly, 1 / (n - d) of it per step, the smallest largest step (measured:
-    DEVELOPMENT.md "Robot loop v2"). Numpy mirror, for torch-free code:
-    ``benchmarks/bench_chunking.py`` ``rtc_weights``.
+    With n = ``prefix_length`` and d = ``inference_delay`` (int tensors [B, 1]) and the anchor
+    row k = d - 1 (0 when d = 0): 1 for rows i <= k (rows [0, d) are the prefix itself), then
+    ``(H - i) / (H - k)`` for i > k, a linear ramp from 1 at row k to 0 one row past the
+    chunk (H = ``horizon``); all 0 when n = 0 (no prefix). :func:`inpaint_prefix` adds this
+    fraction of the offset ``prefix[k] - fresh[k]`` to the fresh chunk, so the gap between
+    the old plan and the fresh chunk is spread evenly over every row after the delay,
+    ``1 / (H - d + 1)`` of it per step (the smallest largest step; DEVELOPMENT.md "Seams
+    that meet the goal"). Numpy mirror, for torch-free code: ``benchmarks/bench_chunking.py``
+    ``rtc_weights``.
     """
     i = torch.arange(horizon, device=prefix_length.device, dtype=torch.float32)[None, :]
-    n = prefix_length.to(torch.float32)
-    d = inference_delay.to(torch.float32)
-    c = ((n - i) / (n - d).clamp_min(1.0)).clamp(0.0, 1.0)
-    return torch.where(i < d, torch.ones_like(c), torch.where(i < n, c, torch.zeros_like(c)))
+    k = (inference_delay.to(torch.float32) - 1.0).clamp_min(0.0)
+    ramp = ((horizon - i) / (horizon - k)).clamp(0.0, 1.0)
+    return torch.where(prefix_length > 0, ramp, torch.zeros_like(ramp))
 
 
 def inpaint_prefix(
     action: torch.Tensor, prefix: torch.Tensor, prefix_length: torch.Tensor, inference_delay: torch.Tensor
 ) -> torch.Tensor:
     """A fresh chunk ``action`` [B, H, D] continuing the client's ``prefix`` [B, H, D]: rows
-    [0, d) are the prefix exactly, rows [d, n) blend prefix into the fresh chunk with
-    :func:`rtc_weights`, rows from n on are the fresh chunk. ``prefix_length`` 0 (the server's
+    [0, d) are the prefix exactly; every later row i is the fresh chunk shifted by
+    ``rtc_weights[i] * (prefix[k] - action[k])``, k = max(d - 1, 0) the last committed row, so
+    the chunk starts where the prefix leaves off, keeps the fresh chunk's shape, and
+    returns to it by the end of the chunk. Prefix rows past k are not used (they are the
+    old plan's guess, which the fresh chunk replaces). ``prefix_length`` 0 (the server's
     default when the request omits the inputs) returns ``action`` unchanged."""
-    weights = rtc_weights(action.shape[1], prefix_length, inference_delay).to(action.dtype)[..., None]
-    blended = weights * prefix + (1.0 - weights) * action
-    return torch.where(weights == 1.0, prefix, blended)
+    horizon = action.shape[1]
+    weights = rtc_weights(horizon, prefix_length, inference_delay).to(action.dtype)[..., None]  # [B, H, 1]
+    k = (inference_delay.long() - 1).clamp(0, horizon - 1)[:, :, None].expand(-1, 1, action.shape[2])
+    offset = torch.gather(prefix, 1, k) - torch.gather(action, 1, k)  # [B, 1, D]
+    rows = torch.arange(horizon, device=action.device)[None, :, None]
+    committed = (rows < inference_delay.long()[:, :, None]) & (prefix_length[:, :, None] > 0)
+    inpainted = torch.where(committed, prefix, action + weights * offset)
+    return torch.where(prefix_length[:, :, None] > 0, inpainted, action)

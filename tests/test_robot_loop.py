@@ -386,7 +386,7 @@ class GatedRtcPolicy:
         return {"action": actions}
 
 
-def test_rtc_answer_with_a_stale_prefix_is_blended_one_with_the_live_prefix_played_as_is():
+def test_rtc_answer_with_a_stale_prefix_is_anchored_one_with_the_live_prefix_played_as_is():
     policy = GatedRtcPolicy()
     policy.release(0)
     runner = ChunkRunner(policy, rate_hz=RATE_HZ, merge="rtc", request_ahead=8, max_in_flight=2)
@@ -416,21 +416,72 @@ def test_rtc_answer_with_a_stale_prefix_is_blended_one_with_the_live_prefix_play
         for n in range(len(policy.requests) + 2):
             policy.release(n)
         runner.close()
-    # steps 0-5 chunk 0; 6 A's own row (a blend would give 75); 7-9 cross-fade A (100) -> B (200)
-    # with weights 1/4, 2/4, 3/4 (played as-is B would give 200); 10 B alone.
-    assert played == [0, 0, 0, 0, 0, 0, 100, 125, 150, 175, 200]
+    # steps 0-5 chunk 0; 6 A's own row (anchoring it would give 0); from 7 B anchored to A:
+    # B's 200 shifted by A - B = -100 at its arrival, the shift falling by 1/H (10) per step
+    # (played as-is B would give 200).
+    assert played == pytest.approx([0, 0, 0, 0, 0, 0, 100, 100, 110, 120, 130])
     assert runner.stats.stale_prefixes == 1 and runner.stats.chunks == 3
     assert runner.stats.to_dict()["stale_prefixes"] == 1
 
 
-def test_rtc_merge_blends_only_chunks_marked_stale():
+def test_rtc_answer_whose_prefix_ends_before_it_arrives_goes_on_from_the_last_played_action():
+    # A (step 1) and B (step 2) go out before either answers; B's prefix holds chunk 0's
+    # rows for steps 2..9 only, and B lands at step 11, after step 10 was played from A.
+    policy = GatedRtcPolicy()
+    policy.release(0)
+    runner = ChunkRunner(policy, rate_hz=RATE_HZ, merge="rtc", request_ahead=9, max_in_flight=2)
+
+    def answered(count: int) -> None:
+        give_up = time.monotonic() + 10.0
+        while runner._answers.qsize() < count and time.monotonic() < give_up:
+            time.sleep(0.001)
+
+    try:
+        played = [float(runner.act(step_obs(t))[1]) for t in range(3)]
+        give_up = time.monotonic() + 10.0
+        while len(policy.requests) < 3 and time.monotonic() < give_up:
+            time.sleep(0.001)
+        assert [int(r["t"]) for r in policy.requests] == [0, 1, 2]
+        assert [int(r["prefix_length"][0]) for r in policy.requests[1:]] == [9, 8]
+        policy.release(1)
+        answered(1)
+        played += [float(runner.act(step_obs(t))[1]) for t in range(3, 11)]
+        policy.release(2)
+        answered(1)
+        played.append(float(runner.act(step_obs(11))[1]))
+    finally:
+        for n in range(len(policy.requests) + 2):
+            policy.release(n)
+        runner.close()
+    # steps 0-5 chunk 0 (A keeps it for inference_delay 5 rows, steps 1-5); A's 100 from 6
+    # to 10; at 11 B (200, its rows for 10 and 11 both its own) goes on from A's 100 at step
+    # 10 with its own step (0) instead of jumping to 200.
+    assert played == [0] * 6 + [100] * 5 + [100]
+    assert runner.stats.stale_prefixes == 1
+
+
+def test_rtc_merge_anchors_to_the_last_played_action_when_the_old_plan_ends_at_the_arrival():
+    old = Chunk(step=0, arrived=0, actions=np.arange(HORIZON, dtype=np.float64)[:, None])  # ends at step 10
+    new = Chunk(step=4, arrived=10, actions=np.full((HORIZON, 1), 50.0) + np.arange(HORIZON)[:, None] * 2,
+                stale_prefix=True)
+    rtc = merge_strategy("rtc")
+    # old plays 9 at step 9; new's own step is 2 from 9 to 10: 11, then its offset (9 - 60)
+    # falls by a tenth per step
+    assert [float(rtc.action(t, [old, new])[0]) for t in (10, 11)] == pytest.approx([11.0, 64 - 0.9 * 51])
+
+
+def test_rtc_merge_anchors_only_chunks_marked_stale():
     old = Chunk(step=0, arrived=0, actions=np.zeros((HORIZON, 1)))
     new = np.full((HORIZON, 1), 4.0)
     rtc = merge_strategy("rtc")
     fresh = [old, Chunk(step=2, arrived=3, actions=new)]
     stale = [old, Chunk(step=2, arrived=3, actions=new, stale_prefix=True)]
     assert [float(rtc.action(t, fresh)[0]) for t in range(3, 8)] == [4, 4, 4, 4, 4]  # from its arrival, step 3
-    assert [float(rtc.action(t, stale)[0]) for t in range(3, 8)] == [1, 2, 3, 4, 4]
+    # anchored at its arrival to the old plan (0): offset -4, falling by 1/H per step
+    assert [float(rtc.action(t, stale)[0]) for t in range(3, 8)] == pytest.approx([0, 0.4, 0.8, 1.2, 1.6])
+    # the offset is kept from its first use: dropping the old chunk does not move the plan
+    assert float(rtc.action(8, stale[1:])[0]) == pytest.approx(2.0)
+    assert float(merge_strategy("rtc").action(8, stale[1:])[0]) == 4.0  # never anchored: nothing to anchor to
 
 
 def test_a_model_that_does_not_declare_the_rtc_inputs_gets_neither():

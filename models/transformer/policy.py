@@ -12,9 +12,12 @@ Real-time chunking (Black et al. 2025, arXiv 2506.07339): the policy declares th
 inputs ``action_prefix`` float32[10, 7], ``prefix_length`` int32[1] and ``inference_delay``
 int32[1] (``policy_server.contract.rtc_specs``). Given them, the network's fresh chunk is
 inpainted with the prefix (``policy_server.torch_policy.inpaint_prefix``): rows [0, d) are
-the prefix exactly, rows [d, prefix_length) blend from the prefix into the fresh chunk with
-the paper's soft-mask weights, later rows are the fresh chunk. A request without them
-(zeros: prefix_length 0) gets the plain chunk. The network itself is unchanged (no retraining).
+the prefix exactly; later rows are the fresh chunk shifted by the offset between the prefix's
+last committed row and the fresh chunk's, the shift falling linearly to 0 one row past the
+chunk. A request without them (zeros: prefix_length 0) gets the plain chunk. The network
+itself does not take the prefix as an input (no retraining): it is a deterministic
+regression policy, so a seam is new information rather than a change of mode, and the
+inpainting spreads it over the chunk (DEVELOPMENT.md "Seams that meet the goal").
 
 Architecture: a conv stem (8x8 stride 8, then 4x4 stride 4) turns the image into 300 patch
 tokens, a linear layer turns the state into one more token, learned positional embeddings
