@@ -43,13 +43,16 @@ def encode_array(image: np.ndarray, codec: str, quality: int | None = None) -> b
     """
     image = np.ascontiguousarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3):
-        raise ValueError(f"only uint8 [H, W, 3] or [H, W, 1] images can be encoded, got {image.dtype}{list(image.shape)}")
+        raise ValueError(
+            f"only uint8 [H, W, 3] or [H, W, 1] images can be encoded, got {image.dtype}{list(image.shape)}"
+        )
     if codec == "jpeg":
         import simplejpeg
 
         colorspace = "RGB" if image.shape[2] == 3 else "GRAY"
-        return simplejpeg.encode_jpeg(image, quality=quality or DEFAULT_JPEG_QUALITY, colorspace=colorspace,
-                                      colorsubsampling="444")
+        return simplejpeg.encode_jpeg(
+            image, quality=quality or DEFAULT_JPEG_QUALITY, colorspace=colorspace, colorsubsampling="444"
+        )
     from PIL import Image
 
     out = io.BytesIO()

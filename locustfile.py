@@ -60,7 +60,7 @@ class PolicyRobot(User):
         error = None
         try:
             self.policy.infer(self.obs)
-        except Exception as exc:  # reported to locust as a failure, with its message
+        except Exception as exc:  # noqa: BLE001 (reported to locust as a failure, with its message)
             error = exc
         self.environment.events.request.fire(
             request_type="POST",

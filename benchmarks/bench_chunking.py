@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for name, _ in cases:
         for strategy in strategies:
-            mine = [run for job, run in zip(jobs, runs) if job[0] == name and job[2] == strategy]
+            mine = [run for job, run in zip(jobs, runs, strict=False) if job[0] == name and job[2] == strategy]
             starved, total = sum(r["starved"] for r in mine), sum(r["steps"] for r in mine)
             rows.append({
                 "latency": name, "strategy": strategy, "starved": starved, "steps": total,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from examples.reacher import ReacherEnv  # noqa: E402
 
+log = logging.getLogger("bench_codecs")
 
 def frames() -> dict[str, np.ndarray]:
     env = ReacherEnv(seed=3)
@@ -65,7 +67,7 @@ def codecs(quality: int) -> dict[str, tuple]:
             lambda b: tj.decode(b, pixel_format=TJPF_RGB),
         )
     except (ImportError, RuntimeError, OSError) as exc:
-        print(f"pyturbojpeg skipped: {exc}", file=sys.stderr)
+        log.warning(f"pyturbojpeg skipped: {exc}")
     try:
         from PIL import Image
 
@@ -98,18 +100,30 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     results = []
-    print(f"{'frame':14} {'codec':18} {'bytes':>8} {'enc p50':>8} {'enc p90':>8} {'dec p50':>8} {'dec p90':>8} {'max err':>7}")
+    log.info(
+        f"{'frame':14} {'codec':18} {'bytes':>8} {'enc p50':>8} {'enc p90':>8} "
+        f"{'dec p50':>8} {'dec p90':>8} {'max err':>7}"
+    )
     for frame_name, frame in frames().items():
         for name, (encode, decode) in codecs(args.quality).items():
             data = encode(frame)
             err = int(np.abs(decode(data).astype(int) - frame).max())
             enc, dec = timed(encode, frame, args.iters), timed(decode, data, args.iters)
-            row = {"frame": frame_name, "codec": name, "bytes": len(data), "encode_ms_p50": np.median(enc),
-                   "encode_ms_p90": np.percentile(enc, 90), "decode_ms_p50": np.median(dec),
-                   "decode_ms_p90": np.percentile(dec, 90), "max_abs_error": err}
+            row = {
+                "frame": frame_name,
+                "codec": name,
+                "bytes": len(data),
+                "encode_ms_p50": np.median(enc),
+                "encode_ms_p90": np.percentile(enc, 90),
+                "decode_ms_p50": np.median(dec),
+                "decode_ms_p90": np.percentile(dec, 90),
+                "max_abs_error": err,
+            }
             results.append(row)
-            print(f"{frame_name:14} {name:18} {len(data):8d} {row['encode_ms_p50']:8.2f} {row['encode_ms_p90']:8.2f} "
-                  f"{row['decode_ms_p50']:8.2f} {row['decode_ms_p90']:8.2f} {err:7d}")
+            log.info(
+                f"{frame_name:14} {name:18} {len(data):8d} {row['encode_ms_p50']:8.2f} {row['encode_ms_p90']:8.2f} "
+                f"{row['decode_ms_p50']:8.2f} {row['decode_ms_p90']:8.2f} {err:7d}"
+            )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1, default=float))
@@ -117,4 +131,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     main()

@@ -152,9 +152,20 @@ def main() -> None:
              "ratio", "+host GB/s", "p50 ms", "p99 ms", "samples/s", "pipelined/s", "batch")
     for batch in BATCHES:
         h, e, p = result["h2d"][batch], result["executor"][batch], result["pipelined"][batch]
-        log.info("%6d %8.2f %12.2f %12.2f %6.2f %10.2f | %8.3f %8.3f %10.0f | %12.0f %6.2f", batch, h["bytes"] / 1e6,
-                 h["staged_GBps"], h["plain_pinned_GBps"], h["ratio"], h["with_host_copy_GBps"], e["p50_ms"], e["p99_ms"],
-                 e["samples_per_s"], p["samples_per_s"], p["mean_batch"])
+        log.info(
+            "%6d %8.2f %12.2f %12.2f %6.2f %10.2f | %8.3f %8.3f %10.0f | %12.0f %6.2f",
+            batch,
+            h["bytes"] / 1e6,
+            h["staged_GBps"],
+            h["plain_pinned_GBps"],
+            h["ratio"],
+            h["with_host_copy_GBps"],
+            e["p50_ms"],
+            e["p99_ms"],
+            e["samples_per_s"],
+            p["samples_per_s"],
+            p["mean_batch"],
+        )
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=2)

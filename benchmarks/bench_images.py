@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ from request_tools import PolicyClient  # noqa: E402
 
 ENCODINGS = ("raw", "jpeg:90", "jpeg:75", "png")
 
+
+log = logging.getLogger("bench_images")
 
 def server_decode_ms(timing: str | None) -> float:
     for part in (timing or "").split(","):
@@ -80,9 +83,9 @@ def per_request(url: str, n: int) -> list[dict]:
             "max_action_diff": max(diffs),
         }
         rows.append(row)
-        print(f"{encoding:8} {row['bytes_p50']:9d} B  encode {row['client_encode_ms_p50']:6.2f} ms  "
+        log.info(f"{encoding:8} {row['bytes_p50']:9d} B  encode {row['client_encode_ms_p50']:6.2f} ms  "
               f"server decode {row['server_decode_ms_p50']:6.2f} ms  latency p50 {row['latency_ms_p50']:7.2f} "
-              f"p90 {row['latency_ms_p90']:7.2f} ms  max |action - raw| {row['max_action_diff']:.4f}", flush=True)
+              f"p90 {row['latency_ms_p90']:7.2f} ms  max |action - raw| {row['max_action_diff']:.4f}")
     return rows
 
 
@@ -95,8 +98,7 @@ def closed_loop(url: str, episodes: int, seed: int) -> list[dict]:
             report = run_episodes(client, seeds, PathReport("default", f"server {encoding}"))
         out.append({"encoding": encoding, "episodes": episodes, "success_rate": report.success_rate,
                     "line": report.line()})
-        print(f"sim loop {encoding:8} success {report.success_rate:.2f} over {episodes} episodes | {report.line()}",
-              flush=True)
+        log.info(f"sim loop {encoding:8} success {report.success_rate:.2f} over {episodes} episodes | {report.line()}")
     return out
 
 
@@ -119,8 +121,8 @@ def closed_loop_in_process(episodes: int, seed: int) -> list[dict]:
         report = run_episodes(call, seeds, PathReport("default", f"in-process {encoding}"))
         out.append({"encoding": encoding, "episodes": episodes, "success_rate": report.success_rate,
                     "line": report.line()})
-        print(f"in-process {encoding:8} success {report.success_rate:.2f} over {episodes} episodes | {report.line()}",
-              flush=True)
+        log.info(f"in-process {encoding:8} success {report.success_rate:.2f} over {episodes} episodes | "
+                 f"{report.line()}")
     return out
 
 
@@ -147,4 +149,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     main()

@@ -85,9 +85,13 @@ def main() -> None:
             ref = base[batch]["actions"]
             err = float(np.linalg.norm(r["actions"] - ref) / np.linalg.norm(ref))
             speedup = base[batch]["batch_ms"] / r["batch_ms"]
-            log.info("%-15s %6d %12.2f %14.2f %13.2fx %10.1e", name, batch, r["batch_ms"], r["per_sample_ms"], speedup, err)
+            log.info(
+                "%-15s %6d %12.2f %14.2f %13.2fx %10.1e", name, batch, r["batch_ms"], r["per_sample_ms"], speedup, err
+            )
             table.setdefault(name, {})[batch] = {k: v for k, v in r.items() if k != "actions"} | {
-                "speedup": speedup, "rel_err": err}
+                "speedup": speedup,
+                "rel_err": err,
+            }
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump({"device": device, "results": table}, fh, indent=2)

@@ -28,7 +28,10 @@ SIZES = [(120, 160), (240, 320), (480, 640), (960, 1280), (1920, 2560)]
 
 def observation(h: int, w: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"state": rng.standard_normal(6).astype(np.float32), "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8)}
+    return {
+        "state": rng.standard_normal(6).astype(np.float32),
+        "image": rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+    }
 
 
 def time_calls(fn, iters: int, runs: int) -> dict[str, float]:
@@ -80,19 +83,31 @@ def main() -> None:
         iters = max(200, args.iters // max(1, (h * w) // (480 * 640)))
         results["decode_vs_size"][f"{h}x{w}"] = {
             "image_bytes": h * w * 3,
-            "decode": time_calls(lambda: binary_to_dict(sized_body), iters, args.runs),
-            "pickle_inband_loads": time_calls(lambda: pickle.loads(sized_inband), iters, args.runs),
+            "decode": time_calls(lambda body=sized_body: binary_to_dict(body), iters, args.runs),
+            "pickle_inband_loads": time_calls(lambda data=sized_inband: pickle.loads(data), iters, args.runs),
         }
 
     log.info("reference observation: state float32[6], image uint8[480,640,3] (%d bytes on the wire)", len(body))
     log.info("%-40s %9s %9s %9s   %s", "case", "p50 us", "p90 us", "p99 us", "per-run medians")
     for name, r in results["reference"].items():
-        log.info("%-40s %9.1f %9.1f %9.1f   %s", name, r["p50_us"], r["p90_us"], r["p99_us"],
-                 " ".join(f"{m:.1f}" for m in r["run_medians_us"]))
+        log.info(
+            "%-40s %9.1f %9.1f %9.1f   %s",
+            name,
+            r["p50_us"],
+            r["p90_us"],
+            r["p99_us"],
+            " ".join(f"{m:.1f}" for m in r["run_medians_us"]),
+        )
     log.info("")
     log.info("%-12s %10s %16s %22s", "image", "bytes", "decode p50 us", "in-band loads p50 us")
     for size, r in results["decode_vs_size"].items():
-        log.info("%-12s %10d %16.1f %22.1f", size, r["image_bytes"], r["decode"]["p50_us"], r["pickle_inband_loads"]["p50_us"])
+        log.info(
+            "%-12s %10d %16.1f %22.1f",
+            size,
+            r["image_bytes"],
+            r["decode"]["p50_us"],
+            r["pickle_inband_loads"]["p50_us"],
+        )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:

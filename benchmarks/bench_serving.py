@@ -240,7 +240,7 @@ def _load_process(make_client, port: int, threads: int, duration_s: float, start
             t0 = time.perf_counter()
             try:
                 size = call()
-            except Exception as exc:  # counted and reported, never silently dropped
+            except Exception as exc:  # noqa: BLE001 (counted and reported, never silently dropped)
                 with lock:
                     errors.append(repr(exc))
                 time.sleep(0.01)
@@ -266,7 +266,8 @@ def concurrent(target: Target, clients: int, processes: int, duration_s: float) 
     for i in range(processes):
         threads = clients // processes + (1 if i < clients % processes else 0)
         receive, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_load_process, args=(target.make_client, target.port, threads, duration_s, start_at, send))
+        args = (target.make_client, target.port, threads, duration_s, start_at, send)
+        proc = ctx.Process(target=_load_process, args=args)
         proc.start()
         pipes.append(receive)
         procs.append(proc)
@@ -285,8 +286,11 @@ def concurrent(target: Target, clients: int, processes: int, duration_s: float) 
     ms = np.array(latencies) * 1e3
     sized = [x for x in sizes if x]
     return {
-        "requests": int(ms.size), "errors": len(errors), "req_per_s": ms.size / duration_s,
-        "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+        "requests": int(ms.size),
+        "errors": len(errors),
+        "req_per_s": ms.size / duration_s,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
         "mean_batch": float(np.mean(sized)) if sized else None,
         "server_cpu_ms_per_req": 1e3 * cpu / max(1, ms.size),
     }
@@ -338,25 +342,60 @@ def main() -> None:
     all_targets = {
         "server": Target(
             "server",
-            [sys.executable, "server.py", "--port", str(ports["server"]), "--workers", str(args.workers),
-             "--threads", str(max(4, args.clients)), "--model-path", MODEL,
-             "--model-store", tempfile.mkdtemp(prefix="bench-store-"), *args.server_args.split()],
-            {}, lambda p: raw_http_client(p, frame), ports["server"],
+            [
+                sys.executable,
+                "server.py",
+                "--port",
+                str(ports["server"]),
+                "--workers",
+                str(args.workers),
+                "--threads",
+                str(max(4, args.clients)),
+                "--model-path",
+                MODEL,
+                "--model-store",
+                tempfile.mkdtemp(prefix="bench-store-"),
+                *args.server_args.split(),
+            ],
+            {},
+            lambda p: raw_http_client(p, frame),
+            ports["server"],
             real_client=lambda p: policy_client(f"http://127.0.0.1:{p}", obs),
         ),
         "naive": Target(
             "naive",
-            [sys.executable, "-m", "gunicorn", "-w", str(args.workers), "-k", "sync", "-b",
-             f"127.0.0.1:{ports['naive']}", "--no-control-socket", "benchmarks.baselines.naive_flask:create_app()"],
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-w",
+                str(args.workers),
+                "-k",
+                "sync",
+                "-b",
+                f"127.0.0.1:{ports['naive']}",
+                "--no-control-socket",
+                "benchmarks.baselines.naive_flask:create_app()",
+            ],
             {"BASELINE_MODEL_PATH": MODEL, "BASELINE_TORCH_THREADS": per_worker, "OMP_NUM_THREADS": per_worker},
-            lambda p: raw_http_client(p, inband), ports["naive"],
+            lambda p: raw_http_client(p, inband),
+            ports["naive"],
             real_client=lambda p: http_client(f"http://127.0.0.1:{p}/infer", inband, binary_to_dict),
         ),
         "socket": Target(
             "socket",
-            [sys.executable, "-m", "benchmarks.baselines.socket_server", "--port", str(ports["socket"]),
-             "--model-path", MODEL],
-            {}, lambda p: socket_client(p, frame), ports["socket"],
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.baselines.socket_server",
+                "--port",
+                str(ports["socket"]),
+                "--model-path",
+                MODEL,
+            ],
+            {},
+            lambda p: socket_client(p, frame),
+            ports["socket"],
         ),
     }
     targets = [all_targets[name] for name in args.targets.split(",")]
@@ -374,9 +413,17 @@ def main() -> None:
                 real = sequential(target.real_client(target.port), args.sequential) if target.real_client else None
                 conc = concurrent(target, args.clients, args.processes, args.duration)
                 target.results.append({"sequential": seq, "sequential_real_client": real, "concurrent": conc})
-                log.info("  %s run %d: seq p50 %.2f ms; %d clients %.1f req/s p50 %.1f p99 %.1f ms, errors %d",
-                         target.name, run + 1, seq["p50_ms"], args.clients, conc["req_per_s"], conc["p50_ms"],
-                         conc["p99_ms"], conc["errors"])
+                log.info(
+                    "  %s run %d: seq p50 %.2f ms; %d clients %.1f req/s p50 %.1f p99 %.1f ms, errors %d",
+                    target.name,
+                    run + 1,
+                    seq["p50_ms"],
+                    args.clients,
+                    conc["req_per_s"],
+                    conc["p50_ms"],
+                    conc["p99_ms"],
+                    conc["errors"],
+                )
             target.stop()
     finally:
         for target in targets:
@@ -388,7 +435,8 @@ def main() -> None:
             "seq_p90_ms": median_of(t.results, "sequential", "p90_ms"),
             "seq_p99_ms": median_of(t.results, "sequential", "p99_ms"),
             "seq_p50_ms_real_client": median_of(t.results, "sequential_real_client", "p50_ms")
-            if t.real_client else None,
+            if t.real_client
+            else None,
             "conc_req_per_s": median_of(t.results, "concurrent", "req_per_s"),
             "conc_p50_ms": median_of(t.results, "concurrent", "p50_ms"),
             "conc_p99_ms": median_of(t.results, "concurrent", "p99_ms"),
@@ -413,19 +461,49 @@ def main() -> None:
     for key, value in floor.items():
         log.info("  %-20s %8.2f %8.2f", key, value["batch_ms"], value["per_sample_ms"])
     log.info("")
-    log.info("%-8s %8s %8s %8s | %9s %8s %8s %6s %8s %6s", "target", "seq p50", "p90", "p99",
-             f"{args.clients}c req/s", "p50", "p99", "batch", "cpu/req", "errors")
+    log.info(
+        "%-8s %8s %8s %8s | %9s %8s %8s %6s %8s %6s",
+        "target",
+        "seq p50",
+        "p90",
+        "p99",
+        f"{args.clients}c req/s",
+        "p50",
+        "p99",
+        "batch",
+        "cpu/req",
+        "errors",
+    )
     for name, r in summary.items():
-        log.info("%-8s %8.2f %8.2f %8.2f | %9.1f %8.2f %8.2f %6s %8.2f %6d", name, r["seq_p50_ms"], r["seq_p90_ms"],
-                 r["seq_p99_ms"], r["conc_req_per_s"], r["conc_p50_ms"], r["conc_p99_ms"],
-                 f"{r['mean_batch']:.2f}" if r["mean_batch"] else "-", r["cpu_ms_per_req"], r["errors"])
-    log.info("sequential p50 through the real client (PolicyClient / requests): %s", ", ".join(
-        f"{name} {r['seq_p50_ms_real_client']:.2f} ms" for name, r in summary.items() if r["seq_p50_ms_real_client"]))
+        log.info(
+            "%-8s %8.2f %8.2f %8.2f | %9.1f %8.2f %8.2f %6s %8.2f %6d",
+            name,
+            r["seq_p50_ms"],
+            r["seq_p90_ms"],
+            r["seq_p99_ms"],
+            r["conc_req_per_s"],
+            r["conc_p50_ms"],
+            r["conc_p99_ms"],
+            f"{r['mean_batch']:.2f}" if r["mean_batch"] else "-",
+            r["cpu_ms_per_req"],
+            r["errors"],
+        )
+    log.info(
+        "sequential p50 through the real client (PolicyClient / requests): %s",
+        ", ".join(
+            f"{name} {r['seq_p50_ms_real_client']:.2f} ms" for name, r in summary.items() if r["seq_p50_ms_real_client"]
+        ),
+    )
     log.info("")
     for name, value in ratios.items():
         log.info("  %-40s %.2f", name, value)
-    result = {"config": vars(args) | {"cores": CORES}, "compute_floor": floor, "summary": summary, "ratios": ratios,
-              "runs": {t.name: t.results for t in targets}}
+    result = {
+        "config": vars(args) | {"cores": CORES},
+        "compute_floor": floor,
+        "summary": summary,
+        "ratios": ratios,
+        "runs": {t.name: t.results for t in targets},
+    }
     with open(args.json, "w") as fh:
         json.dump(result, fh, indent=2)
     log.info("wrote %s", args.json)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from benchmarks.local_server import local_server  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 
+log = logging.getLogger("bench_uds")
 
 def timed(call, n: int) -> np.ndarray:
     for _ in range(10):
@@ -52,17 +54,26 @@ def main(argv=None) -> dict:
         for _ in range(args.runs):
             for transport, client in clients.items():
                 samples.setdefault((transport, "GET /health"), []).append(timed(client.health, args.n))
-                samples.setdefault((transport, "POST /infer"), []).append(timed(lambda: client.infer(obs), args.n))
+                samples.setdefault((transport, "POST /infer"), []).append(
+                    timed(lambda client=client: client.infer(obs), args.n)
+                )
     results = []
-    print(f"{'transport':9} {'call':12} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  (p50 per run)")
+    log.info(f"{'transport':9} {'call':12} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  (p50 per run)")
     for (transport, call), runs in samples.items():
         all_ms = np.concatenate(runs)
-        row = {"transport": transport, "call": call, "p50_ms": float(np.median(all_ms)),
-               "p90_ms": float(np.percentile(all_ms, 90)), "p99_ms": float(np.percentile(all_ms, 99)),
-               "run_p50s_ms": [round(float(np.median(r)), 3) for r in runs]}
+        row = {
+            "transport": transport,
+            "call": call,
+            "p50_ms": float(np.median(all_ms)),
+            "p90_ms": float(np.percentile(all_ms, 90)),
+            "p99_ms": float(np.percentile(all_ms, 99)),
+            "run_p50s_ms": [round(float(np.median(r)), 3) for r in runs],
+        }
         results.append(row)
-        print(f"{transport:9} {call:12} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}  "
-              f"{row['run_p50s_ms']}")
+        log.info(
+            f"{transport:9} {call:12} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}  "
+            f"{row['run_p50s_ms']}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
@@ -70,4 +81,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     main()

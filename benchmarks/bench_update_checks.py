@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import statistics
 import sys
@@ -29,6 +30,7 @@ from policy_server.config import ServerConfig  # noqa: E402
 from policy_server.model_loader import load_model_dir  # noqa: E402
 from policy_server.serving_model import prepare, warm_up  # noqa: E402
 
+log = logging.getLogger("bench_update_checks")
 
 def timed(fn, repeats: int) -> dict[str, float]:
     times = []
@@ -77,11 +79,12 @@ def main() -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     size = sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
     report = {"model": args.model, "bytes": size, "repeats": args.repeats, "steps": results}
-    print(json.dumps(report, indent=2))
+    log.info(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     main()

@@ -104,9 +104,11 @@ class PathReport:
         hz = np.median(self.achieved_hz) if self.achieved_hz else 0.0
         versions = ",".join(f"v{v}x{n}" for v, n in sorted(self.versions.items())) or "-"
         return (
-            f"{self.model:<12} {self.path:<10} {self.merge:<9} +{self.latency_ms:.0f}~{self.jitter_ms:.0f} ms  success {self.successes:>3}/{self.episodes:<3} "
+            f"{self.model:<12} {self.path:<10} {self.merge:<9} +{self.latency_ms:.0f}~{self.jitter_ms:.0f} ms  "
+            f"success {self.successes:>3}/{self.episodes:<3} "
             f"({self.success_rate:6.1%})  rate {hz:5.2f} Hz (period p99 {self.period_ms_p99:5.1f} ms, "
-            f"worst {self.worst_period_ms:5.1f} ms)  latency p50 {self.latency_ms_p50:6.1f} ms p99 {self.latency_ms_p99:6.1f} ms  "
+            f"worst {self.worst_period_ms:5.1f} ms)  "
+            f"latency p50 {self.latency_ms_p50:6.1f} ms p99 {self.latency_ms_p99:6.1f} ms  "
             f"chunks {self.chunks}  starved {self.starved_steps}  seam jerk {self.seam_jerk:.3f}  "
             f"failed {self.failures}  versions {versions}"
         )
@@ -177,13 +179,17 @@ class DelayedPolicy:
 
 
 def make_runner(
-    policy: Any, merge: str, model_info: Mapping[str, Any] | None = None, request_ahead: int | None = None,
+    policy: Any,
+    merge: str,
+    model_info: Mapping[str, Any] | None = None,
+    request_ahead: int | None = None,
 ) -> ChunkRunner:
     """A ``robot_loop.ChunkRunner`` at the reacher's rate with overlap strategy ``merge``,
     told the model's declarations (``model_info``: history windows, optional inputs);
     ``request_ahead`` fixes the runner's ask point (None: from the measured delay)."""
-    return ChunkRunner(policy, rate_hz=ReacherEnv.control_hz, merge=merge, model_info=model_info,
-                       request_ahead=request_ahead)
+    return ChunkRunner(
+        policy, rate_hz=ReacherEnv.control_hz, merge=merge, model_info=model_info, request_ahead=request_ahead
+    )
 
 
 def run_episodes(
@@ -256,7 +262,12 @@ def history_windows(inputs: list[dict]) -> dict[str, tuple[int, str]]:
 
 
 def run_vectorized(
-    client: PolicyClient, seeds: list[int], *, moving_target: bool, execute: int, model: str | None = None,
+    client: PolicyClient,
+    seeds: list[int],
+    *,
+    moving_target: bool,
+    execute: int,
+    model: str | None = None,
     max_rows: int = 0,
 ) -> dict[str, Any]:
     """``len(seeds)`` environments in lockstep: one ``infer_batch`` request per step for every
@@ -265,27 +276,33 @@ def run_vectorized(
     envs = [ReacherEnv(seed, moving_target=moving_target) for seed in seeds]
     windows = history_windows(client.model_info(model)["inputs"])
     frames = [ObservationWindow(windows) for _ in envs]
-    observations = [frame(env.reset()) for frame, env in zip(frames, envs)]
+    observations = [frame(env.reset()) for frame, env in zip(frames, envs, strict=False)]
     latencies, rows, start = [], 0, time.perf_counter()
     while live := [i for i, env in enumerate(envs) if not env.done]:
         parts = []
         for first in range(0, len(live), max_rows or len(live)):
             sent = time.perf_counter()
-            part = live[first:first + (max_rows or len(live))]
+            part = live[first : first + (max_rows or len(live))]
             parts.append(client.infer_batch([observations[i] for i in part], model)["action"])
             latencies.append(time.perf_counter() - sent)
         chunks = np.concatenate(parts)
         rows += len(live)
-        for chunk, i in zip(chunks, live):
+        for chunk, i in zip(chunks, live, strict=False):
             for action in chunk[:execute]:
                 observations[i] = frames[i](envs[i].step(action).obs)
                 if envs[i].done:
                     break
     wall = time.perf_counter() - start
     return {
-        "environments": len(envs), "execute": execute, "moving_target": moving_target,
-        "success_rate": sum(env.success for env in envs) / len(envs), "requests": len(latencies), "rows": rows,
-        "env_steps": sum(env.steps for env in envs), "wall_s": wall, "env_steps_per_s": sum(e.steps for e in envs) / wall,
+        "environments": len(envs),
+        "execute": execute,
+        "moving_target": moving_target,
+        "success_rate": sum(env.success for env in envs) / len(envs),
+        "requests": len(latencies),
+        "rows": rows,
+        "env_steps": sum(env.steps for env in envs),
+        "wall_s": wall,
+        "env_steps_per_s": sum(e.steps for e in envs) / wall,
         "latency_ms_p50": float(np.percentile(latencies, 50) * 1e3),
         "latency_ms_p99": float(np.percentile(latencies, 99) * 1e3),
     }
@@ -349,16 +366,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--model-root", default=os.path.join(ROOT, "models"), help="for the in-process runs")
     parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--moving-target", action="store_true", help="the reacher's target moves")
-    parser.add_argument("--latency-ms", type=numbers, default=None,
-                        help="comma-separated injected round-trip latencies: one server run per value")
+    parser.add_argument(
+        "--latency-ms",
+        type=numbers,
+        default=None,
+        help="comma-separated injected round-trip latencies: one server run per value",
+    )
     parser.add_argument("--jitter-ms", type=float, default=0.0, help="plus uniform [0, this) per request")
     parser.add_argument("--merge", default="replace", help="comma-separated merge strategies of the chunk runner")
-    parser.add_argument("--request-ahead", type=int, default=None,
-                        help="ask for the next chunk with this many planned actions left (default: the measured delay)")
+    parser.add_argument(
+        "--request-ahead",
+        type=int,
+        default=None,
+        help="ask for the next chunk with this many planned actions left (default: the measured delay)",
+    )
     parser.add_argument("--vectorized", type=int, default=0, help="also run N environments in lockstep (infer_batch)")
     parser.add_argument("--vectorized-execute", type=int, default=1, help="actions played per lockstep request")
-    parser.add_argument("--vectorized-rows", type=int, default=0,
-                        help="most observations per request (0: all live environments in one)")
+    parser.add_argument(
+        "--vectorized-rows", type=int, default=0, help="most observations per request (0: all live environments in one)"
+    )
     parser.add_argument("--api-key", default=os.environ.get("POLICY_SERVER_API_KEY"))
     parser.add_argument("--admin-key", default=os.environ.get("POLICY_SERVER_ADMIN_KEY"))
     parser.add_argument("--json", help="also write the results here")
@@ -387,32 +413,46 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             info = client.model_info(name)
             for merge in merges:
                 for latency in latencies:
-                    report = PathReport(name, "server", merge, latency, args.jitter_ms, args.moving_target,
-                                        request_ahead=args.request_ahead)
+                    report = PathReport(
+                        name,
+                        "server",
+                        merge,
+                        latency,
+                        args.jitter_ms,
+                        args.moving_target,
+                        request_ahead=args.request_ahead,
+                    )
                     if latency or args.jitter_ms:
-                        policy: Any = DelayedPolicy(lambda: client_for(name), latency / 1e3, args.jitter_ms / 1e3,
-                                                    seed=args.seed)
+                        policy: Any = DelayedPolicy(
+                            lambda name=name: client_for(name), latency / 1e3, args.jitter_ms / 1e3, seed=args.seed
+                        )
                     else:
                         policy = client
                     reports.append(run_episodes(policy, seeds, report, model_info=info))
                     log.info("%s", reports[-1].line())
             if args.vectorized:
                 vectorized[name] = run_vectorized(
-                    client, list(range(args.seed, args.seed + args.vectorized)), moving_target=args.moving_target,
-                    execute=args.vectorized_execute, max_rows=args.vectorized_rows,
+                    client,
+                    list(range(args.seed, args.seed + args.vectorized)),
+                    moving_target=args.moving_target,
+                    execute=args.vectorized_execute,
+                    max_rows=args.vectorized_rows,
                 )
                 log.info("%s vectorized: %s", name, json.dumps(vectorized[name]))
         if not args.skip_in_process:
             local = in_process_policy(os.path.join(args.model_root, name))
-            report = PathReport(name, "in-process", merges[0], moving_target=args.moving_target,
-                                request_ahead=args.request_ahead)
+            report = PathReport(
+                name, "in-process", merges[0], moving_target=args.moving_target, request_ahead=args.request_ahead
+            )
             reports.append(run_episodes(local, seeds, report, model_info=local.model_info()))
             log.info("%s", reports[-1].line())
 
     if sweep:
         log.info("\n%s\n%s", TABLE_HEADER, "\n".join(r.row() for r in reports if r.path == "server"))
     result = {
-        "episodes": args.episodes, "seeds": [seeds[0], seeds[-1]], "control_hz": ReacherEnv.control_hz,
+        "episodes": args.episodes,
+        "seeds": [seeds[0], seeds[-1]],
+        "control_hz": ReacherEnv.control_hz,
         "moving_target": args.moving_target,
         "reports": [{**asdict(r), "success_rate": r.success_rate} for r in reports],
         "attention": attention,

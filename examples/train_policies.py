@@ -147,7 +147,7 @@ def moving_rollouts(
             done |= distance <= reacher.SUCCESS_RADIUS
             if done.all() or t >= max_steps:
                 break
-    parts = [np.concatenate(p) for p in zip(*visited)]
+    parts = [np.concatenate(p) for p in zip(*visited, strict=False)]
     return (*parts, float(done.mean()))
 
 
@@ -233,7 +233,7 @@ def rollouts(
             done |= distance <= reacher.SUCCESS_RADIUS
             if done.all() or t >= max_steps:
                 break
-    qs, dqs, targets = (np.concatenate(parts) for parts in zip(*visited))
+    qs, dqs, targets = (np.concatenate(parts) for parts in zip(*visited, strict=False))
     return qs, dqs, targets, float(done.mean())
 
 
@@ -306,17 +306,27 @@ def train(name: str, args: argparse.Namespace) -> str:
     for step in range(steps):
         if step in dagger_at:
             module.eval()
-            collect(trajectories, (history_module_fn if moving else module_fn)(module, images), rng, args.dagger_episodes, 0.0, f"step {step} DAgger",
-                    args.dagger_max_steps)
+            collect(
+                trajectories,
+                (history_module_fn if moving else module_fn)(module, images),
+                rng,
+                args.dagger_episodes,
+                0.0,
+                f"step {step} DAgger",
+                args.dagger_max_steps,
+            )
             module.train()
         pick_broad = rng.integers(0, len(broad), n_broad)
         pick_traj = rng.integers(0, len(trajectories), args.batch_size - n_broad)
-        batch = {key: np.concatenate([broad.arrays[key][pick_broad], trajectories.arrays[key][pick_traj]])
-                 for key in broad.arrays}
+        batch = {
+            key: np.concatenate([broad.arrays[key][pick_broad], trajectories.arrays[key][pick_traj]])
+            for key in broad.arrays
+        }
         state = torch.from_numpy(states_of(batch["q"], batch["dq"]))
         if moving:
             image = torch.from_numpy(
-                render_frames(batch["q"], batch["target"], batch["prev_q"], batch["prev_target"], images))
+                render_frames(batch["q"], batch["target"], batch["prev_q"], batch["prev_target"], images)
+            )
         else:
             image = torch.from_numpy(render_batch(batch["q"], batch["target"], images))
         label = torch.from_numpy(batch["label"])
@@ -337,8 +347,9 @@ def train(name: str, args: argparse.Namespace) -> str:
     source = os.path.join(ROOT, "models", name, "policy.py")
     if os.path.abspath(out_dir) != os.path.dirname(source):  # a directory the server can load
         shutil.copyfile(source, os.path.join(out_dir, "policy.py"))
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()},
-              os.path.join(out_dir, "model.safetensors"))
+    save_file(
+        {k: v.detach().contiguous() for k, v in module.state_dict().items()}, os.path.join(out_dir, "model.safetensors")
+    )
     log.info("%s: trained in %.0f s, wrote %s", name, time.perf_counter() - started, out_dir)
     return out_dir
 
@@ -367,12 +378,20 @@ def evaluate(model_dir: str, episodes: int, first_seed: int, moving_target: bool
         for align in (True, False) if staleness else (True,):
             started = time.perf_counter()
             rate, results = reacher.evaluate(
-                chunk_fn, seeds, staleness=staleness, align=align, moving_target=moving, windows=windows)
+                chunk_fn, seeds, staleness=staleness, align=align, moving_target=moving, windows=windows
+            )
             key = f"staleness {staleness}" + ("" if align or not staleness else " unaligned")
             rates[key] = rate
-            log.info("%s: %s%s success %.2f over %d episodes (mean %.1f steps, %.1f s)",
-                     os.path.basename(model_dir), "moving target, " if moving else "", key, rate, episodes,
-                     np.mean([r.steps for r in results]), time.perf_counter() - started)
+            log.info(
+                "%s: %s%s success %.2f over %d episodes (mean %.1f steps, %.1f s)",
+                os.path.basename(model_dir),
+                "moving target, " if moving else "",
+                key,
+                rate,
+                episodes,
+                np.mean([r.steps for r in results]),
+                time.perf_counter() - started,
+            )
     return rates
 
 
@@ -380,26 +399,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out-dir", default=os.path.join(ROOT, "models"),
-                        help="writes <out-dir>/<model>/model.safetensors (default: the repo's models/)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps (default: 1800 for default, 1200 for transformer, 1500 for history)")
+    parser.add_argument(
+        "--out-dir",
+        default=os.path.join(ROOT, "models"),
+        help="writes <out-dir>/<model>/model.safetensors (default: the repo's models/)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps (default: 1800 for default, 1200 for transformer, 1500 for history)",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     parser.add_argument("--broad-states", type=int, default=20000, help="states drawn over the whole joint space")
     parser.add_argument("--broad-fraction", type=float, default=0.25, help="share of each batch from the broad states")
     parser.add_argument("--expert-episodes", type=int, default=800, help="noisy expert episodes at the start")
     parser.add_argument("--expert-noise", type=float, default=0.6, help="rad/s of noise on the expert's commands")
-    parser.add_argument("--dagger-at", type=float, nargs="*", default=[0.35, 0.6, 0.8],
-                        help="fractions of training after which the policy collects data")
+    parser.add_argument(
+        "--dagger-at",
+        type=float,
+        nargs="*",
+        default=[0.35, 0.6, 0.8],
+        help="fractions of training after which the policy collects data",
+    )
     parser.add_argument("--dagger-episodes", type=int, default=64)
     parser.add_argument("--dagger-max-steps", type=int, default=60, help="DAgger episodes stop here")
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--eval-seed", type=int, default=EVAL_SEED)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-only", action="store_true", help="evaluate the weights in --out-dir, train nothing")
-    parser.add_argument("--eval-moving", choices=["auto", "yes", "no"], default="auto",
-                        help="evaluate on moving targets (auto: history models only)")
+    parser.add_argument(
+        "--eval-moving",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="evaluate on moving targets (auto: history models only)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -409,8 +444,12 @@ def main() -> None:
     for name in names:
         model_dir = os.path.join(args.out_dir, name) if args.eval_only else train(name, args)
         if args.eval_episodes:
-            evaluate(model_dir, args.eval_episodes, args.eval_seed,
-                     None if args.eval_moving == "auto" else args.eval_moving == "yes")
+            evaluate(
+                model_dir,
+                args.eval_episodes,
+                args.eval_seed,
+                None if args.eval_moving == "auto" else args.eval_moving == "yes",
+            )
 
 
 if __name__ == "__main__":

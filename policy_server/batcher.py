@@ -322,7 +322,7 @@ class Batcher:
         except Exception as exc:  # noqa: BLE001 (fails only this batch; _fail logs it)
             self._fail(batch, exc)
         else:
-            for request, output in zip(batch, outputs):
+            for request, output in zip(batch, outputs, strict=False):
                 request.resolve(outputs=output, version=version)
             self.batches += 1
             self.requests += len(batch)

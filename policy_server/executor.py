@@ -88,7 +88,9 @@ class BatchExecutor:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.compute_stream = torch.cuda.Stream(self.device)
         n_slots = 2 if self.pipelined else 1
-        self.slots = [_Slot(model.input_spec, model.output_spec, max_batch_size, self.pipelined) for _ in range(n_slots)]
+        self.slots = [
+            _Slot(model.input_spec, model.output_spec, max_batch_size, self.pipelined) for _ in range(n_slots)
+        ]
         self._next_slot = 0
 
     def _autocast(self):
@@ -128,9 +130,7 @@ class BatchExecutor:
         rows = self._stage(slot, batch)
         with torch.cuda.stream(self.copy_stream):
             slot.h2d_started.record(self.copy_stream)
-            device_in = {
-                name: t[:rows].to(self.device, non_blocking=True) for name, t in slot.host_in.items()
-            }
+            device_in = {name: t[:rows].to(self.device, non_blocking=True) for name, t in slot.host_in.items()}
             slot.copied.record(self.copy_stream)
         self.compute_stream.wait_event(slot.copied)
         with torch.cuda.stream(self.compute_stream):

@@ -35,10 +35,16 @@ log = logging.getLogger(__name__)
 IGNORED = frozenset({"__pycache__"})
 _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC  # NONBLOCK: a FIFO never hangs the open
+_FILE_FLAGS = (
+    os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+)  # NONBLOCK: a FIFO never hangs the open
 MAX_DEPTH = 64  # directory levels below the model directory (422 deeper)
-_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket"}
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 
 @dataclass(frozen=True)
@@ -163,7 +169,7 @@ class _Walk:
                 else:
                     os.close(fd)
                     raise InvalidModel(f"{shown!r} is {_kind(st.st_mode)}; a model directory holds only files")
-            for name, target in files:
+            for name, _target in files:
                 shown = os.path.join(rel, name)
                 fd, _ = self._open_entry(root_fd, dir_fd, name, shown, real)
                 try:
@@ -216,7 +222,9 @@ class _Walk:
         if self.limits is None:
             return
         if self.files > self.limits.max_files:
-            raise PayloadTooLarge(f"the model directory has more than {self.limits.max_files} files (--stage-max-files)")
+            raise PayloadTooLarge(
+                f"the model directory has more than {self.limits.max_files} files (--stage-max-files)"
+            )
         if self.bytes > self.limits.max_bytes:
             raise PayloadTooLarge(
                 f"the model directory holds more than {self.limits.max_bytes} bytes (--stage-max-bytes)"
@@ -234,8 +242,9 @@ def _chunks(fd: int, shown: str) -> Iterator[bytes]:
         yield chunk
 
 
-def digest(source: str, root: str | None = None, *, suffix: str = "", limits: Limits | None = None,
-           skip: tuple[str, ...] = ()) -> str:
+def digest(
+    source: str, root: str | None = None, *, suffix: str = "", limits: Limits | None = None, skip: tuple[str, ...] = ()
+) -> str:
     """A short sha256 over every regular file's relative path and content, in sorted order
     (only files ending in ``suffix`` when given), read confined to ``root`` (default: ``source``).
 
@@ -266,15 +275,16 @@ def write_new_file(path: str, data: bytes, doing: str, mode: int = 0o644) -> Non
         view = memoryview(data)
         while view:
             try:
-                view = view[os.write(out, view):]
+                view = view[os.write(out, view) :]
             except OSError as exc:
                 raise store_write_error(exc, doing) from None
     finally:
         os.close(out)
 
 
-def copy_tree(source: str, dest: str, root: str | None = None, *, limits: Limits | None = None,
-              skip: tuple[str, ...] = ()) -> None:
+def copy_tree(
+    source: str, dest: str, root: str | None = None, *, limits: Limits | None = None, skip: tuple[str, ...] = ()
+) -> None:
     """Copy the regular files under ``source`` into the existing empty directory ``dest``,
     confined to ``root`` (default: ``source``); links become plain copies of their targets,
     ``__pycache__`` and the top-level names in ``skip`` are left out.
@@ -287,8 +297,11 @@ def copy_tree(source: str, dest: str, root: str | None = None, *, limits: Limits
         target = os.path.join(dest, shown)
         try:
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          0o755 if st.st_mode & 0o100 else 0o644)
+            out = os.open(
+                target,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o755 if st.st_mode & 0o100 else 0o644,
+            )
         except OSError as exc:
             raise store_write_error(exc, "staging the model directory") from None
         try:
@@ -302,7 +315,7 @@ def copy_tree(source: str, dest: str, root: str | None = None, *, limits: Limits
                 view = memoryview(chunk)
                 while view:
                     try:
-                        view = view[os.write(out, view):]
+                        view = view[os.write(out, view) :]
                     except OSError as exc:
                         raise store_write_error(exc, "staging the model directory") from None
         finally:

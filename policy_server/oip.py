@@ -59,7 +59,9 @@ def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
     return {"name": spec.name, "datatype": datatype_of(spec.dtype), "shape": [-1, *spec.shape]}
 
 
-def model_metadata(name: str, version: str, input_spec: Sequence[TensorSpec], output_spec: Sequence[TensorSpec]) -> dict:
+def model_metadata(
+    name: str, version: str, input_spec: Sequence[TensorSpec], output_spec: Sequence[TensorSpec]
+) -> dict:
     """``GET /v2/models/{name}``: name, versions, platform, inputs and outputs."""
     return {
         "name": name,
@@ -139,7 +141,7 @@ def decode_request(body: bytes, header_length: int | None, max_header_bytes: int
     offset = 0
     for name, dtype, shape, data, size in tensors:
         if size is not None:
-            raw = binary[offset:offset + size]
+            raw = binary[offset : offset + size]
             if dtype.kind == "b" and size and np.frombuffer(raw, np.uint8).max() > 1:
                 raise BadRequest(f"input {name!r}: BOOL bytes must be 0 or 1")
             inputs[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
@@ -184,7 +186,8 @@ def _input_header(tensor: Any, index: int) -> tuple[str, np.dtype, tuple[int, ..
     dtype = DATATYPES[datatype]
     shape = tensor.get("shape")
     if (
-        not isinstance(shape, list) or len(shape) > MAX_RANK
+        not isinstance(shape, list)
+        or len(shape) > MAX_RANK
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
     ):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} non-negative integers")
@@ -217,7 +220,9 @@ def _json_tensor(name: str, dtype: np.dtype, shape: tuple[int, ...], data: Any) 
     if array.size and kind not in allowed:
         raise BadRequest(f"input {name!r}: 'data' holds {array.dtype.name} values, not {dtype.name}")
     if array.size != math.prod(shape):
-        raise BadRequest(f"input {name!r}: 'data' has {array.size} elements, shape {list(shape)} needs {math.prod(shape)}")
+        raise BadRequest(
+            f"input {name!r}: 'data' has {array.size} elements, shape {list(shape)} needs {math.prod(shape)}"
+        )
     if array.size and dtype.kind in "iu":
         info = np.iinfo(dtype)
         if array.dtype.kind not in "iu" or int(array.min()) < info.min or int(array.max()) > info.max:
@@ -272,7 +277,10 @@ def check_against_spec(inputs: Mapping[str, np.ndarray], spec: Sequence[TensorSp
 
 
 def encode_response(
-    model_name: str, version: str, outputs: Mapping[str, np.ndarray], binary: Mapping[str, bool],
+    model_name: str,
+    version: str,
+    outputs: Mapping[str, np.ndarray],
+    binary: Mapping[str, bool],
     request_id: str | None,
 ) -> tuple[bytes, int | None]:
     """The response body and, when any output is binary, the JSON header's length (for

@@ -52,7 +52,9 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
     def served_version(name: str, version: str | None):
         served = runtime.served(name)
         if version is not None and version != served.model.version:
-            raise UnknownModel(f"model {name!r} version {version!r} is not served here (serving {served.model.version!r})")
+            raise UnknownModel(
+                f"model {name!r} version {version!r} is not served here (serving {served.model.version!r})"
+            )
         return served
 
     @info.get("")
@@ -65,7 +67,7 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
 
     @probes.get("/health/ready")
     def ready():
-        runtime.model  # NotReady -> 503 while loading or after a failed load
+        _ = runtime.model  # NotReady -> 503 while loading or after a failed load
         return jsonify({"ready": True})
 
     @info.get("/models/<name>")
@@ -85,7 +87,9 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         deadline = request_deadline(config.deadline_ms)  # counted from the request's arrival
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
-        header_length = oip.parse_header_length(request.headers.get(oip.HEADER_LENGTH), len(body), config.oip_max_json_bytes)
+        header_length = oip.parse_header_length(
+            request.headers.get(oip.HEADER_LENGTH), len(body), config.oip_max_json_bytes
+        )
         decoded = oip.decode_request(body, header_length, config.oip_max_json_bytes)
         if decoded.timeout_us is not None:
             deadline = min(deadline, request_arrival() + decoded.timeout_us / 1e6)
@@ -93,9 +97,7 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         rows = oip.check_against_spec(decoded.inputs, served.model.input_spec)
         t2 = time.perf_counter()
         g.model = name
-        g.answer = answer = runtime.infer(
-            decoded.inputs, deadline, name, list(decoded.outputs), rows
-        )
+        g.answer = answer = runtime.infer(decoded.inputs, deadline, name, list(decoded.outputs), rows)
         if version is not None and answer.version != version:  # a hot swap in between
             raise UnknownModel(f"model {name!r} changed to version {answer.version!r} while this request waited")
         t3 = time.perf_counter()

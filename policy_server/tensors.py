@@ -28,7 +28,11 @@ def parse_batch_rows(raw: str | None) -> int | None:
 
 
 def validate_inputs(
-    inputs: Mapping[str, Any], spec: Sequence[TensorSpec], rows: int | None = None, *, allow_missing_optional: bool = False
+    inputs: Mapping[str, Any],
+    spec: Sequence[TensorSpec],
+    rows: int | None = None,
+    *,
+    allow_missing_optional: bool = False,
 ) -> None:
     """Raise InvalidInput naming the field unless ``inputs`` matches ``spec`` exactly.
 
@@ -38,7 +42,9 @@ def validate_inputs(
     ``allow_missing_optional`` (:func:`complete_inputs` fills them first).
     """
     expected = {s.name: s for s in spec}
-    missing = sorted(n for n in expected.keys() - inputs.keys() if not (allow_missing_optional and expected[n].optional))
+    missing = sorted(
+        n for n in expected.keys() - inputs.keys() if not (allow_missing_optional and expected[n].optional)
+    )
     if missing:
         raise InvalidInput(f"missing input {missing[0]!r}; expected {sorted(expected)}")
     extra = sorted(inputs.keys() - expected.keys())

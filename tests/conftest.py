@@ -2,9 +2,11 @@ from __future__ import annotations
 
 import pytest
 
+from policy_server.batcher import Batcher
 from policy_server.config import ServerConfig
 from server import create_app
 from tests.fakes import FakePolicy
+from tests.gated_executor import GatedExecutor
 from tests.store_app import make_store_app
 from tests.tiny_model import write_tiny_model
 
@@ -44,3 +46,21 @@ def store_app(tmp_path, tiny_models):
 @pytest.fixture
 def store_client(store_app):
     return store_app.test_client()
+
+
+@pytest.fixture
+def make_batcher():
+    """make(executor=None, **batcher_kwargs) -> (started Batcher, executor); all stopped after the test."""
+    made = []
+
+    def make(executor=None, **kwargs):
+        executor = executor or GatedExecutor()
+        batcher = Batcher(executor, **kwargs)
+        batcher.start()
+        made.append((batcher, executor))
+        return batcher, executor
+
+    yield make
+    for batcher, executor in made:
+        executor.release()
+        batcher.stop(5)

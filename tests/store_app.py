@@ -30,7 +30,9 @@ def make_store_app(tmp_path, model_root, **config):
 
 def infer(client, route="/infer", headers=None, obs=None):
     """One inference through ``client``: (version header, first action value, response)."""
-    response = client.post(route, data=dict_to_binary(obs or fake_observation(0)), headers={**BINARY, **(headers or {})})
+    response = client.post(
+        route, data=dict_to_binary(obs or fake_observation(0)), headers={**BINARY, **(headers or {})}
+    )
     assert response.status_code == 200, response.get_json()
     action = binary_to_dict(response.get_data())["action"]
     return response.headers["X-Model-Version"], float(action.flat[0]), response

@@ -77,7 +77,7 @@ def test_every_route_enforces_its_declared_access():
     for method, rule, _, audience in operations(app):
         url = concrete(rule.rule)
 
-        def status(headers):
+        def status(headers, url=url, method=method):
             return client.open(url, method=method, headers=headers).status_code
 
         nothing, api, wrong_admin = status({}), status({"X-API-Key": API_KEY}), status({"X-Admin-Key": "x" * 20})

@@ -10,59 +10,7 @@ import pytest
 
 from policy_server.batcher import Batcher
 from policy_server.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
-
-
-class GatedExecutor:
-    """Records each batch; a batch whose first input is ``"hold"`` waits until ``release()``."""
-
-    pipelined = False
-
-    def __init__(self, fail_marker: float | None = None) -> None:
-        self.batches: list[list[float]] = []
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-        self.fail_marker = fail_marker
-
-    def launch(self, requests):
-        values = [float(r.inputs["x"].flat[0]) for r in requests]
-        self.batches.append(values)
-        if values[0] < 0:  # negative first value: hold the batch at the gate
-            self.entered.set()
-            self.gate.wait(10)
-        if self.fail_marker is not None and self.fail_marker in values:
-            raise RuntimeError("forward failed")
-        return requests
-
-    def finish(self, requests):
-        return [{"y": r.inputs["x"] * 2} for r in requests], "v1"
-
-    def release(self):
-        self.gate.set()
-
-
-def obs(value: float, shape=(2,)) -> dict:
-    return {"x": np.full(shape, value, dtype=np.float32)}
-
-
-def later(seconds: float = 10.0) -> float:
-    return time.monotonic() + seconds
-
-
-@pytest.fixture
-def make_batcher():
-    made = []
-
-    def make(executor=None, **kwargs):
-        executor = executor or GatedExecutor()
-        batcher = Batcher(executor, **kwargs)
-        batcher.start()
-        made.append((batcher, executor))
-        return batcher, executor
-
-    yield make
-    for batcher, executor in made:
-        executor.release()
-        batcher.stop(5)
+from tests.gated_executor import GatedExecutor, later, obs
 
 
 def hold(batcher, executor):

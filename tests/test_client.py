@@ -65,7 +65,11 @@ class Handler(BaseHTTPRequestHandler):
             headers = {"Retry-After": "1"} if mode == "503-retry" else {}
             self._send(503, json.dumps({"error": "overloaded", "detail": "busy"}).encode(), "application/json", headers)
         elif mode == "422":
-            self._send(422, json.dumps({"error": "invalid input", "detail": "missing input 'image'"}).encode(), "application/json")
+            self._send(
+                422,
+                json.dumps({"error": "invalid input", "detail": "missing input 'image'"}).encode(),
+                "application/json",
+            )
         elif mode == "500-html":
             self._send(500, b"<html>oops</html>", "text/html")
         elif mode == "garbage":
@@ -110,9 +114,17 @@ OBS = {"state": np.zeros(6, np.float32)}
 
 def test_public_surface():
     assert set(request_tools.__all__) == {
-        "PolicyClient", "PolicyClientError", "PolicyConnectionError", "PolicyServerError",
-        "PolicyTimeoutError", "send_inference_request", "ObservationSpecError", "check_observation",
-        "ChunkRunner", "RunnerStats", "LoopClock",
+        "PolicyClient",
+        "PolicyClientError",
+        "PolicyConnectionError",
+        "PolicyServerError",
+        "PolicyTimeoutError",
+        "send_inference_request",
+        "ObservationSpecError",
+        "check_observation",
+        "ChunkRunner",
+        "RunnerStats",
+        "LoopClock",
     }
     for error in (PolicyServerError, PolicyTimeoutError, PolicyConnectionError, ObservationSpecError):
         assert issubclass(error, PolicyClientError)
@@ -234,13 +246,17 @@ def test_wait_until_ready(stub):
 # -- the spec handshake ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("obs, field, reason", [
-    ({}, "state", "missing"),
-    ({"state": np.zeros(6, np.float64)}, "state", "dtype float64, expected float32"),
-    ({"state": np.zeros((1, 6), np.float32)}, "state", r"shape \[1, 6\], expected \[6\]"),
-    ({"state": np.zeros(6, np.float32), "image": np.zeros(3, np.uint8)}, "image", "not an input"),
-    ({"state": [0.0] * 6}, "state", "expected a numpy array"),
-], ids=["missing", "dtype", "shape", "extra", "not-array"])
+@pytest.mark.parametrize(
+    "obs, field, reason",
+    [
+        ({}, "state", "missing"),
+        ({"state": np.zeros(6, np.float64)}, "state", "dtype float64, expected float32"),
+        ({"state": np.zeros((1, 6), np.float32)}, "state", r"shape \[1, 6\], expected \[6\]"),
+        ({"state": np.zeros(6, np.float32), "image": np.zeros(3, np.uint8)}, "image", "not an input"),
+        ({"state": [0.0] * 6}, "state", "expected a numpy array"),
+    ],
+    ids=["missing", "dtype", "shape", "extra", "not-array"],
+)
 def test_observation_not_matching_the_spec_is_refused_before_sending(stub, obs, field, reason):
     server, url = stub("ok")
     with PolicyClient(url) as client, pytest.raises(ObservationSpecError, match=reason) as info:

@@ -102,10 +102,24 @@ def test_cli_refuses_public_bind_without_key_before_starting():
 
 
 def test_cli_help_lists_every_setting():
-    result = subprocess.run([sys.executable, "server.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "server.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
-    for flag in ("--model-path", "--device", "--host", "--port", "--workers", "--threads", "--api-key",
-                 "--model-store", "--model-root", "--admin-key", "--store-keep", "--cache-size"):
+    for flag in (
+        "--model-path",
+        "--device",
+        "--host",
+        "--port",
+        "--workers",
+        "--threads",
+        "--api-key",
+        "--model-store",
+        "--model-root",
+        "--admin-key",
+        "--store-keep",
+        "--cache-size",
+    ):
         assert flag in result.stdout
 
 

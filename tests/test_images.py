@@ -116,7 +116,10 @@ def test_png_decompression_bomb_is_refused_from_its_header(client, monkeypatch):
         ({"codec": "jpeg", "data": np.zeros(4, np.float32)}, "uint8[n]"),
         ({"codec": "jpeg", "data": np.frombuffer(b"not a jpeg at all", np.uint8)}, "not a JPEG"),
         ({"codec": "png", "data": np.frombuffer(b"\x89PNG short", np.uint8)}, "not a PNG"),
-        ({"codec": "png", "data": np.frombuffer(png_with_header(8, 8, payload=b"\1" * 5), np.uint8)}, "does not decode"),
+        (
+            {"codec": "png", "data": np.frombuffer(png_with_header(8, 8, payload=b"\1" * 5), np.uint8)},
+            "does not decode",
+        ),
     ],
 )
 def test_bad_encoded_images_are_422(client, image, fragment):
@@ -191,8 +194,11 @@ def test_the_client_imports_no_codec_unless_asked():
 
 @pytest.mark.integration
 def test_encoded_camera_end_to_end_through_the_client(tmp_path):
-    with run_server(tmp_path, workers=1) as server, PolicyClient(server.base_url) as raw, \
-            PolicyClient(server.base_url, encode={"image": "png"}) as png:
+    with (
+        run_server(tmp_path, workers=1) as server,
+        PolicyClient(server.base_url) as raw,
+        PolicyClient(server.base_url, encode={"image": "png"}) as png,
+    ):
         info = raw.model_info()
         assert info["encoded_inputs"] == ["image"] and info["image_codecs"] == ["jpeg", "png"]
         from examples.reacher import ReacherEnv
@@ -203,6 +209,4 @@ def test_encoded_camera_end_to_end_through_the_client(tmp_path):
         jpeg = png.infer(obs, encode={"image": "jpeg:90"})["action"]
         assert np.abs(jpeg - expected).max() < 0.05 * (np.abs(expected).max() + 1e-3) + 1e-3
         batch = [ReacherEnv(seed=s).reset() for s in range(3)]
-        np.testing.assert_array_equal(
-            png.infer_batch(batch)["action"], raw.infer_batch(batch)["action"]
-        )
+        np.testing.assert_array_equal(png.infer_batch(batch)["action"], raw.infer_batch(batch)["action"])

@@ -121,7 +121,10 @@ def test_hostile_bodies_get_400_and_the_server_keeps_serving(server, tmp_path, r
         assert not canary.exists(), (payload.family, payload.name)
     obs = observation(5)
     np.testing.assert_allclose(
-        send_inference_request(obs, server.base_url + "/infer")["action"], reference(obs)["action"], rtol=1e-5, atol=1e-6
+        send_inference_request(obs, server.base_url + "/infer")["action"],
+        reference(obs)["action"],
+        rtol=1e-5,
+        atol=1e-6,
     )
     for pid in server.ready_workers():
         os.kill(pid, 0)  # still alive
@@ -172,7 +175,7 @@ def test_gunicorn_directly_with_environment_and_api_key(tmp_path):
             assert client.infer(obs)["action"].shape == (10, 7)
 
 
-SLOW_POLICY = '''
+SLOW_POLICY = """
 import time
 from policy_server.contract import TensorSpec
 
@@ -188,15 +191,23 @@ class Slow:
 
 def load_model(model_dir, device):
     return Slow()
-'''
+"""
 
 
 def test_sigterm_answers_every_accepted_request(tmp_path):
     model_dir = tmp_path / "slow"
     model_dir.mkdir()
     (model_dir / "policy.py").write_text(SLOW_POLICY)
-    args = ("--model-path", str(model_dir), "--max-batch-size", "2", "--graceful-timeout-s", "30",
-            "--log-dir", str(tmp_path / "logs"))
+    args = (
+        "--model-path",
+        str(model_dir),
+        "--max-batch-size",
+        "2",
+        "--graceful-timeout-s",
+        "30",
+        "--log-dir",
+        str(tmp_path / "logs"),
+    )
     with run_server(tmp_path, workers=1, args=args) as running:
         results: list[object] = [None] * 8
 
@@ -205,7 +216,7 @@ def test_sigterm_answers_every_accepted_request(tmp_path):
                 # no spec handshake: its extra round trip could still be under way at SIGTERM
                 with PolicyClient(running.base_url, retries=0, timeout_s=30, check_spec=False) as client:
                     results[i] = client.infer({"x": np.full(4, float(i), np.float32)})["y"]
-            except Exception as exc:  # recorded: the assertion below names it
+            except Exception as exc:  # noqa: BLE001 (recorded: the assertion below names it)
                 results[i] = exc
 
         threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]

@@ -79,16 +79,37 @@ def _missing_key():
 
 BAD_UPDATES = {
     "missing key": (lambda r: dict(data=dict_to_binary({"weights": _missing_key()}), headers=BINARY), 422, "lack"),
-    "extra key": (lambda r: dict(data=dict_to_binary({"weights": {**tiny_weights(1.0), "x": np.zeros(1)}}),
-                                 headers=BINARY), 422, "'x'"),
-    "wrong shape": (lambda r: dict(data=dict_to_binary(
-        {"weights": {**tiny_weights(1.0), "linear.bias": np.zeros(71, np.float32)}}), headers=BINARY), 422, "shape"),
-    "wrong dtype": (lambda r: dict(data=dict_to_binary(
-        {"weights": {**tiny_weights(1.0), "linear.bias": np.zeros(70, np.float64)}}), headers=BINARY), 422, "F64"),
-    "weights not arrays": (lambda r: dict(data=dict_to_binary({"weights": {"linear.bias": [1.0]}}), headers=BINARY),
-                           422, "dict of name -> array"),
-    "outputs NaN": (lambda r: dict(data=dict_to_binary({"weights": _nan_weights()}), headers=BINARY), 422,
-                    "not finite"),
+    "extra key": (
+        lambda r: dict(data=dict_to_binary({"weights": {**tiny_weights(1.0), "x": np.zeros(1)}}), headers=BINARY),
+        422,
+        "'x'",
+    ),
+    "wrong shape": (
+        lambda r: dict(
+            data=dict_to_binary({"weights": {**tiny_weights(1.0), "linear.bias": np.zeros(71, np.float32)}}),
+            headers=BINARY,
+        ),
+        422,
+        "shape",
+    ),
+    "wrong dtype": (
+        lambda r: dict(
+            data=dict_to_binary({"weights": {**tiny_weights(1.0), "linear.bias": np.zeros(70, np.float64)}}),
+            headers=BINARY,
+        ),
+        422,
+        "F64",
+    ),
+    "weights not arrays": (
+        lambda r: dict(data=dict_to_binary({"weights": {"linear.bias": [1.0]}}), headers=BINARY),
+        422,
+        "dict of name -> array",
+    ),
+    "outputs NaN": (
+        lambda r: dict(data=dict_to_binary({"weights": _nan_weights()}), headers=BINARY),
+        422,
+        "not finite",
+    ),
     "garbage bytes": (lambda r: dict(data=b"\x00garbage" * 10, headers=BINARY), 400, "body rejected"),
     "unsafe pickle": (lambda r: dict(data=_unsafe_pickle(), headers=BINARY), 400, "body rejected"),
     "path outside the root": (lambda r: dict(json={"model_path": str(r.parent)}), 403, "inside the model root"),
@@ -102,8 +123,11 @@ BAD_UPDATES = {
     "two kinds at once": (lambda r: dict(json={"version": 1, "model_path": "tiny"}), 400, "exactly one"),
     "unknown field": (lambda r: dict(json={"versoin": 1}), 400, "unknown field"),
     "bad model name": (lambda r: dict(json={"version": 1, "model": "../x"}), 400, "model name"),
-    "weights for an unknown model": (lambda r: dict(data=dict_to_binary({"weights": tiny_weights(1.0), "model": "nope"}),
-                                                    headers=BINARY), 404, "no model named"),
+    "weights for an unknown model": (
+        lambda r: dict(data=dict_to_binary({"weights": tiny_weights(1.0), "model": "nope"}), headers=BINARY),
+        404,
+        "no model named",
+    ),
     "not JSON": (lambda r: dict(data=b"{nope", headers={"Content-Type": "application/json"}), 400, "not JSON"),
     "JSON not an object": (lambda r: dict(json=[1, 2]), 400, "must be an object"),
     "wrong content type": (lambda r: dict(data=b"x", headers={"Content-Type": "text/plain"}), 415, "text/plain"),
@@ -154,8 +178,12 @@ def test_admin_key_guards_management_only(tmp_path, tiny_models):
     assert store_client.post("/update_model", headers={"X-Admin-Key": "wrong-key-000"}, **update).status_code == 401
     assert store_client.post("/models/x/unload", headers={"X-API-Key": API_KEY}).status_code == 401
     assert store_client.post("/update_model", headers={"X-Admin-Key": ADMIN_KEY}, **update).status_code == 200
-    assert store_client.post("/infer", data=dict_to_binary(fake_observation(0)), headers={**BINARY, "X-Admin-Key": ADMIN_KEY}
-                       ).status_code == 401  # the admin key is not an inference key
+    assert (
+        store_client.post(
+            "/infer", data=dict_to_binary(fake_observation(0)), headers={**BINARY, "X-Admin-Key": ADMIN_KEY}
+        ).status_code
+        == 401
+    )  # the admin key is not an inference key
     assert infer(store_client, headers={"X-API-Key": API_KEY})[0] == "1"
     assert store_client.get("/models", headers={"X-API-Key": API_KEY}).status_code == 200
     store_app.extensions["policy_runtime"].stop(5)
@@ -303,7 +331,12 @@ def test_updates_show_in_the_metrics(store_client):
     assert push(store_client, tiny_weights(2.0)).status_code == 200
     assert push(store_client, _nan_weights()).status_code == 422
     after = scrape()
-    assert metric(after, "policy_model_reloads_total", model="default") - metric(
-        before, "policy_model_reloads_total", model="default") == 1
-    assert metric(after, "policy_model_updates_refused_total") - metric(before, "policy_model_updates_refused_total") == 1
+    assert (
+        metric(after, "policy_model_reloads_total", model="default")
+        - metric(before, "policy_model_reloads_total", model="default")
+        == 1
+    )
+    assert (
+        metric(after, "policy_model_updates_refused_total") - metric(before, "policy_model_updates_refused_total") == 1
+    )
     assert metric(after, "policy_model_version", model="default") == 2

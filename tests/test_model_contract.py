@@ -158,7 +158,8 @@ def test_history_model_declares_a_two_frame_window_padded_with_the_first_frame()
 def test_the_benchmarks_numpy_mirror_of_the_rtc_inpainting_matches_the_servers():
     """``benchmarks/bench_chunking.py`` stays torch-free with its own copy of the inpainting;
     its stand-in sweep only says something about the server if the two agree."""
-    spec = importlib.util.spec_from_file_location("bench_chunking", os.path.join(ROOT, "benchmarks", "bench_chunking.py"))
+    path = os.path.join(ROOT, "benchmarks", "bench_chunking.py")
+    spec = importlib.util.spec_from_file_location("bench_chunking", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rng = np.random.default_rng(0)
@@ -166,10 +167,16 @@ def test_the_benchmarks_numpy_mirror_of_the_rtc_inpainting_matches_the_servers()
         chunk = rng.normal(size=(10, 2)).astype(np.float32)
         prefix = np.zeros((10, 2), np.float32)
         prefix[:length] = rng.normal(size=(length, 2))
-        served = inpaint_prefix(torch.from_numpy(chunk)[None], torch.from_numpy(prefix)[None],
-                                torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy()
+        served = inpaint_prefix(
+            torch.from_numpy(chunk)[None],
+            torch.from_numpy(prefix)[None],
+            torch.tensor([[length]]),
+            torch.tensor([[delay]]),
+        )[0].numpy()
         mirrored = bench.inpaint_prefix(chunk.astype(np.float64), prefix, length, delay)
         np.testing.assert_allclose(mirrored, served, atol=1e-6)
-        np.testing.assert_allclose(bench.rtc_weights(10, length, delay),
-                                   rtc_weights(10, torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy(),
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            bench.rtc_weights(10, length, delay),
+            rtc_weights(10, torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy(),
+            atol=1e-7,
+        )

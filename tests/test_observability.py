@@ -27,8 +27,9 @@ def post(client, obs=None, headers=None):
 def metric(text: str, name: str, **labels) -> float:
     """The value of one sample in a Prometheus text exposition (0 when absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.compile(rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? (\S+)$" if want else rf"^{re.escape(name)} (\S+)$",
-                         re.M)
+    pattern = re.compile(
+        rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? (\S+)$" if want else rf"^{re.escape(name)} (\S+)$", re.M
+    )
     match = pattern.search(text)
     return float(match.groups()[-1]) if match else 0.0
 
@@ -48,7 +49,9 @@ def test_one_structured_access_line_per_request(client, caplog):
     client.get("/health")  # probes log at DEBUG only
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "policy_server.access"]
     assert [(line["request_id"], line["route"], line["status"]) for line in lines] == [
-        ("req-1", "/infer", 200), ("req-2", "/infer", 422)]
+        ("req-1", "/infer", 200),
+        ("req-2", "/infer", 422),
+    ]
     assert lines[0]["batch_size"] == 1 and lines[0]["version"] == "fake-1" and lines[0]["model"] == "default"
     assert lines[0]["latency_ms"] > 0
 
@@ -116,7 +119,9 @@ def test_metrics_and_stats_add_up_over_four_workers(tmp_path):
     root = tmp_path / "models"
     write_tiny_model(root / "tiny", tag=0.0)
     sent = 48
-    with run_server(tmp_path, workers=4, args=("--model-path", str(root / "tiny"), "--model-root", str(root))) as server:
+    with run_server(
+        tmp_path, workers=4, args=("--model-path", str(root / "tiny"), "--model-root", str(root))
+    ) as server:
         for i in range(sent):
             with PolicyClient(server.base_url) as client:  # a new connection each time: spread over workers
                 client.infer(fake_observation(i))

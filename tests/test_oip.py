@@ -108,7 +108,11 @@ def test_json_data_is_strictly_typed(data, datatype, fragment):
 def test_binary_bool_bytes_must_be_0_or_1():
     header = json.dumps({"inputs": [{"name": "b", "datatype": "BOOL", "shape": [3],
                                      "parameters": {"binary_data_size": 3}}]}).encode()
-    assert oip.decode_request(header + b"\x00\x01\x01", len(header), 1 << 20).inputs["b"].tolist() == [False, True, True]
+    assert oip.decode_request(header + b"\x00\x01\x01", len(header), 1 << 20).inputs["b"].tolist() == [
+        False,
+        True,
+        True,
+    ]
     with pytest.raises(BadRequest, match="0 or 1"):
         oip.decode_request(header + b"\x00\x02\x01", len(header), 1 << 20)
 
@@ -173,10 +177,12 @@ def test_infer_json_and_binary(client):
 def test_batch_dimension_is_a_vectorized_request(client):
     observations = [fake_observation(s) for s in range(5)]
     stacked = {k: np.stack([o[k] for o in observations]) for k in observations[0]}
-    header = {"inputs": [
-        {"name": "state", "datatype": "FP32", "shape": [5, 6], "data": stacked["state"].ravel().tolist()},
-        {"name": "image", "datatype": "UINT8", "shape": [5, 8, 8, 3], "parameters": {"binary_data_size": 5 * 192}},
-    ]}
+    header = {
+        "inputs": [
+            {"name": "state", "datatype": "FP32", "shape": [5, 6], "data": stacked["state"].ravel().tolist()},
+            {"name": "image", "datatype": "UINT8", "shape": [5, 8, 8, 3], "parameters": {"binary_data_size": 5 * 192}},
+        ]
+    }
     encoded = json.dumps(header).encode()
     response = post(client, "/v2/models/default/infer", encoded + stacked["image"].tobytes(), len(encoded))
     assert response.status_code == 200
@@ -202,11 +208,16 @@ def test_access_log_metrics_and_stats_count_oip_requests(caplog):
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "policy_server.access"]
     route = "/v2/models/<name>/infer"
     assert [(line["request_id"], line["route"], line["status"]) for line in lines] == [
-        ("oip-1", route, 200), ("oip-2", route, 400)]
+        ("oip-1", route, 200),
+        ("oip-2", route, 400),
+    ]
     assert lines[0]["model"] == "default" and lines[0]["version"] == "fake-1" and lines[0]["batch_size"] == 1
     for status, count in (("200", 1), ("400", 1)):
-        assert metric(after, "policy_requests_total", route=route, status=status) - \
-            metric(before, "policy_requests_total", route=route, status=status) == count
+        assert (
+            metric(after, "policy_requests_total", route=route, status=status)
+            - metric(before, "policy_requests_total", route=route, status=status)
+            == count
+        )
     stats = client.get("/stats").get_json()
     assert (stats["total_requests"], stats["failed_requests"]) == (2, 1)
 
@@ -247,29 +258,57 @@ def _hostile_cases():
         "header length cuts the JSON": (ok + pixels, len(ok) - 3, 400, "does not parse"),
         "unknown datatype": (_header({"inputs": [{**state, "datatype": "FP8"}]}), None, 400, "unsupported datatype"),
         "BYTES datatype": (_header({"inputs": [{**state, "datatype": "BYTES"}]}), None, 400, "unsupported datatype"),
-        "shape and data disagree": (_header({"inputs": [{**state, "shape": [1, 7]}]}), None, 400, "shape [1, 7] needs 7"),
+        "shape and data disagree": (
+            _header({"inputs": [{**state, "shape": [1, 7]}]}),
+            None,
+            400,
+            "shape [1, 7] needs 7",
+        ),
         "negative dimension": (_header({"inputs": [{**state, "shape": [-1, 6]}]}), None, 400, "non-negative"),
         "binary data without the header length": (ok + pixels, None, 400, "does not parse"),
         "spec datatype mismatch": (
-            _header({"inputs": [{**state, "datatype": "FP64"}]}), None, 422, "expected datatype FP32"),
+            _header({"inputs": [{**state, "datatype": "FP64"}]}),
+            None,
+            422,
+            "expected datatype FP32",
+        ),
         "per-sample shape mismatch": (
             _header({"inputs": [{**state, "shape": [1, 3, 2]}, {**image, "data": [0] * 192, "parameters": {}}]}),
-            None, 422, "state"),
+            None,
+            422,
+            "state",
+        ),
         "batch dimensions disagree": (
-            _header({"inputs": [{**state, "shape": [2, 6], "data": [0.0] * 12}, {**image, "data": [0] * 192,
-                                                                                  "parameters": {}}]}),
-            None, 422, "batch dimension"),
+            _header(
+                {
+                    "inputs": [
+                        {**state, "shape": [2, 6], "data": [0.0] * 12},
+                        {**image, "data": [0] * 192, "parameters": {}},
+                    ]
+                }
+            ),
+            None,
+            422,
+            "batch dimension",
+        ),
         "zero rows": (_header({"inputs": [{**state, "shape": [0, 6], "data": []}]}), None, 422, "at least 1"),
         "missing input": (_header({"inputs": [state]}), None, 422, "missing input 'image'"),
-        "unknown output": (_header({"inputs": [state, {**image, "data": [0] * 192, "parameters": {}}],
-                                    "outputs": [{"name": "nope"}]}), None, 400, "no output 'nope'"),
+        "unknown output": (
+            _header({"inputs": [state, {**image, "data": [0] * 192, "parameters": {}}], "outputs": [{"name": "nope"}]}),
+            None,
+            400,
+            "no output 'nope'",
+        ),
         "not JSON": (b"\x80\x05garbage", None, 400, "does not parse"),
         "JSON array": (b"[1, 2]", None, 400, "must be an object"),
         "deep nesting": (b'{"inputs": ' + b"[" * 100000 + b"]" * 100000 + b"}", None, 400, ""),
         "no inputs": (b'{"inputs": []}', None, 400, "'inputs'"),
         "both data and binary": (
-            _header({"inputs": [{**image, "data": [0] * 192}]}) + pixels, len(_header({"inputs": [{**image, "data": [0] * 192}]})),
-            400, "both"),
+            _header({"inputs": [{**image, "data": [0] * 192}]}) + pixels,
+            len(_header({"inputs": [{**image, "data": [0] * 192}]})),
+            400,
+            "both",
+        ),
         "timeout not a number": (_header({"inputs": [state], "parameters": {"timeout": "soon"}}), None, 400, "timeout"),
     }
 
@@ -286,8 +325,9 @@ def test_hostile_bodies_are_4xx(client, case):
 
 def test_huge_json_header_is_413_before_parsing():
     client = make_app(oip_max_json_bytes=1000).test_client()
-    body = json.dumps({"inputs": [{"name": "state", "datatype": "FP32", "shape": [1, 6], "data": [0.0] * 6}],
-                       "pad": "x" * 2000}).encode()
+    body = json.dumps(
+        {"inputs": [{"name": "state", "datatype": "FP32", "shape": [1, 6], "data": [0.0] * 6}], "pad": "x" * 2000}
+    ).encode()
     assert post(client, "/v2/models/default/infer", body).status_code == 413
     assert post(client, "/v2/models/default/infer", body + b"\0" * 10, len(body)).status_code == 413
 
@@ -352,7 +392,10 @@ def test_tritonclient_conformance(server, model):
                         tensor.set_data_from_numpy(batch, binary_data=binary_in)
                         inputs.append(tensor)
                     result = triton.infer(
-                        model, inputs, model_version=info["version"], headers=headers,
+                        model,
+                        inputs,
+                        model_version=info["version"],
+                        headers=headers,
                         outputs=[httpclient.InferRequestedOutput("action", binary_data=binary_out)],
                     )
                     action = result.as_numpy("action")
@@ -411,7 +454,7 @@ def test_hand_built_binary_request_as_a_cpp_node_sends_it(server):
 @pytest.mark.integration
 def test_hostile_bodies_over_the_wire_leave_the_worker_serving(server):
     pids = server.ready_workers()
-    for case, (body, length, status, _) in sorted(_hostile_cases().items()):
+    for case, (body, length, _status, _) in sorted(_hostile_cases().items()):
         extra = f"Inference-Header-Content-Length: {length}\r\n" if length is not None else ""
         request = (
             f"POST /v2/models/default/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nX-API-Key: {KEY}\r\n{extra}"

@@ -249,10 +249,16 @@ def test_encoder_refuses_non_dict_top_level_and_deep_nesting():
 # Property tests.
 
 _dtypes = st.sampled_from(NUMERIC_DTYPES + [">f4", ">i8", ">c8"])
-_arrays = _dtypes.flatmap(lambda d: hnp.arrays(np.dtype(d), hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)))
+_shapes = hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)
+_arrays = _dtypes.flatmap(lambda d: hnp.arrays(np.dtype(d), _shapes))
 _leaves = st.one_of(
-    _arrays, st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-    st.text(max_size=8), st.binary(max_size=8),
+    _arrays,
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.binary(max_size=8),
 )
 _trees = st.recursive(
     _leaves,
@@ -275,7 +281,7 @@ def _assert_tree_equal(got, want):
             _assert_tree_equal(got[key], want[key])
     elif isinstance(want, (list, tuple)):
         assert type(got) is type(want) and len(got) == len(want)
-        for a, b in zip(got, want):
+        for a, b in zip(got, want, strict=False):
             _assert_tree_equal(a, b)
     else:
         assert type(got) is type(want) and got == want

@@ -32,7 +32,7 @@ def test_observations_have_the_policy_input_spec():
 def test_env_is_deterministic_given_the_seed():
     actions = np.random.default_rng(0).uniform(-3, 3, (12, 7)).astype(np.float32)
     first, second = rollout(ReacherEnv(7), actions), rollout(ReacherEnv(7), actions)
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=False):
         np.testing.assert_array_equal(a["state"], b["state"])
         np.testing.assert_array_equal(a["image"], b["image"])
     other = ReacherEnv(8).reset()

@@ -114,7 +114,9 @@ def test_a_non_finite_weight_push_is_refused_naming_the_key(store_client, value)
     assert_nothing_published(store_client)
 
 
-def test_a_model_directory_with_a_non_finite_weight_is_refused_before_its_code_runs(store_client, tiny_models, tmp_path):
+def test_a_model_directory_with_a_non_finite_weight_is_refused_before_its_code_runs(
+    store_client, tiny_models, tmp_path
+):
     from safetensors.numpy import save_file
 
     canary = tmp_path / "canary"
@@ -123,8 +125,11 @@ def test_a_model_directory_with_a_non_finite_weight_is_refused_before_its_code_r
     weights = tiny_weights(2.0)
     weights["linear.weight"][1, 2] = -np.inf
     save_file(weights, str(bad / "model.safetensors"))
-    refused(store_client.post("/update_model", json={"model_path": "bad"}), 422,
-            "model.safetensors: weight 'linear.weight' is not finite")
+    refused(
+        store_client.post("/update_model", json={"model_path": "bad"}),
+        422,
+        "model.safetensors: weight 'linear.weight' is not finite",
+    )
     assert not canary.exists()
     assert_nothing_published(store_client)
 
@@ -133,7 +138,8 @@ def test_a_constant_policy_is_published_with_a_warning(store_client):
     answer = push(store_client, tiny_weights(2.0)).get_json()  # the tiny model's output is its bias: constant
     assert answer["version"] == 2
     assert answer["warnings"] == [  # warm-up: batch 1 twice, then the CPU batch cap of 4
-        "output 'action' was identical for 6 distinct random observations: the policy may ignore its input"]
+        "output 'action' was identical for 6 distinct random observations: the policy may ignore its input"
+    ]
 
 
 def test_a_policy_that_uses_its_input_has_no_warning(tmp_path):
@@ -153,15 +159,21 @@ def test_a_policy_that_uses_its_input_has_no_warning(tmp_path):
 def _raise(code: int):
     def fail(*args, **kwargs):
         raise OSError(code, os.strerror(code))
+
     return fail
 
 
-@pytest.mark.parametrize("code, status, reason", [
-    (errno.ENOSPC, 507, "No space left on device (ENOSPC)"),
-    (errno.EROFS, 500, "Read-only file system (EROFS)"),
-    (errno.EACCES, 500, "Permission denied (EACCES)"),
-])
-def test_a_failing_pointer_write_answers_json_and_keeps_serving(store_client, tiny_models, monkeypatch, code, status, reason):
+@pytest.mark.parametrize(
+    "code, status, reason",
+    [
+        (errno.ENOSPC, 507, "No space left on device (ENOSPC)"),
+        (errno.EROFS, 500, "Read-only file system (EROFS)"),
+        (errno.EACCES, 500, "Permission denied (EACCES)"),
+    ],
+)
+def test_a_failing_pointer_write_answers_json_and_keeps_serving(
+    store_client, tiny_models, monkeypatch, code, status, reason
+):
     monkeypatch.setattr(ModelStore, "_write_pointer", _raise(code))
     write_tiny_model(tiny_models / "next", tag=2.0)
     body = refused(store_client.post("/update_model", json={"model_path": "next"}), status, reason)
@@ -179,7 +191,9 @@ def test_a_staging_area_that_cannot_be_written_is_500(store_client, tiny_models)
     os.rmdir(staging)
     open(staging, "w").close()  # a file where the staging directory should be: fails even for root
     write_tiny_model(tiny_models / "next", tag=2.0)
-    refused(store_client.post("/update_model", json={"model_path": "next"}), 500, "creating the staging directory failed")
+    refused(
+        store_client.post("/update_model", json={"model_path": "next"}), 500, "creating the staging directory failed"
+    )
     os.unlink(staging)
     os.mkdir(staging)
     assert_nothing_published(store_client)
@@ -221,11 +235,13 @@ def _header_file(header_text: str, data: bytes) -> bytes:
     return struct.pack("<Q", len(raw)) + raw + data
 
 
-ENTRY = st.fixed_dictionaries({
-    "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "F64", "X9"]),
-    "shape": st.lists(st.integers(-2, 80), max_size=3),
-    "data_offsets": st.lists(st.integers(-4, 1 << 41), min_size=2, max_size=2),
-})
+ENTRY = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "F64", "X9"]),
+        "shape": st.lists(st.integers(-2, 80), max_size=3),
+        "data_offsets": st.lists(st.integers(-4, 1 << 41), min_size=2, max_size=2),
+    }
+)
 
 
 @st.composite
@@ -249,10 +265,12 @@ def broken_safetensors(draw) -> bytes:
         return _header_file(text, bytes(2240))
     if kind == "overlap":
         start = draw(st.integers(0, 279))
-        text = json.dumps({
-            "linear.bias": {"dtype": "F32", "shape": [70], "data_offsets": [0, 280]},
-            "linear.weight": {"dtype": "F32", "shape": [70, 7], "data_offsets": [start, start + 1960]},
-        })
+        text = json.dumps(
+            {
+                "linear.bias": {"dtype": "F32", "shape": [70], "data_offsets": [0, 280]},
+                "linear.weight": {"dtype": "F32", "shape": [70, 7], "data_offsets": [start, start + 1960]},
+            }
+        )
         return _header_file(text, bytes(2240))
     length = draw(st.integers(len(valid), 1 << 64 - 1))  # a header length past the end of the file
     return struct.pack("<Q", length) + valid[8:]
@@ -300,7 +318,9 @@ def test_fuzzed_weight_pushes_are_refused_with_a_reason(tmp_path, tiny_models):
         if spoil:  # a right-shaped push with one value made non-finite
             weights = {**good, "linear.bias": good["linear.bias"].copy()}
             weights["linear.bias"][0] = np.nan
-        response = store_client.post("/update_model?wait_s=0", data=dict_to_binary({"weights": weights}), headers=BINARY)
+        response = store_client.post(
+            "/update_model?wait_s=0", data=dict_to_binary({"weights": weights}), headers=BINARY
+        )
         body = response.get_json()
         assert 400 <= response.status_code < 500, body
         assert body["detail"], body
@@ -328,7 +348,7 @@ def _pickled_push_repeating_a_key(setitems: bool) -> bytes:
         extra = b"\x28" + extra
     # insert just before the inner dict's own SETITEMS closes the outer dict: after its last u
     inner_end = body.rindex(b"\x75", 0, len(body) - 2)
-    return body[:inner_end + 1] + extra + body[inner_end + 1:]
+    return body[: inner_end + 1] + extra + body[inner_end + 1 :]
 
 
 @pytest.mark.parametrize("setitems", [True, False])
@@ -382,8 +402,11 @@ def test_a_chain_of_double_directory_links_is_refused_at_once(store_client, tiny
         (tiny_models / "k" / "d" / f"n{i + 1}").mkdir()
         (tiny_models / "k" / "d" / f"n{i}" / "a").symlink_to(f"../n{i + 1}")
         (tiny_models / "k" / "d" / f"n{i}" / "b").symlink_to(f"../n{i + 1}")
-    refused(store_client.post("/update_model", json={"model_path": "k"}), 422,
-            "'d/n0/a' leads to a directory already staged as 'd/n1'")
+    refused(
+        store_client.post("/update_model", json={"model_path": "k"}),
+        422,
+        "'d/n0/a' leads to a directory already staged as 'd/n1'",
+    )
     assert_nothing_published(store_client)
 
 
@@ -408,10 +431,13 @@ def _fail_writes_to(monkeypatch, suffix: str, code: int) -> None:
     monkeypatch.setattr(os, "write", write)
 
 
-@pytest.mark.parametrize("code, status, reason", [
-    (errno.ENOSPC, 507, "No space left on device (ENOSPC)"),
-    (errno.EIO, 500, "Input/output error (EIO)"),
-])
+@pytest.mark.parametrize(
+    "code, status, reason",
+    [
+        (errno.ENOSPC, 507, "No space left on device (ENOSPC)"),
+        (errno.EIO, 500, "Input/output error (EIO)"),
+    ],
+)
 def test_a_failing_weights_write_names_the_reason(store_client, monkeypatch, code, status, reason):
     """safetensors' save_file reported a full disk as SafetensorError: a generic 500."""
     _fail_writes_to(monkeypatch, "/model.safetensors", code)
@@ -458,8 +484,11 @@ def test_a_model_path_whose_link_vanishes_while_resolving_is_422(store_client, t
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(os.path, "realpath", swapped)
-    refused(store_client.post("/update_model", json={"model_path": "swapped"}), 422,
-            "'swapped' is not a model directory: No such file or directory")
+    refused(
+        store_client.post("/update_model", json={"model_path": "swapped"}),
+        422,
+        "'swapped' is not a model directory: No such file or directory",
+    )
     monkeypatch.undo()
     assert_nothing_published(store_client)
 
@@ -468,8 +497,11 @@ def test_a_non_utf8_file_name_is_refused_before_staging(store_client, tiny_model
     write_tiny_model(tiny_models / "odd", tag=2.0)
     with open(os.path.join(os.fsencode(tiny_models / "odd"), b"notes\xff.txt"), "wb") as fh:
         fh.write(b"x")
-    refused(store_client.post("/update_model", json={"model_path": "odd"}), 422,
-            "'notes\\udcff.txt' is not a UTF-8 file name")
+    refused(
+        store_client.post("/update_model", json={"model_path": "odd"}),
+        422,
+        "'notes\\udcff.txt' is not a UTF-8 file name",
+    )
     assert_nothing_published(store_client)
 
 
@@ -500,8 +532,11 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, tiny
     second = store.publish("default", store.stage("default", str(tiny_models / "tiny")))
 
     def doc(version, generation, problem=None):
-        return {"models": {"default": {"version": str(version), "since": second.changed_at}},
-                "generations": {"default": generation}, "problems": {"default": problem} if problem else {}}
+        return {
+            "models": {"default": {"version": str(version), "since": second.changed_at}},
+            "generations": {"default": generation},
+            "problems": {"default": problem} if problem else {},
+        }
 
     docs = {101: doc(2, 2), 102: doc(1, 1), 103: doc(0, 2, problem="version 2: broken")}
     runtime = SimpleNamespace(board=SimpleNamespace(read=lambda: docs), instance_workers=3, store=store)

@@ -31,7 +31,7 @@ def test_the_policies_close_the_loop_over_the_server_as_in_process(tmp_path):
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     reports = {(r["model"], r["path"]): r for r in result["reports"]}
     assert set(reports) == {(m, p) for m in models for p in ("server", "in-process")}
-    for (model, path), report in reports.items():
+    for (_model, path), report in reports.items():
         assert report["episodes"] == EPISODES and report["steps"] > 0, report
         assert report["failures"] == 0 and report["chunks"] >= EPISODES, report
         assert report["successes"] >= EPISODES - 1, report  # the shipped policies reach >= 90%

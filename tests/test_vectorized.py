@@ -18,7 +18,7 @@ from policy_server.model_loader import load_model_dir
 from policy_server.tensors import parse_batch_rows
 from tests.conftest import make_app
 from tests.fakes import FakePolicy, expected_action, fake_observation
-from tests.test_batcher import GatedExecutor, later, make_batcher, obs  # noqa: F401 (a fixture)
+from tests.gated_executor import GatedExecutor, later, obs
 from tests.test_server_app import assert_error
 
 
