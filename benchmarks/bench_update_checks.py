@@ -1,4 +1,4 @@
-"""What the safety checks of an update cost (issue 12), in-process, for one model directory.
+"""What the safety checks of an update cost, in-process, for one model directory.
 
 Per step, over ``--repeats`` runs: median, p90 and max in milliseconds of
 

@@ -1,6 +1,6 @@
 """The front door (policy_server/front_door.py) against a real gunicorn, with misbehaving raw-socket clients.
 
-One test per fault of issue 11: stalled uploads, deadlines counted from arrival, admission
+One test per front-door fault: stalled uploads, deadlines counted from arrival, admission
 control, vanished clients, protocol refusals, cold workers, totals after a worker death.
 """
 
@@ -192,7 +192,7 @@ def test_too_many_unfinished_requests_from_one_address_are_refused(door):
         (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000)) + b"\r\n", 431, "headers"),
         (b"GARBAGE\r\n\r\n", 400, "malformed"),
         (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "framing"),
-        (b"POST /infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 411, "framing"),
+        (b"POST /infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" b"5\r\nhello\r\n0\r\n\r\n", 411, "framing"),
     ],
     ids=["request-line-1MB", "10000-headers", "bad-request-line", "cl-and-te", "chunked"],
 )

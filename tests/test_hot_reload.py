@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 pytestmark = pytest.mark.integration
 
-# The bound on "every worker serves the new version after the 200"; a slower CI
+# The bound on "every worker serves the new version after the 200"; a slower CI
 # machine can widen it without editing the test.
 SWITCH_BOUND_S = float(os.environ.get("POLICY_TEST_SWITCH_BOUND_S", "1.0"))
 UPDATES = 50

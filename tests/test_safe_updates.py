@@ -1,4 +1,4 @@
-"""Issue 12 on an in-process app: updates that cannot hurt.
+"""Safe updates on an in-process app: updates that cannot hurt.
 
 Every refused update must leave the store exactly as it was (pointer, listed versions,
 directories on disk, an empty staging area) and keep version 1 serving.

@@ -1,4 +1,4 @@
-"""Issue 12 against a real gunicorn: bad updates publish nothing, failures are clean, and an
+"""Safe updates against a real gunicorn: bad updates publish nothing, failures are clean, and an
 update's answer is true for every worker when it comes.
 
 "Nothing published" is read from the store itself and from X-Model-Version on fresh
@@ -74,7 +74,7 @@ def test_bad_updates_publish_nothing_and_good_ones_are_true_when_answered(tmp_pa
         refusal(lambda: admin.update_model(model_path="evil"), 403, "'policy.py' is a link that leads outside")
         refusal(lambda: admin.load_model("other", model_path="evil"), 403, "'policy.py'")
         weights = tiny_weights(2.0)
-        weights["linear.bias"][4] = -np.inf  # the issue's case: outputs stay finite behind a ReLU
+        weights["linear.bias"][4] = -np.inf  # the hard case: outputs stay finite behind a ReLU
         refusal(lambda: admin.update_model(weights=weights), 422, "weight 'linear.bias' is not finite")
         assert not canary.exists()
         assert_only_version_one(server, store)
@@ -86,7 +86,7 @@ def test_bad_updates_publish_nothing_and_good_ones_are_true_when_answered(tmp_pa
         assert served(server) == {("2", 2.0)}
         back = admin.update_model(version=1)
         assert back["all_workers"] is True
-        for i in range(6):  # the issue's sequence: the same client, right after the answer
+        for i in range(6):  # a robot's sequence: the same client, right after the answer
             admin.infer(fake_observation(i))
             assert admin.last_model_version == "1"
         assert served(server) == {("1", 1.0)}

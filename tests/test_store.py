@@ -159,7 +159,7 @@ def test_good_names_pass():
     assert check_model_name("default") == "default" and check_model_name("act-v2.1_b") == "act-v2.1_b"
 
 
-# -- issue 12: a version is visible only once durably written; failures are clean ---------
+# -- durable writes: a version is visible only once durably written; failures are clean ---------
 
 
 def only_version_one(store: ModelStore, name: str = "m") -> None:

@@ -104,7 +104,7 @@ def test_a_push_is_checked_key_dtype_shape_and_finite(tmp_path):
     expected, _ = read_header(str(tmp_path / "w.safetensors"))
     assert set(check_push(tiny_weights(2.0), expected)) == {"linear.weight", "linear.bias"}
     bad = tiny_weights(2.0)
-    bad["linear.bias"][5] = -np.inf  # the case: finite outputs behind a ReLU, still refused
+    bad["linear.bias"][5] = -np.inf  # the hard case: finite outputs behind a ReLU, still refused
     with pytest.raises(InvalidModel, match="weight 'linear.bias' is not finite"):
         check_push(bad, expected)
     swapped = tiny_weights(2.0)
