@@ -192,7 +192,11 @@ def test_too_many_unfinished_requests_from_one_address_are_refused(door):
         (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(10_000)) + b"\r\n", 431, "headers"),
         (b"GARBAGE\r\n\r\n", 400, "malformed"),
         (b"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400, "framing"),
-        (b"POST /infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" b"5\r\nhello\r\n0\r\n\r\n", 411, "framing"),
+        (
+            b"POST /infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            411,
+            "framing",
+        ),
     ],
     ids=["request-line-1MB", "10000-headers", "bad-request-line", "cl-and-te", "chunked"],
 )
@@ -302,7 +306,8 @@ def test_a_client_that_resets_after_its_request_is_499_not_500(slow):
     while True:
         after = metrics_text(slow)
         vanished = metric(after, "policy_requests_total", route="/infer", status="499") - metric(
-            before, "policy_requests_total", route="/infer", status="499")
+            before, "policy_requests_total", route="/infer", status="499"
+        )
         if vanished == 4 or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -317,8 +322,12 @@ def test_a_replacement_worker_takes_no_request_before_it_is_warm_and_totals_neve
         sent = 0
         obs = observation(4)
         for _ in range(10):
-            send = requests.post(server.base_url + "/infer", data=dict_to_binary(obs), timeout=30,
-                                 headers={"Content-Type": "application/octet-stream", "Connection": "close"})
+            send = requests.post(
+                server.base_url + "/infer",
+                data=dict_to_binary(obs),
+                timeout=30,
+                headers={"Content-Type": "application/octet-stream", "Connection": "close"},
+            )
             assert send.status_code == 200
             sent += 1
         victim = sorted(server.ready_workers())[0]
@@ -326,8 +335,12 @@ def test_a_replacement_worker_takes_no_request_before_it_is_warm_and_totals_neve
         statuses: list[int] = []
         deadline = time.monotonic() + 60
         while len(server.ready_workers() - {victim}) < 2 and time.monotonic() < deadline:
-            response = requests.post(server.base_url + "/infer", data=dict_to_binary(obs), timeout=30,
-                                     headers={"Content-Type": "application/octet-stream", "Connection": "close"})
+            response = requests.post(
+                server.base_url + "/infer",
+                data=dict_to_binary(obs),
+                timeout=30,
+                headers={"Content-Type": "application/octet-stream", "Connection": "close"},
+            )
             statuses.append(response.status_code)
             sent += 1
         assert len(server.ready_workers() - {victim}) == 2, "no replacement got ready"
