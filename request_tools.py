@@ -183,6 +183,8 @@ def _request(
             attempt_timeout = min(timeout_s, left + DEADLINE_GRACE_S)
         try:
             response = session.request(method, url, timeout=attempt_timeout, headers=headers, **kwargs)
+        except requests.exceptions.SSLError as exc:  # a certificate that fails now fails on retry too
+            raise PolicyConnectionError(f"{method} {url}: TLS failed: {exc}") from exc
         except requests.exceptions.ConnectTimeout as exc:
             error: PolicyClientError = PolicyConnectionError(f"connecting to {url} timed out")
             cause: Exception = exc
@@ -250,21 +252,25 @@ def send_inference_request(
     api_key: str | None = None,
     session: requests.Session | None = None,
     retries: int = DEFAULT_RETRIES,
+    verify: bool | str = True,
 ) -> dict:
     """Send one observation to ``url`` (the /infer endpoint) and return the decoded outputs.
 
     Without ``session``, a keep-alive session kept per thread is reused across calls.
+    ``verify``: for ``https://`` URLs, the CA bundle (PEM path) the server's certificate is
+    checked against, True for the system's, False for no check (tests only).
 
     Raises:
         PolicyServerError: the server answered 4xx/5xx.
         PolicyTimeoutError: no answer within ``timeout_s``.
-        PolicyConnectionError: no connection after ``retries`` retries.
+        PolicyConnectionError: no connection after ``retries`` retries, or TLS failed (a
+            certificate not trusted: not retried).
         binary_protocol.ProtocolError: ``data`` holds something the wire format cannot carry.
     """
     body = dict_to_binary(dict(data))
     response = _request(
         session or _thread_session(), "POST", url,
-        timeout_s=timeout_s, retries=retries, data=body, headers=_infer_headers(api_key),
+        timeout_s=timeout_s, retries=retries, data=body, headers=_infer_headers(api_key), verify=verify,
     )
     return _decode(response)
 
@@ -350,6 +356,11 @@ class PolicyClient:
         encode: send these uint8 camera inputs encoded, e.g. ``{"image": "jpeg:90"}`` or
             ``{"image": "png"}`` (lossless); the model must list them in ``encoded_inputs``.
             Needs the ``images`` extra (simplejpeg, Pillow), imported only when used.
+        verify: for an ``https://`` base_url (a server started with ``--certfile``), the CA
+            bundle (PEM path) its certificate is checked against; True: the system's CAs;
+            False: no check (tests only). A certificate that fails raises PolicyConnectionError.
+        cert: a client certificate for a server that asks for one (``--cert-reqs required``):
+            a PEM path holding certificate and key, or a (certfile, keyfile) pair.
 
     ``base_url`` ``"unix:///path/to.sock"`` talks HTTP over that Unix domain socket (a server
     started with ``--uds``); requests then show the URL ``http://localhost/...``.
@@ -368,6 +379,8 @@ class PolicyClient:
         check_spec: bool = True,
         use_env_proxies: bool = False,
         encode: Mapping[str, str] | None = None,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
     ) -> None:
         self.socket_path = unix_socket_path(base_url)
         self.base_url = "http://localhost" if self.socket_path else base_url.rstrip("/")
@@ -390,6 +403,8 @@ class PolicyClient:
         self.last_batch_size: int | None = None
         self.last_response_bytes = 0
         self._session = _new_session(use_env_proxies)
+        self._session.verify = verify
+        self._session.cert = cert
         if self.socket_path:
             self._session.mount("http://localhost/", UnixSocketAdapter(self.socket_path))
 
@@ -516,6 +531,7 @@ class PolicyClient:
             self.base_url, api_key=self.api_key, admin_key=self.admin_key, model=self.model,
             timeout_s=self.timeout_s, deadline_s=self.deadline_s, retries=self.retries,
             check_spec=self.check_spec, use_env_proxies=self._session.trust_env, encode=self.encode,
+            verify=self._session.verify, cert=self._session.cert,
         )
         twin._input_specs = self._input_specs
         return twin
