@@ -1,12 +1,11 @@
 """TLS: the certificate settings in the config, and HTTPS end to end through a real gunicorn,
 the front door doing the handshake on its poller (policy_server/front_door_tls.py).
 
-Certificates are made here with the ``openssl`` command: a test CA, a server certificate for
-127.0.0.1 and localhost, and a client certificate (mutual TLS)."""
+Certificates are made per run with the ``openssl`` command (tests/tls_certs.py): a test CA, a
+server certificate for 127.0.0.1 and localhost, and a client certificate (mutual TLS)."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
 import subprocess
@@ -26,36 +25,17 @@ from request_tools import PolicyClient, PolicyConnectionError, send_inference_re
 from tests.serving import run_server
 from tests.test_front_door import closed_by_server, errors_in, read_answer, read_answers
 from tests.test_observability import metric
+from tests.tls_certs import HAVE_OPENSSL, make_pki
 
 HEAD_TIMEOUT_S = 1.0
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _leaf(pki: Path, name: str, subject: str, extensions: str) -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=pki)
-    (pki / f"{name}.ext").write_text(extensions)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=pki)
+pytestmark = pytest.mark.skipif(not HAVE_OPENSSL, reason="needs the openssl command")
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """ca.pem; server.pem/.key (127.0.0.1, localhost); client.pem/.key; other.key (matches nothing)."""
-    pki = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=policy test CA", cwd=pki)
-    _leaf(pki, "server", "/CN=localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-          "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
-    _leaf(pki, "client", "/CN=robot-7", "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
-          "extendedKeyUsage=clientAuth\n")
-    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "other.key", cwd=pki)
-    return pki
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _tls_args(pki: Path) -> tuple[str, ...]:
