@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
                 for name, client in clients.items():
                     url, verify = servers[name]
                     samples.setdefault((name, "GET /health"), []).append(timed(client.health, args.n))
-                    samples.setdefault((name, "POST /infer"), []).append(timed(lambda: client.infer(obs), args.n))
+                    samples.setdefault((name, "POST /infer"), []).append(timed(lambda c=client: c.infer(obs), args.n))
                     samples.setdefault((name, "new conn /health"), []).append(
                         timed(fresh_connection(url, verify), max(1, args.n // 4)))
             for client in clients.values():

@@ -248,7 +248,9 @@ class ServerConfig:
             if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
                 raise ConfigError(f"{name} {path!r} is not a readable file")
         if requires != ssl.CERT_NONE and not self.ca_certs:
-            raise ConfigError(f"cert_reqs {self.cert_reqs} needs ca_certs (the CA bundle client certificates are checked by)")
+            raise ConfigError(
+                f"cert_reqs {self.cert_reqs} needs ca_certs (the CA bundle client certificates are checked by)"
+            )
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:  # what gunicorn loads in each worker: fail here, clearly, rather than there
             context.load_cert_chain(self.certfile, self.keyfile, password=_no_password)
