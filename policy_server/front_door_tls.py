@@ -82,10 +82,13 @@ class TLSReader:
         except ssl.SSLWantWriteError:
             self._want(conn, selectors.EVENT_WRITE)
             return
+        except ssl.SSLEOFError:  # closed before or during the handshake (a TCP probe, a port scan)
+            self._close(conn)
+            return
         except ssl.SSLError as exc:
             self._handshake_failed(conn, exc)
             return
-        except OSError:  # reset or gone during the handshake
+        except OSError:  # reset during the handshake
             self._close(conn)
             return
         self._want(conn, selectors.EVENT_READ)
