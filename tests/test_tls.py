@@ -284,3 +284,22 @@ def test_client_certificates_and_the_minimum_version(pki, tmp_path):
         with PolicyClient(url, verify=ca, cert=client_cert) as client:
             assert client.health()
         assert not errors_in(server.log())
+
+
+@pytest.mark.integration
+def test_stalled_handshakes_cannot_lock_the_door(pki, tmp_path):
+    """At worker_connections, connections still in their handshake are closed with the idle
+    ones to let new clients in (the head timeout, 10 s by default, would be too late)."""
+    env = {"GUNICORN_CMD_ARGS": "--worker-connections 40"}
+    ca = str(pki / "ca.pem")
+    with run_server(tmp_path, workers=1, args=_tls_args(pki), env=env, tls_ca=ca) as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(60)]
+        try:
+            time.sleep(0.3)
+            assert requests.get(server.base_url + "/health", timeout=2, verify=ca).status_code == 200
+            assert closed_by_server(stalled[0], timeout_s=2)  # the oldest went, quietly
+            assert metric(_metrics(server, pki / "ca.pem"), "policy_front_door_closed_total", reason="evicted") >= 20
+        finally:
+            for sock in stalled:
+                sock.close()
+        assert not errors_in(server.log())
