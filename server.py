@@ -13,19 +13,21 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 
 from binary_protocol import binary_to_dict, dict_to_binary
-from policy_server import metrics, observability
+from policy_server import access, metrics, observability
+from policy_server.access import ADMIN, DOCS, INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
+from policy_server.errors import BatcherLost
 from policy_server.images import decode_inputs
-from policy_server.lifecycle import ModelManager
-from policy_server.oip_routes import OPEN_ENDPOINTS as OIP_OPEN_ENDPOINTS, oip_blueprint
+from policy_server.model_admin import ModelAdmin
+from policy_server.oip_routes import oip_blueprint
 from policy_server.openapi import openapi_document
 from policy_server.runtime import PolicyRuntime
 from policy_server.stats import instance_summary
 from policy_server.tensors import BATCH_ROWS_HEADER, parse_batch_rows
 from policy_server.web import (
+    PolicyFlask,
     answer_headers,
     binary_response,
-    check_keys,
     read_body,
     read_command,
     register_error_handlers,
@@ -34,30 +36,37 @@ from policy_server.web import (
     wait_seconds,
 )
 
-OPEN_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics", "openapi"}) | OIP_OPEN_ENDPOINTS
-ADMIN_ENDPOINTS = frozenset({"update_model", "load_model", "unload_model"})
-
 
 def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     """Build the app. Models are loaded later, by ``runtime.start()`` in the worker.
 
     ``policy`` (any object following the models/ contract) replaces the model store: that
-    one object is served, without hot reload. Tests use it to pass a fake.
+    one object is served, without hot reload. Tests use it to pass a fake. Raises
+    :class:`policy_server.errors.ConfigError` for a config that cannot serve safely.
     """
     config = config or ServerConfig.from_env()
-    app = Flask(__name__)
+    config.validate()  # ConfigError, as from the CLI
+    app = PolicyFlask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(config.max_body_bytes, config.max_update_bytes)
     runtime = PolicyRuntime(config, policy)
-    manager = ModelManager(config, runtime)
+    manager = ModelAdmin(config, runtime)
     app.extensions["policy_runtime"] = runtime
     register_error_handlers(app)
     observability.install(app, runtime.stats)
+    access.install(app, config.api_key)
 
     @app.before_request
     def _before() -> None:
         if not runtime.started:  # served without gunicorn.conf.py's post_worker_init hook
             runtime.start()
-        check_keys(config.api_key, config.admin_key, OPEN_ENDPOINTS, ADMIN_ENDPOINTS)
+
+    # Every route is in the group of its audience, which decides the key it needs (access.py).
+    keys = (config.api_key, config.admin_key)
+    probes = RouteGroup(PROBES, *keys)  # open; the access log line at DEBUG
+    docs = RouteGroup(DOCS, *keys)  # open
+    inference = RouteGroup(INFERENCE, *keys)  # X-API-Key; counted in /stats
+    info = RouteGroup(INFO, *keys)  # X-API-Key
+    admin = RouteGroup(ADMIN, *keys)  # X-Admin-Key (X-API-Key when there is no admin key)
 
     def infer_with(name: str | None):
         t0 = time.perf_counter()
@@ -79,64 +88,68 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
             headers[BATCH_ROWS_HEADER] = str(rows)
         return binary_response(payload, headers)
 
-    app.register_blueprint(oip_blueprint(config, runtime))  # Open Inference Protocol v2: /v2/...
-
-    @app.post("/infer")
+    @inference.post("/infer")
     def infer():
         return infer_with(None)
 
-    @app.post("/models/<name>/infer")
+    @inference.post("/models/<name>/infer")
     def infer_named(name: str):
         return infer_with(name)
 
-    @app.get("/health")
+    @probes.get("/health")
     def health():
+        if runtime.batcher_lost:  # nothing would answer a queued request: restart this worker
+            raise BatcherLost("the worker's batcher thread ended; see the server log")
         return jsonify({"status": "ok"})
 
-    @app.get("/ready")
+    @probes.get("/ready")
     def ready():
         model = runtime.model  # NotReady -> 503 while loading or after a failed load
         return jsonify({"status": "ready", "model": model.name, "version": model.version})
 
-    @app.get("/metrics")
+    @probes.get("/metrics")
     def prometheus_metrics():
         body, content_type = metrics.exposition()
         return Response(body, content_type=content_type)
 
-    @app.get("/openapi.json")
+    @docs.get("/openapi.json")
     def openapi():
         return jsonify(openapi_document())
 
-    @app.get("/stats")
+    @info.get("/stats")
     def stats():
         workers = runtime.stats_board.read()
         workers[os.getpid()] = runtime.stats.snapshot()  # this worker's own, fresh
         return jsonify(instance_summary(list(workers.values())))
 
-    @app.get("/model_info")
+    @info.get("/model_info")
     def model_info():
         return jsonify(runtime.model.info())
 
-    @app.get("/models")
+    @info.get("/models")
     def list_models():
         return jsonify({"default": runtime.default_name, "models": manager.models(), "workers": manager.workers()})
 
-    @app.get("/models/<name>")
+    @info.get("/models/<name>")
     def named_model_info(name: str):
         return jsonify(runtime.served(name).model.info())
 
-    @app.post("/update_model")
+    @admin.post("/update_model")
     def update_model():
         return jsonify(manager.update(read_command(config.max_update_bytes), wait_seconds()))
 
-    @app.post("/models/<name>/load")
+    @admin.post("/models/<name>/load")
     def load_model(name: str):
         return jsonify(manager.load(name, read_command(config.max_update_bytes), wait_seconds()))
 
-    @app.post("/models/<name>/unload")
+    @admin.post("/models/<name>/unload")
     def unload_model(name: str):
         return jsonify(manager.unload(name, wait_seconds()))
 
+    for group in (inference, probes, docs, info, admin):
+        app.register_blueprint(group)
+    app.register_blueprint(oip_blueprint(config, runtime))  # Open Inference Protocol v2: /v2/...
+    access.require_declared_access(app)
     return app
 
 

@@ -15,7 +15,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from policy_server.batcher import Batcher  # noqa: E402
 from policy_server.executor import BatchExecutor  # noqa: E402
 from policy_server.model_loader import load_model_dir  # noqa: E402
+from policy_server.serving_model import Served  # noqa: E402
 from policy_server.tensors import sample_inputs  # noqa: E402
 from benchmarks.timing import time_executor  # noqa: E402
 
@@ -56,10 +56,9 @@ def h2d(model, executor: BatchExecutor, batch: int, iters: int) -> dict:
     on the copy stream), against a plain pinned tensor of the same bytes; and, beside it,
     the staged path including its host copy (np.stack into staging) by wall clock."""
     obs = observations(model.input_spec, batch)
-    requests = [SimpleNamespace(inputs=o) for o in obs]
     slot = executor.slots[0]
     nbytes = sum(t[:batch].numel() * t.element_size() for t in slot.host_in.values())
-    executor._stage(slot, requests)
+    executor._stage(slot, obs)
 
     def from_staging():
         with torch.cuda.stream(executor.copy_stream):
@@ -74,7 +73,7 @@ def h2d(model, executor: BatchExecutor, batch: int, iters: int) -> dict:
             t.to(executor.device, non_blocking=True)
 
     def with_host_copy():
-        executor._stage(slot, requests)
+        executor._stage(slot, obs)
         from_staging()
         torch.cuda.synchronize()
 
@@ -107,7 +106,8 @@ def pipelined_throughput(model, batch: int, seconds: float = 3.0) -> dict:
     """The real batcher with 4*batch producer threads: batches overlap copy and compute."""
     import threading
 
-    batcher = Batcher(BatchExecutor(model, max_batch_size=batch), max_batch_size=batch, queue_size=4096)
+    served = Served(model, BatchExecutor(model, max_batch_size=batch), since=time.time())
+    batcher = Batcher(served, max_batch_size=batch, queue_size=4096)
     batcher.start()
     obs = observations(model.input_spec, 64, seed=2)
     done, stop_at = [0], time.monotonic() + seconds

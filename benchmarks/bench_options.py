@@ -17,7 +17,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -25,8 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from policy_server.config import ServerConfig  # noqa: E402
-from policy_server.executor import BatchExecutor, SpeedOptions, apply_speed_options  # noqa: E402
+from policy_server.executor import BatchExecutor  # noqa: E402
 from policy_server.model_loader import load_model_dir  # noqa: E402
+from policy_server.serving_model import SpeedOptions, apply_speed_options  # noqa: E402
 from policy_server.tensors import sample_inputs  # noqa: E402
 from benchmarks.timing import time_executor  # noqa: E402
 
@@ -37,12 +37,11 @@ MODEL = str(ROOT / "models" / "default")
 def measure(options: SpeedOptions, device: str, batches: list[int], iters: int, observations) -> dict:
     model = load_model_dir(MODEL, device)
     apply_speed_options(model, options)
-    executor = BatchExecutor(model, max_batch_size=max(batches), options=options)
+    executor = BatchExecutor(model, max_batch_size=max(batches), autocast=options.autocast)
     out = {}
     for batch in batches:
-        requests = [SimpleNamespace(inputs=o) for o in observations[:batch]]
         start = time.perf_counter()
-        rows, _ = executor.finish(executor.launch(requests))  # first call: compiles, if compiling
+        rows = executor.finish(executor.launch(observations[:batch]))  # first call: compiles, if compiling
         first_ms = (time.perf_counter() - start) * 1e3
         ms = float(np.median(time_executor(executor, observations[:batch], iters))) * 1e3
         out[batch] = {"batch_ms": ms, "per_sample_ms": ms / batch, "first_call_ms": first_ms,

@@ -20,10 +20,16 @@ Semantics (see ../shared/DESIGN.md, "Batching"):
 - :meth:`Batcher.stop` refuses new work, answers everything already accepted, then ends.
 
 The device work is the ``executor``'s: ``launch(requests)`` starts a batch and returns a
-handle, ``finish(handle)`` returns one output dict per request plus the model version.
+handle, ``finish(handle)`` returns one output dict per request plus the model version. In
+the server that is a :class:`policy_server.serving_model.Served` entry: it hands the
+requests' input dicts to its :class:`policy_server.executor.BatchExecutor` and names its
+model's version.
 With ``executor_for``, the executor is looked up per batch (by its first request's
 ``model``): a hot reload replaces it between two batches, and a batch is launched and
 finished by one executor, so it never mixes model versions.
+An ``observer`` (metrics: :class:`policy_server.metrics.BatchObserver`) sees each batch as
+it launches and once it is answered; an observer that raises is logged and never stops the
+batcher thread.
 An executor with ``pipelined = True`` (CUDA) gets the next batch launched before the
 previous one is finished, so its host-to-device copy overlaps the running forward.
 """
@@ -39,20 +45,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from policy_server.errors import InferenceFailed, NotReady, PayloadTooLarge, ServingError
+from policy_server.errors import (
+    DeadlineExceeded,
+    InferenceFailed,
+    NotReady,
+    PayloadTooLarge,
+    QueueFull,
+    ServingError,
+)
 
 log = logging.getLogger(__name__)
 
 # How long a request thread waits past its deadline for a batch that already started.
 RESULT_GRACE_S = 30.0
-
-
-class QueueFull(ServingError):
-    status, error = 503, "overloaded"
-
-
-class DeadlineExceeded(ServingError):
-    status, error = 504, "deadline exceeded"
 
 
 class Executor(Protocol):
@@ -61,6 +66,12 @@ class Executor(Protocol):
     def launch(self, requests: list[Request]) -> Any: ...
 
     def finish(self, handle: Any) -> tuple[list[dict[str, np.ndarray]], str]: ...
+
+
+class Observer(Protocol):
+    def launched(self, batch: list[Request]) -> None: ...
+
+    def finished(self, batch: list[Request]) -> None: ...
 
 
 def compatibility_key(inputs: Mapping[str, np.ndarray], model: Any = None) -> tuple:
@@ -118,8 +129,7 @@ class Batcher:
         max_batch_size: int = 16,
         max_delay_s: float = 0.0,
         queue_size: int = 256,
-        on_launch: Callable[[list[Request]], None] | None = None,
-        on_finish: Callable[[list[Request]], None] | None = None,
+        observer: Observer | None = None,
         executor_for: Callable[[Request], Executor] | None = None,
     ) -> None:
         self.executor = executor
@@ -127,8 +137,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.queue_size = queue_size
-        self.on_launch = on_launch  # each batch before its launch (metrics)
-        self.on_finish = on_finish  # each launched batch once its requests are answered or failed
+        self.observer = observer  # each batch before its launch, and once its requests are answered or failed
         self._queue: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -298,12 +307,11 @@ class Batcher:
         for request in batch:
             request.started = now
             request.batch_size = len(batch)
-        if self.on_launch is not None:
-            self.on_launch(batch)
+        self._observe("launched", batch)
         try:
             executor = self.executor if self.executor_for is None else self.executor_for(batch[0])
             return executor, executor.launch(batch), batch
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (fails only this batch; _fail logs it)
             self._fail(batch, exc)
             self._finished(batch)
             return None
@@ -311,7 +319,7 @@ class Batcher:
     def _finish(self, executor: Executor, handle: Any, batch: list[Request]) -> None:
         try:
             outputs, version = executor.finish(handle)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (fails only this batch; _fail logs it)
             self._fail(batch, exc)
         else:
             for request, output in zip(batch, outputs):
@@ -321,11 +329,14 @@ class Batcher:
         self._finished(batch)
 
     def _finished(self, batch: list[Request]) -> None:
-        if self.on_finish is not None:
+        self._observe("finished", batch)
+
+    def _observe(self, event: str, batch: list[Request]) -> None:
+        if self.observer is not None:
             try:
-                self.on_finish(batch)
+                getattr(self.observer, event)(batch)
             except Exception:  # an observer never stops the batcher
-                log.exception("on_finish failed")
+                log.exception("the batch observer failed on %s", event)
 
     @property
     def depth(self) -> int:

@@ -15,8 +15,8 @@ import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from policy_server.contract import MODEL_NAME_PATTERN
 from policy_server.errors import ConfigError
-from policy_server.store import NAME_PATTERN
 
 ENV_PREFIX = "POLICY_SERVER_"
 # Measured with benchmarks/bench_serving.py on 2 CPU cores (default policy, 16 clients):
@@ -206,8 +206,8 @@ class ServerConfig:
         self._validate_tls()
         if self.cache_size < 0 or self.cache_ttl_s <= 0:
             raise ConfigError("cache_size must be 0 (off) or more and cache_ttl_s positive")
-        if not NAME_PATTERN.fullmatch(self.model_name):
-            raise ConfigError(f"model_name must match {NAME_PATTERN.pattern}")
+        if not MODEL_NAME_PATTERN.fullmatch(self.model_name):
+            raise ConfigError(f"model_name must match {MODEL_NAME_PATTERN.pattern}")
         if not is_loopback(self.host) and not self.api_key and not self.allow_unauthenticated:
             raise ConfigError(
                 f"refusing to bind {self.host} without an API key: set --api-key "

@@ -1,7 +1,11 @@
 """The model contract: what a directory under ``--model-path`` provides.
 
-A model directory holds ``policy.py`` defining ``load_model(model_dir: str, device) -> policy``
-and its weights (safetensors; never an arbitrary pickle). The policy it returns has:
+A model directory holds ``policy.py`` (:data:`POLICY_FILE`) defining
+``load_model(model_dir: str, device) -> policy`` and its weights (safetensors, conventionally
+:data:`WEIGHTS_FILE`; never an arbitrary pickle). :func:`require_model_dir` is the one check
+that a path is a model directory, :func:`directory_digest` its content digest, and
+:data:`MODEL_NAME_PATTERN` what a model may be called (:func:`check_model_name`). The policy
+``load_model`` returns follows :class:`Policy`:
 
 - ``input_spec`` and ``output_spec``: sequences of :class:`TensorSpec` (name, numpy dtype
   name, per-sample shape without the batch dimension). An input may be *optional*
@@ -31,13 +35,21 @@ request that omits them (zeros) asks for a plain chunk.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 import numpy as np
 
+from policy_server import model_files
+from policy_server.errors import InvalidModelName, NotAModelDirectory
 
+POLICY_FILE = "policy.py"
+WEIGHTS_FILE = "model.safetensors"  # what a weights push replaces
+# Model names are path components in the store and in URLs: letters, digits, ``_.-``, at most 64, no leading dot.
+MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 HISTORY_PADS = ("repeat_first", "zeros")
 RTC_INPUTS = ("action_prefix", "prefix_length", "inference_delay")
 
@@ -116,11 +128,50 @@ def rtc_specs(horizon: int, action_dim: int) -> tuple[TensorSpec, TensorSpec, Te
     )
 
 
-@runtime_checkable
 class Policy(Protocol):
-    """What ``load_model`` returns. ``forward`` takes and returns batched tensors."""
+    """What ``load_model`` returns. ``forward`` takes and returns batched tensors.
+
+    The members in :data:`POLICY_REQUIRED` must exist; the others are optional, with the
+    defaults in :data:`POLICY_DEFAULTS` (``model_loader.describe`` checks both).
+    """
 
     input_spec: Sequence[TensorSpec]
     output_spec: Sequence[TensorSpec]
+    optional_outputs: Sequence[str]  # computed always, answered only when a request asks for them
+    encoded_inputs: Sequence[str]  # uint8 image inputs a client may send JPEG/PNG encoded
+    name: str  # default: the directory name
+    version: str  # default: the directory digest
 
     def forward(self, batch: Mapping[str, Any]) -> Mapping[str, Any]: ...
+
+    def num_parameters(self) -> int: ...
+
+
+POLICY_REQUIRED = ("input_spec", "output_spec", "forward")
+# the value of each optional member a policy lacks (``num_parameters``: the count reported)
+POLICY_DEFAULTS: Mapping[str, Any] = {"optional_outputs": (), "encoded_inputs": (), "num_parameters": 0}
+
+
+def check_model_name(name: Any) -> str:
+    """``name`` when it matches :data:`MODEL_NAME_PATTERN`; InvalidModelName (400) otherwise."""
+    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name):
+        raise InvalidModelName(f"model name must match {MODEL_NAME_PATTERN.pattern}")
+    return name
+
+
+def require_model_dir(path: str, shown: str | None = None) -> str:
+    """``path`` when it is a model directory (holds :data:`POLICY_FILE`); NotAModelDirectory
+    (an InvalidModel, 422, and a ModelError) naming it as ``shown`` (default: ``path``) otherwise."""
+    if not os.path.isfile(os.path.join(path, POLICY_FILE)):
+        raise NotAModelDirectory(f"{shown or path} is not a model directory (no {POLICY_FILE})")
+    return path
+
+
+def directory_digest(model_dir: str, root: str | None = None, *, suffix: str = "",
+                     limits: model_files.Limits | None = None) -> str:
+    """A model directory's digest: a short sha256 over every regular file's relative path and
+    content in sorted order (only files ending in ``suffix`` when given), read confined to
+    ``root`` (default: ``model_dir``). The store's pointer and ``/model_info`` carry it.
+    Raises what :func:`policy_server.model_files.digest` raises (Forbidden, InvalidModel,
+    PayloadTooLarge)."""
+    return model_files.digest(model_dir, root, suffix=suffix, limits=limits)

@@ -61,12 +61,46 @@ class NotReady(ServingError):
     status, error = 503, "not ready"
 
 
+class BatcherLost(ServingError):
+    """The worker's batcher thread ended while it should serve (``/health``)."""
+
+    status, error = 503, "unhealthy"
+
+
+class QueueFull(ServingError):
+    """The worker's request queue has no room now (answered with Retry-After)."""
+
+    status, error = 503, "overloaded"
+
+
+class DeadlineExceeded(ServingError):
+    """The request's deadline passed before its answer: not computed, or not in time."""
+
+    status, error = 504, "deadline exceeded"
+
+
+class UnknownModel(ServingError):
+    status, error = 404, "unknown model"
+
+
+class UnknownVersion(ServingError):
+    status, error = 404, "unknown version"
+
+
+class InvalidModelName(ServingError):
+    status, error = 400, "bad request"
+
+
 class ConfigError(ValueError):
     """A server configuration that cannot start (bad value, unsafe bind, missing model)."""
 
 
 class ModelError(Exception):
     """A model directory that does not follow the contract, or a policy that misbehaves."""
+
+
+class NotAModelDirectory(InvalidModel, ModelError):
+    """A path that is not a model directory (no ``policy.py``): see ``contract.require_model_dir``."""
 
 
 class InsufficientStorage(ServingError):

@@ -1,6 +1,8 @@
-"""Runs batches of requests on the model's device: one copy per input, staging reused.
+"""Runs batches on the model's device: one copy per input, staging reused.
 
-Each request's arrays (views into its request body) are copied once, straight into a
+A batch is a sequence of input dicts, one per row (``{name: array of the spec's per-sample
+shape}``), and its answer one output dict per row. Each row's arrays (views into its request
+body) are copied once, straight into a
 preallocated staging buffer of ``max_batch_size`` rows per input. On CPU the forward reads
 the staging buffer in place. On CUDA the staging buffers are pinned and double-buffered:
 the host copy and the non-blocking host-to-device copy of batch k+1 (on a copy stream)
@@ -8,13 +10,16 @@ overlap the forward of batch k (on a compute stream that waits on the copy's eve
 event per slot is synchronized before the slot is refilled, ``record_stream`` tells the
 caching allocator that the compute stream uses the copied tensors, and outputs come back
 into pinned buffers whose event is synchronized before rows are split and answered.
+
+The executor knows nothing of requests or versions: the served entry that owns it
+(:class:`policy_server.serving_model.Served`) adapts it to the batcher and names the version.
+The speed options that transform the module live in :mod:`policy_server.serving_model`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,42 +30,11 @@ from policy_server.contract import TensorSpec
 from policy_server.errors import ModelError
 from policy_server.model_loader import LoadedModel
 
-log = logging.getLogger(__name__)
-
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def torch_dtype(dtype: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-
-
-@dataclass(frozen=True)
-class SpeedOptions:
-    """Optional speed-ups, each off by default (see DEVELOPMENT.md, "Tuning")."""
-
-    autocast: str = "off"  # off, bf16, fp16
-    compile: bool = False
-    quantize_int8: bool = False  # dynamic int8 for Linear layers, CPU only
-    channels_last: bool = False
-
-
-def apply_speed_options(model: LoadedModel, options: SpeedOptions) -> None:
-    """Transform the policy's module in place; only policies with a ``module`` attribute."""
-    module = getattr(model.policy, "module", None)
-    wanted = options.compile or options.quantize_int8 or options.channels_last
-    if module is None:
-        if wanted:
-            log.warning("speed options need a policy with .module (ModulePolicy); ignored")
-        return
-    if options.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    if options.quantize_int8:
-        if model.device != "cpu":
-            raise ModelError("quantize_int8 is a CPU option")
-        module = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
-    if options.compile:
-        module = torch.compile(module, dynamic=True)
-    model.policy.module = module
 
 
 class _Slot:
@@ -91,7 +65,8 @@ class _Launched:
 
 
 class BatchExecutor:
-    """Executes batches for one loaded model (see the module docstring).
+    """Executes batches for one loaded model (see the module docstring). ``autocast`` is
+    ``"off"``, ``"bf16"`` or ``"fp16"`` (the forward runs under ``torch.autocast``).
 
     ``on_transfer(h2d_s, d2h_s)``, when set, is called on CUDA after each finished batch with
     the GPU-measured time of its host-to-device and device-to-host copies (metrics).
@@ -99,12 +74,14 @@ class BatchExecutor:
 
     on_transfer: Callable[[float, float], None] | None = None
 
-    def __init__(self, model: LoadedModel, max_batch_size: int, options: SpeedOptions = SpeedOptions()) -> None:
-        self.model = model
+    def __init__(self, model: LoadedModel, max_batch_size: int, autocast: str = "off") -> None:
+        self.policy = model.policy
+        self.input_spec = model.input_spec
+        self.output_spec = model.output_spec
         self.max_batch_size = max_batch_size
         self.device = torch.device(model.device)
         self.pipelined = self.device.type == "cuda"
-        self.autocast = AUTOCAST_DTYPES.get(options.autocast)
+        self.autocast = AUTOCAST_DTYPES.get(autocast)
         self.out_dtypes = {s.name: torch_dtype(s.np_dtype) for s in model.output_spec}
         if self.pipelined:
             torch.cuda.synchronize(self.device)  # weights were uploaded on the default stream
@@ -119,33 +96,36 @@ class BatchExecutor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _stage(self, slot: _Slot, requests: list) -> int:
-        rows = len(requests)
+    def _stage(self, slot: _Slot, batch: Sequence[Mapping[str, np.ndarray]]) -> int:
+        rows = len(batch)
         if rows > self.max_batch_size:
             raise ValueError(f"batch of {rows} exceeds max_batch_size {self.max_batch_size}")
-        for spec in self.model.input_spec:
+        for spec in self.input_spec:
             out = slot.host_in_np[spec.name][:rows]
-            if spec.optional and any(spec.name not in r.inputs for r in requests):
+            if spec.optional and any(spec.name not in row for row in batch):
                 # queued before a hot swap added this optional input: the server's default
-                for i, r in enumerate(requests):
-                    out[i] = r.inputs[spec.name] if spec.name in r.inputs else 0
+                for i, row in enumerate(batch):
+                    out[i] = row[spec.name] if spec.name in row else 0
                 continue
-            np.stack([r.inputs[spec.name] for r in requests], out=out)
+            np.stack([row[spec.name] for row in batch], out=out)
         return rows
 
-    def launch(self, requests: list) -> _Launched:
+    def launch(self, batch: Sequence[Mapping[str, np.ndarray]]) -> _Launched:
+        """Start one batch: ``batch`` holds one input dict per row (at most ``max_batch_size``,
+        ValueError otherwise). Returns the handle :meth:`finish` takes; on CPU the forward has
+        run, on CUDA it is queued on the compute stream."""
         slot = self.slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self.slots)
         if not self.pipelined:
-            rows = self._stage(slot, requests)
-            batch = {name: t[:rows] for name, t in slot.host_in.items()}
+            rows = self._stage(slot, batch)
+            staged = {name: t[:rows] for name, t in slot.host_in.items()}
             with torch.inference_mode(), self._autocast():
-                outputs = self.model.policy.forward(batch)
+                outputs = self.policy.forward(staged)
             return _Launched(slot, rows, outputs)
 
         slot.copied.synchronize()  # the previous H2D from this slot must be done before refilling
         slot.computed.synchronize()  # and its outputs read
-        rows = self._stage(slot, requests)
+        rows = self._stage(slot, batch)
         with torch.cuda.stream(self.copy_stream):
             slot.h2d_started.record(self.copy_stream)
             device_in = {
@@ -157,15 +137,18 @@ class BatchExecutor:
             for tensor in device_in.values():
                 tensor.record_stream(self.compute_stream)
             with torch.inference_mode(), self._autocast():
-                outputs = self.model.policy.forward(device_in)
+                outputs = self.policy.forward(device_in)
             slot.d2h_started.record(self.compute_stream)
-            for spec in self.model.output_spec:
+            for spec in self.output_spec:
                 out = _output(outputs, spec, rows)
                 slot.host_out[spec.name][:rows].copy_(out, non_blocking=True)
             slot.computed.record(self.compute_stream)
         return _Launched(slot, rows, None)
 
-    def finish(self, launched: _Launched) -> tuple[list[dict[str, np.ndarray]], str]:
+    def finish(self, launched: _Launched) -> list[dict[str, np.ndarray]]:
+        """The launched batch's outputs, one dict per row in order (``{name: array of the
+        output spec's per-sample shape and dtype}``); ModelError when the policy's outputs do
+        not match its spec."""
         rows, slot = launched.rows, launched.slot
         if self.pipelined:
             slot.computed.synchronize()
@@ -174,10 +157,10 @@ class BatchExecutor:
                     slot.h2d_started.elapsed_time(slot.copied) / 1000.0,
                     slot.d2h_started.elapsed_time(slot.computed) / 1000.0,
                 )
-            arrays = {s.name: _checked(slot.host_out[s.name][:rows].numpy(), s, rows) for s in self.model.output_spec}
+            arrays = {s.name: _checked(slot.host_out[s.name][:rows].numpy(), s, rows) for s in self.output_spec}
         else:
             arrays = {}
-            for spec in self.model.output_spec:
+            for spec in self.output_spec:
                 out = _output(launched.outputs, spec, rows).detach()
                 if out.dtype != self.out_dtypes[spec.name]:
                     out = out.to(self.out_dtypes[spec.name])
@@ -186,8 +169,8 @@ class BatchExecutor:
                     array = array.copy()  # the next batch overwrites the staging buffer
                 arrays[spec.name] = array
         if self.pipelined:  # rows of reused pinned buffers: copy out before the slot is refilled
-            return [{name: a[i].copy() for name, a in arrays.items()} for i in range(rows)], self.model.version
-        return [{name: a[i] for name, a in arrays.items()} for i in range(rows)], self.model.version
+            return [{name: a[i].copy() for name, a in arrays.items()} for i in range(rows)]
+        return [{name: a[i] for name, a in arrays.items()} for i in range(rows)]
 
 
 def _output(outputs: Any, spec: TensorSpec, rows: int) -> torch.Tensor:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 PROBE_THREADS = 2
 SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
 SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time
+NOTIFY_S = 1.0  # heartbeat to the master at most this often (each one is a syscall on the poller)
 
 
 class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
@@ -140,8 +141,12 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
     def run(self) -> None:
         self.poller.register(self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks)
         self.set_accept_enabled(True)
+        beat = 0.0
         while self.alive:
-            self.notify()
+            now = time.monotonic()
+            if now - beat >= NOTIFY_S:
+                self.notify()
+                beat = now
             if self.nr_conns >= self.max_conns:
                 self._make_room()
             can_accept = self.nr_conns < self.max_conns

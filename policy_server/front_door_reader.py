@@ -135,18 +135,19 @@ class RequestReader:
 
     def _readable(self, conn: Conn, _fileobj=None) -> None:
         if conn.body is not None:  # straight into the body's own buffer: no copy here
-            try:
-                n = conn.sock.recv_into(memoryview(conn.body)[conn.filled:])
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                n = 0
-            if not n:
-                self._peer_closed(conn)
-                return
-            conn.filled += n
-            if conn.filled == conn.need:
-                self._advance(conn)
+            view = memoryview(conn.body)
+            while conn.filled < conn.need:  # drain what has arrived: one wake-up, not one per segment
+                try:
+                    n = conn.sock.recv_into(view[conn.filled:])
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    n = 0
+                if not n:
+                    self._peer_closed(conn)
+                    return
+                conn.filled += n
+            self._advance(conn)
             return
         try:
             n = conn.sock.recv_into(self._scratch)

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from policy_server.config import ServerConfig
-from policy_server.errors import ConfigError
+from policy_server.contract import require_model_dir
+from policy_server.errors import ConfigError, NotAModelDirectory
 
 log = logging.getLogger("policy_server.launcher")
 
@@ -36,8 +37,10 @@ def build_config(argv: Sequence[str] | None = None, environ=None) -> ServerConfi
            if (path := getattr(config, name))},
     )
     config.validate()
-    if not os.path.isfile(os.path.join(config.model_path, "policy.py")):
-        raise ConfigError(f"{config.model_path} is not a model directory (no policy.py)")
+    try:
+        require_model_dir(config.model_path)
+    except NotAModelDirectory as exc:
+        raise ConfigError(str(exc)) from None
     return config
 
 

@@ -10,6 +10,8 @@ the default registry is used. Names follow Prometheus conventions: seconds, ``_t
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -98,3 +100,23 @@ def set_model_version(model: str, version: str) -> None:
         MODEL_VERSION.labels(model).set(int(version))
 
 
+class BatchObserver:
+    """The batcher's metrics, as one observer (``Batcher(observer=...)``): queue depth,
+    in-flight batches and queue wait when a batch launches; batch size and compute time
+    (seconds, per model) once its requests are answered or failed. ``depth()`` is the
+    queue's length now."""
+
+    def __init__(self, depth: Callable[[], int]) -> None:
+        self.depth = depth
+
+    def launched(self, batch: Sequence[Any]) -> None:
+        QUEUE_DEPTH.set(self.depth())
+        INFLIGHT_BATCHES.inc()
+        for request in batch:
+            QUEUE_SECONDS.observe(request.queue_s)
+
+    def finished(self, batch: Sequence[Any]) -> None:
+        INFLIGHT_BATCHES.dec()
+        model = str(batch[0].model)
+        BATCH_SIZE.labels(model).observe(len(batch))
+        COMPUTE_SECONDS.labels(model).observe(max(r.compute_s for r in batch))

@@ -12,19 +12,25 @@ linking twice to the next cannot multiply the work), at most ``Limits.entries`` 
 are looked at in all, and at most :data:`MAX_DEPTH` levels deep. File names must be UTF-8.
 :func:`copy_tree` writes the contents into a fresh
 directory (no links are copied), so the copy, not the source, is what is validated and
-served. No torch here.
+served. Writing the model store goes through :func:`writing` (an OSError becomes its 507 or
+500 answer) and :func:`fsync_tree` / :func:`fsync_dir` (durable before visible). No torch here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import logging
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from policy_server.errors import Forbidden, InvalidModel, PayloadTooLarge, store_write_error
+
+log = logging.getLogger(__name__)
 
 IGNORED = frozenset({"__pycache__"})
 _CHUNK = 1 << 20
@@ -301,3 +307,62 @@ def copy_tree(source: str, dest: str, root: str | None = None, *, limits: Limits
                         raise store_write_error(exc, "staging the model directory") from None
         finally:
             os.close(out)
+
+
+@contextlib.contextmanager
+def writing(doing: str) -> Iterator[None]:
+    """Turn an OSError while writing the store into its answer: InsufficientStorage (507) or
+    StoreWriteFailed (500), naming the reason (see :func:`policy_server.errors.store_write_error`)."""
+    try:
+        yield
+    except OSError as exc:
+        log.error("model store: %s failed: %s", doing, exc)
+        raise store_write_error(exc, doing) from None
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file and directory below ``path``, and ``path`` itself (OSError on failure)."""
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for name in dirs:
+            fsync_dir(os.path.join(root, name))
+    fsync_dir(path)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync one directory: its entries (a rename, a new file) are on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_durably(path: str, data: bytes, temp_prefix: str) -> None:
+    """Replace ``path`` with ``data`` atomically: a reader sees the old file or the new one.
+
+    Written to a temp file (``temp_prefix``, beside ``path``) and fsynced, then renamed over
+    ``path``; OSError when that fails (the temp file is removed). Past the rename the new file
+    is live: a failed fsync of the directory is only logged.
+    """
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    try:  # the new file is live: failing now would disown it (the store's pointer: a served version)
+        fsync_dir(directory)
+    except OSError as exc:
+        log.warning("%s is live but its directory entry may not be on disk: %s", path, exc)

@@ -11,8 +11,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from binary_protocol import IMAGE_CODECS
-from policy_server import model_files
-from policy_server.contract import RTC_INPUTS, TensorSpec
+from policy_server.contract import (
+    POLICY_DEFAULTS,
+    POLICY_FILE,
+    POLICY_REQUIRED,
+    RTC_INPUTS,
+    TensorSpec,
+    directory_digest,
+    require_model_dir,
+)
 from policy_server.errors import BadRequest, ModelError
 from policy_server.images import encodable
 
@@ -72,16 +79,10 @@ class LoadedModel:
         }
 
 
-def directory_digest(model_dir: str, suffix: str = "") -> str:
-    """A short sha256 over every regular file's relative path and content, in sorted order
-    (only files ending in ``suffix`` when given); read without following a link out of
-    ``model_dir`` (see :func:`policy_server.model_files.digest`)."""
-    return model_files.digest(model_dir, suffix=suffix)
-
-
 def describe(policy: Any, *, name: str, version: str, device: str, digest: str = "") -> LoadedModel:
-    """Check that ``policy`` follows the contract and collect its facts."""
-    for attr in ("input_spec", "output_spec", "forward"):
+    """Check that ``policy`` follows :class:`policy_server.contract.Policy` (ModelError
+    otherwise) and collect its facts; optional members take ``contract.POLICY_DEFAULTS``."""
+    for attr in POLICY_REQUIRED:
         if not hasattr(policy, attr):
             raise ModelError(f"policy has no {attr}")
     specs = []
@@ -95,16 +96,16 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
     _check_inputs(specs[0])
     if any(s.optional or s.history is not None for s in specs[1]):
         raise ModelError("policy.output_spec: optional and history are input declarations")
-    optional = tuple(str(n) for n in getattr(policy, "optional_outputs", ()))
+    optional = tuple(str(n) for n in getattr(policy, "optional_outputs", POLICY_DEFAULTS["optional_outputs"]))
     output_names = {s.name for s in specs[1]}
     if not set(optional) <= output_names or set(optional) == output_names:
         raise ModelError(f"policy.optional_outputs {list(optional)} must name some, not all, of its outputs")
-    encoded = tuple(str(n) for n in getattr(policy, "encoded_inputs", ()))
+    encoded = tuple(str(n) for n in getattr(policy, "encoded_inputs", POLICY_DEFAULTS["encoded_inputs"]))
     inputs_by_name = {s.name: s for s in specs[0]}
     for n in encoded:
         if n not in inputs_by_name or not encodable(inputs_by_name[n]):
             raise ModelError(f"policy.encoded_inputs: {n!r} is not a uint8 [H, W, 3] or [H, W, 1] input")
-    count = policy.num_parameters() if hasattr(policy, "num_parameters") else 0
+    count = policy.num_parameters() if hasattr(policy, "num_parameters") else POLICY_DEFAULTS["num_parameters"]
     return LoadedModel(
         policy=policy,
         name=str(name if name is not None else getattr(policy, "name", "policy")),
@@ -145,9 +146,7 @@ def _policy_module(model_dir: str):
     Versions that differ only in weights (a trainer's pushes) share one module, so pushing
     weights neither re-executes the code nor grows ``sys.modules``.
     """
-    entry = os.path.join(model_dir, "policy.py")
-    if not os.path.isfile(entry):
-        raise ModelError(f"{model_dir} has no policy.py")
+    entry = os.path.join(require_model_dir(model_dir), POLICY_FILE)
     module_name = f"_served_policy_{directory_digest(model_dir, suffix='.py')}"
     module = sys.modules.get(module_name)
     if module is not None:

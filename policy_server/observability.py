@@ -2,8 +2,10 @@
 
 :func:`install` registers Flask hooks: ``before_request`` notes the start and the request
 id (``X-Request-Id`` when the client sent a sane one, else a fresh one); ``after_request``
-counts the request in Prometheus, adds inference requests to the worker's statistics,
-writes one JSON log line on the ``policy_server.access`` logger and echoes the id.
+counts the request in Prometheus (labelled by its route rule), adds inference requests to
+the worker's statistics, writes one JSON log line on the ``policy_server.access`` logger
+(at DEBUG for probes and scrapes) and echoes the id. Which requests are inference, probes
+or scrapes is declared by the audience group of their route (:mod:`policy_server.access`).
 
 Behind the front door (:mod:`policy_server.front_door`) the request's arrival is
 ``environ[ARRIVED]`` (latency counts from there), and counting waits until the answer was
@@ -23,13 +25,12 @@ import uuid
 from flask import Flask, Response, g, request
 
 from policy_server import metrics
+from policy_server.access import request_audience
 from policy_server.front_door_http import ARRIVED, DEFERRED
 
 access_log = logging.getLogger("policy_server.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-INFERENCE_ENDPOINTS = frozenset({"infer", "infer_named", "oip.infer", "oip.infer_version"})
-QUIET_ENDPOINTS = frozenset({"health", "ready", "prometheus_metrics", "oip.live", "oip.ready"})  # probes and scrapes: DEBUG only
 CLIENT_CLOSED = 499
 
 
@@ -59,8 +60,9 @@ def install(app: Flask, stats) -> None:
             "model": g.get("model"), "version": response.headers.get("X-Model-Version"),
             "remote": request.remote_addr,
         }
-        inference = request.endpoint in INFERENCE_ENDPOINTS
-        quiet = request.endpoint in QUIET_ENDPOINTS
+        audience = request_audience()  # None for a request that matched no route
+        inference = audience is not None and audience.inference
+        quiet = audience is not None and audience.quiet  # probes and scrapes: DEBUG only
 
         def record(delivered: bool = True) -> None:
             final = status if delivered else CLIENT_CLOSED

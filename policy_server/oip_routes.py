@@ -1,6 +1,8 @@
 """The Open Inference Protocol v2 REST routes, beside the server's own and into the same batcher.
 
-Registered by ``server.create_app`` as the ``oip`` blueprint. A request's batch dimension N
+Registered by ``server.create_app`` as the ``oip`` blueprint, whose routes are in the same
+audience groups as the server's own (:mod:`policy_server.access`): the health probes open,
+inference and metadata behind the API key. A request's batch dimension N
 is a vectorized request (N rows toward the batch cap, answered in row order); keys,
 deadlines (``X-Deadline-Ms`` and the OIP ``timeout`` parameter, microseconds), metrics, the
 access log and model versions work as on ``/infer``. Errors are OIP's ``{"error": "..."}``
@@ -15,20 +17,22 @@ from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from policy_server import oip
+from policy_server.access import INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
-from policy_server.errors import ServingError
-from policy_server.store import UnknownModel
+from policy_server.errors import ServingError, UnknownModel
 from policy_server.web import answer_headers, read_body, request_arrival, request_deadline
 
-OPEN_ENDPOINTS = frozenset({"oip.live", "oip.ready"})
-INFERENCE_ENDPOINTS = frozenset({"oip.infer", "oip.infer_version"})
 SERVER_NAME = "robot-policy-server"
 SERVER_VERSION = "0.1.0"
 
 
 def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
     """The ``/v2`` routes over ``runtime`` (a :class:`policy_server.runtime.PolicyRuntime`)."""
-    bp = Blueprint("oip", __name__, url_prefix="/v2")
+    bp = Blueprint("oip", __name__, url_prefix="/v2")  # the error format; its groups hold the routes
+    keys = (config.api_key, config.admin_key)
+    probes = RouteGroup(PROBES, *keys)
+    info = RouteGroup(INFO, *keys)
+    inference = RouteGroup(INFERENCE, *keys)
 
     @bp.errorhandler(ServingError)
     def _serving_error(exc: ServingError):
@@ -51,27 +55,27 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
             raise UnknownModel(f"model {name!r} version {version!r} is not served here (serving {served.model.version!r})")
         return served
 
-    @bp.get("")
+    @info.get("")
     def server_metadata():
         return jsonify({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]})
 
-    @bp.get("/health/live")
+    @probes.get("/health/live")
     def live():
         return jsonify({"live": True})
 
-    @bp.get("/health/ready")
+    @probes.get("/health/ready")
     def ready():
         runtime.model  # NotReady -> 503 while loading or after a failed load
         return jsonify({"ready": True})
 
-    @bp.get("/models/<name>")
-    @bp.get("/models/<name>/versions/<version>")
+    @info.get("/models/<name>")
+    @info.get("/models/<name>/versions/<version>")
     def model_metadata(name: str, version: str | None = None):
         model = served_version(name, version).model
         return jsonify(oip.model_metadata(name, model.version, model.input_spec, model.output_spec))
 
-    @bp.get("/models/<name>/ready")
-    @bp.get("/models/<name>/versions/<version>/ready")
+    @info.get("/models/<name>/ready")
+    @info.get("/models/<name>/versions/<version>/ready")
     def model_ready(name: str, version: str | None = None):
         model = served_version(name, version).model
         return jsonify({"name": name, "version": model.version, "ready": True})
@@ -109,12 +113,14 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         headers[oip.HEADER_LENGTH] = str(header_length)
         return Response(payload, status=200, mimetype="application/octet-stream", headers=headers)
 
-    @bp.post("/models/<name>/infer")
+    @inference.post("/models/<name>/infer")
     def infer(name: str):
         return infer_with(name, None)
 
-    @bp.post("/models/<name>/versions/<version>/infer")
+    @inference.post("/models/<name>/versions/<version>/infer")
     def infer_version(name: str, version: str):
         return infer_with(name, version)
 
+    for group in (probes, info, inference):
+        bp.register_blueprint(group)
     return bp

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from policy_server.contract import MODEL_NAME_PATTERN
+
 BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 
@@ -44,7 +46,7 @@ def _json(description: str, schema: dict[str, Any] | None = None) -> dict[str, A
 
 NAME = {
     "name": "name", "in": "path", "required": True, "description": "Model name",
-    "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"},
+    "schema": {"type": "string", "pattern": f"^{MODEL_NAME_PATTERN.pattern}$"},
 }
 WAIT_S = {
     "name": "wait_s", "in": "query", "required": False,
@@ -321,7 +323,8 @@ def openapi_document(version: str = "1") -> dict[str, Any]:
                 **INFER, "operationId": "infer_named", "summary": "Inference on a named model",
                 "parameters": [NAME, *INFER["parameters"]],
             }},
-            "/health": _get("Liveness: the process answers", open_route=True, errors=()),
+            "/health": _get("Liveness: the process answers and its batcher thread runs (503 once it ended)",
+                             open_route=True, errors=("503",)),
             "/ready": _get("Readiness: the default model is loaded and warm", open_route=True, errors=("503",)),
             "/metrics": {"get": {
                 "summary": "Prometheus metrics summed over every worker", "security": [{}],

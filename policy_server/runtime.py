@@ -1,4 +1,4 @@
-"""The models inside one worker: loading, warm-up, hot swaps from the model store, and serving.
+"""The models inside one worker: start and stop, the device, the served models, serving.
 
 Torch is imported here only when :meth:`PolicyRuntime.start` runs, which gunicorn does in
 ``post_worker_init``: never in the master, so forked workers get clean CUDA and OpenMP.
@@ -6,20 +6,21 @@ Torch is imported here only when :meth:`PolicyRuntime.start` runs, which gunicor
 Threads in a worker:
 
 - the *batcher thread* loads and warms the models at start, then runs every forward;
-- the *store watcher* polls the store's pointers; when one changes it loads and warms the
-  new version on its own thread (requests keep being served by the old one), then swaps
-  the reference the batcher looks up per batch. A batch is launched and finished by one
-  executor, so no batch mixes versions and no request waits on a load;
+- the *store watcher* (:mod:`policy_server.store_follower`) follows the model store: it
+  loads and warms a new version on its own thread (requests keep being served by the old
+  one), then :meth:`PolicyRuntime.install` swaps the reference the batcher looks up per
+  batch. A batch is launched and finished by one served entry, so no batch mixes versions
+  and no request waits on a load;
+- the *stats reporter* (:class:`policy_server.stats.StatsReporter`) shares this worker's
+  request statistics with its siblings;
 - request threads validate, queue and wait (see :mod:`policy_server.batcher`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,26 +30,25 @@ import numpy as np
 from policy_server import metrics
 from policy_server.batcher import Batcher, Request
 from policy_server.config import ServerConfig
-from policy_server.errors import InvalidInput, ModelError, NotReady
+from policy_server.errors import InvalidInput, ModelError, NotReady, UnknownModel
 from policy_server.model_files import Limits
 from policy_server.model_loader import LoadedModel, describe, load_model_dir
 from policy_server.response_cache import ResponseCache, input_digest
-from policy_server.stats import RequestStats
 from policy_server.serving_model import Served, prepare, resolve_device
-from policy_server.store import ModelStore, Pointer, UnknownModel
+from policy_server.stats import RequestStats, StatsReporter
+from policy_server.store import ModelStore
+from policy_server.store_follower import StoreFollower
 from policy_server.tensors import complete_inputs, split_rows, validate_inputs
 from policy_server.worker_status import WorkerStatusBoard
 
 log = logging.getLogger(__name__)
-
-STATS_INTERVAL_S = 1.0
 
 
 class PolicyRuntime:
     """Holds the worker's models and batcher, and answers inference calls.
 
     ``policy`` lets tests pass a ready object instead of loading from the store; the
-    server then serves that one object and has no hot reload.
+    server then serves that one object and has no hot reload (``follower`` is None).
     """
 
     def __init__(self, config: ServerConfig, policy: Any = None) -> None:
@@ -61,32 +61,29 @@ class PolicyRuntime:
                 limits=Limits(config.stage_max_files, config.stage_max_bytes),
             ) if policy is None and config.model_store else None
         )
+        self.follower = StoreFollower(self.store, self, config.store_poll_ms / 1000.0) if self.store else None
         self.board = WorkerStatusBoard(config.run_dir)
         self.stats = RequestStats()
-        self.stats_board = WorkerStatusBoard(config.run_dir, "stats", prune_dead=False)
+        self.reporter = StatsReporter(self.stats, config.run_dir)
         self.cache = ResponseCache(config.cache_size, config.cache_ttl_s)
         self.device = "cpu"
         self._served: dict[str, Served] = {}  # replaced whole on every change, never mutated
-        self._generations: dict[str, int] = {}  # store pointer generation last acted on, per model
-        self._problems: dict[str, str] = {}  # model -> why its current version did not load here
-        self._candidates: dict[str, Served] = {}  # validated here, by digest: reused when published
         self._failure: str | None = None
         self._settled = threading.Event()  # loaded or failed
         self._start_lock = threading.Lock()
-        self._load_lock = threading.Lock()  # one load or validation at a time per worker
         self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._serving = False  # the batcher loop started
         self.batcher = Batcher(
             max_batch_size=config.batch_size_for("cpu"),  # set for the device once it is known
             max_delay_s=config.max_batch_delay_ms / 1000.0,
             queue_size=config.queue_size,
             executor_for=self._executor_for,
-            on_launch=self._batch_launched,
-            on_finish=_batch_finished,
+            observer=metrics.BatchObserver(lambda: self.batcher.depth),
         )
-        self._started = False
         self.instance_workers = 1
 
-    # -- lifecycle ------------------------------------------------------------------
+    # -- start and stop -------------------------------------------------------------
 
     def start(self, *, block: bool = False, worker_index: int = 0, workers: int = 1) -> None:
         """Start the batcher thread (once): load, warm up, serve. ``block`` waits until ready or failed.
@@ -95,11 +92,11 @@ class PolicyRuntime:
         """
         self.instance_workers = workers
         with self._start_lock:
-            if not self._started:
-                self._started = True
-                threading.Thread(
+            if self._thread is None:
+                self._thread = threading.Thread(
                     target=self._serve, args=(worker_index,), name="policy-batcher", daemon=True
-                ).start()
+                )
+                self._thread.start()
         if block:
             self._settled.wait()
 
@@ -108,11 +105,11 @@ class PolicyRuntime:
         self._stopping.set()
         self.batcher.stop(timeout_s)
         self.board.remove()
-        self.stats_board.publish(self.stats.snapshot())  # the final numbers, for final_metrics.json
+        self.reporter.stop()  # the final numbers, for final_metrics.json
 
     @property
     def started(self) -> bool:
-        return self._started
+        return self._thread is not None
 
     @property
     def ready(self) -> bool:
@@ -123,20 +120,33 @@ class PolicyRuntime:
         """Why loading the default model failed, or None."""
         return self._failure
 
+    @property
+    def batcher_lost(self) -> bool:
+        """True when the batcher thread ended while this worker should serve: nothing will
+        answer what is queued (``/health`` is 503). A failed load is not this: ``/ready``
+        reports it, and a worker that is stopping ends its batcher on purpose."""
+        thread = self._thread
+        return self._serving and thread is not None and not thread.is_alive() and not self._stopping.is_set()
+
+    @property
+    def stats_board(self) -> WorkerStatusBoard:
+        """The sibling workers' request statistics (see :class:`StatsReporter`)."""
+        return self.reporter.board
+
     def _serve(self, worker_index: int) -> None:
         try:
             self._setup_torch(worker_index)
-            if self.store is None:
+            if self.follower is None:
                 model = describe(
                     self._given_policy, name=self.default_name,
                     version=str(getattr(self._given_policy, "version", "0")), device=self.device,
                 )
-                self._install(self.default_name, self._prepare(model))
+                self.install(self.default_name, self._prepare(model))
             else:
                 self.store.seed(self.default_name, self.config.model_path)
-                self.sync_with_store()
+                self.follower.sync()
                 if not self.ready:
-                    raise ModelError(self._problems.get(self.default_name, "default model not in the store"))
+                    raise ModelError(self.follower.problems.get(self.default_name, "default model not in the store"))
         except Exception as exc:
             self._failure = f"{type(exc).__name__}: {exc}"
             log.exception("loading the model failed")
@@ -147,11 +157,16 @@ class PolicyRuntime:
             ", ".join(f"{name} version {s.model.version}" for name, s in sorted(self._served.items())),
             self.device, self.config.torch_threads_per_worker(),
         )
+        self._serving = True
         self._settled.set()
-        threading.Thread(target=self._report, name="policy-stats", daemon=True).start()
-        if self.store is not None:
-            threading.Thread(target=self._watch, name="policy-store-watcher", daemon=True).start()
-        self.batcher.run()
+        self.reporter.start()
+        if self.follower is not None:
+            self.follower.start(self._stopping)
+        try:
+            self.batcher.run()
+        finally:
+            if not self._stopping.is_set():
+                log.critical("the batcher thread ended while serving: /health answers 503")
 
     def _setup_torch(self, worker_index: int) -> None:
         threads = self.config.torch_threads_per_worker()
@@ -160,13 +175,27 @@ class PolicyRuntime:
 
         torch.set_num_threads(threads)
         self.device = resolve_device(self.config.device, worker_index)
-        self._bind_device()
+        self.bind_device()
         self.batcher.max_batch_size = self.config.batch_size_for(self.device)
+
+    def bind_device(self) -> None:
+        """torch's current CUDA device is per thread: set it on every thread that loads."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(self.device)
 
     def _prepare(self, model: LoadedModel) -> Served:
         return prepare(model, self.config, self.batcher.max_batch_size)
 
-    def _install(self, name: str, served: Served | None) -> None:
+    def load(self, model_dir: str, name: str, version: str) -> Served:
+        """Load a model directory on this worker's device and warm it up (not yet served).
+        Raises ModelError, or whatever the model's code raises."""
+        return self._prepare(load_model_dir(model_dir, self.device, name=name, version=version))
+
+    # -- the served models ----------------------------------------------------------
+
+    def install(self, name: str, served: Served | None) -> None:
         """Swap (or remove) one model: the batcher picks it up at its next batch."""
         models = dict(self._served)
         if served is None:
@@ -176,118 +205,19 @@ class PolicyRuntime:
         self._served = models
         metrics.set_model_version(name, served.model.version if served else "0")
         self.cache.drop_model(name, keep_version=served.model.version if served else None)
-        self._publish_status()
+        self.publish_status()
 
-    def _publish_status(self) -> None:
+    def publish_status(self) -> None:
+        """This worker's served versions, problems and acted-on generations, for its siblings."""
+        follower = self.follower
         self.board.publish({
             "models": {
                 name: {"version": s.model.version, "since": s.since}
                 for name, s in self._served.items()
             },
-            "problems": dict(self._problems),
-            "generations": dict(self._generations),
+            "problems": dict(follower.problems) if follower else {},
+            "generations": dict(follower.generations) if follower else {},
         })
-
-    # -- following the store ---------------------------------------------------------
-
-    def _report(self) -> None:
-        """Share this worker's request statistics with its siblings, every second."""
-        while not self._stopping.wait(STATS_INTERVAL_S):
-            try:
-                self.stats_board.publish(self.stats.snapshot())
-            except OSError:
-                log.exception("writing request statistics failed")
-
-    def _bind_device(self) -> None:
-        """torch's current CUDA device is per thread: set it on every thread that loads."""
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.set_device(self.device)
-
-    def _watch(self) -> None:
-        self._bind_device()
-        interval = self.config.store_poll_ms / 1000.0
-        while not self._stopping.wait(interval):
-            try:
-                self.sync_with_store()
-            except Exception:  # keep watching: the next poll may find the store readable again
-                log.exception("checking the model store failed")
-
-    def sync_with_store(self) -> None:
-        """Act on every pointer that changed since the last call: load and swap, or unload."""
-        names = self.store.names()
-        for name in set(self._served) - set(names):
-            self._install(name, None)
-        for name in names:
-            pointer = self.store.pointer(name)
-            if pointer is None or pointer.generation == self._generations.get(name):
-                continue
-            self._follow(pointer)
-
-    def _follow(self, pointer: Pointer) -> None:
-        name = pointer.model
-        current = self._served.get(name)
-        self._generations[name] = pointer.generation  # acted on, whatever the outcome
-        if not pointer.loaded:
-            if name != self.default_name:
-                self._install(name, None)
-                return
-        elif current is None or current.model.version != str(pointer.version):
-            try:
-                served = self._load_version(pointer)
-            except Exception as exc:
-                if self._superseded(pointer):
-                    log.info("%s version %d was pruned by a later update before it loaded; following the "
-                             "pointer at the next poll", name, pointer.version)
-                    return
-                metrics.RELOAD_FAILURES.labels(name).inc()
-                self._problems[name] = f"version {pointer.version}: {type(exc).__name__}: {exc}"
-                log.exception("loading %s version %d failed; still serving the previous one", name, pointer.version)
-            else:
-                self._problems.pop(name, None)
-                if current is not None:
-                    metrics.RELOADS.labels(name).inc()
-                self._install(name, served)
-                return
-        self._publish_status()
-
-    def _superseded(self, pointer: Pointer) -> bool:
-        """Whether ``pointer``'s version vanished because a later publish pruned it (no failure:
-        the watcher's next poll sees the newer pointer and follows that)."""
-        if os.path.isdir(self.store.version_dir(pointer.model, pointer.version)):
-            return False
-        latest = self.store.pointer(pointer.model)
-        return latest is not None and latest.generation > pointer.generation
-
-    def _load_version(self, pointer: Pointer) -> Served:
-        with self._load_lock:
-            candidate = self._candidates.pop(pointer.digest, None)
-            if candidate is not None and candidate.model.name == pointer.model:
-                model = dataclasses.replace(candidate.model, version=str(pointer.version))
-                candidate.executor.model = model
-                return Served(model, candidate.executor, time.time())
-            model = load_model_dir(
-                self.store.version_dir(pointer.model, pointer.version), self.device,
-                name=pointer.model, version=str(pointer.version),
-            )
-            return self._prepare(model)
-
-    def validate_candidate(self, name: str, model_dir: str) -> tuple[LoadedModel, list[str]]:
-        """Load and warm up a candidate version on this worker's device, off the batcher thread
-        (the warm-up runs it on several distinct random observations).
-
-        Raises ModelError (or whatever the model's code raises) when it does not load, its
-        weights do not match strictly, or an output is not finite. Returns the model and
-        warnings (an output identical for every observation). A valid one is kept, so this
-        worker swaps to it without loading it again once it is published.
-        """
-        with self._load_lock:
-            self._bind_device()
-            model = load_model_dir(model_dir, self.device, name=name, version="candidate")
-            served = self._prepare(model)  # the warm-up runs several distinct observations
-            self._candidates = {model.digest: served}
-            return model, list(served.warnings)
 
     # -- serving --------------------------------------------------------------------
 
@@ -310,7 +240,7 @@ class PolicyRuntime:
         return dict(self._served)
 
     def problems(self) -> dict[str, str]:
-        return dict(self._problems)
+        return dict(self.follower.problems) if self.follower else {}
 
     def submit(self, inputs: Mapping[str, Any], deadline: float, name: str | None = None) -> Request:
         """Validate and queue an observation (InvalidInput, QueueFull, NotReady); ``wait`` for its answer.
@@ -334,14 +264,9 @@ class PolicyRuntime:
     def wait(self, request: Request) -> tuple[dict[str, np.ndarray], str]:
         return self.batcher.wait(request)
 
-    def _batch_launched(self, batch: list[Request]) -> None:
-        metrics.QUEUE_DEPTH.set(self.batcher.depth)
-        metrics.INFLIGHT_BATCHES.inc()
-        for request in batch:
-            metrics.QUEUE_SECONDS.observe(request.queue_s)
-
-    def _executor_for(self, request: Request):
-        """The batcher's per-batch lookup: the model's current executor."""
+    def _executor_for(self, request: Request) -> Served:
+        """The batcher's per-batch lookup: the model's current served entry (its executor
+        and version)."""
         served = self._served.get(request.model)
         if served is None:
             raise UnknownModel(f"model {request.model!r} was unloaded")
@@ -350,8 +275,10 @@ class PolicyRuntime:
             try:
                 validate_inputs(request.inputs, spec, allow_missing_optional=True)  # the executor fills them
             except InvalidInput as exc:
-                raise InvalidInput(f"model {request.model!r} changed to version {served.model.version}: {exc.detail}")
-        return served.executor
+                raise InvalidInput(
+                    f"model {request.model!r} changed to version {served.model.version}: {exc.detail}"
+                ) from None
+        return served
 
     def infer(
         self,
@@ -406,12 +333,4 @@ class Answer:
 def _only(outputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:
     # A hot swap may have changed the outputs since ``names`` was worked out: keep what exists.
     return outputs if names.issuperset(outputs) else {k: v for k, v in outputs.items() if k in names}
-
-
-def _batch_finished(batch: list[Request]) -> None:
-    metrics.INFLIGHT_BATCHES.dec()
-    model = str(batch[0].model)
-    metrics.BATCH_SIZE.labels(model).observe(len(batch))
-    metrics.COMPUTE_SECONDS.labels(model).observe(max(r.compute_s for r in batch))
-
 

@@ -1,16 +1,20 @@
 """Turn a loaded model into one ready to serve on a device: speed options, executor, warm-up.
 
+:class:`Served` is one model as a worker serves it: the loaded model (its version included)
+and its executor, adapted to the batcher (:class:`policy_server.batcher.Executor`).
+
 Torch is imported inside the functions: this module is imported by the runtime, which the
 gunicorn master must be able to import without torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -45,27 +49,79 @@ def resolve_device(name: str, worker_index: int = 0) -> str:
 
 
 @dataclass(frozen=True)
+class SpeedOptions:
+    """Optional speed-ups, each off by default (see DEVELOPMENT.md, "Tuning")."""
+
+    autocast: str = "off"  # off, bf16, fp16: applied by the executor around each forward
+    compile: bool = False
+    quantize_int8: bool = False  # dynamic int8 for Linear layers, CPU only
+    channels_last: bool = False
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> SpeedOptions:
+        return cls(autocast=config.autocast, compile=config.compile,
+                   quantize_int8=config.quantize_int8, channels_last=config.channels_last)
+
+
+def apply_speed_options(model: LoadedModel, options: SpeedOptions) -> None:
+    """Transform the policy's module in place; only policies with a ``module`` attribute
+    (ModelError for ``quantize_int8`` off the CPU)."""
+    import torch
+
+    module = getattr(model.policy, "module", None)
+    wanted = options.compile or options.quantize_int8 or options.channels_last
+    if module is None:
+        if wanted:
+            log.warning("speed options need a policy with .module (ModulePolicy); ignored")
+        return
+    if options.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    if options.quantize_int8:
+        if model.device != "cpu":
+            raise ModelError("quantize_int8 is a CPU option")
+        module = torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+    if options.compile:
+        module = torch.compile(module, dynamic=True)
+    model.policy.module = module
+
+
+@dataclass(frozen=True)
 class Served:
-    """One model as this worker serves it."""
+    """One model as this worker serves it: what the batcher runs a batch on.
+
+    The version a batch was computed by is ``model.version``: a batch is launched and
+    finished by one ``Served``, so its answer names the version that computed it.
+    """
 
     model: LoadedModel
     executor: Any  # BatchExecutor
     since: float  # wall-clock time it started serving
     warnings: tuple[str, ...] = ()  # from the warm-up: outputs identical for every observation
 
+    @property
+    def pipelined(self) -> bool:
+        return self.executor.pipelined
+
+    def launch(self, requests: Sequence[Any]) -> Any:
+        """Start a batch of queued requests (each with ``.inputs``) on the executor."""
+        return self.executor.launch([r.inputs for r in requests])
+
+    def finish(self, handle: Any) -> tuple[list[dict[str, np.ndarray]], str]:
+        """One output dict per request, and the version that computed them."""
+        return self.executor.finish(handle), self.model.version
+
+    def as_version(self, version: str) -> Served:
+        """This validated candidate served as store version ``version``, from now."""
+        return Served(dataclasses.replace(self.model, version=version), self.executor, time.time(), self.warnings)
+
 
 def prepare(model: LoadedModel, config: ServerConfig, max_batch_size: int) -> Served:
     """Apply the speed options, make an executor, warm it up (ModelError on non-finite outputs)."""
-    from policy_server.executor import BatchExecutor, SpeedOptions, apply_speed_options
+    from policy_server.executor import BatchExecutor
 
-    options = SpeedOptions(
-        autocast=config.autocast,
-        compile=config.compile,
-        quantize_int8=config.quantize_int8,
-        channels_last=config.channels_last,
-    )
+    options = SpeedOptions.from_config(config)
     apply_speed_options(model, options)
-    executor = BatchExecutor(model, max_batch_size, options)
+    executor = BatchExecutor(model, max_batch_size, options.autocast)
     start = time.perf_counter()
     warnings = warm_up(executor, model)
     executor.on_transfer = metrics.transfer_observer(model.name)  # after warm-up: not counted
@@ -90,8 +146,7 @@ def warm_up(executor, model: LoadedModel) -> list[str]:
     seen: list[dict[str, np.ndarray]] = []
     for seed, size in enumerate(sizes):
         sample = sample_inputs(model.input_spec, batch=size, seed=seed)
-        requests = [SimpleNamespace(inputs={k: v[i] for k, v in sample.items()}) for i in range(size)]
-        rows, _ = executor.finish(executor.launch(requests))
+        rows = executor.finish(executor.launch([{k: v[i] for k, v in sample.items()} for i in range(size)]))
         for row in rows:
             for name, value in row.items():
                 if value.dtype.kind in "fc" and not np.isfinite(value).all():

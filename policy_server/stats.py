@@ -10,6 +10,7 @@ compute stages.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import resource
 import threading
@@ -18,8 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from policy_server.worker_status import WorkerStatusBoard
+
+log = logging.getLogger(__name__)
+
 WINDOW = 2048  # recent requests kept per worker
 THROUGHPUT_WINDOW_S = 10.0
+REPORT_INTERVAL_S = 1.0
 
 
 def _rss_mb() -> float:
@@ -61,6 +67,33 @@ class RequestStats:
             "pid": os.getpid(), "time": time.time(), "total": total, "failed": failed, "recent": recent,
             "cpu_percent": round(self.cpu_percent, 2), "rss_mb": round(_rss_mb(), 1),
         }
+
+
+class StatsReporter:
+    """Shares one worker's :class:`RequestStats` with its siblings: a snapshot into the run
+    directory's ``stats`` board every ``interval_s`` (a thread), and a last one at :meth:`stop`
+    (kept after the worker exits, for ``final_metrics.json``)."""
+
+    def __init__(self, stats: RequestStats, run_dir: str | None, interval_s: float = REPORT_INTERVAL_S) -> None:
+        self.stats = stats
+        self.board = WorkerStatusBoard(run_dir, "stats", prune_dead=False)
+        self.interval_s = interval_s
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        threading.Thread(target=self._report, name="policy-stats", daemon=True).start()
+
+    def stop(self) -> None:
+        """End the thread and publish the final numbers."""
+        self._stopping.set()
+        self.board.publish(self.stats.snapshot())
+
+    def _report(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            try:
+                self.board.publish(self.stats.snapshot())
+            except OSError:
+                log.exception("writing request statistics failed")
 
 
 def _spread(values_s: list[float]) -> dict[str, float | None]:
@@ -123,8 +156,6 @@ def write_final_metrics(run_dir: str, log_dir: str) -> str:
     """Write ``<log_dir>/final_metrics.json``: the summary over every worker that ever served
     (dead ones included) and the request counts by route and status. Returns the path."""
     import json
-
-    from policy_server.worker_status import WorkerStatusBoard
 
     snapshots = list(WorkerStatusBoard(run_dir, "stats", prune_dead=False).read(include_dead=True).values())
     summary = instance_summary(snapshots)

@@ -29,7 +29,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -38,7 +37,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from policy_server import model_files, weights_check
-from policy_server.errors import ModelError, ServingError, store_write_error
+from policy_server.contract import MODEL_NAME_PATTERN, check_model_name, directory_digest, require_model_dir
+from policy_server.errors import ModelError, ServingError, UnknownModel, UnknownVersion
 from policy_server.worker_status import _alive
 
 log = logging.getLogger(__name__)
@@ -47,21 +47,8 @@ POINTER = "CURRENT"
 VERSIONS = "versions"
 STAGING = ".staging"
 LOCK = ".lock"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 STALE_STAGING_S = 3600.0
 _HOST = socket.gethostname().replace("-", "_")[:64] or "host"
-
-
-class UnknownModel(ServingError):
-    status, error = 404, "unknown model"
-
-
-class UnknownVersion(ServingError):
-    status, error = 404, "unknown version"
-
-
-class InvalidModelName(ServingError):
-    status, error = 400, "bad request"
 
 
 @dataclass(frozen=True)
@@ -89,44 +76,6 @@ class Pointer:
         return data
 
 
-def check_name(name: str) -> str:
-    """Model names are path components: letters, digits, ``_.-``, at most 64, no leading dot."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise InvalidModelName(f"model name must match {NAME_PATTERN.pattern}")
-    return name
-
-
-def _fsync_tree(path: str) -> None:
-    for root, dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        for name in dirs:
-            _fsync_dir(os.path.join(root, name))
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _writing(doing: str) -> Iterator[None]:
-    """Turn an OSError while writing the store into its answer (507 or 500, naming the reason)."""
-    try:
-        yield
-    except OSError as exc:
-        log.error("model store: %s failed: %s", doing, exc)
-        raise store_write_error(exc, doing) from None
-
-
 class ModelStore:
     """Numbered versions and a current pointer per model, under ``root``; keeps the last ``keep``
     and always the current and previous version (see :meth:`_to_keep`).
@@ -142,8 +91,7 @@ class ModelStore:
         self.root = os.path.abspath(root)
         self.keep = keep
         self.model_root = os.path.realpath(model_root) if model_root else None
-        self.limits = limits or model_files.Limits()
-        os.makedirs(self.root, exist_ok=True)
+        self.limits = limits or model_files.Limits()  # ``root`` is created by the first write
 
     # -- reading (cheap: workers poll these) ---------------------------------------------
 
@@ -153,7 +101,7 @@ class ModelStore:
             entries = os.listdir(self.root)
         except FileNotFoundError:
             return []
-        return sorted(n for n in entries if NAME_PATTERN.fullmatch(n) and os.path.isfile(self._path(n, POINTER)))
+        return sorted(n for n in entries if MODEL_NAME_PATTERN.fullmatch(n) and os.path.isfile(self._path(n, POINTER)))
 
     def read_pointer_bytes(self, name: str) -> bytes | None:
         """The raw pointer, or None. Opening the file (not a cached stat) is what NFS makes consistent."""
@@ -164,7 +112,7 @@ class ModelStore:
             return None
 
     def pointer(self, name: str) -> Pointer | None:
-        raw = self.read_pointer_bytes(check_name(name))
+        raw = self.read_pointer_bytes(check_model_name(name))
         return None if raw is None else Pointer(**json.loads(raw))
 
     def require(self, name: str) -> Pointer:
@@ -188,8 +136,8 @@ class ModelStore:
         confined to ``root`` (default: ``source_dir`` itself), see :func:`model_files.copy_tree`.
         Publish or :meth:`discard` it. Raises Forbidden, InvalidModel, PayloadTooLarge for the
         source, InsufficientStorage or StoreWriteFailed when the copy cannot be written."""
-        staging = self._path(check_name(name), STAGING)
-        with _writing("creating the staging directory"):
+        staging = self._path(check_model_name(name), STAGING)
+        with model_files.writing("creating the staging directory"):
             os.makedirs(staging, exist_ok=True)
             self._clean_stale(staging)
             path = tempfile.mkdtemp(prefix=f"candidate-{os.getpid()}@{_HOST}-", dir=staging)
@@ -212,26 +160,26 @@ class ModelStore:
         unchanged (InsufficientStorage or StoreWriteFailed for an I/O failure).
         """
         try:
-            with _writing("syncing the staged version to disk"):
-                _fsync_tree(staged_dir)
-            with self._locked(check_name(name)):
+            with model_files.writing("syncing the staged version to disk"):
+                model_files.fsync_tree(staged_dir)
+            with self._locked(check_model_name(name)):
                 return self._commit(name, staged_dir, seed_digest)
         finally:
             self.discard(staged_dir)  # already renamed away when published
 
     def _commit(self, name: str, staged_dir: str, seed_digest: str | None) -> Pointer:
-        digest = model_files.digest(staged_dir)
+        digest = directory_digest(staged_dir)
         old = self.pointer(name)
         visible = self._visible(old, self._on_disk(name))
         self._remove_leftovers(name, old, visible)
         version = max(self._on_disk(name) + visible + [old.version if old else 0]) + 1
         target = self.version_dir(name, version)
-        with _writing("writing the new version"):
+        with model_files.writing("writing the new version"):
             os.makedirs(self._path(name, VERSIONS), exist_ok=True)
             os.rename(staged_dir, target)
         try:
-            with _writing("writing the new version"):
-                _fsync_dir(os.path.dirname(target))
+            with model_files.writing("writing the new version"):
+                model_files.fsync_dir(os.path.dirname(target))
             kept = self._to_keep(visible, version, old.version if old else None)
             pointer = Pointer(
                 model=name,
@@ -244,7 +192,7 @@ class ModelStore:
                 seed_digest=seed_digest if seed_digest is not None else (old.seed_digest if old else None),
                 kept=tuple(kept),
             )
-            with _writing("writing the pointer"):
+            with model_files.writing("writing the pointer"):
                 self._write_pointer(pointer)
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)  # never visible: the pointer does not list it
@@ -277,11 +225,11 @@ class ModelStore:
                 previous=old.version,
                 generation=old.generation + 1,
                 loaded=True,
-                digest=model_files.digest(self.version_dir(name, version)),
+                digest=directory_digest(self.version_dir(name, version)),
                 changed_at=time.time(),
                 kept=tuple(kept),
             )
-            with _writing("writing the pointer"):
+            with model_files.writing("writing the pointer"):
                 self._write_pointer(pointer)
         log.info("%s now points at version %d (was %d)", name, version, old.version)
         return pointer
@@ -294,7 +242,7 @@ class ModelStore:
             if old.loaded == loaded:
                 return old
             pointer = dataclasses.replace(old, loaded=loaded, generation=old.generation + 1, changed_at=time.time())
-            with _writing("writing the pointer"):
+            with model_files.writing("writing the pointer"):
                 self._write_pointer(pointer)
         return pointer
 
@@ -315,15 +263,14 @@ class ModelStore:
         a publish that crashed are removed first (:meth:`recover`). ModelError when the seed is
         not a model directory, leaves its root, or holds non-finite weights.
         """
-        if not os.path.isfile(os.path.join(model_dir, "policy.py")):
-            raise ModelError(f"{model_dir} is not a model directory (no policy.py)")
+        require_model_dir(model_dir)
         self.recover()
         root = self.seed_root(model_dir)
         try:
-            digest = model_files.digest(model_dir, root, limits=self.limits)
+            digest = directory_digest(model_dir, root, limits=self.limits)
         except ServingError as exc:
             raise ModelError(f"seed {model_dir}: {exc.detail}") from None
-        pointer = self.pointer(check_name(name))
+        pointer = self.pointer(check_model_name(name))
         if pointer is not None and pointer.seed_digest == digest:
             return pointer
         with self._locked(name):  # another worker or instance may seed it too
@@ -334,9 +281,9 @@ class ModelStore:
                 staged = self.stage(name, model_dir, root=root)
                 try:
                     weights_check.check_directory(staged)
-                    with _writing("syncing the staged version to disk"):
-                        _fsync_tree(staged)
-                    return self._commit(name, staged, model_files.digest(staged))
+                    with model_files.writing("syncing the staged version to disk"):
+                        model_files.fsync_tree(staged)
+                    return self._commit(name, staged, directory_digest(staged))
                 finally:
                     self.discard(staged)
             except ServingError as exc:
@@ -352,7 +299,7 @@ class ModelStore:
         except OSError:
             return removed
         for name in entries:
-            if not NAME_PATTERN.fullmatch(name) or not os.path.isdir(self._path(name)):
+            if not MODEL_NAME_PATTERN.fullmatch(name) or not os.path.isdir(self._path(name)):
                 continue
             try:
                 with self._locked(name):
@@ -414,7 +361,7 @@ class ModelStore:
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:
-        with _writing("taking the store lock"):
+        with model_files.writing("taking the store lock"):
             os.makedirs(self._path(name), exist_ok=True)
             fd = os.open(self._path(name, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -424,23 +371,8 @@ class ModelStore:
             os.close(fd)  # releases the lock
 
     def _write_pointer(self, pointer: Pointer) -> None:
-        directory = self._path(pointer.model)
-        fd, tmp = tempfile.mkstemp(prefix=".CURRENT-", dir=directory)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(pointer.to_json(), fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self._path(pointer.model, POINTER))
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        try:  # past the replace the new pointer is live: failing now would disown a served version
-            _fsync_dir(directory)
-        except OSError as exc:
-            log.warning("the new pointer of %s is live but its directory entry may not be on disk: %s",
-                        pointer.model, exc)
+        data = json.dumps(pointer.to_json()).encode()
+        model_files.replace_durably(self._path(pointer.model, POINTER), data, temp_prefix=f".{POINTER}-")
 
     @staticmethod
     def _clean_stale(staging: str) -> list[str]:

@@ -1,24 +1,24 @@
-"""HTTP plumbing shared by the routes: API-key checks, body reading, responses, error handlers."""
+"""HTTP plumbing shared by the routes: body reading, responses, error handlers.
+
+Who may call a route (the API and admin keys) is :mod:`policy_server.access`.
+"""
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
-from collections.abc import Iterable
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, InternalServerError
 
 from binary_protocol import ProtocolError, binary_to_dict
-from policy_server.batcher import DeadlineExceeded
 from policy_server.errors import (
     BadRequest,
+    DeadlineExceeded,
     LengthRequired,
     PayloadTooLarge,
     ServingError,
-    Unauthorized,
     UnsupportedMediaType,
 )
 from policy_server.front_door_http import ARRIVED
@@ -28,26 +28,12 @@ log = logging.getLogger(__name__)
 BINARY_MIMETYPE = "application/octet-stream"
 
 
-def check_keys(
-    api_key: str | None, admin_key: str | None, open_endpoints: Iterable[str], admin_endpoints: Iterable[str]
-) -> None:
-    """Raise Unauthorized unless the request carries the key its route needs (constant-time).
+class PolicyFlask(Flask):
+    """Flask, with an unhandled error logged once: by the InternalServerError handler that
+    :func:`register_error_handlers` installs, not also by Flask before it."""
 
-    Open routes need none; admin routes need ``X-Admin-Key`` when an admin key is set;
-    every other route (and admin routes without an admin key) needs ``X-API-Key`` when set.
-    """
-    if request.endpoint in open_endpoints:
-        return
-    if admin_key is not None and request.endpoint in admin_endpoints:
-        _compare("X-Admin-Key", admin_key)
-    elif api_key is not None:
-        _compare("X-API-Key", api_key)
-
-
-def _compare(header: str, expected: str) -> None:
-    provided = request.headers.get(header, "")
-    if not hmac.compare_digest(provided.encode(), expected.encode()):
-        raise Unauthorized(f"missing or wrong {header}")
+    def log_exception(self, exc_info) -> None:
+        """Nothing here: ``register_error_handlers`` logs the error with its traceback."""
 
 
 def read_body(max_bytes: int) -> bytes:
@@ -186,7 +172,10 @@ def error_response(status: int, error: str, detail: str = "", headers=None) -> R
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Known errors become their status with JSON; anything else a logged, generic 500."""
+    """Known errors become their status with JSON; anything else a logged, generic 500.
+
+    Pair it with :class:`PolicyFlask`, which leaves the logging of unhandled errors to it.
+    """
 
     @app.errorhandler(ServingError)
     def _serving_error(exc: ServingError):
@@ -202,7 +191,8 @@ def register_error_handlers(app: Flask) -> None:
         headers.pop("Content-Type", None)
         return error_response(exc.code or 500, (exc.name or "error").lower(), exc.description or "", headers)
 
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.path)
+    @app.errorhandler(InternalServerError)  # Flask wraps every unhandled exception in one
+    def _unexpected(exc: InternalServerError):
+        if exc.original_exception is not None:
+            log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc.original_exception)
         return error_response(500, "internal server error", "see the server log")

@@ -63,10 +63,7 @@ class FakePolicy:
 
 def run_in_process(model, observations):
     """Outputs of ``model`` (a LoadedModel) for ``observations``, as one in-process batch."""
-    from types import SimpleNamespace
-
     from policy_server.executor import BatchExecutor
 
     executor = BatchExecutor(model, max_batch_size=len(observations))
-    rows, _ = executor.finish(executor.launch([SimpleNamespace(inputs=o) for o in observations]))
-    return rows
+    return executor.finish(executor.launch(observations))

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from policy_server.batcher import Batcher, DeadlineExceeded, QueueFull
-from policy_server.errors import InferenceFailed, NotReady
+from policy_server.batcher import Batcher
+from policy_server.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
 
 
 class GatedExecutor:
@@ -290,7 +290,7 @@ def test_requests_for_different_models_never_share_a_batch(make_batcher):
 
 
 def test_a_model_gone_between_submit_and_launch_fails_only_its_batch():
-    from policy_server.store import UnknownModel
+    from policy_server.errors import UnknownModel
 
     def executor_for(request):
         if request.model == "gone":
@@ -305,3 +305,26 @@ def test_a_model_gone_between_submit_and_launch_fails_only_its_batch():
         batcher.wait(gone)
     assert batcher.wait(kept)[1] == "v1"
     batcher.stop(5)
+
+
+@pytest.mark.parametrize("hook", ["launched", "finished"])
+def test_an_observer_that_raises_never_stops_the_batcher(make_batcher, caplog, hook):
+    """A metrics hook that raises is logged; the batch is answered and the thread serves on."""
+
+    class Broken:
+        def launched(self, batch):
+            if hook == "launched":
+                raise RuntimeError("observer broke on launched")
+
+        def finished(self, batch):
+            if hook == "finished":
+                raise RuntimeError("observer broke on finished")
+
+    batcher, executor = make_batcher(observer=Broken(), max_batch_size=4)
+    for value in (1.0, 2.0, 3.0):
+        outputs, version = batcher.wait(batcher.submit(obs(value), later()))
+        np.testing.assert_array_equal(outputs["y"], np.full(2, 2 * value, np.float32))
+        assert version == "v1"
+    assert batcher._thread.is_alive()
+    assert executor.batches == [[1.0], [2.0], [3.0]]
+    assert f"observer broke on {hook}" in caplog.text

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from policy_server.contract import TensorSpec
-from policy_server.executor import BatchExecutor, SpeedOptions, apply_speed_options
+from policy_server.executor import BatchExecutor
 from policy_server.launcher import ROOT
 from policy_server.model_loader import describe, load_model_dir
+from policy_server.serving_model import Served, SpeedOptions, apply_speed_options
 from policy_server.tensors import sample_inputs
 from tests.fakes import run_in_process
 
@@ -30,14 +30,14 @@ class EchoPolicy:
         return {"x": batch["x"]}
 
 
-def requests(values):
-    return [SimpleNamespace(inputs={"x": np.full(3, v, np.float32)}) for v in values]
+def rows_of(values):
+    return [{"x": np.full(3, v, np.float32)} for v in values]
 
 
 def test_outputs_that_alias_staging_survive_the_next_batch():
     executor = BatchExecutor(describe(EchoPolicy(), name="echo", version="1", device="cpu"), max_batch_size=4)
-    first, _ = executor.finish(executor.launch(requests([1.0, 2.0])))
-    executor.finish(executor.launch(requests([7.0, 8.0])))
+    first = executor.finish(executor.launch(rows_of([1.0, 2.0])))
+    executor.finish(executor.launch(rows_of([7.0, 8.0])))
     assert [row["x"][0] for row in first] == [1.0, 2.0]
 
 
@@ -45,7 +45,7 @@ def test_staging_is_reused_not_reallocated():
     executor = BatchExecutor(describe(EchoPolicy(), name="echo", version="1", device="cpu"), max_batch_size=4)
     buffer = executor.slots[0].host_in["x"]
     for values in ([1.0], [2.0, 3.0, 4.0]):
-        executor.finish(executor.launch(requests(values)))
+        executor.finish(executor.launch(rows_of(values)))
         assert executor.slots[0].host_in["x"] is buffer
     np.testing.assert_array_equal(buffer[:3, 0].numpy(), [2.0, 3.0, 4.0])
 
@@ -57,7 +57,7 @@ def test_wrong_output_shape_is_a_model_error_not_a_broadcast():
 
     executor = BatchExecutor(describe(Wrong(), name="w", version="1", device="cpu"), max_batch_size=2)
     with pytest.raises(Exception, match=r"spec says \[1, 3\]"):
-        executor.finish(executor.launch(requests([1.0])))
+        executor.finish(executor.launch(rows_of([1.0])))
 
 
 @pytest.mark.parametrize("options", [SpeedOptions(channels_last=True), SpeedOptions(quantize_int8=True),
@@ -66,11 +66,11 @@ def test_speed_options_keep_outputs_close_on_cpu(options):
     reference = load_model_dir(DEFAULT, "cpu")
     tuned = load_model_dir(DEFAULT, "cpu")
     apply_speed_options(tuned, options)
-    executor = BatchExecutor(tuned, max_batch_size=4, options=options)
+    executor = BatchExecutor(tuned, max_batch_size=4, autocast=options.autocast)
     sample = sample_inputs(reference.input_spec, batch=4, seed=9)
     observations = [{k: v[i] for k, v in sample.items()} for i in range(4)]
     want = np.stack([r["action"] for r in run_in_process(reference, observations)])
-    rows, _ = executor.finish(executor.launch([SimpleNamespace(inputs=o) for o in observations]))
+    rows = executor.finish(executor.launch(observations))
     got = np.stack([r["action"] for r in rows])
     assert got.dtype == np.float32
     error = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -113,7 +113,8 @@ def test_gpu_pipelined_batches_under_concurrent_load_are_each_right():
 
     cpu = load_model_dir(DEFAULT, "cpu")
     cuda = load_model_dir(DEFAULT, "cuda:0")
-    batcher = Batcher(BatchExecutor(cuda, max_batch_size=8), max_batch_size=8, queue_size=1024)
+    served = Served(cuda, BatchExecutor(cuda, max_batch_size=8), since=0.0)
+    batcher = Batcher(served, max_batch_size=8, queue_size=1024)
     batcher.start()
     rng = np.random.default_rng(0)
     observations = [
@@ -152,8 +153,7 @@ def test_gpu_transfer_times_are_reported_per_batch():
     executor.on_transfer = lambda h2d, d2h: seen.append((h2d, d2h))
     sample = sample_inputs(model.input_spec, batch=4, seed=2)
     for rows in (1, 4, 2):
-        executor.finish(executor.launch([SimpleNamespace(inputs={k: v[i] for k, v in sample.items()})
-                                         for i in range(rows)]))
+        executor.finish(executor.launch([{k: v[i] for k, v in sample.items()} for i in range(rows)]))
     assert len(seen) == 3
     # an image row is 0.9 MB: no copy takes zero time, and none takes a second
     assert all(0.0 < h2d < 1.0 and 0.0 < d2h < 1.0 for h2d, d2h in seen), seen
@@ -162,4 +162,4 @@ def test_gpu_transfer_times_are_reported_per_batch():
 def test_cpu_batches_report_no_transfers():
     executor = BatchExecutor(describe(EchoPolicy(), name="echo", version="1", device="cpu"), max_batch_size=2)
     executor.on_transfer = lambda *times: pytest.fail(f"CPU batch reported transfers {times}")
-    executor.finish(executor.launch(requests([1.0])))
+    executor.finish(executor.launch(rows_of([1.0])))

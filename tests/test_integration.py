@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from binary_protocol import dict_to_binary
-from policy_server.contract import TensorSpec
-from policy_server.model_loader import directory_digest, load_model_dir
+from policy_server.contract import TensorSpec, directory_digest
+from policy_server.model_loader import load_model_dir
 from policy_server.tensors import sample_inputs
 from request_tools import ObservationSpecError, PolicyClient, PolicyServerError, send_inference_request
 from tests.fakes import run_in_process

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from policy_server.contract import directory_digest
 from policy_server.errors import Forbidden, InvalidModel, PayloadTooLarge, StoreWriteFailed
 from policy_server.model_files import Limits, copy_tree, digest
-from policy_server.model_loader import directory_digest
 from tests.tiny_model import write_tiny_model
 
 

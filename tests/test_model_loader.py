@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from policy_server.config import ServerConfig
+from policy_server.contract import directory_digest
 from policy_server.errors import ModelError
 from policy_server.launcher import ROOT
-from policy_server.model_loader import directory_digest, load_model_dir
+from policy_server.model_loader import load_model_dir
 from policy_server.runtime import PolicyRuntime
 from policy_server.tensors import sample_inputs
 from tests.fakes import FakePolicy, run_in_process

@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 from binary_protocol import dict_to_binary
 from policy_server.launcher import ROOT
 from policy_server.store import ModelStore
-from tests.test_lifecycle import BINARY, app, client, infer, make_store_app, push, root  # noqa: F401 (fixtures)
+from tests.test_model_admin import BINARY, app, client, infer, make_store_app, push, root  # noqa: F401 (fixtures)
 from tests.tiny_model import POLICY, tiny_weights, write_tiny_model
 
 CANARY_CODE = "open({path!r}, 'w').write('ran')\n"
@@ -492,7 +492,7 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, root
     newer, which is not lagging."""
     from types import SimpleNamespace
 
-    from policy_server.lifecycle import ModelManager
+    from policy_server.model_admin import ModelAdmin
 
     store = ModelStore(str(tmp_path / "store"))
     first = store.publish("default", store.stage("default", str(root / "tiny")))
@@ -504,7 +504,7 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, root
 
     docs = {101: doc(2, 2), 102: doc(1, 1), 103: doc(0, 2, problem="version 2: broken")}
     runtime = SimpleNamespace(board=SimpleNamespace(read=lambda: docs), instance_workers=3, store=store)
-    manager = ModelManager(SimpleNamespace(model_root=str(root), update_wait_s=1.0), runtime)
+    manager = ModelAdmin(SimpleNamespace(model_root=str(root), update_wait_s=1.0), runtime)
     answer = manager.wait_for(first, 0.0)
     assert [w["ok"] for w in answer["workers"]] == [True, True, False]
     assert answer["lagging"] == [103] and answer["all_workers"] is False  # 103 failed the newer one
@@ -525,12 +525,12 @@ def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(app, client, ca
     runtime = app.extensions["policy_runtime"]
     current = runtime.store.pointer("default")
     pruned = dataclasses.replace(current, version=99, generation=current.generation - 1)
-    with caplog.at_level("INFO", logger="policy_server.runtime"):
-        runtime._follow(pruned)
+    with caplog.at_level("INFO", logger="policy_server.store_follower"):
+        runtime.follower._follow(pruned)
     assert "default" not in runtime.problems()
     assert "pruned by a later update" in caplog.text and "failed" not in caplog.text
     deadline = time.monotonic() + 5
-    while runtime._generations.get("default") != current.generation and time.monotonic() < deadline:
+    while runtime.follower.generations.get("default") != current.generation and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert runtime._generations["default"] == current.generation
+    assert runtime.follower.generations["default"] == current.generation
     assert infer(client)[:2] == ("1", 1.0)

@@ -20,7 +20,7 @@ from policy_server.store import ModelStore
 from request_tools import PolicyClient, PolicyServerError
 from tests.fakes import fake_observation
 from tests.serving import run_server
-from tests.test_lifecycle import root  # noqa: F401 (fixture)
+from tests.test_model_admin import root  # noqa: F401 (fixture)
 from tests.test_safe_updates import CANARY_CODE
 from tests.tiny_model import POLICY, tiny_weights, write_tiny_model
 

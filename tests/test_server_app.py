@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 
@@ -170,6 +171,37 @@ def test_failed_load_keeps_ready_503_with_a_pointer_to_the_log(tmp_path):
     assert_error(client.get("/ready"), 503, "failed to load", "log")
     assert str(tmp_path) not in client.get("/ready").get_data(as_text=True)
     assert client.get("/health").status_code == 200
+
+
+def test_health_is_503_once_the_batcher_thread_is_gone(monkeypatch):
+    app = create_app(ServerConfig(), policy=FakePolicy())
+    runtime = app.extensions["policy_runtime"]
+    monkeypatch.setattr(runtime.batcher, "run", lambda: None)  # the loop ends while serving
+    runtime.start(block=True)
+    runtime._thread.join(5)
+    client = app.test_client()
+    assert_error(client.get("/health"), 503, "unhealthy", "batcher thread ended")
+    assert client.get("/ready").status_code == 200  # the model is loaded: only liveness fails
+
+
+def test_health_stays_200_while_the_worker_stops():
+    app = create_app(ServerConfig(), policy=FakePolicy())
+    runtime = app.extensions["policy_runtime"]
+    runtime.start(block=True)
+    runtime.stop(5)
+    runtime._thread.join(5)
+    assert not runtime._thread.is_alive()
+    assert app.test_client().get("/health").get_json() == {"status": "ok"}
+
+
+def test_building_the_app_creates_no_model_store(tmp_path, monkeypatch):
+    """The store directory appears with the first write (a worker's seed), not at import or build."""
+    monkeypatch.chdir(tmp_path)
+    config = ServerConfig()
+    assert config.model_store and not os.path.isabs(config.model_store)  # relative to the cwd
+    create_app(config)
+    create_app(ServerConfig(model_store=str(tmp_path / "elsewhere" / "store")))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_first_request_starts_loading_without_the_gunicorn_hook():

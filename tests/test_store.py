@@ -13,10 +13,18 @@ import threading
 
 import pytest
 
+from policy_server import model_files
 from policy_server import store as store_module
-from policy_server.errors import InsufficientStorage, ModelError, StoreWriteFailed
-from policy_server.model_loader import directory_digest
-from policy_server.store import InvalidModelName, ModelStore, UnknownModel, UnknownVersion, check_name
+from policy_server.contract import check_model_name, directory_digest
+from policy_server.errors import (
+    InsufficientStorage,
+    InvalidModelName,
+    ModelError,
+    StoreWriteFailed,
+    UnknownModel,
+    UnknownVersion,
+)
+from policy_server.store import ModelStore
 from tests.tiny_model import tiny_weights, write_tiny_model
 
 
@@ -144,11 +152,11 @@ def test_load_flag_changes_the_generation(tmp_path, source):
 @pytest.mark.parametrize("name", ["", ".hidden", "../x", "a/b", "x" * 65, "tab\t", "ümlaut", None, 3])
 def test_model_names_are_safe_path_components(name):
     with pytest.raises(InvalidModelName):
-        check_name(name)
+        check_model_name(name)
 
 
 def test_good_names_pass():
-    assert check_name("default") == "default" and check_name("act-v2.1_b") == "act-v2.1_b"
+    assert check_model_name("default") == "default" and check_model_name("act-v2.1_b") == "act-v2.1_b"
 
 
 # -- issue 12: a version is visible only once durably written; failures are clean ---------
@@ -188,8 +196,8 @@ def test_other_io_failures_are_500_naming_the_reason(tmp_path, source, monkeypat
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(store_module.os if step == "rename" else store_module, "rename" if step == "rename"
-                        else "_fsync_tree", read_only)
+    monkeypatch.setattr(store_module.os if step == "rename" else model_files, "rename" if step == "rename"
+                        else "fsync_tree", read_only)
     with pytest.raises(StoreWriteFailed, match=r"Read-only file system \(EROFS\)") as refused:
         store.publish("m", staged)
     assert refused.value.status == 500 and "nothing was published" in refused.value.detail

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from binary_protocol import binary_to_dict, dict_to_binary
-from policy_server.batcher import QueueFull
 from policy_server.contract import TensorSpec, rtc_specs
-from policy_server.errors import PayloadTooLarge
+from policy_server.errors import PayloadTooLarge, QueueFull
 from policy_server.launcher import ROOT
 from policy_server.model_loader import load_model_dir
 from policy_server.tensors import parse_batch_rows

@@ -1,4 +1,4 @@
-"""A tiny model directory for lifecycle tests: every action equals the weights' tag.
+"""A tiny model directory for model admin tests: every action equals the weights' tag.
 
 ``write_tiny_model(path, tag)`` writes ``policy.py`` and ``model.safetensors`` whose
 output is ``tag`` everywhere (zero weight, bias = tag), so an answer proves which

@@ -5,8 +5,11 @@ confined to the model root: see :mod:`policy_server.model_files`), its weights c
 (:mod:`policy_server.weights_check`: well-formed, finite) before any of its code runs, then
 loaded and warmed up on this worker's device (strict weights, finite outputs on several
 distinct observations), and only then published: a failed check publishes nothing, and
-every worker keeps serving what it served. Publishing moves the pointer; each worker's
-store watcher does the rest (see :mod:`policy_server.runtime`). The answer comes once every
+every worker keeps serving what it served. The validated candidate is handed over
+explicitly (:meth:`StoreFollower.validate` returns it; once published,
+:meth:`StoreFollower.adopt` serves it here without loading it again). Publishing moves the
+pointer; every other worker's store watcher does the rest (see
+:mod:`policy_server.store_follower`). The answer comes once every
 worker of this instance acted on the new pointer (``wait_s``, default ``--update-wait-s``),
 or says which did not; ``wait_s=0`` answers right after publishing.
 """
@@ -21,6 +24,7 @@ from typing import Any
 
 from policy_server import metrics, model_files, weights_check
 from policy_server.config import ServerConfig
+from policy_server.contract import WEIGHTS_FILE, check_model_name, require_model_dir
 from policy_server.errors import (
     BadRequest,
     Conflict,
@@ -31,15 +35,16 @@ from policy_server.errors import (
     ServingError,
 )
 from policy_server.runtime import PolicyRuntime
-from policy_server.store import ModelStore, Pointer, check_name
+from policy_server.store import ModelStore, Pointer
+from policy_server.store_follower import StoreFollower
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "model.safetensors"  # what a weights push replaces (see the models/ contract)
 MAX_WAIT_S = 300.0
 WAIT_POLL_S = 0.02
 UPDATE_KINDS = ("model_path", "weights", "version")
 UPDATE_KEYS = frozenset(UPDATE_KINDS) | {"model"}
+NO_STORE = "this server serves a fixed policy object; hot reload needs a model store"
 
 
 def _without_paths(text: str, names: dict[str, str]) -> str:
@@ -55,7 +60,7 @@ def _without_paths(text: str, names: dict[str, str]) -> str:
     return text
 
 
-class ModelManager:
+class ModelAdmin:
     """Updates, rollbacks, loads and unloads, as seen from the worker that received them."""
 
     def __init__(self, config: ServerConfig, runtime: PolicyRuntime) -> None:
@@ -66,8 +71,15 @@ class ModelManager:
     @property
     def store(self) -> ModelStore:
         if self.runtime.store is None:
-            raise Conflict("this server serves a fixed policy object; hot reload needs a model store")
+            raise Conflict(NO_STORE)
         return self.runtime.store
+
+    @property
+    def follower(self) -> StoreFollower:
+        """This worker's store follower: it validates candidates and adopts published ones."""
+        if self.runtime.follower is None:
+            raise Conflict(NO_STORE)
+        return self.runtime.follower
 
     # -- commands -------------------------------------------------------------------
 
@@ -75,11 +87,13 @@ class ModelManager:
         """Publish a new version (``model_path`` or ``weights``) or roll back (``version``)."""
         unknown = sorted(set(body) - UPDATE_KEYS)
         if unknown:
-            raise BadRequest(f"unknown field {unknown[0]!r}; expected one of {list(UPDATE_KINDS)} and optionally 'model'")
+            raise BadRequest(
+                f"unknown field {unknown[0]!r}; expected one of {list(UPDATE_KINDS)} and optionally 'model'"
+            )
         kinds = [k for k in UPDATE_KINDS if k in body]
         if len(kinds) != 1:
             raise BadRequest(f"give exactly one of {list(UPDATE_KINDS)}")
-        name = check_name(body.get("model", self.runtime.default_name))
+        name = check_model_name(body.get("model", self.runtime.default_name))
         store = self.store
         warnings: list[str] = []
         if kinds[0] == "version":
@@ -102,7 +116,7 @@ class ModelManager:
 
     def load(self, name: str, body: Mapping[str, Any], wait_s: float | None) -> dict[str, Any]:
         """Serve ``name`` on every worker: from a new ``model_path``, or its kept current version."""
-        check_name(name)
+        check_model_name(name)
         if body:
             if "model" in body and body["model"] != name:
                 raise BadRequest("the body names another model than the URL")
@@ -111,7 +125,7 @@ class ModelManager:
 
     def unload(self, name: str, wait_s: float | None) -> dict[str, Any]:
         """Stop serving ``name`` on every worker; its versions stay in the store."""
-        if check_name(name) == self.runtime.default_name:
+        if check_model_name(name) == self.runtime.default_name:
             raise Conflict("the default model cannot be unloaded")
         return self.answer(self.store.set_loaded(name, False), wait_s)
 
@@ -131,9 +145,7 @@ class ModelManager:
             raise InvalidModel(f"{raw[:200]!r} is not a model directory: {exc.strerror}") from None
         if os.path.commonpath([self.model_root, path]) != self.model_root or path == self.model_root:
             raise Forbidden("model_path must be a directory inside the model root (--model-root)")
-        if not os.path.isfile(os.path.join(path, "policy.py")):
-            raise InvalidModel(f"{raw!r} is not a model directory (no policy.py)")
-        return path
+        return require_model_dir(path, shown=repr(raw))
 
     def _stage_weights(self, store: ModelStore, name: str, weights: Any) -> str:
         """The current version's directory with ``weights`` (checked: keys, dtype, shape, finite)
@@ -167,8 +179,8 @@ class ModelManager:
         start = time.perf_counter()
         try:
             weights_check.check_directory(staged)  # before any of its code runs
-            _model, warnings = self.runtime.validate_candidate(name, staged)
-        except Exception as exc:
+            candidate = self.follower.validate(name, staged)
+        except Exception as exc:  # noqa: BLE001 (the model's own code may raise anything: refused, not a 500)
             self.store.discard(staged)
             log.warning("update of %s refused: %s: %s", name, type(exc).__name__, exc)
             reason = exc.detail if isinstance(exc, ServingError) else f"{type(exc).__name__}: {exc}"
@@ -177,11 +189,13 @@ class ModelManager:
             raise InvalidModel(f"validation failed, nothing published: {reason}") from None
         validated = time.perf_counter()
         pointer = self.store.publish(name, staged)
+        adopted = self.follower.adopt(candidate, pointer)
         log.info(
-            "update of %s: version %d published (validation %.3f s, publish %.3f s)",
+            "update of %s: version %d published (validation %.3f s, publish %.3f s)%s",
             name, pointer.version, validated - start, time.perf_counter() - validated,
+            ", served here" if adopted else "",
         )
-        return pointer, warnings
+        return pointer, candidate.warnings
 
     # -- answers --------------------------------------------------------------------
 
@@ -216,7 +230,10 @@ class ModelManager:
         for pid, doc in sorted(workers.items()):
             served = doc.get("models", {}).get(pointer.model)
             problem = doc.get("problems", {}).get(pointer.model)
-            ok = (served is not None and served["version"] == str(pointer.version)) if pointer.loaded else served is None
+            if pointer.loaded:
+                ok = served is not None and served["version"] == str(pointer.version)
+            else:
+                ok = served is None
             if ok and served is not None:
                 switch_s = max(switch_s, served["since"] - pointer.changed_at)
             newer = doc.get("generations", {}).get(pointer.model, 0) > pointer.generation

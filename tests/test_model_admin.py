@@ -317,9 +317,9 @@ def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(client, app)
     with open(os.path.join(staged, "raise_on_load"), "w") as fh:
         fh.write("1")
     pointer = store.publish("default", staged)  # bypasses validation, as a bad manual copy would
-    from policy_server.lifecycle import ModelManager
+    from policy_server.model_admin import ModelAdmin
 
-    report = ModelManager(runtime.config, runtime).wait_for(pointer, 5)
+    report = ModelAdmin(runtime.config, runtime).wait_for(pointer, 5)
     assert report["all_workers"] is False and "refuses to load" in report["workers"][0]["problem"]
     assert infer(client)[:2] == ("1", 1.0)
     states = {m["name"]: m for m in client.get("/models").get_json()["models"]}
