@@ -47,6 +47,11 @@ _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [] if _config.uds_only else [f"{_host}:{_config.port}"]
 if _config.uds:  # a Unix domain socket, as well as or instead of TCP (any worker class)
     bind.append(f"unix:{_config.uds}")
+if _config.tls:  # HTTPS on the TCP listeners, with gunicorn's own settings (the front door does the handshake)
+    certfile = _config.certfile
+    keyfile = _config.keyfile
+    ca_certs = _config.ca_certs
+    cert_reqs = _config.cert_reqs_flag()
 workers = _config.workers
 # gthread, with whole requests read by the poller before a thread sees them (DEVELOPMENT.md, "Front door")
 worker_class = "policy_server.front_door.FrontDoorWorker"
@@ -74,6 +79,14 @@ def when_ready(server):
     if _config.uds:
         os.chmod(_config.uds, _config.uds_file_mode())
         server.log.info("unix socket %s mode %s", _config.uds, _config.uds_mode)
+
+
+def ssl_context(conf, default_ssl_context_factory):
+    """gunicorn's context (certfile, keyfile, ca_certs, cert_reqs), refusing TLS older than
+    ``tls_min_version`` (gunicorn has no setting of its own for that)."""
+    context = default_ssl_context_factory()
+    context.minimum_version = _config.tls_minimum_version()
+    return context
 
 
 def child_exit(server, worker):

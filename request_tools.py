@@ -80,20 +80,24 @@ def send_inference_request(
     api_key: str | None = None,
     session: requests.Session | None = None,
     retries: int = DEFAULT_RETRIES,
+    verify: bool | str = True,
 ) -> dict:
     """Send one observation to ``url`` (the /infer endpoint) and return the decoded outputs.
 
     Without ``session``, a keep-alive session kept per thread is reused across calls.
+    ``verify``: for ``https://`` URLs, the CA bundle (PEM path) the server's certificate is
+    checked against, True for the system's, False for no check (tests only).
 
     Raises:
         PolicyServerError: the server answered 4xx/5xx.
         PolicyTimeoutError: no answer within ``timeout_s``.
-        PolicyConnectionError: no connection after ``retries`` retries.
+        PolicyConnectionError: no connection after ``retries`` retries, or TLS failed (a
+            certificate not trusted: not retried).
         binary_protocol.ProtocolError: ``data`` holds something the wire format cannot carry.
     """
     body = dict_to_binary(dict(data))
     response = transport.request(
         session or _thread_session(), "POST", url,
-        timeout_s=timeout_s, retries=retries, data=body, headers=transport.infer_headers(api_key),
+        timeout_s=timeout_s, retries=retries, data=body, headers=transport.infer_headers(api_key), verify=verify,
     )
     return transport.decode(response)

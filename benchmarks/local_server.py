@@ -25,8 +25,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_server(args: list[str], workers: int = 1, timeout_s: float = 180.0) -> Iterator[tuple[str, Path]]:
-    """Yield (base URL, scratch directory) of a fresh server with a private store; SIGTERM after."""
+def local_server(
+    args: list[str], workers: int = 1, timeout_s: float = 180.0, tls_ca: str | None = None
+) -> Iterator[tuple[str, Path]]:
+    """Yield (base URL, scratch directory) of a fresh server with a private store; SIGTERM after.
+
+    ``tls_ca``: the server serves HTTPS (``--certfile``/``--keyfile`` in ``args``); the URL is
+    https and the readiness check trusts this CA bundle."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         env = {k: v for k, v in os.environ.items() if not k.startswith("POLICY_SERVER_")}
@@ -36,14 +41,14 @@ def local_server(args: list[str], workers: int = 1, timeout_s: float = 180.0) ->
             [sys.executable, "server.py", "--port", str(port), "--workers", str(workers), *args],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + timeout_s
             while True:
                 if process.poll() is not None:
                     raise RuntimeError((Path(tmp) / "server.log").read_text()[-3000:])
                 try:
-                    if requests.get(url + "/ready", timeout=2).status_code == 200:
+                    if requests.get(url + "/ready", timeout=2, verify=tls_ca or True).status_code == 200:
                         break
                 except requests.RequestException:
                     pass

@@ -43,6 +43,11 @@ class PolicyClient:
         encode: send these uint8 camera inputs encoded, e.g. ``{"image": "jpeg:90"}`` or
             ``{"image": "png"}`` (lossless); the model must list them in ``encoded_inputs``.
             Needs the ``images`` extra (simplejpeg, Pillow), imported only when used.
+        verify: for an ``https://`` base_url (a server started with ``--certfile``), the CA
+            bundle (PEM path) its certificate is checked against; True: the system's CAs;
+            False: no check (tests only). A certificate that fails raises PolicyConnectionError.
+        cert: a client certificate for a server that asks for one (``--cert-reqs required``):
+            a PEM path holding certificate and key, or a (certfile, keyfile) pair.
 
     ``base_url`` ``"unix:///path/to.sock"`` talks HTTP over that Unix domain socket (a server
     started with ``--uds``); requests then show the URL ``http://localhost/...``.
@@ -61,6 +66,8 @@ class PolicyClient:
         check_spec: bool = True,
         use_env_proxies: bool = False,
         encode: Mapping[str, str] | None = None,
+        verify: bool | str = True,
+        cert: str | tuple[str, str] | None = None,
     ) -> None:
         self.socket_path = unix_socket_path(base_url)
         self.base_url = "http://localhost" if self.socket_path else base_url.rstrip("/")
@@ -83,6 +90,8 @@ class PolicyClient:
         self.last_batch_size: int | None = None
         self.last_response_bytes = 0
         self._session = transport.new_session(use_env_proxies)
+        self._session.verify = verify
+        self._session.cert = cert
         if self.socket_path:
             self._session.mount("http://localhost/", UnixSocketAdapter(self.socket_path))
 
@@ -226,6 +235,7 @@ class PolicyClient:
             self.base_url, api_key=self.api_key, admin_key=self.admin_key, model=self.model,
             timeout_s=self.timeout_s, deadline_s=self.deadline_s, retries=self.retries,
             check_spec=self.check_spec, use_env_proxies=self._session.trust_env, encode=self.encode,
+            verify=self._session.verify, cert=self._session.cert,
         )
         twin._input_specs = self._input_specs
         return twin

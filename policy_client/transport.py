@@ -75,6 +75,8 @@ def request(
             attempt_timeout = min(timeout_s, left + DEADLINE_GRACE_S)
         try:
             response = session.request(method, url, timeout=attempt_timeout, headers=headers, **kwargs)
+        except requests.exceptions.SSLError as exc:  # a certificate that fails now fails on retry too
+            raise PolicyConnectionError(f"{method} {url}: TLS failed: {exc}") from exc
         except requests.exceptions.ConnectTimeout as exc:
             error: PolicyClientError = PolicyConnectionError(f"connecting to {url} timed out")
             cause: Exception = exc

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -130,6 +131,12 @@ class ServerConfig:
     uds: str | None = _opt(None, "also bind this Unix domain socket path (clients: unix:///path)", str)
     uds_mode: str = _opt("660", "file mode (octal) of the --uds socket, set once it is bound")
     uds_only: bool = _opt(False, "bind only the --uds socket, no TCP port")
+    # TLS (issue 14): gunicorn's own certificate settings; TCP listeners serve HTTPS when set.
+    certfile: str | None = _opt(None, "PEM certificate (chain) to serve HTTPS with; needs --keyfile", str)
+    keyfile: str | None = _opt(None, "PEM private key of --certfile (unencrypted)", str)
+    ca_certs: str | None = _opt(None, "PEM CA bundle that client certificates are checked against (mTLS)", str)
+    cert_reqs: str = _opt("none", "client certificates: none, optional or required (the last two need --ca-certs)")
+    tls_min_version: str = _opt("1.2", "oldest TLS version accepted: 1.2 or 1.3")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -196,6 +203,7 @@ class ServerConfig:
         self.uds_file_mode()
         if self.uds_only and not self.uds:
             raise ConfigError("uds_only needs --uds PATH")
+        self._validate_tls()
         if self.cache_size < 0 or self.cache_ttl_s <= 0:
             raise ConfigError("cache_size must be 0 (off) or more and cache_ttl_s positive")
         if not MODEL_NAME_PATTERN.fullmatch(self.model_name):
@@ -205,6 +213,57 @@ class ServerConfig:
                 f"refusing to bind {self.host} without an API key: set --api-key "
                 "(POLICY_SERVER_API_KEY), or --allow-unauthenticated on a trusted network"
             )
+
+    @property
+    def tls(self) -> bool:
+        """True when TCP listeners serve HTTPS (``certfile`` set)."""
+        return bool(self.certfile)
+
+    def cert_reqs_flag(self) -> ssl.VerifyMode:
+        """``cert_reqs`` as gunicorn's ``cert_reqs`` setting (an ``ssl.CERT_*`` value)."""
+        try:
+            return _CERT_REQS[self.cert_reqs]
+        except KeyError:
+            raise ConfigError(f"cert_reqs {self.cert_reqs!r} is not none, optional or required") from None
+
+    def tls_minimum_version(self) -> ssl.TLSVersion:
+        """``tls_min_version`` as an ``ssl.TLSVersion``."""
+        try:
+            return _TLS_VERSIONS[self.tls_min_version]
+        except KeyError:
+            raise ConfigError(f"tls_min_version {self.tls_min_version!r} is not 1.2 or 1.3") from None
+
+    def _validate_tls(self) -> None:
+        """Certificate settings: both files or neither, readable, matching; client checks need a CA."""
+        requires = self.cert_reqs_flag()
+        self.tls_minimum_version()
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ConfigError("certfile and keyfile go together: set both to serve HTTPS, or neither")
+        if not self.certfile:
+            if self.ca_certs or requires != ssl.CERT_NONE:
+                raise ConfigError("ca_certs and cert_reqs check client certificates: they need certfile and keyfile")
+            return
+        for name in ("certfile", "keyfile", "ca_certs"):
+            path = getattr(self, name)
+            if path is not None and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise ConfigError(f"{name} {path!r} is not a readable file")
+        if requires != ssl.CERT_NONE and not self.ca_certs:
+            raise ConfigError(
+                f"cert_reqs {self.cert_reqs} needs ca_certs (the CA bundle client certificates are checked by)"
+            )
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:  # what gunicorn loads in each worker: fail here, clearly, rather than there
+            context.load_cert_chain(self.certfile, self.keyfile, password=_no_password)
+            if self.ca_certs:
+                context.load_verify_locations(cafile=self.ca_certs)
+        except ConfigError:
+            raise
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(
+                f"cannot load certfile {self.certfile!r} with keyfile {self.keyfile!r}"
+                f"{f' and ca_certs {self.ca_certs!r}' if self.ca_certs else ''}: {exc} (a key that does not match "
+                "the certificate, a file that is not PEM, or an encrypted key)"
+            ) from None
 
     def uds_file_mode(self) -> int:
         """``uds_mode`` as an int (ConfigError unless octal digits within 0o777)."""
@@ -228,6 +287,15 @@ class ServerConfig:
             return self.torch_threads
         cores = cores or len(os.sched_getaffinity(0))
         return max(1, cores // self.workers)
+
+
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def _no_password() -> bytes:
+    """An encrypted key fails to load instead of prompting on the terminal."""
+    raise ConfigError("keyfile is encrypted; give an unencrypted key (readable only by the server's user)")
 
 
 def is_loopback(host: str) -> bool:

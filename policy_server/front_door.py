@@ -34,14 +34,14 @@ import selectors
 import threading
 import time
 from concurrent import futures
-from functools import partial
 
 from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
 from policy_server.front_door_http import ARRIVED, DEFERRED, GONE, reset_by_peer
-from policy_server.front_door_reader import BUSY, IDLE, PROBE_PATHS, SCAN_S, Conn, RequestReader
+from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, PROBE_PATHS, SCAN_S, Conn, RequestReader
+from policy_server.front_door_tls import TLSReader
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,9 @@ SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time
 NOTIFY_S = 1.0  # heartbeat to the master at most this often (each one is a syscall on the poller)
 
 
-class FrontDoorWorker(RequestReader, ThreadWorker):
-    """gthread, with requests read whole by the poller before a thread takes them."""
+class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
+    """gthread, with requests read whole by the poller before a thread takes them (TLS too:
+    the poller does the handshake, :mod:`policy_server.front_door_tls`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -74,6 +75,7 @@ class FrontDoorWorker(RequestReader, ThreadWorker):
         self.obs = observability
         self.probe_pool = futures.ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
         self._fit_descriptor_limit()
+        self._init_tls()
         super().init_process()
 
     # -- admission and hand-off (poller thread) -------------------------------------
@@ -128,8 +130,10 @@ class FrontDoorWorker(RequestReader, ThreadWorker):
         if keep and self.alive:
             conn.sock.setblocking(False)
             conn.state = IDLE
-            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._readable, conn))
+            self.poller.register(conn.sock, selectors.EVENT_READ, conn.callback)
             self._keep_alive(conn)
+            if conn.tls:
+                self._tls_resume(conn)
         else:
             conn.state = IDLE
             self._close(conn)
@@ -155,7 +159,7 @@ class FrontDoorWorker(RequestReader, ThreadWorker):
         # Stopping: accept nothing new; answer what is being read or served; idle ones go.
         self.set_accept_enabled(False)
         for conn in list(self.conns):
-            if conn.state == IDLE and not conn.buf:
+            if conn.state in (IDLE, HANDSHAKING) and not conn.buf:
                 conn.deadline = min(conn.deadline, time.monotonic() + 2.0)
         graceful = time.monotonic() + self.cfg.graceful_timeout
         while self.conns and time.monotonic() < graceful:
@@ -202,6 +206,8 @@ class FrontDoorWorker(RequestReader, ThreadWorker):
             resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
             environ["wsgi.multithread"] = True
             environ[ARRIVED] = conn.arrived
+            if self.tls_context is not None and not conn.tls:  # a Unix socket beside HTTPS
+                environ["wsgi.url_scheme"] = "http"
             environ[DEFERRED] = deferred
             self.nr += 1
             if not self.alive or not self.cfg.keepalive:

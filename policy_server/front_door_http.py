@@ -121,9 +121,10 @@ def send_quietly(sock, data: bytes) -> None:
 
 def reset_by_peer(sock) -> bool:
     """True when the client reset the connection (RST) after sending its request. ``sock``
-    must be non-blocking (a timeout would make the peek wait)."""
+    must be non-blocking (a timeout would make the peek wait). An SSL socket is peeked at
+    the TCP level (``socket.socket.recv``): the reset is the kernel's news, not OpenSSL's."""
     try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        socket.socket.recv(sock, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return False
     except OSError as exc:

@@ -36,7 +36,7 @@ OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 EVICT_FRACTION = 50  # at worker_connections, close this fraction (1/50) of them, the longest idle
 EVICT_LOG_S = 10.0
 
-IDLE, READING, DISCARDING, BUSY, LINGERING = range(5)
+IDLE, READING, DISCARDING, BUSY, LINGERING, HANDSHAKING = range(6)  # HANDSHAKING: TLS, front_door_tls
 
 
 class Conn:
@@ -45,6 +45,7 @@ class Conn:
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
         "route", "nreq", "scanned", "over_cap", "started", "body", "filled", "reserved",
+        "callback", "tls", "want_write",
     )
 
     def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
@@ -64,6 +65,9 @@ class Conn:
         self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
         self.filled = 0
         self.reserved = 0  # its body's length, counted in the worker's reading_bytes while being read
+        self.callback = None  # what the poller calls when the socket is ready (set at accept)
+        self.tls = False  # an SSL socket: read by front_door_tls, and HANDSHAKING first
+        self.want_write = False  # TLS only: registered for EVENT_WRITE while OpenSSL must send
 
 
 class RequestReader:
@@ -71,7 +75,8 @@ class RequestReader:
 
     Needs from the worker: ``settings`` (ServerConfig), ``cfg``, ``poller``, ``alive``,
     ``nr_conns``, ``worker_connections``, ``wsgi``, ``obs`` (policy_server.observability),
-    ``_overloaded(length)`` and ``_dispatch(conn)``.
+    ``_overloaded(length)``, ``_dispatch(conn)``, and for TLS ``tls_context``, ``_wrap`` and
+    ``_readable_tls`` (:class:`policy_server.front_door_tls.TLSReader`).
     """
 
     def _init_reader(self) -> None:
@@ -109,10 +114,24 @@ class RequestReader:
                 return
             raise
         sock.setblocking(False)
+        wrapped = None
+        if self.tls_context is not None:
+            try:
+                wrapped = self._wrap(sock, listener)
+            except OSError:  # gone before its handshake began
+                sock.close()
+                return
         self.nr_conns += 1
-        conn = Conn(sock, client, listener.getsockname(), time.monotonic(), self.cfg.keepalive or 2.0)
+        conn = Conn(wrapped or sock, client, listener.getsockname(), time.monotonic(), self.cfg.keepalive or 2.0)
+        if wrapped is None:
+            conn.callback = partial(self._readable, conn)
+        else:  # TLS: the handshake first, bounded like a request head
+            conn.callback = partial(self._readable_tls, conn)
+            conn.tls = True
+            conn.state = HANDSHAKING
+            conn.deadline = conn.arrived + self.settings.head_timeout_s
         self.conns.add(conn)
-        self.poller.register(sock, selectors.EVENT_READ, partial(self._readable, conn))
+        self.poller.register(conn.sock, selectors.EVENT_READ, conn.callback)
 
     def _readable(self, conn: Conn, _fileobj=None) -> None:
         if conn.body is not None:  # straight into the body's own buffer: no copy here
@@ -336,7 +355,7 @@ class RequestReader:
         """At ``worker_connections``: close the longest-idle connections (no request begun),
         then answered ones still lingering, so a new client (a probe) is still accepted:
         idle connections cannot lock the door."""
-        idle = sorted((c for c in self.conns if c.state == IDLE and not c.buf), key=lambda c: c.deadline)
+        idle = sorted((c for c in self.conns if c.state in (IDLE, HANDSHAKING) and not c.buf), key=lambda c: c.deadline)
         room = max(1, self.max_conns // EVICT_FRACTION)
         evicted = idle[:room]
         if len(evicted) < room:
@@ -367,4 +386,6 @@ class RequestReader:
             else:  # idle keep-alive, discarding or lingering
                 if conn.state == IDLE:
                     self.obs.count_closed("idle")
+                elif conn.state == HANDSHAKING:
+                    self.obs.count_closed("tls_handshake_timeout")
                 self._close(conn)

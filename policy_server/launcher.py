@@ -33,6 +33,8 @@ def build_config(argv: Sequence[str] | None = None, environ=None) -> ServerConfi
         run_dir=os.path.abspath(config.run_dir) if config.run_dir else None,
         log_dir=os.path.abspath(config.log_dir) if config.log_dir else None,
         uds=os.path.abspath(config.uds) if config.uds else None,
+        **{name: os.path.abspath(path) for name in ("certfile", "keyfile", "ca_certs")
+           if (path := getattr(config, name))},
     )
     config.validate()
     try:
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--config", GUNICORN_CONF,
         "--chdir", ROOT,
     ]
-    where = [] if config.uds_only else [f"http://{config.host}:{config.port}"]
+    where = [] if config.uds_only else [f"{'https' if config.tls else 'http'}://{config.host}:{config.port}"]
     where += [f"unix://{config.uds}"] if config.uds else []
     log.info(
         "serving %s on %s with %d workers x %d threads",

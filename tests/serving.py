@@ -31,10 +31,11 @@ class RunningServer:
     process: subprocess.Popen
     port: int
     log_path: Path
+    scheme: str = "http"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -54,11 +55,14 @@ def run_server(
     startup_timeout_s: float = 90.0,
     port: int | None = None,
     tcp: bool = True,
+    tls_ca: str | None = None,
 ) -> Iterator[RunningServer]:
     """Start ``python server.py`` (or ``command``), wait until every worker is ready, stop it after.
 
     ``port`` (default: a free one) lets a test bring a server back where a client expects it.
     ``tcp=False``: the server binds no TCP port (``--uds-only``), so no /health check over TCP.
+    ``tls_ca``: the server serves HTTPS (pass ``--certfile``/``--keyfile`` in ``args``);
+    ``base_url`` is https and the /health check trusts this CA bundle.
 
     Readiness is read from the log: each worker logs "worker PID ready" once warmed up.
     """
@@ -82,7 +86,7 @@ def run_server(
             command, cwd=ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    server = RunningServer(process, port, log_path)
+    server = RunningServer(process, port, log_path, "https" if tls_ca else "http")
     try:
         deadline = time.monotonic() + startup_timeout_s
         while len(server.ready_workers()) < workers:
@@ -92,7 +96,7 @@ def run_server(
                 raise RuntimeError(f"server not ready in {startup_timeout_s} s:\n{server.log()}")
             time.sleep(0.1)
         if tcp:
-            requests.get(server.base_url + "/health", timeout=5).raise_for_status()
+            requests.get(server.base_url + "/health", timeout=5, verify=tls_ca or True).raise_for_status()
         yield server
     finally:
         stop(process)
