@@ -1,5 +1,5 @@
-# The two commands from the README: `make serve` and `make test`. Both create the
-# virtual environment and install the pinned dependencies first.
+# The two commands from the README: `make serve` and `make test` (the linter, then the
+# tests). Both create the virtual environment and install the pinned dependencies first.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,6 +21,7 @@ serve: install
 	$(PY) server.py --model-path $(MODEL) $(ARGS)
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import multiprocessing
 import os
 import socket
@@ -39,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 from binary_protocol import dict_to_binary  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 from tests.serving import run_server  # noqa: E402
+
+log = logging.getLogger("bench_front_door")
 
 
 def observation(seed: int = 0) -> dict[str, np.ndarray]:
@@ -133,7 +136,7 @@ def phase_stalled(args, tmp: Path) -> dict:
                     try:
                         client.infer(obs)
                         times.append((time.perf_counter() - t0) * 1e3)
-                    except Exception as exc:  # reported, not hidden
+                    except Exception as exc:  # noqa: BLE001 (reported, not hidden)
                         errors.append(repr(exc)[:200])
             for s in held:
                 s.close()
@@ -275,7 +278,8 @@ def main() -> None:
     parser.add_argument("--robot-seconds", type=float, default=20.0)
     parser.add_argument("--processes", type=int, default=16, help="load-generating processes for the robots")
     parser.add_argument("--server-arg", action="append", default=[],
-                        help="extra server flag for the robots phase, repeatable: --server-arg=--max-reading-bytes=16777216")
+                        help="extra server flag for the robots phase, repeatable: "
+                             "--server-arg=--max-reading-bytes=16777216")
     parser.add_argument("--json")
     args = parser.parse_args()
     phases = {"shed": phase_shed, "stalled": phase_stalled, "robots": phase_robots, "malloc": phase_malloc}
@@ -285,11 +289,12 @@ def main() -> None:
             for name in args.phases.split(","):
                 result = phases[name](args, Path(tmp) / f"run{run}")
                 results.setdefault(name, []).append(result)
-                print(f"run {run} {name}: {json.dumps(result)}", flush=True)
+                log.info(f"run {run} {name}: {json.dumps(result)}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -28,6 +29,8 @@ from benchmarks.local_server import local_server  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 from tests.tls_certs import make_pki  # noqa: E402
+
+log = logging.getLogger("bench_tls")
 
 
 def timed(call, n: int) -> np.ndarray:
@@ -75,14 +78,14 @@ def main(argv=None) -> dict:
             for client in clients.values():
                 client.close()
     results = []
-    print(f"{'scheme':6} {'call':16} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  (p50 per run)")
+    log.info(f"{'scheme':6} {'call':16} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  (p50 per run)")
     for (scheme, call), runs in sorted(samples.items(), key=lambda item: (item[0][1], item[0][0])):
         all_ms = np.concatenate(runs)
         row = {"scheme": scheme, "call": call, "p50_ms": float(np.median(all_ms)),
                "p90_ms": float(np.percentile(all_ms, 90)), "p99_ms": float(np.percentile(all_ms, 99)),
                "run_p50s_ms": [round(float(np.median(r)), 3) for r in runs]}
         results.append(row)
-        print(f"{scheme:6} {call:16} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}  "
+        log.info(f"{scheme:6} {call:16} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}  "
               f"{row['run_p50s_ms']}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -91,4 +94,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     main()

@@ -123,7 +123,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         self.held -= 1
         try:
             keep = bool(future.result())
-        except Exception:
+        except Exception:  # noqa: BLE001 (handle() already answered and logged it; the connection just closes)
             keep = False
         if conn not in self.conns:
             return
@@ -192,7 +192,8 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             if not probe:  # the request threads' mean time per request, for the admission estimate
                 took = time.monotonic() - began
                 with self._count_lock:
-                    self.service_s = took if not self.service_s else self.service_s + SERVICE_EWMA * (took - self.service_s)
+                    mean = self.service_s
+                    self.service_s = took if not mean else mean + SERVICE_EWMA * (took - mean)
 
     def _serve(self, conn: Conn) -> bool:
         req = conn.req
@@ -200,7 +201,9 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         delivered = False
         try:
             if reset_by_peer(conn.sock):  # while the socket is still non-blocking
-                self.obs.count_vanished(conn.route, req, conn.addr, time.monotonic() - conn.arrived, "before its request ran")
+                self.obs.count_vanished(
+                    conn.route, req, conn.addr, time.monotonic() - conn.arrived, "before its request ran"
+                )
                 return False
             conn.sock.settimeout(SEND_TIMEOUT_S)
             resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
@@ -226,7 +229,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             if exc.errno not in GONE and not isinstance(exc, TimeoutError):
                 log.exception("socket error serving a request")
             return False
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (gunicorn's handler answers 500 and logs it)
             self.handle_error(req, conn.sock, conn.client, exc)
             return False
         finally:

@@ -21,6 +21,8 @@ import socket
 import time
 from functools import partial
 
+from werkzeug.exceptions import HTTPException
+
 from policy_server.front_door_http import Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
 
 log = logging.getLogger("policy_server.front_door")
@@ -134,41 +136,38 @@ class RequestReader:
         self.poller.register(conn.sock, selectors.EVENT_READ, conn.callback)
 
     def _readable(self, conn: Conn, _fileobj=None) -> None:
-        if conn.body is not None:  # straight into the body's own buffer: no copy here
-            view = memoryview(conn.body)
-            while conn.filled < conn.need:  # drain what has arrived: one wake-up, not one per segment
-                try:
-                    n = conn.sock.recv_into(view[conn.filled:])
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError:
-                    n = 0
-                if not n:
-                    self._peer_closed(conn)
-                    return
-                conn.filled += n
-            self._advance(conn)
-            return
-        try:
-            n = conn.sock.recv_into(self._scratch)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            n = 0
-        if not n:
-            self._peer_closed(conn)
-            return
-        data = self._scratch_view[:n]
-        if conn.state in (LINGERING,):
-            return
+        while True:
+            in_place = conn.body is not None  # into the body's own buffer (no copy), drained in one wake-up
+            try:
+                n = conn.sock.recv_into(memoryview(conn.body)[conn.filled:] if in_place else self._scratch)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                n = 0
+            if not n:
+                self._peer_closed(conn)
+                return
+            if not self._received(conn, n, in_place) or conn.body is None:
+                return
+
+    def _received(self, conn: Conn, n: int, in_place: bool) -> bool:
+        """Take ``n`` bytes just received (into the body, or into the scratch buffer); False: stop reading."""
+        if in_place:
+            conn.filled += n
+            if conn.filled == conn.need:
+                self._advance(conn)
+            return True
+        if conn.state == LINGERING:
+            return True
         if conn.state == IDLE:  # a request begins: it arrives with its first byte
             conn.arrived = time.monotonic()
             conn.deadline = conn.arrived + self.settings.head_timeout_s
             self._start_reading(conn)
             if conn.state != READING:
-                return
-        conn.buf += data
+                return False
+        conn.buf += self._scratch_view[:n]
         self._advance(conn)
+        return True
 
     def _start_reading(self, conn: Conn) -> None:
         s = self.settings
@@ -218,11 +217,12 @@ class RequestReader:
                     self._refuse(conn, refusal)
                 return
             try:
-                head = parse_head(self.cfg, bytes(conn.buf[:end + 4]), conn.client, conn.nreq + 1, self._limit_for, self._route_of)
+                raw_head = bytes(conn.buf[: end + 4])
+                head = parse_head(self.cfg, raw_head, conn.client, conn.nreq + 1, self._limit_for, self._route_of)
             except Refusal as refusal:
                 self._refuse(conn, refusal)
                 return
-            del conn.buf[:end + 4]
+            del conn.buf[: end + 4]
             conn.scanned = 0
             conn.nreq += 1
             conn.req, conn.need, conn.route = head.req, head.length, head.route
@@ -234,8 +234,11 @@ class RequestReader:
                 # Kept open only when the client will send its body anyway: one waiting for
                 # "100 Continue" may send its next request instead, which would be taken for it.
                 waits = conn.req._expected_100_continue and len(conn.buf) < conn.need
-                self._refuse(conn, Refusal(503, "overloaded", overload, "admission", retry=True),
-                             keep_alive=not conn.req.should_close() and not waits)
+                self._refuse(
+                    conn,
+                    Refusal(503, "overloaded", overload, "admission", retry=True),
+                    keep_alive=not conn.req.should_close() and not waits,
+                )
                 return
             conn.reserved = conn.need
             self.reading_bytes += conn.need
@@ -247,7 +250,7 @@ class RequestReader:
             if len(conn.buf) < conn.need <= PREALLOCATE_BYTES:
                 conn.body = bytearray(conn.need)  # the rest is received straight into it
                 conn.filled = len(conn.buf)
-                conn.body[:conn.filled] = conn.buf
+                conn.body[: conn.filled] = conn.buf
                 conn.buf = bytearray()
                 return
         if conn.body is not None:
@@ -259,8 +262,8 @@ class RequestReader:
         elif len(conn.buf) == conn.need:
             body, conn.buf = bytes(conn.buf), bytearray()
         else:
-            body = bytes(memoryview(conn.buf)[:conn.need])
-            del conn.buf[:conn.need]
+            body = bytes(memoryview(conn.buf)[: conn.need])
+            del conn.buf[: conn.need]
         conn.req.body = io.BytesIO(body)  # wsgi.input; reading it all returns ``body`` itself, no copy
         self._dispatch(conn)
 
@@ -280,21 +283,24 @@ class RequestReader:
         try:
             rule, _ = self._url_adapter.match(path, method=method, return_rule=True)
             return rule.rule
-        except Exception:  # NotFound, MethodNotAllowed, RequestRedirect
+        except HTTPException:  # NotFound, MethodNotAllowed, RequestRedirect
             return "unmatched"
 
     def _refuse(self, conn: Conn, refusal: Refusal, keep_alive: bool = False) -> None:
         """Answer from the poller. ``keep_alive``: the framing is known, drop the body and go on."""
         self._stop_reading(conn)
         route = conn.route if conn.req is not None else refusal.route
-        self.obs.count_refusal(route, refusal.status, refusal.reason, conn.req or refusal.req, conn.addr,
-                      time.monotonic() - conn.arrived)
+        self.obs.count_refusal(
+            route, refusal.status, refusal.reason, conn.req or refusal.req, conn.addr, time.monotonic() - conn.arrived
+        )
         self.held -= 1
         keep_alive = keep_alive and self.alive
         send_quietly(conn.sock, refusal_bytes(refusal, close=not keep_alive))
         if keep_alive:
             conn.state = DISCARDING
-            conn.deadline = time.monotonic() + self.settings.body_timeout_s + conn.need / self.settings.min_body_bytes_per_s
+            conn.deadline = (
+                time.monotonic() + self.settings.body_timeout_s + conn.need / self.settings.min_body_bytes_per_s
+            )
             conn.req = None
             self._advance(conn)
             return
@@ -330,8 +336,9 @@ class RequestReader:
     def _peer_closed(self, conn: Conn) -> None:
         if conn.state == READING:
             if conn.buf or conn.req is not None:
-                self.obs.count_vanished(conn.route, conn.req, conn.addr, time.monotonic() - conn.arrived,
-                               "while sending its request")
+                self.obs.count_vanished(
+                    conn.route, conn.req, conn.addr, time.monotonic() - conn.arrived, "while sending its request"
+                )
             self.held -= 1
         self._stop_reading(conn)
         self._close(conn)
@@ -359,7 +366,7 @@ class RequestReader:
         room = max(1, self.max_conns // EVICT_FRACTION)
         evicted = idle[:room]
         if len(evicted) < room:
-            evicted += [c for c in self.conns if c.state == LINGERING][:room - len(evicted)]
+            evicted += [c for c in self.conns if c.state == LINGERING][: room - len(evicted)]
         for conn in evicted:
             self._close(conn)
         if evicted:
@@ -382,7 +389,9 @@ class RequestReader:
         for conn in [c for c in self.conns if c.state != BUSY and c.deadline <= now]:
             if conn.state == READING:
                 part = "body" if conn.req is not None else "request head"
-                self._refuse(conn, Refusal(408, "request timeout", f"{part} not received in time", f"{part.split()[-1]}_timeout"))
+                self._refuse(
+                    conn, Refusal(408, "request timeout", f"{part} not received in time", f"{part.split()[-1]}_timeout")
+                )
             else:  # idle keep-alive, discarding or lingering
                 if conn.state == IDLE:
                     self.obs.count_closed("idle")

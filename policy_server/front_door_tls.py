@@ -35,7 +35,7 @@ import ssl
 import time
 
 from policy_server.front_door_http import Refusal, refusal_bytes
-from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, LINGERING, READING, RECV_BYTES, Conn
+from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, RECV_BYTES, Conn
 
 log = logging.getLogger("policy_server.front_door")
 
@@ -147,30 +147,11 @@ class TLSReader:
                 self._peer_closed(conn)
                 return
             taken += n
-            if not self._take(conn, n, in_place):
+            if not self._received(conn, n, in_place):
                 return
             # epoll sees the kernel's bytes; only OpenSSL knows what it has decrypted already
             if conn.state == BUSY or conn not in self.conns or (taken >= RECV_BYTES and not sock.pending()):
                 return
-
-    def _take(self, conn: Conn, n: int, in_place: bool) -> bool:
-        """What ``_readable`` does with ``n`` bytes just received; False: stop reading."""
-        if in_place:
-            conn.filled += n
-            if conn.filled == conn.need:
-                self._advance(conn)
-            return True
-        if conn.state == LINGERING:
-            return True
-        if conn.state == IDLE:  # a request begins: it arrives with its first byte
-            conn.arrived = time.monotonic()
-            conn.deadline = conn.arrived + self.settings.head_timeout_s
-            self._start_reading(conn)
-            if conn.state != READING:
-                return False
-        conn.buf += self._scratch_view[:n]
-        self._advance(conn)
-        return True
 
     def _tls_resume(self, conn: Conn) -> None:
         """Back from a request thread: bytes OpenSSL already decrypted raise no event, so read them now."""

@@ -1,6 +1,6 @@
 """The client's boundaries, checked in fresh interpreters: a robot installs numpy and
 requests, and importing the client loads none of the server's libraries; every client module is packaged and copied into
-the image; each stays under 400 lines; every PolicyClient call takes the one request path."""
+the image; every PolicyClient call takes the one request path (module sizes: test_house.py)."""
 
 from __future__ import annotations
 
@@ -76,14 +76,6 @@ def test_every_client_module_is_packaged_and_copied_into_the_image():
     copied = {word for line in re.findall(r"^COPY (.+)$", dockerfile, re.M) for word in line.split()}
     for name in [f"{m}.py" for m in ROOT_MODULES] + ["policy_client"]:
         assert name in copied, f"the Dockerfile does not copy {name}"
-
-
-@pytest.mark.parametrize("module", [m for m in CLIENT_MODULES if m != "binary_protocol"])
-def test_no_client_module_is_over_400_lines(module):
-    path = ROOT / (module.replace(".", "/") + ".py")
-    if not path.exists():
-        path = ROOT / module.replace(".", "/") / "__init__.py"
-    assert len(path.read_text().splitlines()) <= 400
 
 
 # -- one request path -------------------------------------------------------------------
