@@ -31,8 +31,10 @@ Public API: :class:`ReacherEnv` (with :class:`StepResult`), :func:`run_episode` 
 :func:`evaluate` (with :class:`EpisodeResult`), :func:`expert_chunk`, :func:`expert_policy`,
 :func:`expert_actions`, :func:`render`, :func:`step_arm`, :func:`forward_kinematics`,
 :func:`inverse_kinematics`, :func:`make_state`, :func:`sample_episode`, :func:`sample_omega`,
-:func:`move_target`.
-Only numpy is imported.
+:func:`move_target`, :class:`ObservationWindow`.
+Only numpy is imported. The arm's constants, kinematics and dynamics live in
+``examples/reacher_arm.py``, the camera in ``examples/reacher_camera.py`` and the history
+window in ``examples/observation_window.py``; this module re-exports their public names.
 """
 
 from __future__ import annotations
@@ -42,95 +44,50 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CHUNK, ACTION_DIM, STATE_DIM = 10, 7, 6
-HEIGHT, WIDTH = 480, 640
-CONTROL_HZ = 20
-DT = 1.0 / CONTROL_HZ
-MAX_STEPS = 100
-LINK_LENGTHS = (0.1, 0.1)  # metres
-MAX_JOINT_SPEED = 3.0  # rad/s, the clip on action dims 0-1
-VELOCITY_LAG = 0.5  # fraction of the gap between command and joint velocity closed each step
-TARGET_RADIUS = 0.02  # metres
-SUCCESS_RADIUS = TARGET_RADIUS
-
-# Camera: metres to pixels, base at BASE_PX (x right, y down in the image).
-PIXELS_PER_METRE = 1400.0
-BASE_PX = (320.0, 340.0)
-LINK_HALF_WIDTH_PX = 8.0
-JOINT_RADIUS_PX = 11.0
-
-# Episode distribution.
-TARGET_DISTANCE = (0.07, 0.19)  # from the base, metres
-TARGET_ANGLE = (0.25, np.pi - 0.25)  # above the base
-START_Q1 = (0.0, np.pi)
-START_ABS_Q2 = (0.3, 2.6)  # the elbow starts bent either way
-MIN_START_DISTANCE = 0.06  # from end effector to target
-
-TARGET_OMEGA = (0.4, 0.9)  # rad/s about the base, for moving targets
-EXPERT_LEAD_S = 0.0  # extra lead (s) on a moving target: aiming where it is at each action's step is best
-
-# Expert: joint-space PD toward the inverse-kinematics solution with the elbow at q2 <= 0.
-EXPERT_KP, EXPERT_KD = 10.0, 0.4
-
-BACKGROUND_COLOUR = (206, 204, 198)
-LINK_COLOUR = (52, 84, 190)
-JOINT_COLOUR = (40, 40, 48)
-EFFECTOR_COLOUR = (250, 200, 40)
-TARGET_COLOUR = (220, 40, 40)
-
-
-def forward_kinematics(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Elbow and end-effector positions (metres, [..., 2]) for joint angles ``q`` [..., 2]."""
-    q = np.asarray(q, dtype=np.float64)
-    l1, l2 = LINK_LENGTHS
-    a1, a12 = q[..., 0], q[..., 0] + q[..., 1]
-    elbow = np.stack([l1 * np.cos(a1), l1 * np.sin(a1)], axis=-1)
-    ee = elbow + np.stack([l2 * np.cos(a12), l2 * np.sin(a12)], axis=-1)
-    return elbow, ee
-
-
-def inverse_kinematics(target: np.ndarray) -> np.ndarray:
-    """Joint angles [..., 2] that put the end effector on ``target`` [..., 2], elbow at q2 <= 0.
-
-    One elbow convention for every target makes the solution a continuous function of the
-    target (and the expert's goal a function of the target alone); targets are sampled above
-    the base, so q1 stays within (0.25, 4.2) and is never wrapped.
-    """
-    target = np.asarray(target, dtype=np.float64)
-    l1, l2 = LINK_LENGTHS
-    r2 = np.sum(target**2, axis=-1)
-    cos_q2 = np.clip((r2 - l1**2 - l2**2) / (2 * l1 * l2), -1.0, 1.0)
-    q2 = -np.arccos(cos_q2)
-    q1 = np.arctan2(target[..., 1], target[..., 0]) - np.arctan2(l2 * np.sin(q2), l1 + l2 * np.cos(q2))
-    return np.stack([q1, q2], axis=-1)
-
-
-def make_state(q: np.ndarray, dq: np.ndarray) -> np.ndarray:
-    """The observation's state vector: [q1, q2, dq1, dq2, ee_x, ee_y] as float32."""
-    _, ee = forward_kinematics(q)
-    return np.concatenate([q, dq, ee]).astype(np.float32)
-
-
-def step_arm(q: np.ndarray, dq: np.ndarray, command: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The arm's dynamics for one control step, on arrays [..., 2] (vectorised): clip the
-    joint velocity command, lag the velocity toward it, integrate the angles."""
-    command = np.clip(command, -MAX_JOINT_SPEED, MAX_JOINT_SPEED)
-    dq = dq + VELOCITY_LAG * (command - dq)
-    return q + DT * dq, dq
-
-
-def move_target(target: np.ndarray, omega: np.ndarray, dt: float) -> tuple[np.ndarray, np.ndarray]:
-    """A moving target ``dt`` seconds later (vectorised, [..., 2] and [...]): rotated about the
-    base by ``omega * dt``, reflected back (and ``omega`` reversed) at the ends of ``TARGET_ANGLE``."""
-    target = np.asarray(target, dtype=np.float64)
-    omega = np.asarray(omega, dtype=np.float64)
-    radius = np.linalg.norm(target, axis=-1)
-    angle = np.arctan2(target[..., 1], target[..., 0]) + omega * dt
-    low, high = TARGET_ANGLE
-    over, under = angle > high, angle < low
-    angle = np.where(over, 2 * high - angle, np.where(under, 2 * low - angle, angle))
-    omega = np.where(over | under, -omega, omega)
-    return np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=-1), omega
+from examples.observation_window import ObservationWindow
+from examples.reacher_arm import (  # noqa: F401 (the task's constants and arm, re-exported)
+    ACTION_DIM,
+    CHUNK,
+    CONTROL_HZ,
+    DT,
+    EXPERT_KD,
+    EXPERT_KP,
+    EXPERT_LEAD_S,
+    HEIGHT,
+    LINK_LENGTHS,
+    MAX_JOINT_SPEED,
+    MAX_STEPS,
+    MIN_START_DISTANCE,
+    START_ABS_Q2,
+    START_Q1,
+    STATE_DIM,
+    SUCCESS_RADIUS,
+    TARGET_ANGLE,
+    TARGET_DISTANCE,
+    TARGET_OMEGA,
+    TARGET_RADIUS,
+    VELOCITY_LAG,
+    WIDTH,
+    forward_kinematics,
+    inverse_kinematics,
+    make_state,
+    move_target,
+    step_arm,
+)
+from examples.reacher_camera import (  # noqa: F401 (the camera, re-exported)
+    BACKGROUND,
+    BACKGROUND_COLOUR,
+    BASE_PX,
+    EFFECTOR_COLOUR,
+    JOINT_COLOUR,
+    JOINT_RADIUS_PX,
+    LINK_COLOUR,
+    LINK_HALF_WIDTH_PX,
+    PIXELS_PER_METRE,
+    TARGET_COLOUR,
+    render,
+    to_pixels,
+)
 
 
 def expert_actions(
@@ -175,83 +132,6 @@ def expert_policy(env: ReacherEnv) -> Callable[[dict[str, np.ndarray]], np.ndarr
         return expert_actions(state[:2], state[2:4], env.target, omega=env.omega if env.moving_target else None)
 
     return chunk_fn
-
-
-# -- rendering ---------------------------------------------------------------------------
-
-_YS = np.arange(HEIGHT, dtype=np.float32)[:, None]
-_XS = np.arange(WIDTH, dtype=np.float32)[None, :]
-
-
-def _background() -> np.ndarray:
-    """The fixed backdrop: a flat colour, faint deterministic noise and a 40-px grid."""
-    noise = np.random.default_rng(1234).integers(-6, 7, size=(HEIGHT, WIDTH, 1))
-    image = np.clip(np.array(BACKGROUND_COLOUR)[None, None, :] + noise, 0, 255).astype(np.uint8)
-    image[::40, :, :] -= 14
-    image[:, ::40, :] -= 14
-    return image
-
-
-BACKGROUND = _background()
-BACKGROUND.setflags(write=False)
-
-
-def to_pixels(point: np.ndarray) -> np.ndarray:
-    """World metres [..., 2] to image pixel coordinates (column, row), as float."""
-    point = np.asarray(point, dtype=np.float64)
-    return np.stack(
-        [BASE_PX[0] + PIXELS_PER_METRE * point[..., 0], BASE_PX[1] - PIXELS_PER_METRE * point[..., 1]], axis=-1
-    )
-
-
-def _box(x0: float, x1: float, y0: float, y1: float) -> tuple[int, int, int, int] | None:
-    c0, c1 = max(int(np.floor(x0)), 0), min(int(np.ceil(x1)) + 1, WIDTH)
-    r0, r1 = max(int(np.floor(y0)), 0), min(int(np.ceil(y1)) + 1, HEIGHT)
-    return (c0, c1, r0, r1) if c0 < c1 and r0 < r1 else None
-
-
-def _disc(image: np.ndarray, centre: np.ndarray, radius: float, colour: tuple[int, int, int]) -> None:
-    cx, cy = float(centre[0]), float(centre[1])
-    box = _box(cx - radius, cx + radius, cy - radius, cy + radius)
-    if box is None:
-        return
-    c0, c1, r0, r1 = box
-    mask = (_XS[:, c0:c1] - cx) ** 2 + (_YS[r0:r1] - cy) ** 2 <= radius * radius
-    image[r0:r1, c0:c1][mask] = colour
-
-
-def _segment(image: np.ndarray, a: np.ndarray, b: np.ndarray, half_width: float, colour: tuple[int, int, int]) -> None:
-    ax, ay, bx, by = float(a[0]), float(a[1]), float(b[0]), float(b[1])
-    box = _box(min(ax, bx) - half_width, max(ax, bx) + half_width, min(ay, by) - half_width, max(ay, by) + half_width)
-    if box is None:
-        return
-    c0, c1, r0, r1 = box
-    dx, dy = bx - ax, by - ay
-    length2 = max(dx * dx + dy * dy, 1e-9)
-    px, py = _XS[:, c0:c1] - ax, _YS[r0:r1] - ay
-    t = np.clip((px * dx + py * dy) / length2, 0.0, 1.0)
-    mask = (px - t * dx) ** 2 + (py - t * dy) ** 2 <= half_width * half_width
-    image[r0:r1, c0:c1][mask] = colour
-
-
-def render(q: np.ndarray, target: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """The camera image uint8[480, 640, 3] of the arm at ``q`` and the target (metres).
-
-    Copies the background into ``out`` (allocated when None) and draws the links, the joints,
-    the end effector and, last and so never hidden, the target.
-    """
-    if out is None:
-        out = np.empty((HEIGHT, WIDTH, 3), dtype=np.uint8)
-    np.copyto(out, BACKGROUND)
-    elbow, ee = forward_kinematics(q)
-    base, elbow, ee = to_pixels(np.zeros(2)), to_pixels(elbow), to_pixels(ee)
-    _segment(out, base, elbow, LINK_HALF_WIDTH_PX, LINK_COLOUR)
-    _segment(out, elbow, ee, LINK_HALF_WIDTH_PX, LINK_COLOUR)
-    _disc(out, base, JOINT_RADIUS_PX + 3, JOINT_COLOUR)
-    _disc(out, elbow, JOINT_RADIUS_PX, JOINT_COLOUR)
-    _disc(out, ee, JOINT_RADIUS_PX - 3, EFFECTOR_COLOUR)
-    _disc(out, to_pixels(target), TARGET_RADIUS * PIXELS_PER_METRE, TARGET_COLOUR)
-    return out
 
 
 # -- the environment ---------------------------------------------------------------------
@@ -356,40 +236,6 @@ class ReacherEnv:
 
 # -- running a policy --------------------------------------------------------------------
 
-
-class ObservationWindow:
-    """Turns each step's observation into the one a history model takes.
-
-    ``windows`` maps an observation key to ``(steps, pad)`` as a model declares it in
-    ``/model_info`` (``{"history": {"steps": T, "pad": ...}}``): that key is sent as
-    ``[T, *shape]``, row T-1 the newest, the episode's start padded with its first
-    observation (``"repeat_first"``) or zeros (``"zeros"``). Other keys pass through.
-    """
-
-    def __init__(self, windows: dict[str, tuple[int, str]]) -> None:
-        self.windows = dict(windows)
-        self._frames: dict[str, list[np.ndarray]] = {}
-
-    @classmethod
-    def from_spec(cls, inputs: list[dict]) -> ObservationWindow:
-        """From ``/model_info``'s ``inputs`` (entries without ``history`` pass through)."""
-        return cls({e["name"]: (e["history"]["steps"], e["history"]["pad"]) for e in inputs if e.get("history")})
-
-    def reset(self) -> None:
-        """Forget the episode (the next observation starts a new window)."""
-        self._frames = {}
-
-    def __call__(self, obs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Add this step's observation; return it with each windowed key as ``[T, ...]``."""
-        out = dict(obs)
-        for name, (steps, pad) in self.windows.items():
-            frames = self._frames.setdefault(name, [])
-            frames.append(obs[name])
-            del frames[:-steps]
-            missing = steps - len(frames)
-            filler = frames[0] if pad == "repeat_first" else np.zeros_like(frames[0])
-            out[name] = np.stack([filler] * missing + frames)
-        return out
 
 ChunkFn = Callable[[dict[str, np.ndarray]], np.ndarray]
 

@@ -46,7 +46,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -54,128 +54,18 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from examples.reacher import ObservationWindow, ReacherEnv  # noqa: E402
+# The report, the injected delay and the vectorized evaluation live in their own modules;
+# their public names are re-exported here.
+from examples.delayed_policy import DelayedPolicy  # noqa: E402
+from examples.path_report import TABLE_HEADER, PathReport  # noqa: E402
+from examples.reacher import ObservationWindow, ReacherEnv  # noqa: E402, F401
+from examples.vectorized_eval import history_windows, run_vectorized  # noqa: E402, F401
 from request_tools import PolicyClient, PolicyServerError  # noqa: E402
 from robot_loop import ChunkRunner, LoopClock  # noqa: E402
 
 log = logging.getLogger("sim_loop")
 
 SEED_BASE = 1_000_000  # far from the seeds train_policies.py draws its data from
-
-
-@dataclass
-class PathReport:
-    """One model over N episodes on one path (server or in-process)."""
-
-    model: str
-    path: str
-    merge: str = "replace"
-    latency_ms: float = 0.0  # injected round-trip delay
-    jitter_ms: float = 0.0  # plus up to this much, uniform
-    moving_target: bool = False
-    episodes: int = 0
-    successes: int = 0
-    steps: int = 0
-    achieved_hz: list[float] = field(default_factory=list)
-    period_ms_p99: float = 0.0
-    worst_period_ms: float = 0.0
-    latency_ms_p50: float = 0.0
-    latency_ms_p99: float = 0.0
-    chunks: int = 0
-    starved_steps: int = 0
-    failures: int = 0
-    versions: dict[str, int] = field(default_factory=dict)
-    seam_jerk: float = 0.0  # largest |change| of the joint command at a chunk boundary (rad/s)
-    seam_jerk_mean: float = 0.0
-    seams: int = 0  # chunk boundaries measured
-    step_jerk_max: float = 0.0  # the same over the other steps (the policy's own change inside a chunk)
-    step_jerk_p99: float = 0.0
-    step_jerk_mean: float = 0.0
-    rtc: bool = False  # requests carried the real-time chunking inputs
-    max_in_flight: int = 0  # the most requests the runner had out at once
-    request_ahead: int | None = None  # the runner's fixed ask point (None: from the measured delay)
-    wall_s: float = 0.0
-
-    @property
-    def success_rate(self) -> float:
-        return self.successes / self.episodes if self.episodes else 0.0
-
-    def line(self) -> str:
-        hz = np.median(self.achieved_hz) if self.achieved_hz else 0.0
-        versions = ",".join(f"v{v}x{n}" for v, n in sorted(self.versions.items())) or "-"
-        return (
-            f"{self.model:<12} {self.path:<10} {self.merge:<9} +{self.latency_ms:.0f}~{self.jitter_ms:.0f} ms  "
-            f"success {self.successes:>3}/{self.episodes:<3} "
-            f"({self.success_rate:6.1%})  rate {hz:5.2f} Hz (period p99 {self.period_ms_p99:5.1f} ms, "
-            f"worst {self.worst_period_ms:5.1f} ms)  "
-            f"latency p50 {self.latency_ms_p50:6.1f} ms p99 {self.latency_ms_p99:6.1f} ms  "
-            f"chunks {self.chunks}  starved {self.starved_steps}  seam jerk {self.seam_jerk:.3f}  "
-            f"failed {self.failures}  versions {versions}"
-        )
-
-    def row(self) -> str:
-        """One row of the sweep table (markdown)."""
-        merge = self.merge if self.request_ahead is None else f"{self.merge} (ask at {self.request_ahead} left)"
-        return (
-            f"| {self.model} | {merge} | {self.latency_ms:.0f} | {self.jitter_ms:.0f} | "
-            f"{self.success_rate:.0%} | {self.starved_steps} / {self.steps} | {self.seam_jerk:.3f} | "
-            f"{self.seam_jerk_mean:.3f} | {self.step_jerk_max:.3f} | {self.step_jerk_mean:.3f} | "
-            f"{self.latency_ms_p50:.0f} | {self.max_in_flight} | {self.failures} |"
-        )
-
-
-TABLE_HEADER = (
-    "| model | merge | latency ms | jitter ms | success | starved steps | seam jerk max | seam jerk mean "
-    "| in-chunk max | in-chunk mean | round trip p50 ms | max in flight | failed |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
-
-
-class DelayedPolicy:
-    """A chunk policy behind an injected round-trip delay: ``latency_s`` plus uniform
-    ``[0, jitter_s)`` (seeded), half before the request and half after. Thread-safe: each
-    calling thread gets its own client from ``make_client`` (a runner may keep several
-    requests in flight). The observation dict is forwarded whole (history windows and the
-    real-time chunking inputs included); ``model_info()`` and ``last_model_version`` are the
-    wrapped client's, so it is a ``robot_loop.ChunkPolicy`` like the client itself."""
-
-    def __init__(self, make_client: Callable[[], Any], latency_s: float, jitter_s: float = 0.0, seed: int = 0) -> None:
-        self.make_client = make_client
-        self.latency_s = latency_s
-        self.jitter_s = jitter_s
-        self._rng = np.random.default_rng(seed)
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._info: Mapping[str, Any] | None = None
-
-    def _policy(self) -> Any:
-        policy = getattr(self._local, "policy", None)
-        if policy is None:
-            policy = self._local.policy = self.make_client()
-        return policy
-
-    def __call__(self, obs: Mapping[str, Any]) -> Mapping[str, Any]:
-        with self._lock:
-            delay = self.latency_s + self.jitter_s * float(self._rng.random())
-        policy = self._policy()
-        time.sleep(delay / 2)
-        try:
-            return policy.infer(obs) if hasattr(policy, "infer") else policy(obs)
-        finally:
-            time.sleep(delay / 2)
-
-    def model_info(self) -> Mapping[str, Any]:
-        """The wrapped policy's ``/model_info`` (read once, without the injected delay);
-        ``{}`` for a policy without one."""
-        if self._info is None:
-            policy = self._policy()
-            self._info = policy.model_info() if callable(getattr(policy, "model_info", None)) else {}
-        return self._info
-
-    @property
-    def last_model_version(self) -> Any:
-        """The model version of this thread's last answer (None before one)."""
-        return getattr(getattr(self._local, "policy", None), "last_model_version", None)
 
 
 def make_runner(
@@ -253,60 +143,6 @@ def run_episodes(
         report.step_jerk_p99 = float(np.percentile(steps, 99))
     report.wall_s = time.perf_counter() - start
     return report
-
-
-def history_windows(inputs: list[dict]) -> dict[str, tuple[int, str]]:
-    """The history windows declared in ``/model_info``'s ``inputs`` (for :func:`run_vectorized`,
-    which calls ``infer_batch`` without a runner and so windows the observations itself)."""
-    return ObservationWindow.from_spec(inputs).windows
-
-
-def run_vectorized(
-    client: PolicyClient,
-    seeds: list[int],
-    *,
-    moving_target: bool,
-    execute: int,
-    model: str | None = None,
-    max_rows: int = 0,
-) -> dict[str, Any]:
-    """``len(seeds)`` environments in lockstep: one ``infer_batch`` request per step for every
-    live environment (or per ``max_rows`` of them, to fit the server's body limit: 64 two-frame
-    windows are 118 MB), ``execute`` actions of each chunk played before the next request."""
-    envs = [ReacherEnv(seed, moving_target=moving_target) for seed in seeds]
-    windows = history_windows(client.model_info(model)["inputs"])
-    frames = [ObservationWindow(windows) for _ in envs]
-    observations = [frame(env.reset()) for frame, env in zip(frames, envs, strict=False)]
-    latencies, rows, start = [], 0, time.perf_counter()
-    while live := [i for i, env in enumerate(envs) if not env.done]:
-        parts = []
-        for first in range(0, len(live), max_rows or len(live)):
-            sent = time.perf_counter()
-            part = live[first : first + (max_rows or len(live))]
-            parts.append(client.infer_batch([observations[i] for i in part], model)["action"])
-            latencies.append(time.perf_counter() - sent)
-        chunks = np.concatenate(parts)
-        rows += len(live)
-        for chunk, i in zip(chunks, live, strict=False):
-            for action in chunk[:execute]:
-                observations[i] = frames[i](envs[i].step(action).obs)
-                if envs[i].done:
-                    break
-    wall = time.perf_counter() - start
-    return {
-        "environments": len(envs),
-        "execute": execute,
-        "moving_target": moving_target,
-        "success_rate": sum(env.success for env in envs) / len(envs),
-        "requests": len(latencies),
-        "rows": rows,
-        "env_steps": sum(env.steps for env in envs),
-        "wall_s": wall,
-        "env_steps_per_s": sum(e.steps for e in envs) / wall,
-        "latency_ms_p50": float(np.percentile(latencies, 50) * 1e3),
-        "latency_ms_p99": float(np.percentile(latencies, 99) * 1e3),
-    }
-
 
 def in_process_policy(model_dir: str) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
     """The policy loaded here (CPU), called one observation at a time (the whole window of a
