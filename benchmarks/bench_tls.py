@@ -17,7 +17,6 @@ import json
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,22 +25,12 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.local_server import local_server  # noqa: E402
+from benchmarks.timing import latency_table, timed_calls  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 from tests.tls_certs import make_pki  # noqa: E402
 
 log = logging.getLogger("bench_tls")
-
-
-def timed(call, n: int) -> np.ndarray:
-    for _ in range(10):
-        call()
-    times = np.empty(n)
-    for i in range(n):
-        t0 = time.perf_counter()
-        call()
-        times[i] = time.perf_counter() - t0
-    return times * 1e3
 
 
 def fresh_connection(url: str, verify: str | bool):
@@ -71,22 +60,17 @@ def main(argv=None) -> dict:
             for _ in range(args.runs):
                 for name, client in clients.items():
                     url, verify = servers[name]
-                    samples.setdefault((name, "GET /health"), []).append(timed(client.health, args.n))
-                    samples.setdefault((name, "POST /infer"), []).append(timed(lambda c=client: c.infer(obs), args.n))
+                    samples.setdefault((name, "GET /health"), []).append(timed_calls(client.health, args.n))
+                    samples.setdefault((name, "POST /infer"), []).append(
+                        timed_calls(lambda c=client: c.infer(obs), args.n)
+                    )
                     samples.setdefault((name, "new conn /health"), []).append(
-                        timed(fresh_connection(url, verify), max(1, args.n // 4)))
+                        timed_calls(fresh_connection(url, verify), max(1, args.n // 4))
+                    )
             for client in clients.values():
                 client.close()
-    results = []
-    log.info(f"{'scheme':6} {'call':16} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  (p50 per run)")
-    for (scheme, call), runs in sorted(samples.items(), key=lambda item: (item[0][1], item[0][0])):
-        all_ms = np.concatenate(runs)
-        row = {"scheme": scheme, "call": call, "p50_ms": float(np.median(all_ms)),
-               "p90_ms": float(np.percentile(all_ms, 90)), "p99_ms": float(np.percentile(all_ms, 99)),
-               "run_p50s_ms": [round(float(np.median(r)), 3) for r in runs]}
-        results.append(row)
-        log.info(f"{scheme:6} {call:16} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}  "
-              f"{row['run_p50s_ms']}")
+    samples = dict(sorted(samples.items(), key=lambda item: (item[0][1], item[0][0])))
+    results = latency_table(samples, "scheme", log)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -15,7 +15,6 @@ import json
 import logging
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +22,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.local_server import local_server  # noqa: E402
+from benchmarks.timing import latency_table, timed_calls  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 
 log = logging.getLogger("bench_uds")
-
-def timed(call, n: int) -> np.ndarray:
-    for _ in range(10):
-        call()
-    times = np.empty(n)
-    for i in range(n):
-        t0 = time.perf_counter()
-        call()
-        times[i] = time.perf_counter() - t0
-    return times * 1e3
-
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,27 +42,11 @@ def main(argv=None) -> dict:
         clients = {"tcp": PolicyClient(url), "uds": PolicyClient(f"unix://{sock}")}
         for _ in range(args.runs):
             for transport, client in clients.items():
-                samples.setdefault((transport, "GET /health"), []).append(timed(client.health, args.n))
+                samples.setdefault((transport, "GET /health"), []).append(timed_calls(client.health, args.n))
                 samples.setdefault((transport, "POST /infer"), []).append(
-                    timed(lambda client=client: client.infer(obs), args.n)
+                    timed_calls(lambda client=client: client.infer(obs), args.n)
                 )
-    results = []
-    log.info(f"{'transport':9} {'call':12} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}  (p50 per run)")
-    for (transport, call), runs in samples.items():
-        all_ms = np.concatenate(runs)
-        row = {
-            "transport": transport,
-            "call": call,
-            "p50_ms": float(np.median(all_ms)),
-            "p90_ms": float(np.percentile(all_ms, 90)),
-            "p99_ms": float(np.percentile(all_ms, 99)),
-            "run_p50s_ms": [round(float(np.median(r)), 3) for r in runs],
-        }
-        results.append(row)
-        log.info(
-            f"{transport:9} {call:12} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}  "
-            f"{row['run_p50s_ms']}"
-        )
+    results = latency_table(samples, "transport", log)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1))
