@@ -49,7 +49,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     app = PolicyFlask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(config.max_body_bytes, config.max_update_bytes)
     runtime = PolicyRuntime(config, policy)
-    manager = ModelAdmin(config, runtime)
+    model_admin = ModelAdmin(config, runtime)
     app.extensions["policy_runtime"] = runtime
     register_error_handlers(app)
     observability.install(app, runtime.stats)
@@ -128,7 +128,8 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
 
     @info.get("/models")
     def list_models():
-        return jsonify({"default": runtime.default_name, "models": manager.models(), "workers": manager.workers()})
+        listing = {"default": runtime.default_name, "models": model_admin.models(), "workers": model_admin.workers()}
+        return jsonify(listing)
 
     @info.get("/models/<name>")
     def named_model_info(name: str):
@@ -136,15 +137,15 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
 
     @admin.post("/update_model")
     def update_model():
-        return jsonify(manager.update(read_command(config.max_update_bytes), wait_seconds()))
+        return jsonify(model_admin.update(read_command(config.max_update_bytes), wait_seconds()))
 
     @admin.post("/models/<name>/load")
     def load_model(name: str):
-        return jsonify(manager.load(name, read_command(config.max_update_bytes), wait_seconds()))
+        return jsonify(model_admin.load(name, read_command(config.max_update_bytes), wait_seconds()))
 
     @admin.post("/models/<name>/unload")
     def unload_model(name: str):
-        return jsonify(manager.unload(name, wait_seconds()))
+        return jsonify(model_admin.unload(name, wait_seconds()))
 
     for group in (inference, probes, docs, info, admin):
         app.register_blueprint(group)
