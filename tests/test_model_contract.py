@@ -121,7 +121,7 @@ def test_transformer_keeps_the_prefix_for_d_rows_and_continues_smoothly(transfor
     assert played[k:].max() <= own + 1e-5, (played, own)  # no step from row k on beyond the policy's own
     # and it shrinks every row after k (the pull of the old plan as short as that allows)
     shift = np.abs(rtc - fresh)[k:, :2]
-    assert np.all(np.diff(shift, axis=0) <= 1e-6) and shift[-1].max() < shift[0].max() - 0.5, shift
+    assert np.all(np.diff(shift, axis=0) <= 1e-6) and shift[-1].max() < shift[0].max() - 0.3, shift
 
 
 def test_rtc_shift_keeps_every_played_step_within_the_chunks_own_largest_step():
