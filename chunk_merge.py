@@ -16,7 +16,8 @@ a :class:`MergeStrategy` says which action each step plays:
   (Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies"), so its
   answer is played as it comes (replace). An answer whose prefix is
   no longer the plan (another answer was adopted while it was out: ``Chunk.stale_prefix``)
-  is anchored to the plan it replaces, the offset spread over the following H steps.
+  is anchored to the plan it replaces, the offset faded as fast as the chunk's own
+  largest step allows (:func:`rtc_shift`).
 
 numpy only.
 """
@@ -39,6 +40,7 @@ __all__ = [
     "ReplaceMerge",
     "TemporalEnsembling",
     "merge_strategy",
+    "rtc_shift",
 ]
 
 
@@ -74,6 +76,31 @@ class MergeStrategy(Protocol):
     sends_prefix: bool
 
     def action(self, step: int, chunks: Sequence[Chunk]) -> np.ndarray | None: ...
+
+
+def rtc_shift(actions: np.ndarray, offset: np.ndarray, anchor: int, limit: float | None = None) -> np.ndarray:
+    """The shift real-time chunking adds to each row of a chunk ``actions`` [H, *shape] to
+    continue from a plan that differs by ``offset`` [*shape] at row ``anchor``: [H, *shape]
+    float64. Rows up to the anchor keep the whole offset; after it the shift falls towards 0
+    as fast as the chunk's own motion allows: with ``L`` the chunk's largest step-to-step
+    change (max over rows and dims of ``|actions[i] - actions[i - 1]|``, the seam-jerk norm of
+    ``examples/sim_loop.py``), each row's shift is the value nearest 0 that keeps the played
+    step within ``L`` in every dim, so no played step exceeds the chunk's own largest step and
+    the old plan's pull ends as soon as that allows. A chunk that does not move (L = 0) keeps
+    the whole offset. ``limit`` overrides ``L``. The server's inpainting does the same in
+    torch (``policy_server.torch_policy.rtc_shift``)."""
+    actions = np.asarray(actions, np.float64)
+    steps = np.diff(actions, axis=0)
+    if limit is None:
+        limit = float(np.abs(steps).max()) if len(steps) else 0.0
+    shift = np.broadcast_to(np.asarray(offset, np.float64), actions.shape[1:]).copy()
+    out = np.empty_like(actions)
+    for i in range(len(actions)):
+        if i > anchor:
+            moved = shift - steps[i - 1]
+            shift = np.minimum(np.maximum(0.0, moved - limit), moved + limit)
+        out[i] = shift
+    return out
 
 
 def _newest_covering(step: int, chunks: Sequence[Chunk], below: int | None = None) -> int | None:
@@ -163,11 +190,12 @@ class RealTimeChunking:
     the plan it replaces, as the server's inpainting anchors a fresh chunk to its prefix:
     at its arrival step ``a`` it plays what the plan would have (``offset = old(a) -
     new(a)``, or ``old(a - 1) - new(a - 1)`` when the plan ends at ``a``), then ``new(step) +
-    offset * max(0, 1 - (step - a) / steps)``, the offset spread evenly over ``steps``
-    (default: the chunk's length H; a later chunk anchors to this one, so it need not be
-    gone by the chunk's end). Every other answer replaces the plan from its arrival.
-    Keeps each stale chunk's offset from its first use (by identity, for the chunks still
-    passed in), so a strategy object belongs to one runner.
+    shift``, the offset faded by :func:`rtc_shift` (as fast as the answer's own largest
+    step over the rows it plays allows, so no played step exceeds it; a later chunk anchors to this one, so it need
+    not be gone by the chunk's end), or with ``steps`` linearly, ``offset * max(0, 1 - (step
+    - a) / steps)``. Every other answer replaces the plan from its arrival. Keeps each
+    stale chunk's shift from its first use (by identity, for the chunks still passed in), so
+    a strategy object belongs to one runner.
     """
 
     name = "rtc"
@@ -193,29 +221,37 @@ class RealTimeChunking:
         new = chunk.at(step)
         if not chunk.stale_prefix:
             return new
-        offset = self._offset(chunks, i)
-        if offset is None:
+        shift = self._shift(chunks, i)
+        if shift is None:
             return new
-        span = self.steps or len(chunk.actions)
-        share = max(0.0, 1.0 - max(step - chunk.arrived, 0) / span)
-        return (new + share * offset).astype(new.dtype, copy=False)
+        return (new + shift[step - chunk.step]).astype(new.dtype, copy=False)
 
-    def _offset(self, chunks: Sequence[Chunk], i: int) -> np.ndarray | None:
-        """``old(a) - new(a)`` at the arrival step a; when the old plan ends just before a,
-        ``old(a - 1) - new(a - 1)`` (the answer then goes on from the last played action
-        with its own step); None when nothing was played to anchor to (a starved step)."""
+    def _shift(self, chunks: Sequence[Chunk], i: int) -> np.ndarray | None:
+        """The per-row shift [H, *shape] anchoring a stale chunk to the plan: ``offset =
+        old(a) - new(a)`` at the arrival step a (when the old plan ends just before a,
+        ``old(a - 1) - new(a - 1)``: the answer then goes on from the last played action),
+        then faded by :func:`rtc_shift` (or linearly over ``steps`` when given); None when
+        nothing was played to anchor to (a starved step)."""
         chunk = chunks[i]
         known = self._offsets.get(id(chunk))
         if known is not None and known[0] is chunk:
             return known[1]
-        offset = None
+        shift = None
         for at in (chunk.arrived, chunk.arrived - 1):
             old = self._at(at, chunks, i) if chunk.covers(at) else None
             if old is not None:
                 offset = np.asarray(old, np.float64) - chunk.at(at)
+                anchor = at - chunk.step
+                if self.steps is None:  # the answer's own largest step over the rows it plays
+                    own = np.abs(np.diff(np.asarray(chunk.actions[anchor:], np.float64), axis=0))
+                    shift = rtc_shift(chunk.actions, offset, anchor, float(own.max()) if own.size else 0.0)
+                else:
+                    rows = np.arange(len(chunk.actions)) - max(chunk.arrived - chunk.step, 0)
+                    share = np.clip(1.0 - np.maximum(rows, 0) / self.steps, 0.0, 1.0)
+                    shift = share.reshape(-1, *([1] * offset.ndim)) * offset
                 break
-        self._offsets[id(chunk)] = (chunk, offset)
-        return offset
+        self._offsets[id(chunk)] = (chunk, shift)
+        return shift
 
 
 MERGE_STRATEGIES = ("replace", "blend", "temporal_ensembling", "rtc")

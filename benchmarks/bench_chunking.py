@@ -12,11 +12,11 @@ mode (think of a flow policy's draw), the sines what every sample agrees on. Giv
 chunking inputs, the stand-in is one of two policies (``--stand-in``):
 
 - ``blend`` (the default): a policy that does not condition on the prefix; its fresh chunk
-  (a new random offset) goes through the server's inpainting (``rtc_weights`` /
-  ``inpaint_prefix`` here, a numpy mirror of ``policy_server.torch_policy``'s): rows
-  [0, d) the prefix, later rows the fresh chunk shifted by the offset at row d - 1, the
-  shift falling linearly to 0 one row past the chunk. This is what the shipped transformer
-  does.
+  (a new random offset) goes through the server's inpainting (``inpaint_prefix`` here, a
+  numpy mirror of ``policy_server.torch_policy``'s): rows [0, d) the prefix, later rows the
+  fresh chunk shifted by the offset at row d - 1, the shift falling to 0 as fast as the
+  chunk's own largest step allows (``chunk_merge.rtc_shift``). This is what the shipped
+  transformer does.
 - ``conditioned``: a policy that conditions on the prefix, as guided inpainting of a flow
   policy (Black et al. 2025) or a model trained with the prefix as an input would: it reads
   the prefix's mode (the mean of ``prefix - sines`` over the committed rows) and draws its
@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from chunk_merge import rtc_shift  # noqa: E402
 from robot_loop import MERGE_STRATEGIES, RTC_INPUTS, ChunkRunner, LoopClock  # noqa: E402
 
 log = logging.getLogger("bench_chunking")
@@ -108,26 +109,16 @@ class StandInPolicy:
         return {"action": chunk.astype(np.float32)}
 
 
-def rtc_weights(horizon: int, prefix_length: int, inference_delay: int) -> np.ndarray:
-    """A numpy mirror (this benchmark stays torch-free) of the server's real-time chunking
-    weights ``policy_server.torch_policy.rtc_weights`` for one request: [horizon] float64,
-    the share of the seam offset each row keeps: with k = max(d - 1, 0), 1 for rows <= k,
-    ``(H - i) / (H - k)`` after (a linear ramp to 0 one row past the chunk); 0 when n = 0."""
-    if prefix_length <= 0:
-        return np.zeros(horizon)
-    i = np.arange(horizon, dtype=np.float64)
-    k = max(inference_delay - 1, 0)
-    return np.clip((horizon - i) / (horizon - k), 0.0, 1.0)
-
-
 def inpaint_prefix(chunk: np.ndarray, prefix: np.ndarray, prefix_length: int, inference_delay: int) -> np.ndarray:
-    """Numpy mirror of ``policy_server.torch_policy.inpaint_prefix`` for one request: rows
-    [0, d) the prefix, later rows ``chunk`` shifted by ``rtc_weights`` times the offset
-    ``prefix[k] - chunk[k]``, k = max(d - 1, 0)."""
+    """Numpy mirror (this benchmark stays torch-free) of
+    ``policy_server.torch_policy.inpaint_prefix`` for one request: rows [0, d) the prefix,
+    later rows ``chunk`` shifted by ``chunk_merge.rtc_shift`` of the offset ``prefix[k] -
+    chunk[k]``, k = max(d - 1, 0) (the shift falls as fast as the chunk's own largest step
+    allows)."""
     if prefix_length <= 0:
         return chunk
     k = min(max(inference_delay - 1, 0), len(chunk) - 1)
-    out = chunk + rtc_weights(len(chunk), prefix_length, inference_delay)[:, None] * (prefix[k] - chunk[k])
+    out = chunk + rtc_shift(chunk, prefix[k] - chunk[k], k)
     out[:inference_delay] = prefix[:inference_delay]
     return out
 

@@ -88,25 +88,29 @@ def load_weights_strict(module: torch.nn.Module, path: str) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def rtc_weights(horizon: int, prefix_length: torch.Tensor, inference_delay: torch.Tensor) -> torch.Tensor:
-    """How much of the seam offset each row of a real-time chunking answer keeps: [B, horizon]
-    float32 (after Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies",
-    arXiv 2506.07339, whose soft mask decays the prefix's pull over the chunk).
-
-    With n = ``prefix_length`` and d = ``inference_delay`` (int tensors [B, 1]) and the anchor
-    row k = d - 1 (0 when d = 0): 1 for rows i <= k (rows [0, d) are the prefix itself), then
-    ``(H - i) / (H - k)`` for i > k, a linear ramp from 1 at row k to 0 one row past the
-    chunk (H = ``horizon``); all 0 when n = 0 (no prefix). :func:`inpaint_prefix` adds this
-    fraction of the offset ``prefix[k] - fresh[k]`` to the fresh chunk, so the gap between
-    the old plan and the fresh chunk is spread evenly over every row after the delay,
-    ``1 / (H - d + 1)`` of it per step (the smallest largest step; DEVELOPMENT.md "Seams
-    that meet the goal"). Numpy mirror, for torch-free code: ``benchmarks/bench_chunking.py``
-    ``rtc_weights``.
+def rtc_shift(action: torch.Tensor, offset: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """The shift real-time chunking adds to each row of a fresh chunk: [B, H, D], ``action``'s
+    dtype, for ``action`` [B, H, D], the seam ``offset`` [B, D] and the anchor row ``anchor``
+    (int tensor [B, 1]). Rows up to the anchor keep the whole offset; after it the shift falls
+    towards 0 as fast as the chunk's own motion allows: with ``L`` the chunk's largest
+    step-to-step change (max over rows and dims of ``|action[i] - action[i - 1]|``, the
+    seam-jerk norm of ``examples/sim_loop.py``), each row's shift is the value nearest 0 that
+    keeps the played step ``|action[i] + shift[i] - action[i - 1] - shift[i - 1]|`` within
+    ``L`` in every dim. So no played step exceeds the policy's own largest step (by
+    construction) and the old plan's pull ends as soon as that allows (a lag in a closed loop
+    chasing a moving target; DEVELOPMENT.md "Seams that meet the goal"). A chunk that does not
+    move (L = 0) keeps the whole offset. Numpy twin: ``chunk_merge.rtc_shift``.
     """
-    i = torch.arange(horizon, device=prefix_length.device, dtype=torch.float32)[None, :]
-    k = (inference_delay.to(torch.float32) - 1.0).clamp_min(0.0)
-    ramp = ((horizon - i) / (horizon - k)).clamp(0.0, 1.0)
-    return torch.where(prefix_length > 0, ramp, torch.zeros_like(ramp))
+    steps = action.diff(dim=1)  # [B, H - 1, D]
+    limit = steps.abs().amax(dim=(1, 2))[:, None] if steps.shape[1] else torch.zeros_like(offset[:, :1])
+    shift, rows = offset.to(action.dtype), []
+    for i in range(action.shape[1]):
+        if i > 0:
+            moved = shift - steps[:, i - 1]
+            faded = torch.minimum(torch.maximum(torch.zeros_like(moved), moved - limit), moved + limit)
+            shift = torch.where(anchor < i, faded, shift)
+        rows.append(shift)
+    return torch.stack(rows, dim=1)
 
 
 def inpaint_prefix(
@@ -114,16 +118,19 @@ def inpaint_prefix(
 ) -> torch.Tensor:
     """A fresh chunk ``action`` [B, H, D] continuing the client's ``prefix`` [B, H, D]: rows
     [0, d) are the prefix exactly; every later row i is the fresh chunk shifted by
-    ``rtc_weights[i] * (prefix[k] - action[k])``, k = max(d - 1, 0) the last committed row, so
-    the chunk starts where the prefix leaves off, keeps the fresh chunk's shape, and
-    returns to it by the end of the chunk. Prefix rows past k are not used (they are the
-    old plan's guess, which the fresh chunk replaces). ``prefix_length`` 0 (the server's
-    default when the request omits the inputs) returns ``action`` unchanged."""
+    :func:`rtc_shift` of the offset ``prefix[k] - action[k]``, k = max(d - 1, 0) the last
+    committed row, so the chunk starts where the prefix leaves off, no step is larger than the
+    fresh chunk's own largest step, and the shift is gone as soon as that allows (after
+    Black et al. 2025, "Real-Time Execution of Action Chunking Flow Policies", arXiv
+    2506.07339, whose soft mask decays the prefix's pull over the chunk). Prefix rows past k
+    are not used (they are the old plan's guess, which the fresh chunk replaces).
+    ``prefix_length`` 0 (the server's default when the request omits the inputs) returns
+    ``action`` unchanged. Numpy mirror: ``benchmarks/bench_chunking.py`` ``inpaint_prefix``."""
     horizon = action.shape[1]
-    weights = rtc_weights(horizon, prefix_length, inference_delay).to(action.dtype)[..., None]  # [B, H, 1]
-    k = (inference_delay.long() - 1).clamp(0, horizon - 1)[:, :, None].expand(-1, 1, action.shape[2])
-    offset = torch.gather(prefix, 1, k) - torch.gather(action, 1, k)  # [B, 1, D]
+    k = (inference_delay.long() - 1).clamp(0, horizon - 1)  # [B, 1]
+    index = k[:, :, None].expand(-1, 1, action.shape[2])
+    offset = (torch.gather(prefix, 1, index) - torch.gather(action, 1, index))[:, 0]  # [B, D]
     rows = torch.arange(horizon, device=action.device)[None, :, None]
     committed = (rows < inference_delay.long()[:, :, None]) & (prefix_length[:, :, None] > 0)
-    inpainted = torch.where(committed, prefix, action + weights * offset)
+    inpainted = torch.where(committed, prefix, action + rtc_shift(action, offset, k))
     return torch.where(prefix_length[:, :, None] > 0, inpainted, action)

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from chunk_merge import rtc_shift
 from examples.reacher import ReacherEnv
 from policy_server.contract import History, TensorSpec, rtc_specs
 from policy_server.errors import ModelError
 from policy_server.launcher import ROOT
 from policy_server.model_loader import describe, load_model_dir
 from policy_server.tensors import complete_inputs, sample_inputs
-from policy_server.torch_policy import inpaint_prefix, rtc_weights
+from policy_server.torch_policy import inpaint_prefix
+from policy_server.torch_policy import rtc_shift as torch_rtc_shift
 from tests.fakes import FAKE_OUTPUTS, FakePolicy
 
 STATE = TensorSpec("state", "float32", (6,))
@@ -110,19 +112,54 @@ def test_transformer_keeps_the_prefix_for_d_rows_and_continues_smoothly(transfor
     rtc = forward(transformer, obs, action_prefix=prefix, prefix_length=np.array([length], np.int32),
                   inference_delay=np.array([delay], np.int32))
     np.testing.assert_array_equal(rtc[:delay], prefix[:delay])  # exactly the prefix while it plays
-    # After it, the fresh chunk shifted by the seam offset, the shift falling linearly from
-    # 1 at the last committed row k to 0 one row past the chunk: (10 - i) / (10 - k).
+    # After it, the fresh chunk shifted by the seam offset at the last committed row k, the
+    # shift falling as fast as the fresh chunk's own largest step allows.
     k = max(delay - 1, 0)
-    share = (10 - np.arange(10)) / (10 - k)
-    np.testing.assert_allclose(rtc[delay:], fresh[delay:] + share[delay:, None] * off, atol=1e-5)
-    within = np.abs(np.diff(fresh[:, :2], axis=0)).max()  # the policy's own step-to-step change
-    steps = np.abs(np.diff(rtc[:, :2], axis=0)).max(axis=1)
-    # no step takes more than the policy's own change plus an even share of the gap (1.0),
-    # against replacing's jump of 1.0 at the seam
-    assert steps.max() <= within + 1.0 / (10 - k) + 1e-5, steps
-    weights = rtc_weights(10, torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy()
-    np.testing.assert_allclose(weights, np.minimum(share, 1.0), atol=1e-7)
-    assert rtc_weights(10, torch.tensor([[0]]), torch.tensor([[0]]))[0].tolist() == [0.0] * 10
+    own = np.abs(np.diff(fresh, axis=0)).max()  # the policy's own largest step (all dims)
+    np.testing.assert_allclose(rtc[delay:], fresh[delay:] + rtc_shift(fresh, off, k)[delay:], atol=1e-5)
+    played = np.abs(np.diff(rtc, axis=0)).max(axis=1)
+    assert played[k:].max() <= own + 1e-5, (played, own)  # no step from row k on beyond the policy's own
+    # and it shrinks every row after k (the pull of the old plan as short as that allows)
+    shift = np.abs(rtc - fresh)[k:, :2]
+    assert np.all(np.diff(shift, axis=0) <= 1e-6) and shift[-1].max() < shift[0].max() - 0.3, shift
+
+
+def test_rtc_shift_keeps_every_played_step_within_the_chunks_own_largest_step():
+    """Whatever the gap, after inpainting no played step (from the last committed row on)
+    is larger than the fresh chunk's own largest step-to-step change (max over dims, the
+    seam-jerk norm); the shift reaches 0 once the chunk's motion leaves room for it; the
+    torch and numpy twins agree."""
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        horizon = int(rng.integers(2, 12))
+        chunk = np.cumsum(rng.normal(scale=rng.uniform(0.01, 0.5), size=(horizon, 3)), axis=0).astype(np.float32)
+        length = int(rng.integers(1, horizon + 1))
+        delay = int(rng.integers(0, length + 1))
+        prefix = np.zeros((horizon, 3), np.float32)
+        prefix[:length] = rng.normal(scale=rng.uniform(0.0, 3.0), size=(length, 3))
+        out = inpaint_prefix(torch.from_numpy(chunk)[None], torch.from_numpy(prefix)[None],
+                             torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy()
+        np.testing.assert_array_equal(out[:delay], prefix[:delay])
+        k = max(delay - 1, 0)
+        np.testing.assert_allclose(out[k], prefix[k], atol=1e-5)  # it starts where the prefix leaves off
+        own = np.abs(np.diff(chunk, axis=0)).max()
+        assert np.abs(np.diff(out[k:], axis=0)).max(initial=0.0) <= own * (1 + 1e-5) + 1e-6, trial
+        offset = (prefix[k] - chunk[k]).astype(np.float64)
+        twin = rtc_shift(chunk, offset, k)
+        torch_twin = torch_rtc_shift(torch.from_numpy(chunk)[None], torch.from_numpy(offset.astype(np.float32))[None],
+                                     torch.tensor([[k]]))[0].numpy()
+        np.testing.assert_allclose(torch_twin, twin, atol=1e-5)
+        # |shift| shrinks by at least own - |step| per row after the anchor (0 once there is room)
+        room = own - np.abs(np.diff(chunk.astype(np.float64), axis=0))[k:]
+        assert np.all(np.abs(twin[k + 1:]) <= np.maximum(np.abs(twin[k:-1]) - room, 0.0) + 1e-5), trial
+    # a chunk that moves 0.1 per row: a shift against its motion fades by 0.2 a row (the
+    # played step -0.1), one along it cannot fade without a step over 0.1 and stays
+    even = np.tile(np.arange(5, dtype=np.float64)[:, None] * 0.1, (1, 2))
+    np.testing.assert_allclose(rtc_shift(even, np.array([0.3, -0.3]), 0),
+                               [[0.3, -0.3], [0.1, -0.3], [0.0, -0.3], [0.0, -0.3], [0.0, -0.3]], atol=1e-12)
+    # a dim that stands still while another moves fades at the other's pace
+    still = np.stack([np.arange(5) * 0.1, np.zeros(5)], axis=1)
+    np.testing.assert_allclose(rtc_shift(still, np.array([0.0, 0.25]), 1)[:, 1], [0.25, 0.25, 0.15, 0.05, 0.0])
 
 
 def test_transformer_without_a_prefix_is_the_plain_chunk(transformer):
@@ -175,8 +212,3 @@ def test_the_benchmarks_numpy_mirror_of_the_rtc_inpainting_matches_the_servers()
         )[0].numpy()
         mirrored = bench.inpaint_prefix(chunk.astype(np.float64), prefix, length, delay)
         np.testing.assert_allclose(mirrored, served, atol=1e-6)
-        np.testing.assert_allclose(
-            bench.rtc_weights(10, length, delay),
-            rtc_weights(10, torch.tensor([[length]]), torch.tensor([[delay]]))[0].numpy(),
-            atol=1e-7,
-        )

@@ -20,7 +20,7 @@ import requests
 
 import request_tools
 import robot_loop
-from chunk_merge import BlendMerge, Chunk, ReplaceMerge, TemporalEnsembling, merge_strategy
+from chunk_merge import BlendMerge, Chunk, RealTimeChunking, ReplaceMerge, TemporalEnsembling, merge_strategy
 from request_tools import (
     ChunkRunner,
     LoopClock,
@@ -417,9 +417,10 @@ def test_rtc_answer_with_a_stale_prefix_is_anchored_one_with_the_live_prefix_pla
             policy.release(n)
         runner.close()
     # steps 0-5 chunk 0; 6 A's own row (anchoring it would give 0); from 7 B anchored to A:
-    # B's 200 shifted by A - B = -100 at its arrival, the shift falling by 1/H (10) per step
-    # (played as-is B would give 200).
-    assert played == pytest.approx([0, 0, 0, 0, 0, 0, 100, 100, 110, 120, 130])
+    # B's 200 shifted by A - B = -100 at its arrival, the shift falling as fast as B's own
+    # largest step over the rows it plays (1, its first dim's) allows: 1 per step (played
+    # as-is B would give 200, a step of 100).
+    assert played == pytest.approx([0, 0, 0, 0, 0, 0, 100, 100, 101, 102, 103])
     assert runner.stats.stale_prefixes == 1 and runner.stats.chunks == 3
     assert runner.stats.to_dict()["stale_prefixes"] == 1
 
@@ -455,8 +456,8 @@ def test_rtc_answer_whose_prefix_ends_before_it_arrives_goes_on_from_the_last_pl
         runner.close()
     # steps 0-5 chunk 0 (A keeps it for inference_delay 5 rows, steps 1-5); A's 100 from 6
     # to 10; at 11 B (200, its rows for 10 and 11 both its own) goes on from A's 100 at step
-    # 10 with its own step (0) instead of jumping to 200.
-    assert played == [0] * 6 + [100] * 5 + [100]
+    # 10, anchored there, with no step larger than its own largest (1) instead of jumping to 200.
+    assert played == [0] * 6 + [100] * 5 + [101]
     assert runner.stats.stale_prefixes == 1
 
 
@@ -465,23 +466,32 @@ def test_rtc_merge_anchors_to_the_last_played_action_when_the_old_plan_ends_at_t
     new = Chunk(step=4, arrived=10, actions=np.full((HORIZON, 1), 50.0) + np.arange(HORIZON)[:, None] * 2,
                 stale_prefix=True)
     rtc = merge_strategy("rtc")
-    # old plays 9 at step 9; new's own step is 2 from 9 to 10: 11, then its offset (9 - 60)
-    # falls by a tenth per step
-    assert [float(rtc.action(t, [old, new])[0]) for t in (10, 11)] == pytest.approx([11.0, 64 - 0.9 * 51])
+    # old plays 9 at step 9; new's own step is 2 from 9 to 10: 11, then 13: the offset (9 - 60)
+    # cannot fade while new rises at its own largest step (fading would step by more than 2)
+    assert [float(rtc.action(t, [old, new])[0]) for t in (10, 11)] == pytest.approx([11.0, 13.0])
+    # the linear fade of before, over H steps: the offset falls by a tenth per step
+    linear = RealTimeChunking(steps=HORIZON)
+    assert [float(linear.action(t, [old, new])[0]) for t in (10, 11)] == pytest.approx([11.0, 64 - 0.9 * 51])
 
 
 def test_rtc_merge_anchors_only_chunks_marked_stale():
     old = Chunk(step=0, arrived=0, actions=np.zeros((HORIZON, 1)))
-    new = np.full((HORIZON, 1), 4.0)
+    new = 4.0 - 0.5 * np.arange(HORIZON, dtype=np.float64)[:, None]  # falls 0.5 per step
     rtc = merge_strategy("rtc")
     fresh = [old, Chunk(step=2, arrived=3, actions=new)]
     stale = [old, Chunk(step=2, arrived=3, actions=new, stale_prefix=True)]
-    assert [float(rtc.action(t, fresh)[0]) for t in range(3, 8)] == [4, 4, 4, 4, 4]  # from its arrival, step 3
-    # anchored at its arrival to the old plan (0): offset -4, falling by 1/H per step
-    assert [float(rtc.action(t, stale)[0]) for t in range(3, 8)] == pytest.approx([0, 0.4, 0.8, 1.2, 1.6])
-    # the offset is kept from its first use: dropping the old chunk does not move the plan
-    assert float(rtc.action(8, stale[1:])[0]) == pytest.approx(2.0)
-    assert float(merge_strategy("rtc").action(8, stale[1:])[0]) == 4.0  # never anchored: nothing to anchor to
+    assert [float(rtc.action(t, fresh)[0]) for t in range(3, 8)] == [3.5, 3, 2.5, 2, 1.5]  # from its arrival, step 3
+    # anchored at its arrival to the old plan (0): offset -3.5, then each step the shift
+    # falls as far as keeps the played step within new's own 0.5 (its own -0.5 plus +1):
+    # the played steps are +0.5 until the shift is gone, then new's own
+    assert [float(rtc.action(t, stale)[0]) for t in range(3, 9)] == pytest.approx([0, 0.5, 1.0, 1.5, 1.5, 1.0])
+    # the shift is kept from its first use: dropping the old chunk does not move the plan
+    assert float(rtc.action(6, stale[1:])[0]) == pytest.approx(1.5)
+    assert float(merge_strategy("rtc").action(6, stale[1:])[0]) == 2.0  # never anchored: nothing to anchor to
+    # with steps=H, the linear fade of before: offset -3.5 falling by a tenth per step
+    linear = RealTimeChunking(steps=HORIZON)
+    played = [float(linear.action(t, stale)[0]) for t in range(3, 6)]
+    assert played == pytest.approx([0, 3 - 0.9 * 3.5, 2.5 - 0.8 * 3.5])
 
 
 def test_a_model_that_does_not_declare_the_rtc_inputs_gets_neither():

@@ -13,9 +13,10 @@ inputs ``action_prefix`` float32[10, 7], ``prefix_length`` int32[1] and ``infere
 int32[1] (``policy_server.contract.rtc_specs``). Given them, the network's fresh chunk is
 inpainted with the prefix (``policy_server.torch_policy.inpaint_prefix``): rows [0, d) are
 the prefix exactly; later rows are the fresh chunk shifted by the offset between the prefix's
-last committed row and the fresh chunk's, the shift falling linearly to 0 one row past the
-chunk. A request without them (zeros: prefix_length 0) gets the plain chunk. The network
-itself does not take the prefix as an input (no retraining): it is a deterministic
+last committed row and the fresh chunk's, the shift falling to 0 as fast as the fresh
+chunk's own largest step allows (``torch_policy.rtc_shift``: no played step exceeds it).
+A request without them (zeros: prefix_length 0) gets the plain chunk. The network itself
+does not take the prefix as an input (no retraining): it is a deterministic
 regression policy, so a seam is new information rather than a change of mode, and the
 inpainting spreads it over the chunk (DEVELOPMENT.md "Seams that meet the goal").
 
