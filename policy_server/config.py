@@ -43,7 +43,7 @@ class ServerConfig:
     model_root: str = _opt("models", "/update_model and /models/<name>/load accept model_path only inside this")
     store_keep: int = _opt(5, "versions kept per model in the store (rollback targets)")
     store_poll_ms: int = _opt(100, "how often each worker checks the store for a new current version")
-    # Safe updates (issue 12): the default wait, and bounds on what one update may stage.
+    # Safe updates: the default wait, and bounds on what one update may stage.
     update_wait_s: float = _opt(
         10.0, "how long /update_model, load and unload wait by default for every worker of this instance to "
         "serve the new state before answering (wait_s overrides it; 0 = answer at once)"
@@ -124,14 +124,14 @@ class ServerConfig:
     compile: bool = _opt(False, "torch.compile the policy module (slower start, warm-up compiles)")
     quantize_int8: bool = _opt(False, "dynamic int8 quantization of Linear layers (CPU only)")
     channels_last: bool = _opt(False, "convert the policy module to channels_last memory format")
-    # Open Inference Protocol and Unix domain sockets (issue 14)
+    # Open Inference Protocol and Unix domain sockets
     oip_max_json_bytes: int = _opt(
         16 * 1024 * 1024, "largest Open Inference Protocol JSON header (or all-JSON body) of /v2 infer requests"
     )
     uds: str | None = _opt(None, "also bind this Unix domain socket path (clients: unix:///path)", str)
     uds_mode: str = _opt("660", "file mode (octal) of the --uds socket, set once it is bound")
     uds_only: bool = _opt(False, "bind only the --uds socket, no TCP port")
-    # TLS (issue 14): gunicorn's own certificate settings; TCP listeners serve HTTPS when set.
+    # TLS: gunicorn's own certificate settings; TCP listeners serve HTTPS when set.
     certfile: str | None = _opt(None, "PEM certificate (chain) to serve HTTPS with; needs --keyfile", str)
     keyfile: str | None = _opt(None, "PEM private key of --certfile (unencrypted)", str)
     ca_certs: str | None = _opt(None, "PEM CA bundle that client certificates are checked against (mTLS)", str)
