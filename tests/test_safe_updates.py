@@ -22,9 +22,7 @@ from binary_protocol import dict_to_binary
 from policy_server.launcher import ROOT
 from policy_server.store import ModelStore
 from tests.store_app import BINARY, infer, make_store_app, push
-from tests.tiny_model import POLICY, tiny_weights, write_tiny_model
-
-CANARY_CODE = "open({path!r}, 'w').write('ran')\n"
+from tests.tiny_model import CANARY_CODE, POLICY, tiny_weights, write_linked_out_model, write_tiny_model
 
 
 def assert_nothing_published(store_client, name: str = "default") -> None:
@@ -50,12 +48,7 @@ def refused(response, status: int, fragment: str) -> dict:
 
 
 def test_a_policy_py_linked_out_of_the_root_is_refused_and_never_runs(store_client, tiny_models, tmp_path):
-    canary = tmp_path / "canary"
-    outside = tmp_path / "outside_policy.py"
-    outside.write_text(CANARY_CODE.format(path=str(canary)) + POLICY)
-    evil = write_tiny_model(tiny_models / "evil", tag=2.0)
-    (evil / "policy.py").unlink()
-    (evil / "policy.py").symlink_to(outside)
+    canary = write_linked_out_model(tiny_models, tmp_path)
     refused(store_client.post("/update_model", json={"model_path": "evil"}), 403,
             "'policy.py' is a link that leads outside the model root")
     refused(store_client.post("/models/other/load", json={"model_path": "evil"}), 403, "'policy.py'")

@@ -20,8 +20,7 @@ from policy_server.store import ModelStore
 from request_tools import PolicyClient, PolicyServerError
 from tests.fakes import fake_observation
 from tests.serving import run_server
-from tests.test_safe_updates import CANARY_CODE
-from tests.tiny_model import POLICY, tiny_weights, write_tiny_model
+from tests.tiny_model import tiny_weights, write_linked_out_model, write_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -63,12 +62,7 @@ def refusal(call, status: int, fragment: str) -> None:
 
 
 def test_bad_updates_publish_nothing_and_good_ones_are_true_when_answered(tmp_path, tiny_models):
-    canary = tmp_path / "canary"
-    outside = tmp_path / "outside_policy.py"
-    outside.write_text(CANARY_CODE.format(path=str(canary)) + POLICY)
-    evil = write_tiny_model(tiny_models / "evil", tag=2.0)
-    (evil / "policy.py").unlink()
-    (evil / "policy.py").symlink_to(outside)
+    canary = write_linked_out_model(tiny_models, tmp_path)
     store = tmp_path / "store"
     with live(tmp_path, tiny_models, store) as server, PolicyClient(server.base_url, admin_key=ADMIN_KEY) as admin:
         refusal(lambda: admin.update_model(model_path="evil"), 403, "'policy.py' is a link that leads outside")

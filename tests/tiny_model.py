@@ -73,3 +73,18 @@ def write_tiny_model(
     if forward_delay_s:
         (path / "forward_delay_s").write_text(str(forward_delay_s))
     return path
+
+
+CANARY_CODE = "open({path!r}, 'w').write('ran')\n"
+
+
+def write_linked_out_model(model_root: Path, tmp_path: Path, name: str = "evil") -> Path:
+    """A tiny model whose ``policy.py`` is a link to a file outside ``model_root``; importing
+    that file would write ``tmp_path / "canary"``. Returns the canary's path."""
+    canary = tmp_path / "canary"
+    outside = tmp_path / "outside_policy.py"
+    outside.write_text(CANARY_CODE.format(path=str(canary)) + POLICY)
+    model = write_tiny_model(model_root / name, tag=2.0)
+    (model / "policy.py").unlink()
+    (model / "policy.py").symlink_to(outside)
+    return canary
