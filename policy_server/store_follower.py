@@ -99,8 +99,11 @@ class StoreFollower:
     def _follow(self, pointer: Pointer) -> None:
         name = pointer.model
         with self._lock:
-            if pointer.generation == self.generations.get(name):
-                return  # adopted meanwhile
+            # Read again under the lock: an update adopted since ``pointer`` was read has
+            # published a newer one, and acting on the old read would swap back to an older version.
+            pointer = self.store.pointer(name)
+            if pointer is None or pointer.generation == self.generations.get(name):
+                return  # removed (the next poll unloads it), or adopted meanwhile
             self.generations[name] = pointer.generation  # acted on, whatever the outcome
             current = self.host.served_models().get(name)
             if not pointer.loaded:

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+import urllib3.connection
 
 from request_tools import PolicyClient, PolicyServerError
 from tests.fakes import fake_observation
@@ -50,10 +51,25 @@ def tag_of(version: str) -> float:
     return float(version) - 1.0  # the test publishes tag v-1 as version v
 
 
-def test_fifty_updates_under_sixteen_clients_and_four_workers(tmp_path, root):
+@pytest.fixture
+def connects(monkeypatch):
+    """Connections opened per thread: an answer's count says which keep-alive connection it came on."""
+    counts: dict[str, int] = {}
+    connect = urllib3.connection.HTTPConnection.connect
+
+    def counting(self):
+        name = threading.current_thread().name
+        counts[name] = counts.get(name, 0) + 1
+        return connect(self)
+
+    monkeypatch.setattr(urllib3.connection.HTTPConnection, "connect", counting)
+    return counts
+
+
+def test_fifty_updates_under_sixteen_clients_and_four_workers(tmp_path, root, connects):
     with store_server(tmp_path, root, tmp_path / "store", 4) as server:
         stop = threading.Event()
-        results: list[list[tuple[str, float]]] = [[] for _ in range(CLIENTS)]
+        results: list[list[tuple[str, float, int]]] = [[] for _ in range(CLIENTS)]
         failures: list[str] = []
 
         def robot(i: int) -> None:
@@ -65,9 +81,10 @@ def test_fifty_updates_under_sixteen_clients_and_four_workers(tmp_path, root):
                     except Exception as exc:  # noqa: BLE001 (any failure is recorded; the test asserts none)
                         failures.append(f"client {i}: {exc!r}")
                         return
-                    results[i].append((client.last_model_version, float(action.flat[0])))
+                    connection = connects[threading.current_thread().name]
+                    results[i].append((client.last_model_version, float(action.flat[0]), connection))
 
-        threads = [threading.Thread(target=robot, args=(i,), daemon=True) for i in range(CLIENTS)]
+        threads = [threading.Thread(target=robot, args=(i,), daemon=True, name=f"robot-{i}") for i in range(CLIENTS)]
         for t in threads:
             t.start()
         switch_times, answers = [], []
@@ -87,16 +104,20 @@ def test_fifty_updates_under_sixteen_clients_and_four_workers(tmp_path, root):
             assert answer["all_workers"], answer
             assert len(answer["workers"]) == 4 and {w["version"] for w in answer["workers"]} == {str(answer["version"])}
         assert max(switch_times) <= SWITCH_BOUND_S, sorted(switch_times)[-5:]
-        total = 0
-        for per_client in results:
-            versions = [int(v) for v, _ in per_client]
-            assert versions == sorted(versions), "a client saw versions go backwards"
-            assert all(value == tag_of(v) for v, value in per_client), "an answer mixed versions"
+        total, reconnects = 0, 0
+        for i, per_client in enumerate(results):
+            # A keep-alive connection stays with one worker, and a worker never swaps back to an
+            # older version. (On a new connection, another worker may still be mid-switch.)
+            for connection in sorted({c for _, _, c in per_client}):
+                versions = [int(v) for v, _, c in per_client if c == connection]
+                assert versions == sorted(versions), f"client {i} saw versions go backwards on one connection"
+            assert all(value == tag_of(v) for v, value, _ in per_client), "an answer mixed versions"
             total += len(per_client)
-        seen = {v for per_client in results for v, _ in per_client}
+            reconnects += per_client[-1][2] - per_client[0][2] if per_client else 0
+        seen = {v for per_client in results for v, _, _ in per_client}
         assert len(seen) > UPDATES // 2  # the clients really ran across the updates
-        log.info(f"{total} requests, switch p50 {sorted(switch_times)[len(switch_times) // 2]:.3f} s "
-              f"max {max(switch_times):.3f} s")
+        log.info(f"{total} requests, {reconnects} reconnects, switch p50 "
+                 f"{sorted(switch_times)[len(switch_times) // 2]:.3f} s max {max(switch_times):.3f} s")
 
 
 def test_two_instances_sharing_a_store_both_switch(tmp_path, root):

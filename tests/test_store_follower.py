@@ -65,3 +65,32 @@ def test_adopt_never_serves_a_candidate_over_a_newer_pointer(app, tiny_models): 
     assert infer(client)[:2] == ("2", 5.0)
     assert follower.adopt(candidate, pointer) is False  # acted on already
     assert candidate.served.model.version == "candidate"  # adopting copies; the candidate is unchanged
+
+
+def test_the_watcher_never_swaps_back_to_a_pointer_an_adopted_update_superseded(app, tiny_models, monkeypatch):
+    """The watcher reads a pointer, then an update is published and adopted here before the
+    watcher takes the lock: it must not load the version it read (older than the one served)."""
+    runtime = app.extensions["policy_runtime"]
+    follower, store, client = runtime.follower, runtime.store, app.test_client()
+    write_tiny_model(tiny_models / "two", tag=2.0)
+    write_tiny_model(tiny_models / "three", tag=3.0)
+    unseen = store.publish("default", store.stage("default", str(tiny_models / "two")))  # not followed yet
+    assert unseen.version == 2 and follower.generations.get("default") != unseen.generation
+    staged = store.stage("default", str(tiny_models / "three"))
+    candidate = follower.validate("default", staged)
+    read_pointer = store.pointer
+    raced = []
+
+    def pointer_then_update(name):
+        pointer = read_pointer(name)
+        if not raced:  # the watcher's read; the update lands right after it
+            raced.append(pointer)
+            assert follower.adopt(candidate, store.publish("default", staged)) is True
+        return pointer
+
+    monkeypatch.setattr(store, "pointer", pointer_then_update)
+    follower.sync()
+    monkeypatch.undo()
+    assert raced and raced[0].version == 2
+    assert infer(client)[:2] == ("3", 3.0)  # still the adopted update, not the stale read
+    assert follower.generations["default"] == store.pointer("default").generation
