@@ -11,6 +11,8 @@ and drives ``do_handshake()`` from readiness events:
   closed (``policy_front_door_closed_total{reason="tls_handshake_timeout"}``) and never
   reaches a thread; until it completes, the connection counts as idle (it is evicted first
   when the worker is at ``worker_connections``);
+- rotated certificate files are picked up in place: new handshakes use them within
+  ``CERT_CHECK_S`` (a pair that does not load together leaves the previous one serving);
 - a plain-HTTP request on the TLS port gets a plain-text 400 JSON answer and is closed;
   other handshake failures (no shared protocol, a missing or bad client certificate) are
   closed and counted (``reason="tls_handshake_failed"``).
@@ -29,6 +31,7 @@ Plain HTTP connections never come here: their callback is
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import socket
 import ssl
@@ -39,9 +42,18 @@ from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, RECV_BYTES,
 
 log = logging.getLogger("policy_server.front_door")
 
+CERT_CHECK_S = 1.0  # at most this often a new connection checks the certificate files for a change
+
 PLAIN_HTTP = Refusal(
     400, "bad request", "this port serves HTTPS: use an https:// URL", "plain_http_on_tls",
 )
+
+
+def _new_context(cfg) -> ssl.SSLContext:
+    """gunicorn's server context from its certificate settings and the conf's ``ssl_context`` hook."""
+    from gunicorn.sock import ssl_context
+
+    return ssl_context(cfg)
 
 
 class TLSReader:
@@ -55,18 +67,57 @@ class TLSReader:
     tls_context: ssl.SSLContext | None = None
 
     def _init_tls(self) -> None:
-        """Build the server context once per worker when gunicorn is configured for SSL."""
+        """Build the server context when gunicorn is configured for SSL, and note the
+        certificate files' state (see :meth:`_check_certificates`)."""
         if not self.cfg.is_ssl:
             return
-        from gunicorn.sock import ssl_context  # gunicorn's factory and the conf's ssl_context hook
+        self._cert_files = tuple(p for p in (self.cfg.certfile, self.cfg.keyfile, self.cfg.ca_certs) if p)
+        self._cert_stamp = self._certificates_stamp()
+        self._next_cert_check = time.monotonic() + CERT_CHECK_S
+        self.tls_context = _new_context(self.cfg)
 
-        self.tls_context = ssl_context(self.cfg)
+    def _certificates_stamp(self) -> tuple:
+        stamp = []
+        for path in self._cert_files:
+            try:
+                st = os.stat(path)  # follows links: a Kubernetes secret volume swaps a link
+            except OSError:
+                stamp.append(None)
+            else:
+                stamp.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
+
+    def _check_certificates(self) -> None:
+        """Certificate rotation without new workers: at most every ``CERT_CHECK_S``, a new
+        connection checks whether the certificate, key or CA file changed; if so the next
+        handshakes use a context built from them. Files that do not load together (a rotator
+        half-way through writing the pair) leave the previous certificate serving, logged
+        and counted, until they change again."""
+        now = time.monotonic()
+        if now < self._next_cert_check:
+            return
+        self._next_cert_check = now + CERT_CHECK_S
+        stamp = self._certificates_stamp()
+        if stamp == self._cert_stamp:
+            return
+        self._cert_stamp = stamp
+        try:
+            context = _new_context(self.cfg)
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.warning("the certificate files changed but do not load (%s); still serving the previous certificate",
+                        exc)
+            self.obs.count_certificate_reload("failed")
+            return
+        self.tls_context = context
+        log.info("the certificate files changed: new handshakes use the new certificate")
+        self.obs.count_certificate_reload("loaded")
 
     def _wrap(self, sock: socket.socket, listener) -> socket.socket | None:
         """``sock`` wrapped for a server-side TLS handshake (not started), or None for a
         listener that stays plain (a Unix socket: TLS protects nothing there)."""
         if self.tls_context is None or listener.family == socket.AF_UNIX:
             return None
+        self._check_certificates()
         return self.tls_context.wrap_socket(
             sock, server_side=True, do_handshake_on_connect=False,
             suppress_ragged_eofs=self.cfg.suppress_ragged_eofs,

@@ -64,9 +64,15 @@ FRONT_DOOR_REFUSALS = Counter(
 )
 FRONT_DOOR_CLOSED = Counter(
     "policy_front_door_closed_total",
-    "Connections the front door closed between requests: idle past keepalive_s, or the longest idle "
-    "closed to make room for a new connection when the worker holds worker_connections",
+    "Connections the front door closed between requests, by reason: idle (past keepalive_s), evicted (the "
+    "longest idle, to make room when the worker holds worker_connections), tls_handshake_timeout, tls_handshake_failed",
     ["reason"],
+)
+TLS_CERTIFICATE_RELOADS = Counter(
+    "policy_tls_certificate_reloads_total",
+    "Changed certificate files seen by a worker: loaded (new handshakes use them) or failed (the previous "
+    "certificate still serves)",
+    ["outcome"],
 )
 CACHE_HITS = Counter("policy_cache_hits_total", "Answers served from the response cache")
 CACHE_MISSES = Counter("policy_cache_misses_total", "Cache lookups that found nothing fresh")

@@ -108,6 +108,11 @@ def count_vanished(route: str, req, remote: str, latency_s: float, when: str) ->
     }))
 
 
+def count_certificate_reload(outcome: str) -> None:
+    """Changed certificate files: "loaded" (new handshakes use them) or "failed" (the old ones serve)."""
+    metrics.TLS_CERTIFICATE_RELOADS.labels(outcome).inc()
+
+
 def count_closed(reason: str, n: int = 1) -> None:
     """Connections the front door closed between requests ("idle", "evicted")."""
     metrics.FRONT_DOOR_CLOSED.labels(reason).inc(n)

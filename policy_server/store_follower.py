@@ -94,13 +94,12 @@ class StoreFollower:
         for name in names:
             pointer = self.store.pointer(name)
             if pointer is not None and pointer.generation != self.generations.get(name):
-                self._follow(pointer)
+                self._follow(name)
 
-    def _follow(self, pointer: Pointer) -> None:
-        name = pointer.model
+    def _follow(self, name: str) -> None:
         with self._lock:
-            # Read again under the lock: an update adopted since ``pointer`` was read has
-            # published a newer one, and acting on the old read would swap back to an older version.
+            # The pointer is read under the lock: one read before it may predate an update
+            # adopted meanwhile, and acting on it would swap back to an older version.
             pointer = self.store.pointer(name)
             if pointer is None or pointer.generation == self.generations.get(name):
                 return  # removed (the next poll unloads it), or adopted meanwhile

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -545,17 +546,31 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, tiny
     assert "superseded_by" not in manager.wait_for(second, 0.0)
 
 
-def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(store_app, store_client, caplog):
+def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(store_app, store_client, caplog, monkeypatch):
     """A worker about to load version N while a later publish prunes N: no reload failure, and
     the watcher follows the newer pointer."""
     import dataclasses
     import time
 
     runtime = store_app.extensions["policy_runtime"]
-    current = runtime.store.pointer("default")
+    store = runtime.store
+    current = store.pointer("default")
     pruned = dataclasses.replace(current, version=99, generation=current.generation - 1)
+    reads = []
+    real_pointer = store.pointer
+    here = threading.get_ident()  # the watcher thread polls too: it reads the real pointer
+
+    def pointer(name):  # this thread's first read names 99, gone by the time it loads
+        if threading.get_ident() == here:
+            reads.append(name)
+            if len(reads) == 1:
+                return pruned
+        return real_pointer(name)
+
+    monkeypatch.setattr(store, "pointer", pointer)
     with caplog.at_level("INFO", logger="policy_server.store_follower"):
-        runtime.follower._follow(pruned)
+        runtime.follower._follow("default")
+    monkeypatch.undo()
     assert "default" not in runtime.problems()
     assert "pruned by a later update" in caplog.text and "failed" not in caplog.text
     deadline = time.monotonic() + 5

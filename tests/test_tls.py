@@ -6,6 +6,7 @@ server certificate for 127.0.0.1 and localhost, and a client certificate (mutual
 
 from __future__ import annotations
 
+import shutil
 import socket
 import ssl
 import subprocess
@@ -25,7 +26,7 @@ from request_tools import PolicyClient, PolicyConnectionError, send_inference_re
 from tests.serving import run_server
 from tests.test_front_door import closed_by_server, errors_in, read_answer, read_answers
 from tests.test_observability import metric
-from tests.tls_certs import HAVE_OPENSSL, make_pki
+from tests.tls_certs import HAVE_OPENSSL, issue_server_certificate, make_pki
 
 HEAD_TIMEOUT_S = 1.0
 
@@ -303,3 +304,58 @@ def test_stalled_handshakes_cannot_lock_the_door(pki, tmp_path):
             for sock in stalled:
                 sock.close()
         assert not errors_in(server.log())
+
+
+def _served_certificate(port: int, ca: Path) -> bytes:
+    """The DER certificate the server presents now (a fresh connection and handshake)."""
+    with tls_socket(port, ca, timeout_s=10) as sock:
+        return sock.getpeercert(binary_form=True)
+
+
+def _wait_for(condition, timeout_s: float = 15.0) -> bool:
+    give_up = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.integration
+def test_rotated_certificate_files_are_served_without_new_workers(pki, tmp_path):
+    """Certificates rotate (cert-manager, ACME): the files are replaced in place. New handshakes
+    use them within about a second, by the same worker (no restart, no model reload); a pair
+    that does not match yet (half-way through a rotation) leaves the old certificate serving."""
+    live = tmp_path / "live"
+    live.mkdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(pki / name, live / name)
+    rotated = shutil.copytree(pki, tmp_path / "pki")
+    new_pem, new_key = issue_server_certificate(rotated, "rotated")
+    args = ("--certfile", str(live / "server.pem"), "--keyfile", str(live / "server.key"))
+    ca = pki / "ca.pem"
+
+    def swap(source: Path, target: str) -> None:  # each file replaced whole, as a rotator does
+        shutil.copy(source, live / f"{target}.new")
+        (live / f"{target}.new").replace(live / target)
+
+    def reloads(outcome: str) -> float:
+        return metric(_metrics(server, ca), "policy_tls_certificate_reloads_total", outcome=outcome) or 0.0
+
+    with run_server(tmp_path, workers=1, args=args, tls_ca=str(ca)) as server:
+        old = _served_certificate(server.port, ca)
+        assert old == ssl.PEM_cert_to_DER_cert((pki / "server.pem").read_text())
+        workers = server.ready_workers()
+
+        swap(new_pem, "server.pem")  # the new certificate beside the old key: they do not load together
+        assert _wait_for(lambda: reloads("failed") >= 1), server.log()[-2000:]
+        assert _served_certificate(server.port, ca) == old
+        assert "still serving the previous certificate" in server.log()
+
+        swap(new_key, "server.key")
+        new = ssl.PEM_cert_to_DER_cert(new_pem.read_text())
+        assert _wait_for(lambda: _served_certificate(server.port, ca) == new), server.log()[-2000:]
+        assert reloads("loaded") >= 1
+        with PolicyClient(server.base_url, verify=str(ca)) as client:
+            assert client.infer(_observation())["action"].shape[-1] > 0
+        assert server.ready_workers() == workers  # the same worker: no restart, no model reload

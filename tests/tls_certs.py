@@ -27,13 +27,20 @@ def _leaf(pki: Path, name: str, subject: str, extensions: str) -> None:
              "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=pki)
 
 
+def issue_server_certificate(pki: Path, name: str) -> tuple[Path, Path]:
+    """A new server certificate and key for 127.0.0.1 and localhost, signed by ``pki``'s CA
+    (``name``.pem, ``name``.key); returns their paths."""
+    _leaf(pki, name, "/CN=localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+          "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
+    return pki / f"{name}.pem", pki / f"{name}.key"
+
+
 def make_pki(pki: Path) -> Path:
     """Write the CA, server, client and stray key files into ``pki`` (created); return it."""
     pki.mkdir(parents=True, exist_ok=True)
     _openssl("req", "-x509", *_EC, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
              "-subj", "/CN=policy test CA", cwd=pki)
-    _leaf(pki, "server", "/CN=localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
-          "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
+    issue_server_certificate(pki, "server")
     _leaf(pki, "client", "/CN=robot-7", "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n"
           "extendedKeyUsage=clientAuth\n")
     _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", "other.key", cwd=pki)
