@@ -15,7 +15,8 @@ Semantics (see ../shared/DESIGN.md, "Batching"):
   than that (or sharing batches with others) is split across batches; :meth:`Batcher.wait_rows`
   answers the rows in order.
 - Each request has a deadline; one that passed before compute is answered
-  :class:`DeadlineExceeded` (504) and is not computed.
+  :class:`DeadlineExceeded` (504) and is not computed, and one whose batch finished after
+  it is answered 504 too (the late outputs are dropped): never a late answer.
 - A batch whose execution raises fails only its own requests (500); the batcher lives on.
 - :meth:`Batcher.stop` refuses new work, answers everything already accepted, then ends.
 
@@ -210,13 +211,22 @@ class Batcher:
         return outputs, versions.pop()
 
     def wait(self, request: Request) -> tuple[dict[str, np.ndarray], str]:
-        """Block until ``request`` is answered; return its outputs and model version."""
+        """Block until ``request`` is answered; return its outputs and model version.
+
+        Raises the request's error, or DeadlineExceeded when its deadline passed before it
+        was answered (queued too long, or computed too late).
+        """
         timeout = max(0.0, request.deadline - time.monotonic()) + RESULT_GRACE_S
         if not request._done.wait(timeout):
             request.cancelled = True
             raise DeadlineExceeded("no answer in time")
         if request.error is not None:
             raise request.error
+        if request.finished > request.deadline:  # computed, but too late to act on: never a late answer
+            raise DeadlineExceeded(
+                f"deadline passed {1e3 * (request.finished - request.deadline):.1f} ms before its batch finished "
+                f"(computing took {1e3 * request.compute_s:.1f} ms); the late answer was dropped"
+            )
         return request.outputs, request.version
 
     # -- the batcher thread ---------------------------------------------------------

@@ -20,7 +20,7 @@ from policy_server import oip
 from policy_server.access import INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
 from policy_server.errors import ServingError, UnknownModel
-from policy_server.web import answer_headers, read_body, request_arrival, request_deadline
+from policy_server.web import answer_headers, error_response, read_body, request_arrival, request_deadline
 
 SERVER_NAME = "robot-policy-server"
 SERVER_VERSION = "0.1.0"
@@ -34,20 +34,17 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
     info = RouteGroup(INFO, *keys)
     inference = RouteGroup(INFERENCE, *keys)
 
+    # OIP's {"error": "..."} carries the whole message; our "detail" stays beside it. The
+    # server's own error_response builds them, so a 503 says when to come back here too.
     @bp.errorhandler(ServingError)
     def _serving_error(exc: ServingError):
         message = f"{exc.error}: {exc.detail}" if exc.detail else exc.error
-        response = jsonify({"error": message, "detail": exc.detail})
-        response.status_code = exc.status
-        response.headers.update(exc.headers)
-        return response
+        return error_response(exc.status, message, exc.detail, exc.headers)
 
     @bp.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
         detail = exc.description or ""
-        response = jsonify({"error": f"{(exc.name or 'error').lower()}: {detail}", "detail": detail})
-        response.status_code = exc.code or 500
-        return response
+        return error_response(exc.code or 500, f"{(exc.name or 'error').lower()}: {detail}", detail)
 
     def served_version(name: str, version: str | None):
         served = runtime.served(name)

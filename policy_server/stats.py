@@ -129,7 +129,13 @@ def summarize(snapshots: list[dict[str, Any]], now: float | None = None) -> dict
     }
 
 
-INFERENCE_ROUTES = frozenset({"/infer", "/models/<name>/infer"})  # what the totals count
+# What the totals count: the rules of the inference audience (policy_server.access), named
+# here because the gunicorn master, which writes final_metrics.json, builds no app;
+# tests/test_access.py checks this set against the app's routes.
+INFERENCE_ROUTES = frozenset({
+    "/infer", "/models/<name>/infer",
+    "/v2/models/<name>/infer", "/v2/models/<name>/versions/<version>/infer",  # Open Inference Protocol
+})
 
 
 def instance_summary(snapshots: list[dict[str, Any]], now: float | None = None) -> dict[str, Any]:

@@ -148,6 +148,16 @@ def test_the_group_decides_stats_and_log_level(caplog):
         assert counted() - before == (1 if rule.rule in INFERENCE_RULES else 0), rule.rule
 
 
+def test_the_instance_totals_count_the_inference_groups_routes():
+    """Under gunicorn, /stats totals and final_metrics.json count policy_requests_total by
+    route rule from a set the master keeps (it builds no app): the inference group's rules."""
+    from policy_server.stats import INFERENCE_ROUTES
+
+    app = make_app()
+    assert INFERENCE_ROUTES == {rule.rule for _, rule, _, audience in operations(app) if audience.inference}
+    assert INFERENCE_ROUTES == INFERENCE_RULES
+
+
 @pytest.mark.parametrize("change", [{"api_key": "short"}, {"port": 0}, {"host": "0.0.0.0"}, {"autocast": "fp8"}])
 def test_create_app_refuses_an_invalid_config_as_the_cli_does(change):
     with pytest.raises(ConfigError):

@@ -126,6 +126,20 @@ def test_expired_requests_get_504_and_are_not_computed(make_batcher):
     assert 7.0 not in [v for b in executor.batches for v in b]
 
 
+def test_an_answer_computed_after_its_deadline_is_504_not_a_late_answer(make_batcher):
+    batcher, executor = make_batcher(max_batch_size=8)
+    late = batcher.submit(obs(-5.0), time.monotonic() + 0.1)  # held at the gate
+    assert executor.entered.wait(5)  # its batch started in time
+    time.sleep(0.2)
+    executor.release()
+    with pytest.raises(DeadlineExceeded, match="before its batch finished.*late answer was dropped") as info:
+        batcher.wait(late)
+    assert info.value.status == 504
+    assert executor.batches[0] == [-5.0]  # computed, but not answered
+    on_time = batcher.submit(obs(6.0), later(1.0))
+    assert batcher.wait(on_time)[0]["y"].flat[0] == 12.0
+
+
 def test_full_queue_answers_503_with_retry_after_at_once(make_batcher):
     batcher, executor = make_batcher(max_batch_size=8, queue_size=2)
     first = hold(batcher, executor)

@@ -257,6 +257,21 @@ def test_a_deadline_counts_from_arrival_so_a_late_request_gets_504(slow):
             assert read_answer(sock)[0] == 200
 
 
+def test_a_request_whose_compute_ends_past_its_deadline_gets_504_not_a_late_action(slow):
+    """Started in time, computed for 0.15 s, due after 0.05 s: the action would be stale."""
+    with socket.create_connection(("127.0.0.1", slow.port), timeout=30) as sock:
+        sock.sendall(_slow_request(slow.port, extra="X-Deadline-Ms: 50\r\n"))
+        status, headers, body = read_answer(sock)
+        assert (status, body["error"]) == (504, "deadline exceeded")
+        assert "before its batch finished" in body["detail"] and "late answer was dropped" in body["detail"]
+        sock.sendall(_slow_request(slow.port, extra="X-Deadline-Ms: 1000\r\n"))  # the same connection, in time
+        assert read_answer(sock)[0] == 200
+    oip = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1.0] * 4}],
+           "parameters": {"timeout": 50_000}}  # OIP's timeout, microseconds
+    answer = requests.post(slow.base_url + "/v2/models/default/infer", json=oip, timeout=30)
+    assert answer.status_code == 504 and "late answer was dropped" in answer.json()["error"]
+
+
 VERY_SLOW_POLICY = SLOW_POLICY.replace("time.sleep(0.15)", "time.sleep(0.6)")
 
 

@@ -237,6 +237,29 @@ def test_keys_apply_and_probes_stay_open():
     assert post(client, "/v2/models/default/infer", body, length, {"X-API-Key": KEY}).status_code == 200
 
 
+def test_every_503_says_when_to_come_back_as_on_our_own_routes(tmp_path):
+    """A model that failed to load: readiness and inference are 503, each with Retry-After
+    (the client retries only a 503 that carries it), on the OIP routes as on ours."""
+    from policy_server.config import ServerConfig
+    from server import create_app
+
+    app = create_app(ServerConfig(model_path=str(tmp_path)))  # not a model directory
+    app.extensions["policy_runtime"].start(block=True)
+    client = app.test_client()
+    body, length = oip_body(fake_observation())
+    answers = {
+        "/ready": client.get("/ready"),
+        "/v2/health/ready": client.get("/v2/health/ready"),
+        "/v2/models/default/ready": client.get("/v2/models/default/ready"),
+        "/v2/models/default/infer": post(client, "/v2/models/default/infer", body, length),
+    }
+    assert {path: (r.status_code, r.headers.get("Retry-After")) for path, r in answers.items()} == {
+        path: (503, "1") for path in answers
+    }
+    assert "failed to load" in answers["/v2/models/default/infer"].get_json()["error"]
+    assert client.get("/v2/health/live").status_code == 200  # alive: only readiness fails
+
+
 def _header(obs_header: dict) -> bytes:
     return json.dumps(obs_header).encode()
 
@@ -346,9 +369,32 @@ def test_wrong_version_and_unknown_model_are_404(client):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with run_server(tmp_path_factory.mktemp("oip"), workers=1, args=("--api-key", KEY)) as running:
+    # a generous deadline: conformance, not speed, is checked here, and a busy CI box is slow
+    args = ("--api-key", KEY, "--deadline-ms", "30000")
+    with run_server(tmp_path_factory.mktemp("oip"), workers=1, args=args) as running:
         PolicyClient(running.base_url, api_key=KEY, timeout_s=120).load_model("transformer", "transformer", wait_s=120)
         yield running
+
+
+@pytest.mark.integration
+def test_the_instance_totals_count_oip_requests(server):
+    """Under gunicorn /stats totals come from policy_requests_total (dead workers included):
+    OIP inference counts there as /infer does."""
+    import requests
+
+    def totals():
+        stats = requests.get(server.base_url + "/stats", headers={"X-API-Key": KEY}, timeout=30).json()
+        return stats["total_requests"], stats["failed_requests"]
+
+    before = totals()
+    info = PolicyClient(server.base_url, api_key=KEY).model_info()
+    body, length = oip_body(_observation(info["inputs"], 0))
+    headers = {"X-API-Key": KEY, oip.HEADER_LENGTH: str(length)}
+    url = server.base_url + "/v2/models/default/infer"
+    assert requests.post(url, data=body, headers=headers, timeout=60).status_code == 200
+    assert requests.post(url, data=b'{"inputs": []}', headers={"X-API-Key": KEY}, timeout=60).status_code == 400
+    after = totals()
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
 
 
 def _observation(spec_inputs, seed):
