@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_S = 0.05
 MAX_THREADS = 32
+INFO_RETRY_S = 0.5  # after a failed read of the model's declarations, read again at most this often
 
 
 @dataclass
@@ -117,6 +118,7 @@ class ChunkRunner:
         self._given_info = model_info
         self._info: Mapping[str, Any] | None = None
         self._info_failed = False
+        self._info_retry_at = 0.0
         self._rtc = False
         self._history = HistoryWindows({})
         self._accepts_deadline = accepts_deadline(policy)
@@ -191,7 +193,7 @@ class ChunkRunner:
         """
         t = self._step
         self._step += 1
-        if self._info is None:
+        if self._info is None or self._info_due():
             self._read_model_info()
         self._history.observe(obs)
         self._take_answers(t)
@@ -236,7 +238,15 @@ class ChunkRunner:
 
     # -- model declarations: history windows and real-time chunking --------------------
 
+    def _info_due(self) -> bool:
+        """Whether to read the model's declarations again: the last read failed (a server
+        still loading, say) or a request was refused as invalid (the model may have changed)."""
+        return self._info_failed and time.monotonic() >= self._info_retry_at
+
     def _read_model_info(self) -> None:
+        """Read the model's declarations (history windows, real-time chunking inputs). A
+        failed read is retried every ``INFO_RETRY_S`` from the next step; when a read brings
+        new declarations mid-episode the history windows start again (padded) from that step."""
         info: Mapping[str, Any] = {}
         self._info_failed = False
         if self._given_info is not None:
@@ -245,9 +255,12 @@ class ChunkRunner:
             try:
                 info = self.policy.model_info()
             except Exception as exc:  # noqa: BLE001 - the loop goes on without declarations
-                log.warning("could not read the model's declarations (%s); reading again next episode", exc)
+                log.warning("could not read the model's declarations (%s); reading again in %.1f s", exc, INFO_RETRY_S)
                 self._note_error(f"model_info: {exc}")
                 self._info_failed = True
+                self._info_retry_at = time.monotonic() + INFO_RETRY_S
+        if info == self._info or (self._info_failed and self._info is not None):
+            return  # the same declarations, or none read now: keep the windows
         self._info = info
         inputs = {entry["name"]: entry for entry in info.get("inputs", [])}
         self._history = HistoryWindows(inputs)
@@ -314,6 +327,9 @@ class ChunkRunner:
                 if self._retry_at >= give_up:
                     break
                 time.sleep(max(0.0, self._retry_at - time.monotonic()))
+                if self._info_due():  # e.g. the server was loading at the first read
+                    self._read_model_info()
+                    self._history.observe(obs)
                 self._ask(obs, t, deadline_s=self.first_chunk_timeout_s)
             left = give_up - time.monotonic()
             if left <= 0:
@@ -370,6 +386,8 @@ class ChunkRunner:
     def _failed(self, step: int, error: BaseException) -> None:
         self.stats.failures += 1
         self._note_error(f"step {step}: {error}")
+        if getattr(error, "status", None) == 422 and self._given_info is None:
+            self._info_failed = True  # refused as invalid: read the declarations again before the next request
         delay_s = self._backoff_s
         hint = getattr(error, "retry_after_s", None)
         if isinstance(hint, (int, float)) and hint >= 0:

@@ -69,8 +69,9 @@ class PolicyClient:
         verify: bool | str = True,
         cert: str | tuple[str, str] | None = None,
     ) -> None:
+        self.url = base_url.rstrip("/")  # as given (a clone connects the same way)
         self.socket_path = unix_socket_path(base_url)
-        self.base_url = "http://localhost" if self.socket_path else base_url.rstrip("/")
+        self.base_url = "http://localhost" if self.socket_path else self.url
         self.encode = dict(encode or {})
         if self.encode:
             from image_codecs import parse_codec  # numpy only; the codec libraries load when used
@@ -232,7 +233,7 @@ class PolicyClient:
         """A client with the same settings and its own connection, for another thread (the
         input spec cache is shared)."""
         twin = PolicyClient(
-            self.base_url, api_key=self.api_key, admin_key=self.admin_key, model=self.model,
+            self.url, api_key=self.api_key, admin_key=self.admin_key, model=self.model,
             timeout_s=self.timeout_s, deadline_s=self.deadline_s, retries=self.retries,
             check_spec=self.check_spec, use_env_proxies=self._session.trust_env, encode=self.encode,
             verify=self._session.verify, cert=self._session.cert,

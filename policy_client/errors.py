@@ -26,13 +26,15 @@ class PolicyClientError(Exception):
 
 
 class PolicyServerError(PolicyClientError):
-    """The server answered with an error status; ``detail`` is the server's message."""
+    """The server answered with an error status; ``detail`` is the server's message;
+    ``retry_after_s`` the seconds a 503's ``Retry-After`` asks to wait (None: not retryable)."""
 
-    def __init__(self, status: int, error: str, detail: str = "") -> None:
+    def __init__(self, status: int, error: str, detail: str = "", retry_after_s: float | None = None) -> None:
         super().__init__(f"HTTP {status} {error}" + (f": {detail}" if detail else ""))
         self.status = status
         self.error = error
         self.detail = detail
+        self.retry_after_s = retry_after_s
 
 
 class PolicyTimeoutError(PolicyClientError):

@@ -90,7 +90,7 @@ def request(
             if response.status_code < 400:
                 return response
             error, cause = _server_error(response), None
-            retry_after = _retry_after_s(response)
+            retry_after = error.retry_after_s
             if retry_after is None:  # a refusal that says nothing of coming back: not retried
                 raise error
         if attempt < retries:
@@ -115,11 +115,13 @@ def _retry_after_s(response: requests.Response) -> float | None:
 
 
 def _server_error(response: requests.Response) -> PolicyServerError:
+    retry_after = _retry_after_s(response)
     try:
         payload = response.json()
-        return PolicyServerError(response.status_code, str(payload["error"]), str(payload.get("detail", "")))
+        error, detail = str(payload["error"]), str(payload.get("detail", ""))
     except (ValueError, KeyError, TypeError):
-        return PolicyServerError(response.status_code, response.reason or "error", response.text[:200])
+        error, detail = response.reason or "error", response.text[:200]
+    return PolicyServerError(response.status_code, error, detail, retry_after_s=retry_after)
 
 
 def decode(response: requests.Response) -> dict:

@@ -155,11 +155,14 @@ def test_a_503_with_retry_after_is_retried_and_one_without_is_not(stub):
     with PolicyClient(url, retries=3) as client:
         np.testing.assert_array_equal(client.infer(OBS)["action"], ACTION)
     assert len(server.script.requests) == 3
-    np.testing.assert_array_equal(send_inference_request(OBS, url + "/infer")["action"], ACTION)  # "ok" repeats
+    server, url = stub("503-retry", "ok")  # the one-call client takes the same path
+    np.testing.assert_array_equal(send_inference_request(OBS, url + "/infer")["action"], ACTION)
+    assert len(server.script.requests) == 2
     server, url = stub("503")
     with PolicyClient(url, retries=3) as client, pytest.raises(PolicyServerError) as info:
         client.infer(OBS)
     assert info.value.status == 503 and len(server.script.requests) == 1
+    assert info.value.retry_after_s is None  # says nothing of coming back
 
 
 def test_503_retries_stop_at_the_calls_deadline(stub):
@@ -168,6 +171,7 @@ def test_503_retries_stop_at_the_calls_deadline(stub):
     with PolicyClient(url, retries=50, deadline_s=0.3) as client, pytest.raises(PolicyServerError) as info:
         client.infer(OBS)
     assert info.value.status == 503 and info.value.error == "overloaded"
+    assert info.value.retry_after_s == 1.0  # what the server asked (a ChunkRunner plans with it)
     assert time.monotonic() - started < 2.0  # not 50 retries of up to 1 s
     assert 2 <= len(server.script.requests) <= 50
     assert all(float(headers["X-Deadline-Ms"]) <= 300 for _, _, headers in server.script.requests)

@@ -476,6 +476,40 @@ def test_history_windows_are_kept_per_episode_and_padded_at_its_start(pad):
     assert bases == {100.0, 500.0}  # (a request sent at the first episode's end may be recorded after the reset)
 
 
+class LoadingHistoryPolicy(RecordingPolicy):
+    """A history model on a server still loading at the loop's start: the first
+    ``model_info()`` is a 503; a request without the window is refused with a 422."""
+
+    def __init__(self) -> None:
+        super().__init__(history_info("repeat_first"))
+        self.info_reads = 0
+
+    def model_info(self) -> dict:
+        self.info_reads += 1
+        if self.info_reads == 1:
+            raise PolicyServerError(503, "not ready", "model is loading")
+        return self.info
+
+    def __call__(self, obs, *, deadline_s=None):
+        if np.shape(obs["pos"]) != (3, 2):
+            self.requests.append(obs)
+            got = list(np.shape(obs["pos"]))
+            raise PolicyServerError(422, "invalid input", f"input 'pos': expected shape [3, 2], got {got}")
+        return super().__call__(obs, deadline_s=deadline_s)
+
+
+def test_declarations_unread_at_the_start_are_read_again_within_the_episode():
+    policy = LoadingHistoryPolicy()
+    with ChunkRunner(policy, rate_hz=RATE_HZ, request_ahead=HORIZON, max_in_flight=1,
+                     first_chunk_timeout_s=5.0) as runner:
+        actions, _, _ = run_loop(runner, 12, RATE_HZ, obs=pos_obs(100.0))  # no reset() in between
+    assert policy.info_reads >= 2
+    windows = [r["pos"] for r in policy.requests if np.shape(r["pos"]) == (3, 2)]
+    assert windows and all(w.shape == (3, 2) for w in windows)
+    assert actions[1:] == [float(t) for t in range(1, 12)]  # the episode went on, each step its own action
+    assert runner.stats.starved_steps <= 1
+
+
 def test_a_history_input_given_as_a_window_is_refused_with_its_name():
     with ChunkRunner(RecordingPolicy(history_info("zeros")), rate_hz=RATE_HZ) as runner:
         with pytest.raises(ObservationSpecError, match=r"'pos': shape \[3, 2\], expected one step \[2\]"):

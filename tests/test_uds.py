@@ -12,8 +12,10 @@ import requests
 
 from policy_server.config import ServerConfig
 from policy_server.errors import ConfigError
-from request_tools import PolicyClient, PolicyConnectionError, unix_socket_path
+from request_tools import ChunkRunner, LoopClock, PolicyClient, PolicyConnectionError, unix_socket_path
 from tests.serving import run_server
+
+HORIZON_OF_DEFAULT = 10  # models/default answers 10-action chunks: ask at every step, so several are out
 
 
 def test_unix_urls():
@@ -54,6 +56,18 @@ def test_socket_beside_tcp_gives_the_same_answers(tmp_path):
             for _ in range(3):  # one keep-alive connection
                 np.testing.assert_array_equal(uds.infer(obs)["action"], expected)
             np.testing.assert_allclose(uds.infer_batch([obs, obs])["action"], np.stack([expected] * 2), atol=1e-5)
+            with uds.clone() as twin:  # another thread's connection: over the same socket
+                assert twin.socket_path == str(sock)
+                np.testing.assert_array_equal(twin.infer(obs)["action"], expected)
+            # the chunk runner clones its client for each request it keeps in flight
+            with ChunkRunner(uds, rate_hz=200, request_ahead=HORIZON_OF_DEFAULT, max_in_flight=3) as runner:
+                clock = LoopClock(200)  # 5 ms steps: a round trip spans several, so requests overlap
+                for _ in range(60):
+                    runner.act(obs)
+                    clock.tick()
+            assert runner.stats.max_in_flight >= 2  # clones were used
+            # (its 45 ms chunk deadlines may pass on a busy box: 504s, but never a connection error)
+            assert runner.stats.chunks >= 2 and not [e for e in runner.stats.errors if "onnect" in e], runner.stats.errors
         assert "Traceback" not in server.log()
 
 
