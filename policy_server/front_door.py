@@ -18,8 +18,9 @@ code, but the *poller* thread reads each request's head and body without blockin
   poller answers 503 with Retry-After at once, and the connection stays usable;
 - protocol refusals get the documented JSON body, a count in ``policy_requests_total`` and
   ``policy_front_door_refusals_total``, and one access-log line;
-- ``/health`` and ``/ready`` run on a reserved lane of their own (``PROBE_THREADS``), so they
-  answer while every request thread is busy;
+- probes (the routes of the app's probes group: ``/health``, ``/ready``, ``/metrics``,
+  OIP's ``/v2/health/*``; see ``front_door_http.AppRoutes``) run on a reserved lane of their
+  own (``PROBE_THREADS``), so they answer while every request thread is busy, and are never shed;
 - each request's arrival (``time.monotonic()``) goes into ``environ[ARRIVED]``; the app
   counts its deadline from there;
 - a client that resets its connection after a complete request is counted as 499 and
@@ -40,7 +41,7 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
 from policy_server.front_door_http import ARRIVED, DEFERRED, GONE, reset_by_peer
-from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, PROBE_PATHS, SCAN_S, Conn, RequestReader
+from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, SCAN_S, Conn, RequestReader
 from policy_server.front_door_tls import TLSReader
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         self._stop_reading(conn)
         conn.state = BUSY
         self.poller.unregister(conn.sock)
-        pool = self.probe_pool if conn.req.path in PROBE_PATHS else self.tpool
+        pool = self.probe_pool if conn.probe else self.tpool
         conn.started = False
         if pool is self.tpool:
             self.waiting.append((conn, conn.nreq))
@@ -182,7 +183,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         """Serve one complete request (on a request thread); True keeps the connection."""
         conn.started = True  # no longer waiting for a thread (read by the poller's admission)
         began = time.monotonic()
-        probe = conn.req.path in PROBE_PATHS
+        probe = conn.probe
         if not probe:
             with self._count_lock:
                 self.started += 1

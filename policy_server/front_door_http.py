@@ -12,12 +12,13 @@ import json
 import socket
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any
 
 from gunicorn.http import errors as http_errors
 from gunicorn.http.body import ChunkedReader, LengthReader
 from gunicorn.http.message import Request
 from gunicorn.http.unreader import IterUnreader
+from werkzeug.exceptions import HTTPException
 
 GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)  # the client went away
 ARRIVED = "policy_server.arrived"  # environ: time.monotonic() of the request's first byte
@@ -42,12 +43,47 @@ class Head:
     req: Any  # gunicorn.http.message.Request, body not yet attached
     length: int  # body bytes still to read
     route: str  # the Flask rule it maps to, or "unmatched"
-    probe: bool  # /health or /ready
+    probe: bool  # a GET or HEAD of a route in the probes group (AppRoutes)
 
 
-def parse_head(
-    cfg, head: bytes, client, number: int, limit_for: Callable[[str], int], route_of: Callable[[str, str], str]
-) -> Head:
+class AppRoutes:
+    """The app's routes as the front door sees them before the app runs: the rule a request
+    maps to (its ``route`` label), its body limit, and whether it is a probe: a route of the
+    probes group (:data:`policy_server.access.PROBES`: liveness, readiness, scrapes, ours and
+    OIP's), answered on a lane of its own and never shed. For an app that is not ours (no
+    ``url_map``): every route "unmatched", and /health and /ready the probes."""
+
+    def __init__(self, app, settings) -> None:
+        self.settings = settings
+        url_map = getattr(app, "url_map", None)
+        self._adapter = url_map.bind("localhost") if url_map is not None else None
+        self.probes = frozenset({"/health", "/ready"})
+        if url_map is not None:
+            from policy_server.access import PROBES, audience_of  # flask: in the worker, not the master
+
+            self.probes = frozenset(r.rule for r in url_map.iter_rules() if audience_of(app, r.endpoint) is PROBES)
+
+    def route_of(self, method: str, path: str) -> str:
+        """The Flask rule ``path`` maps to, or "unmatched"."""
+        if self._adapter is None:
+            return "unmatched"
+        try:
+            rule, _ = self._adapter.match(path, method=method, return_rule=True)
+            return rule.rule
+        except HTTPException:  # NotFound, MethodNotAllowed, RequestRedirect
+            return "unmatched"
+
+    def limit_for(self, path: str) -> int:
+        s = self.settings
+        if path == "/update_model" or (path.startswith("/models/") and path.endswith("/load")):
+            return s.max_update_bytes
+        return s.max_body_bytes
+
+    def is_probe(self, method: str, route: str) -> bool:
+        return method in ("GET", "HEAD") and route in self.probes
+
+
+def parse_head(cfg, head: bytes, client, number: int, routes: AppRoutes) -> Head:
     """Parse one complete request head (through its blank line); Refusal when it cannot be served."""
     try:
         req = Request(cfg, IterUnreader([head]), client, number)
@@ -60,11 +96,11 @@ def parse_head(
         raise Refusal(status, "bad request", f"bad framing: {exc}", "framing") from None
     except (http_errors.ParseException, http_errors.NoMoreData, ValueError) as exc:
         raise Refusal(400, "bad request", f"malformed request: {str(exc)[:200]}", "malformed") from None
-    route = route_of(req.method, req.path or "/")
+    route = routes.route_of(req.method, req.path or "/")
     reader = getattr(req.body, "reader", None)
     refusal = None
     length = reader.length if isinstance(reader, LengthReader) else 0
-    limit = limit_for(req.path or "/")
+    limit = routes.limit_for(req.path or "/")
     if isinstance(reader, ChunkedReader):
         refusal = Refusal(
             411, "length required", "send Content-Length; chunked request bodies are not accepted", "framing",
@@ -77,8 +113,7 @@ def parse_head(
     if refusal is not None:
         refusal.req = req
         raise refusal
-    probe = req.method in ("GET", "HEAD") and req.path in ("/health", "/ready")
-    return Head(req, length, route, probe)
+    return Head(req, length, route, routes.is_probe(req.method, route))
 
 
 def refusal_bytes(refusal: Refusal, close: bool) -> bytes:

@@ -21,13 +21,10 @@ import socket
 import time
 from functools import partial
 
-from werkzeug.exceptions import HTTPException
-
-from policy_server.front_door_http import Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
+from policy_server.front_door_http import AppRoutes, Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
 
 log = logging.getLogger("policy_server.front_door")
 
-PROBE_PATHS = frozenset({"/health", "/ready"})
 RECV_BYTES = 1 << 20
 LINGER_S = 2.0  # after a closing refusal: read and drop what the client still sends, then close
 SCAN_S = 0.05  # how often deadlines are checked
@@ -47,7 +44,7 @@ class Conn:
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
         "route", "nreq", "scanned", "over_cap", "started", "body", "filled", "reserved",
-        "callback", "tls", "want_write",
+        "callback", "tls", "want_write", "probe",
     )
 
     def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
@@ -63,6 +60,7 @@ class Conn:
         self.nreq = 0
         self.scanned = 0
         self.over_cap = None  # the Refusal it gets unless its head shows a probe
+        self.probe = False  # its current request is a probe (answered on the probe lane)
         self.started = False  # a request thread took its current request
         self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
         self.filled = 0
@@ -89,7 +87,7 @@ class RequestReader:
         self.reading_by_addr: dict[str, int] = {}
         self.max_conns = self.worker_connections  # lowered under RLIMIT_NOFILE or when descriptors run out
         self._next_scan = 0.0
-        self._url_adapter = None
+        self._routes: AppRoutes | None = None  # made at the first request: the app is loaded by then
         self._evicted = 0  # closed to make room since the last log line
         self._next_evict_log = 0.0
         self._scratch = bytearray(RECV_BYTES)  # the poller's one receive buffer
@@ -218,14 +216,15 @@ class RequestReader:
                 return
             try:
                 raw_head = bytes(conn.buf[: end + 4])
-                head = parse_head(self.cfg, raw_head, conn.client, conn.nreq + 1, self._limit_for, self._route_of)
+                self._routes = self._routes or AppRoutes(self.wsgi, self.settings)
+                head = parse_head(self.cfg, raw_head, conn.client, conn.nreq + 1, self._routes)
             except Refusal as refusal:
                 self._refuse(conn, refusal)
                 return
             del conn.buf[: end + 4]
             conn.scanned = 0
             conn.nreq += 1
-            conn.req, conn.need, conn.route = head.req, head.length, head.route
+            conn.req, conn.need, conn.route, conn.probe = head.req, head.length, head.route, head.probe
             if not head.probe and conn.over_cap is not None:
                 self._refuse(conn, conn.over_cap)
                 return
@@ -266,25 +265,6 @@ class RequestReader:
             del conn.buf[: conn.need]
         conn.req.body = io.BytesIO(body)  # wsgi.input; reading it all returns ``body`` itself, no copy
         self._dispatch(conn)
-
-    def _limit_for(self, path: str) -> int:
-        s = self.settings
-        if path == "/update_model" or (path.startswith("/models/") and path.endswith("/load")):
-            return s.max_update_bytes
-        return s.max_body_bytes
-
-    def _route_of(self, method: str, path: str) -> str:
-        """The Flask rule a path maps to (the ``route`` label), or "unmatched"."""
-        if self._url_adapter is None:
-            url_map = getattr(self.wsgi, "url_map", None)
-            if url_map is None:
-                return "unmatched"
-            self._url_adapter = url_map.bind("localhost")
-        try:
-            rule, _ = self._url_adapter.match(path, method=method, return_rule=True)
-            return rule.rule
-        except HTTPException:  # NotFound, MethodNotAllowed, RequestRedirect
-            return "unmatched"
 
     def _refuse(self, conn: Conn, refusal: Refusal, keep_alive: bool = False) -> None:
         """Answer from the poller. ``keep_alive``: the framing is known, drop the body and go on."""

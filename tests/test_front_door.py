@@ -161,7 +161,10 @@ def test_over_the_admission_limit_is_503_with_retry_after_and_probes_still_answe
                                  headers={"Content-Type": "application/octet-stream"})
         assert response.status_code == 503 and response.headers["Retry-After"] == "1"
         assert response.json()["error"] == "overloaded"
-        assert requests.get(door.base_url + "/ready", timeout=1).status_code == 200
+        # every route of the probes group passes admission, ours and OIP's, and the scrape
+        for probe in ("/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"):
+            assert requests.get(door.base_url + probe, timeout=1).status_code == 200, probe
+        assert requests.get(door.base_url + "/stats", timeout=5).status_code == 503  # not a probe: shed
     finally:
         for sock in stalled:
             sock.close()
