@@ -77,7 +77,9 @@ class ChunkRunner:
             the measured delay d; with real-time chunking on,
             :func:`~policy_client.chunk_schedule.rtc_request_ahead`, earlier, so the prefix
             overlaps the fresh chunk for several rows after d).
-        max_in_flight: the most requests out at once (None: the chunk's horizon).
+        max_in_flight: the most requests out at once that can still bring a useful chunk
+            (sent within the last horizon); one more may be out, overdue, while it is hedged
+            by a new one, so at most ``max_in_flight + 1`` run at once (None: the chunk's horizon).
         fallback: the action played when no action is planned.
         first_chunk_timeout_s: how long the first :meth:`act` of an episode waits.
         max_backoff_s: cap of the retry backoff after failures.
@@ -226,7 +228,9 @@ class ChunkRunner:
             return
         live = [r for r in self._pending.values() if t < r.step + self._horizon]
         cap = self.max_in_flight or self._horizon
-        if len(live) >= cap or self._busy >= MAX_THREADS:
+        # A request overdue (sent a horizon ago) no longer counts toward the cap, so it is
+        # hedged by a new one; but it still runs, and one overdue beyond the cap is the most.
+        if len(live) >= cap or self._busy > cap or self._busy >= MAX_THREADS:
             return
         delay = self.delay_estimate_steps()
         self.stats.delay_steps = delay

@@ -172,6 +172,17 @@ def test_a_late_answer_is_hedged_by_another_request():
     assert slowest < 0.1  # act() never waited on the 0.5 s request
 
 
+def test_a_latency_spike_past_the_horizon_never_has_more_than_the_cap_plus_one_out():
+    """Calls 10-39 take longer than the horizon: each goes overdue and is hedged, but the
+    requests still running (overdue ones included) never pass max_in_flight + 1."""
+    rate_hz = 20  # a 10-action chunk covers 0.5 s; the slow calls take 0.6 s
+    policy = ramp_policy(slow={n: 0.6 for n in range(10, 40)}, delay_s=0.1)
+    with ChunkRunner(policy, rate_hz=rate_hz, max_in_flight=3, fallback=np.full(2, -1.0, np.float32)) as runner:
+        run_loop(runner, 100, rate_hz)
+    assert len(policy.calls) > 12  # the spike happened: requests went overdue and were hedged
+    assert runner.stats.max_in_flight <= 4
+
+
 def test_a_late_answer_with_one_request_in_flight_lets_the_chunk_play_out_then_the_fallback():
     policy = ramp_policy(slow={1: 0.5})  # sent at step 6, it would come at step 31
     with ChunkRunner(policy, rate_hz=RATE_HZ, request_ahead=3, max_in_flight=1,
