@@ -123,7 +123,7 @@ def run_episodes(
             report.successes += env.success
             report.steps += env.steps
             report.achieved_hz.append(clock.achieved_hz)
-            periods.extend(clock.periods_s[1:])  # the first step waits for the episode's first chunk
+            periods.extend(list(clock.periods_s)[1:])  # the first step waits for the episode's first chunk
         stats = runner.stats
         report.rtc = runner.real_time_chunking
     latencies = stats.latencies_s

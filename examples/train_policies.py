@@ -60,6 +60,7 @@ from examples.training_data import (  # noqa: E402, F401 (the data and rollouts,
     rollouts,
     states_of,
 )
+from policy_server.contract import POLICY_FILE, WEIGHTS_FILE  # noqa: E402
 from policy_server.model_loader import load_model_dir  # noqa: E402
 
 log = logging.getLogger("train_policies")
@@ -74,7 +75,7 @@ EVAL_SEED = 1_000_000  # evaluation episodes are ReacherEnv(seed) for seeds from
 def architecture(model_dir: str) -> torch.nn.Module:
     """A fresh (seeded) module of the class that ``model_dir/policy.py`` serves."""
     name = os.path.basename(os.path.normpath(model_dir))
-    spec = importlib.util.spec_from_file_location(f"_train_{name}_policy", os.path.join(model_dir, "policy.py"))
+    spec = importlib.util.spec_from_file_location(f"_train_{name}_policy", os.path.join(model_dir, POLICY_FILE))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return getattr(module, MODELS[name])()
@@ -150,11 +151,11 @@ def train(name: str, args: argparse.Namespace) -> str:
 
     out_dir = os.path.join(args.out_dir, name)
     os.makedirs(out_dir, exist_ok=True)
-    source = os.path.join(ROOT, "models", name, "policy.py")
+    source = os.path.join(ROOT, "models", name, POLICY_FILE)
     if os.path.abspath(out_dir) != os.path.dirname(source):  # a directory the server can load
-        shutil.copyfile(source, os.path.join(out_dir, "policy.py"))
+        shutil.copyfile(source, os.path.join(out_dir, POLICY_FILE))
     save_file(
-        {k: v.detach().contiguous() for k, v in module.state_dict().items()}, os.path.join(out_dir, "model.safetensors")
+        {k: v.detach().contiguous() for k, v in module.state_dict().items()}, os.path.join(out_dir, WEIGHTS_FILE)
     )
     log.info("%s: trained in %.0f s, wrote %s", name, time.perf_counter() - started, out_dir)
     return out_dir

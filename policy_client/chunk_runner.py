@@ -3,9 +3,8 @@
 ``runner.act(obs)`` once per control step returns the action to apply now; in the
 background the runner asks its :class:`~policy_client.chunk_policy.ChunkPolicy` for the
 next chunks (when: :mod:`policy_client.chunk_schedule`), merges the answers into one plan
-(:mod:`chunk_merge`), and keeps the model's history windows
-(:mod:`policy_client.history_windows`) and real-time chunking inputs
-(:mod:`policy_client.rtc_inputs`). Overview: ``robot_loop``.
+(:mod:`chunk_merge`), and keeps the model's history windows and real-time chunking inputs
+(what the model declares: :mod:`policy_client.model_declarations`). Overview: ``robot_loop``.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from chunk_merge import Chunk, MergeStrategy, merge_strategy
 from policy_client.chunk_policy import ChunkPolicy, accepts_deadline
 from policy_client.chunk_schedule import delay_estimate_steps, should_ask
 from policy_client.errors import PolicyClientError, PolicyTimeoutError
-from policy_client.history_windows import HistoryWindows
-from policy_client.rtc_inputs import RTC_INPUTS, plan_plays, rtc_inputs
+from policy_client.model_declarations import ModelDeclarations
+from policy_client.rtc_inputs import plan_plays, rtc_inputs
 from policy_client.runner_stats import RunnerStats
 
 __all__ = ["BACKOFF_S", "MAX_THREADS", "ChunkRunner"]
@@ -35,7 +34,6 @@ log = logging.getLogger(__name__)
 
 BACKOFF_S = 0.05
 MAX_THREADS = 32
-INFO_RETRY_S = 0.5  # after a failed read of the model's declarations, read again at most this often
 
 
 @dataclass
@@ -117,12 +115,7 @@ class ChunkRunner:
         self.first_chunk_timeout_s = first_chunk_timeout_s
         self.max_backoff_s = max_backoff_s
         self.stats = RunnerStats()
-        self._given_info = model_info
-        self._info: Mapping[str, Any] | None = None
-        self._info_failed = False
-        self._info_retry_at = 0.0
-        self._rtc = False
-        self._history = HistoryWindows({})
+        self._decl = ModelDeclarations(policy, model_info, self.merge.sends_prefix)
         self._accepts_deadline = accepts_deadline(policy)
         self._answers: queue.SimpleQueue = queue.SimpleQueue()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -156,9 +149,9 @@ class ChunkRunner:
         self._retry_at = 0.0
         self._backoff_s = BACKOFF_S
         self.last_chunk_step: int | None = None  # observation step of the chunk behind the last action
-        self._history.clear()
-        if self._info_failed:
-            self._info = None  # read the model's declarations again at the first act
+        self._decl.history.clear()
+        if self._decl.failed:
+            self._decl.stale()  # read the model's declarations again at the first act
 
     def close(self) -> None:
         """Stop the request threads (after the requests in flight, if any)."""
@@ -180,7 +173,7 @@ class ChunkRunner:
     @property
     def real_time_chunking(self) -> bool:
         """True when requests carry the plan's prefix (merge ``rtc`` and the model declares it)."""
-        return self._rtc
+        return self._decl.rtc
 
     # -- the loop step ----------------------------------------------------------------
 
@@ -195,9 +188,9 @@ class ChunkRunner:
         """
         t = self._step
         self._step += 1
-        if self._info is None or self._info_due():
-            self._read_model_info()
-        self._history.observe(obs)
+        if self._decl.due:
+            self._read_declarations()
+        self._decl.history.observe(obs)
         self._take_answers(t)
         if not self._started:
             self._wait_first_chunk(obs, t)
@@ -236,49 +229,23 @@ class ChunkRunner:
         self.stats.delay_steps = delay
         if should_ask(
             t, horizon=self._horizon, plan_end=self._plan_end(), live_steps=[r.step for r in live], delay=delay,
-            overdue=self.delay_estimate_steps(measured_only=True) + 1, request_ahead=self.request_ahead, rtc=self._rtc,
+            overdue=self.delay_estimate_steps(measured_only=True) + 1, request_ahead=self.request_ahead,
+            rtc=self._decl.rtc,
         ):
             self._ask(obs, t, deadline_s=(self._horizon - 1) / self.rate_hz, delay=delay)
 
     # -- model declarations: history windows and real-time chunking --------------------
 
-    def _info_due(self) -> bool:
-        """Whether to read the model's declarations again: the last read failed (a server
-        still loading, say) or a request was refused as invalid (the model may have changed)."""
-        return self._info_failed and time.monotonic() >= self._info_retry_at
-
-    def _read_model_info(self) -> None:
-        """Read the model's declarations (history windows, real-time chunking inputs). A
-        failed read is retried every ``INFO_RETRY_S`` from the next step; when a read brings
-        new declarations mid-episode the history windows start again (padded) from that step."""
-        info: Mapping[str, Any] = {}
-        self._info_failed = False
-        if self._given_info is not None:
-            info = self._given_info
-        elif callable(getattr(self.policy, "model_info", None)):
-            try:
-                info = self.policy.model_info()
-            except Exception as exc:  # noqa: BLE001 - the loop goes on without declarations
-                log.warning("could not read the model's declarations (%s); reading again in %.1f s", exc, INFO_RETRY_S)
-                self._note_error(f"model_info: {exc}")
-                self._info_failed = True
-                self._info_retry_at = time.monotonic() + INFO_RETRY_S
-        if info == self._info or (self._info_failed and self._info is not None):
-            return  # the same declarations, or none read now: keep the windows
-        self._info = info
-        inputs = {entry["name"]: entry for entry in info.get("inputs", [])}
-        self._history = HistoryWindows(inputs)
-        declared = set(info.get("optional_inputs", []))
-        self._rtc = bool(self.merge.sends_prefix and declared.issuperset(RTC_INPUTS))
-        if self.merge.sends_prefix and not self._rtc:
-            log.info("the model does not declare %s: real-time chunking plays answers as they come", RTC_INPUTS)
-        self._prefix_shape = tuple(inputs["action_prefix"]["shape"]) if self._rtc else None
+    def _read_declarations(self) -> None:
+        error = self._decl.read()
+        if error is not None:
+            self._note_error(f"model_info: {error}")
 
     def _request_obs(self, obs: Mapping[str, Any], t: int, delay: int) -> dict[str, Any]:
         request = dict(obs)
-        self._history.fill(request)
-        if self._rtc:
-            request.update(rtc_inputs(self.merge, self._chunks, t, self._prefix_shape, delay))
+        self._decl.history.fill(request)
+        if self._decl.rtc:
+            request.update(rtc_inputs(self.merge, self._chunks, t, self._decl.prefix_shape, delay))
         return request
 
     # -- requests and answers ---------------------------------------------------------
@@ -286,7 +253,7 @@ class ChunkRunner:
     def _ask(self, obs: Mapping[str, Any], t: int, *, deadline_s: float, delay: int = 0) -> None:
         request = self._request_obs(obs, t, delay)
         rid = next(self._ids)
-        prefix = request["action_prefix"][:int(request["prefix_length"][0])] if self._rtc else None
+        prefix = request["action_prefix"][:int(request["prefix_length"][0])] if self._decl.rtc else None
         self._pending[rid] = _Request(t, time.monotonic(), prefix)
         self.stats.requests += 1
         with self._pool_lock:
@@ -331,9 +298,9 @@ class ChunkRunner:
                 if self._retry_at >= give_up:
                     break
                 time.sleep(max(0.0, self._retry_at - time.monotonic()))
-                if self._info_due():  # e.g. the server was loading at the first read
-                    self._read_model_info()
-                    self._history.observe(obs)
+                if self._decl.due:  # e.g. the server was loading at the first read
+                    self._read_declarations()
+                    self._decl.history.observe(obs)
                 self._ask(obs, t, deadline_s=self.first_chunk_timeout_s)
             left = give_up - time.monotonic()
             if left <= 0:
@@ -390,8 +357,8 @@ class ChunkRunner:
     def _failed(self, step: int, error: BaseException) -> None:
         self.stats.failures += 1
         self._note_error(f"step {step}: {error}")
-        if getattr(error, "status", None) == 422 and self._given_info is None:
-            self._info_failed = True  # refused as invalid: read the declarations again before the next request
+        if getattr(error, "status", None) == 422:
+            self._decl.stale()  # refused as invalid: read the declarations again before the next request
         delay_s = self._backoff_s
         hint = getattr(error, "retry_after_s", None)
         if isinstance(hint, (int, float)) and hint >= 0:

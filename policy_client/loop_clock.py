@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 
 __all__ = ["LoopClock"]
+
+PERIODS_KEPT = 10_000  # the last periods recorded (a loop may run for hours)
 
 
 class LoopClock:
@@ -16,7 +19,7 @@ class LoopClock:
         self.start = self._next = time.perf_counter()
         self.ticks = 0
         self.overruns = 0  # steps whose work took longer than the period
-        self.periods_s: list[float] = []
+        self.periods_s: deque[float] = deque(maxlen=PERIODS_KEPT)  # the last step periods, seconds
         self._last = self.start
 
     def tick(self) -> None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from policy_server import model_files, weights_check
 from policy_server.contract import MODEL_NAME_PATTERN, check_model_name, directory_digest, require_model_dir
 from policy_server.errors import ModelError, ServingError, UnknownModel, UnknownVersion
-from policy_server.worker_status import _alive
+from policy_server.worker_status import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -384,7 +384,7 @@ class ModelStore:
             owner = entry.name.partition("-")[2].rpartition("-")[0]
             pid, _, host = owner.partition("@")
             with contextlib.suppress(OSError):
-                dead = host == _HOST and pid.isdigit() and not _alive(int(pid))
+                dead = host == _HOST and pid.isdigit() and not process_alive(int(pid))
                 if dead or entry.stat(follow_symlinks=False).st_mtime < cutoff:
                     if entry.is_dir(follow_symlinks=False):
                         shutil.rmtree(entry.path, ignore_errors=True)

@@ -17,7 +17,8 @@ import threading
 from typing import Any
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,7 +63,7 @@ class WorkerStatusBoard:
             if ext != ".json" or not stem.isdigit():
                 continue
             pid = int(stem)
-            if not include_dead and not _alive(pid):
+            if not include_dead and not process_alive(pid):
                 if self.prune_dead:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(self.directory, entry))
