@@ -386,6 +386,27 @@ def test_idle_connections_cannot_lock_the_door(tmp_path):
         assert not errors_in(server.log())
 
 
+def test_too_many_unfinished_requests_on_one_worker_are_refused_and_probes_pass(tmp_path):
+    args = ("--threads", "2", "--max-reading-per-worker", "3", "--max-reading-per-client", "100")
+    with run_server(tmp_path, workers=1, args=args) as server:
+        socks = []
+        try:
+            for _ in range(4):  # unfinished heads: each one is being read
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+                sock.sendall(b"POST /infer HTTP/1.1\r\n")
+                socks.append(sock)
+            status, headers, body = read_answer(socks[-1], timeout_s=5)
+            assert (status, headers["retry-after"], body["error"]) == (503, "1", "overloaded")
+            assert "to this worker" in body["detail"]
+            probe = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            with probe:  # also over the cap, but its head shows a probe
+                probe.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_answer(probe, timeout_s=5)[0] == 200
+        finally:
+            for sock in socks:
+                sock.close()
+
+
 def test_a_refused_request_that_waits_for_100_continue_is_closed(door):
     """Refused over the admission limit before its body: the client may never send the body,
     so the connection closes instead of taking its next request for the body."""
