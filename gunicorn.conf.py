@@ -47,6 +47,9 @@ _host = f"[{_config.host}]" if ":" in _config.host else _config.host
 bind = [] if _config.uds_only else [f"{_host}:{_config.port}"]
 if _config.uds:  # a Unix domain socket, as well as or instead of TCP (any worker class)
     bind.append(f"unix:{_config.uds}")
+    # gunicorn applies umask around the socket's bind (and its workers' 0600 heartbeat
+    # files) only: the socket never exists with more than uds_mode, not even before when_ready
+    umask = 0o777 & ~_config.uds_file_mode()
 if _config.tls:  # HTTPS on the TCP listeners, with gunicorn's own settings (the front door does the handshake)
     certfile = _config.certfile
     keyfile = _config.keyfile

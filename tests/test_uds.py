@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import requests
 from policy_server.config import ServerConfig
 from policy_server.errors import ConfigError
 from request_tools import ChunkRunner, LoopClock, PolicyClient, PolicyConnectionError, unix_socket_path
-from tests.serving import run_server
+from tests.serving import ROOT, run_server
 
 HORIZON_OF_DEFAULT = 10  # models/default answers 10-action chunks: ask at every step, so several are out
 
@@ -33,6 +35,28 @@ def test_config_checks_the_socket_settings():
             ServerConfig(uds="/tmp/x.sock", uds_mode=bad).validate()
     with pytest.raises(ConfigError, match="uds_only"):
         ServerConfig(uds_only=True).validate()
+
+
+def test_the_socket_is_bound_with_its_mode_never_wider(tmp_path):
+    """gunicorn binds the socket under the conf's umask: mode 600 from the bind on, before
+    when_ready's chmod (a local process cannot connect in between)."""
+    sock = tmp_path / "policy.sock"
+    script = (
+        "import logging, os, stat, runpy\n"
+        "from gunicorn.config import Config\n"
+        "from gunicorn import sock as gsock\n"
+        "conf = runpy.run_path('gunicorn.conf.py')\n"
+        "cfg = Config()\n"
+        "cfg.set('bind', conf['bind'])\n"
+        "cfg.set('umask', conf.get('umask', 0))\n"  # gunicorn's default: 0
+        "listeners = gsock.create_sockets(cfg, logging.getLogger('t'))\n"
+        f"print(oct(stat.S_IMODE(os.stat({str(sock)!r}).st_mode)))\n"
+    )
+    env = {**os.environ, "POLICY_SERVER_UDS": str(sock), "POLICY_SERVER_UDS_MODE": "600",
+           "POLICY_SERVER_UDS_ONLY": "1", "POLICY_SERVER_RUN_DIR": str(tmp_path / "run")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0o600"
 
 
 def test_missing_socket_is_a_connection_error(tmp_path):
