@@ -134,6 +134,10 @@ def post_worker_init(worker):
         while not loaded.wait(1.0):
             worker.notify()
 
+    # A worker that never notified is never timed out by this gunicorn (its heartbeat file
+    # starts at wall-clock time, the arbiter compares monotonic time): notify now, so the
+    # load is covered by the heartbeat below rather than by that quirk.
+    worker.notify()
     threading.Thread(target=heartbeat, name="load-heartbeat", daemon=True).start()
     try:
         runtime.start(worker_index=worker.age - 1, workers=worker.cfg.workers, block=True)

@@ -194,6 +194,23 @@ def load_model(model_dir, device):
 """
 
 
+def test_a_model_load_longer_than_the_worker_timeout_does_not_get_the_worker_killed(tmp_path):
+    """gunicorn restarts a worker silent for --timeout-s; the load heartbeat (gunicorn.conf.py
+    post_worker_init) keeps a slow model load (here 5 s against a 2 s timeout) from being taken
+    for a hang. Without it the worker is killed and restarted until startup gives up."""
+    model_dir = tmp_path / "slow_load"
+    model_dir.mkdir()
+    (model_dir / "policy.py").write_text(SLOW_POLICY.replace(
+        "def load_model(model_dir, device):\n", "def load_model(model_dir, device):\n    time.sleep(5)\n"))
+    with run_server(tmp_path, workers=1, args=("--model-path", str(model_dir), "--timeout-s", "2")) as server:
+        assert len(server.ready_workers()) == 1
+        with PolicyClient(server.base_url, check_spec=False) as client:
+            np.testing.assert_array_equal(client.infer({"x": np.ones(4, np.float32)})["y"], np.full(4, 2.0))
+        log = server.log()
+    assert "WORKER TIMEOUT" not in log and "Booting worker" in log
+    assert log.count("Booting worker") == 1  # never restarted
+
+
 def test_sigterm_answers_every_accepted_request(tmp_path):
     model_dir = tmp_path / "slow"
     model_dir.mkdir()
