@@ -136,7 +136,7 @@ def post_worker_init(worker):
 
     # A worker that never notified is never timed out by this gunicorn (its heartbeat file
     # starts at wall-clock time, the arbiter compares monotonic time): notify now, so the
-    # load is covered by the heartbeat below rather than by that quirk.
+    # timeout applies from here and the heartbeat below is what keeps a long load alive.
     worker.notify()
     threading.Thread(target=heartbeat, name="load-heartbeat", daemon=True).start()
     try:
