@@ -40,7 +40,7 @@ from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
-from policy_server.front_door_http import ARRIVED, DEFERRED, GONE, reset_by_peer
+from policy_server.front_door_http import ARRIVED, DEFERRED, GONE, AppRoutes, reset_by_peer
 from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, SCAN_S, Conn, RequestReader
 from policy_server.front_door_tls import TLSReader
 
@@ -78,6 +78,10 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         self._fit_descriptor_limit()
         self._init_tls()
         super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.routes = AppRoutes(self.wsgi, self.settings)  # once: what the poller needs of the app's routes
 
     # -- admission and hand-off (poller thread) -------------------------------------
 

@@ -21,7 +21,7 @@ import socket
 import time
 from functools import partial
 
-from policy_server.front_door_http import AppRoutes, Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
+from policy_server.front_door_http import Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
 
 log = logging.getLogger("policy_server.front_door")
 
@@ -74,7 +74,7 @@ class RequestReader:
     """The poller side of the front door (a mixin over gunicorn's ``ThreadWorker``).
 
     Needs from the worker: ``settings`` (ServerConfig), ``cfg``, ``poller``, ``alive``,
-    ``nr_conns``, ``worker_connections``, ``wsgi``, ``obs`` (policy_server.observability),
+    ``nr_conns``, ``worker_connections``, ``routes`` (front_door_http.AppRoutes), ``obs`` (policy_server.observability),
     ``_overloaded(length)``, ``_dispatch(conn)``, and for TLS ``tls_context``, ``_wrap`` and
     ``_readable_tls`` (:class:`policy_server.front_door_tls.TLSReader`).
     """
@@ -87,7 +87,6 @@ class RequestReader:
         self.reading_by_addr: dict[str, int] = {}
         self.max_conns = self.worker_connections  # lowered under RLIMIT_NOFILE or when descriptors run out
         self._next_scan = 0.0
-        self._routes: AppRoutes | None = None  # made at the first request: the app is loaded by then
         self._evicted = 0  # closed to make room since the last log line
         self._next_evict_log = 0.0
         self._scratch = bytearray(RECV_BYTES)  # the poller's one receive buffer
@@ -216,8 +215,7 @@ class RequestReader:
                 return
             try:
                 raw_head = bytes(conn.buf[: end + 4])
-                self._routes = self._routes or AppRoutes(self.wsgi, self.settings)
-                head = parse_head(self.cfg, raw_head, conn.client, conn.nreq + 1, self._routes)
+                head = parse_head(self.cfg, raw_head, conn.client, conn.nreq + 1, self.routes)
             except Refusal as refusal:
                 self._refuse(conn, refusal)
                 return
