@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.timing import write_json  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 
 log = logging.getLogger("bench_codecs")
@@ -125,8 +125,7 @@ def main(argv=None) -> dict:
                 f"{row['decode_ms_p50']:8.2f} {row['decode_ms_p90']:8.2f} {err:7d}"
             )
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+        write_json(args.json, results, indent=1, default=float)
     return {"results": results}
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.timing import write_json  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 from tests.serving import run_server  # noqa: E402
@@ -291,8 +292,7 @@ def main() -> None:
                 results.setdefault(name, []).append(result)
                 log.info(f"run {run} {name}: {json.dumps(result)}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_json(args.json, results, indent=2)
 
 
 if __name__ == "__main__":

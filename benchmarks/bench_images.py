@@ -21,7 +21,6 @@ not blur the image-quality effect).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -32,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.local_server import local_server  # noqa: E402
+from benchmarks.timing import write_json  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 from examples.sim_loop import SEED_BASE, PathReport, run_episodes  # noqa: E402
@@ -143,8 +143,7 @@ def main(argv=None) -> dict:
     if args.episodes:
         result["sim_loop_in_process"] = closed_loop_in_process(args.episodes, args.seed)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result, indent=1)
     return result
 
 

@@ -13,7 +13,6 @@ TLS handshakes). The two servers alternate in blocks, several runs. Prints p50/p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.local_server import local_server  # noqa: E402
-from benchmarks.timing import latency_table, timed_calls  # noqa: E402
+from benchmarks.timing import latency_table, timed_calls, write_json  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 from tests.tls_certs import make_pki  # noqa: E402
@@ -72,8 +71,7 @@ def main(argv=None) -> dict:
     samples = dict(sorted(samples.items(), key=lambda item: (item[0][1], item[0][0])))
     results = latency_table(samples, "scheme", log)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, indent=1)
     return {"results": results}
 
 

@@ -11,7 +11,6 @@ Prints p50/p90/p99 in ms per transport and call.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -22,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.local_server import local_server  # noqa: E402
-from benchmarks.timing import latency_table, timed_calls  # noqa: E402
+from benchmarks.timing import latency_table, timed_calls, write_json  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 
@@ -48,8 +47,7 @@ def main(argv=None) -> dict:
                 )
     results = latency_table(samples, "transport", log)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_json(args.json, results, indent=1)
     return {"results": results}
 
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.timing import write_json  # noqa: E402
 from policy_server import model_files, weights_check  # noqa: E402
 from policy_server.config import ServerConfig  # noqa: E402
 from policy_server.model_loader import load_model_dir  # noqa: E402
@@ -81,8 +82,7 @@ def main() -> None:
     report = {"model": args.model, "bytes": size, "repeats": args.repeats, "steps": results}
     log.info(json.dumps(report, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(args.json, report, indent=2)
 
 
 if __name__ == "__main__":

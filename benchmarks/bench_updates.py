@@ -18,7 +18,6 @@ and over every update the switch time (first 200 to every worker serving the new
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -40,6 +39,7 @@ from benchmarks.bench_serving import (  # noqa: E402
     raw_http_client,
     reference_observation,
 )
+from benchmarks.timing import write_json  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 
@@ -127,8 +127,7 @@ def main() -> None:
         "post_ms_p50": float(np.percentile(post, 50)), "post_ms_max": float(post.max()),
     }
     summary["p99_ratio_updates_vs_steady"] = summary["updates_p99_ms"] / summary["steady_p99_ms"]
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
+    write_json(args.json, {"summary": summary, "runs": runs}, indent=2)
     for key, value in summary.items():
         log.info("%-28s %s", key, f"{value:.3f}" if isinstance(value, float) else value)
 

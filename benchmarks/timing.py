@@ -1,8 +1,10 @@
-"""Shared timing for the benchmark scripts."""
+"""Shared by the benchmark scripts: timing, and writing their results as JSON."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -50,3 +52,9 @@ def latency_table(samples: dict[tuple[str, str], list[np.ndarray]], kind: str, l
         log.info(f"{variant:9} {call:16} {row['p50_ms']:8.3f} {row['p90_ms']:8.3f} {row['p99_ms']:8.3f}  "
                  f"{row['run_p50s_ms']}")
     return rows
+
+
+def write_json(path: str | Path, data, **dumps) -> None:
+    """Write ``data`` as JSON to ``path``, creating its directory (``dumps``: json.dumps options)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, **dumps))
