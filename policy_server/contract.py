@@ -13,8 +13,11 @@ that a path is a model directory, :func:`directory_digest` its content digest, a
   so requests with and without it share a batch. An input may be a *history window*
   (``history=History(steps=T, pad=...)``): its shape is ``[T, *per_step_shape]``, row T-1
   the newest observation, and the client pads an episode's start as declared;
-- ``forward(batch)``: a dict of tensors ``[B, *shape]`` on the policy's device to a dict of
-  tensors ``[B, *shape]``, one per output spec;
+- ``input_spec`` may also hold :class:`TextSpec` entries: a text input such as a task
+  instruction (``prompt``), UTF-8 of at most ``max_bytes`` bytes; ``forward`` gets the
+  batch's texts as a list of ``B`` Python ``str`` under its name, and tokenizes them itself;
+- ``forward(batch)``: a dict of tensors ``[B, *shape]`` on the policy's device (and lists of
+  ``B`` strings for text inputs) to a dict of tensors ``[B, *shape]``, one per output spec;
 - optionally ``name`` (default: the directory name), ``version`` (default: a digest of the
   directory's files), ``num_parameters()`` and ``optional_outputs``.
 
@@ -52,6 +55,7 @@ WEIGHTS_FILE = "model.safetensors"  # what a weights push replaces
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 HISTORY_PADS = ("repeat_first", "zeros")
 RTC_INPUTS = ("action_prefix", "prefix_length", "inference_delay")
+MAX_TEXT_BYTES = 1 << 16  # the most a text input may declare (64 KiB)
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,48 @@ class TensorSpec:
         if self.history is not None:
             out["history"] = self.history.to_json()
         return out
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """One text input, e.g. the task instruction of a vision-language-action policy (openpi's
+    ``prompt``): a UTF-8 string of at most ``max_bytes`` bytes (encoded), one per observation.
+
+    ``forward`` receives the batch's texts as a list of ``B`` Python ``str`` under ``name``,
+    beside the tensors; tokenization is the policy's own (local files only, no download).
+    ``optional``: a request may omit it and the server fills ``default``. Texts never split
+    batches: requests with different texts share one.
+    """
+
+    name: str
+    max_bytes: int = 256
+    optional: bool = False
+    default: str = ""
+
+    # Class attributes, not fields: what code written for TensorSpec reads of any input.
+    dtype = "text"  # what /model_info shows as the input's dtype
+    shape = ()  # one string per observation
+    history = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_bytes", int(self.max_bytes))
+        object.__setattr__(self, "optional", bool(self.optional))
+        if not 1 <= self.max_bytes <= MAX_TEXT_BYTES:
+            raise ValueError(f"{self.name}: max_bytes must be in 1..{MAX_TEXT_BYTES}, got {self.max_bytes}")
+        if not isinstance(self.default, str) or len(self.default.encode("utf-8")) > self.max_bytes:
+            raise ValueError(f"{self.name}: default must be a str of at most max_bytes ({self.max_bytes}) bytes")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": [], "max_bytes": self.max_bytes}
+        if self.optional:
+            out["optional"] = True
+            out["default"] = self.default
+        return out
+
+
+def is_text(spec: Any) -> bool:
+    """True for a :class:`TextSpec` (a text input), False for a :class:`TensorSpec`."""
+    return isinstance(spec, TextSpec)
 
 
 def rtc_specs(horizon: int, action_dim: int) -> tuple[TensorSpec, TensorSpec, TensorSpec]:
