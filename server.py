@@ -17,7 +17,7 @@ from policy_server import access, metrics, observability
 from policy_server.access import ADMIN, DOCS, INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
 from policy_server.errors import BatcherLost
-from policy_server.images import decode_inputs
+from policy_server.images import decoded_inputs
 from policy_server.model_admin import ModelAdmin
 from policy_server.oip_routes import oip_blueprint
 from policy_server.openapi import openapi_document
@@ -35,6 +35,7 @@ from policy_server.web import (
     requested_outputs,
     wait_seconds,
 )
+from policy_server.wsgi_keys import BUDGET
 
 
 def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
@@ -71,15 +72,18 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     def infer_with(name: str | None):
         t0 = time.perf_counter()
         deadline = request_deadline(config.deadline_ms)
-        rows = parse_batch_rows(request.headers.get(BATCH_ROWS_HEADER))  # a vectorized request
+        rows = parse_batch_rows(request.headers.get(BATCH_ROWS_HEADER), config.queue_size)  # vectorized
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
         inputs = binary_to_dict(body)
         model = runtime.served(name).model
-        inputs = decode_inputs(inputs, model.input_spec, model.encoded_inputs, rows)  # JPEG/PNG, opt in
-        t2 = time.perf_counter()
-        g.model = name or runtime.default_name
-        g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs(), rows)
+        with decoded_inputs(  # JPEG/PNG, opt in; bounded before anything decodes
+            inputs, model.input_spec, model.encoded_inputs, rows,
+            max_bytes=config.max_body_bytes, budget=request.environ.get(BUDGET),
+        ) as inputs:
+            t2 = time.perf_counter()
+            g.model = name or runtime.default_name
+            g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs(), rows)
         t3 = time.perf_counter()
         payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()

@@ -88,6 +88,10 @@ class TensorSpec:
     ``optional`` (inputs only): a request may omit it; the server fills zeros.
     ``history`` (inputs only): the input is a window of past observations, ``shape[0] ==
     history.steps`` (ValueError otherwise).
+    ``allow_nonfinite`` (float inputs only): the input may carry NaN or inf (e.g. NaN for a
+    missing reading). Without it, a request whose float input is not finite everywhere is
+    refused (422 naming the input). Outputs are always checked: a non-finite action is
+    never served.
     """
 
     name: str
@@ -95,11 +99,13 @@ class TensorSpec:
     shape: tuple[int, ...]
     optional: bool = False
     history: History | None = None
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         object.__setattr__(self, "optional", bool(self.optional))
+        object.__setattr__(self, "allow_nonfinite", bool(self.allow_nonfinite))
         if self.history is not None and (not self.shape or self.shape[0] != self.history.steps):
             raise ValueError(
                 f"{self.name}: a history of {self.history.steps} steps needs shape [{self.history.steps}, ...], "
@@ -120,7 +126,14 @@ class TensorSpec:
             out["optional"] = True
         if self.history is not None:
             out["history"] = self.history.to_json()
+        if self.allow_nonfinite:
+            out["allow_nonfinite"] = True
         return out
+
+    @property
+    def finite_only(self) -> bool:
+        """True when values must be finite: a float (or complex) input without ``allow_nonfinite``."""
+        return self.np_dtype.kind in "fc" and not self.allow_nonfinite
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,12 @@ class InferenceFailed(ServingError):
     status, error = 500, "inference failed"
 
 
+class NonFiniteOutput(ServingError):
+    """The model computed NaN or inf for this request: refused, never served as an action."""
+
+    status, error = 500, "non-finite output"
+
+
 class NotReady(ServingError):
     status, error = 503, "not ready"
 

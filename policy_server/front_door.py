@@ -30,6 +30,7 @@ code, but the *poller* thread reads each request's head and body without blockin
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import selectors
 import threading
@@ -40,9 +41,10 @@ from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
-from policy_server.front_door_http import ARRIVED, DEFERRED, GONE, AppRoutes, reset_by_peer
+from policy_server.front_door_http import GONE, AppRoutes, late_answer, past_deadline, reset_by_peer
 from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, SCAN_S, Conn, RequestReader
 from policy_server.front_door_tls import TLSReader
+from policy_server.wsgi_keys import ARRIVED, BUDGET, DEFERRED
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +90,16 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
     def _overloaded(self, length: int) -> str | None:
         """Why a new request with a body of ``length`` bytes cannot be admitted now, or None.
 
-        Three bounds: the count of requests held (``admission_limit``), the bytes of bodies
-        being received (``max_reading_bytes``; one body alone always fits), and how long ago
-        the oldest request still waiting for a thread arrived (``shed_wait_ms``): past it the
-        worker cannot answer what it holds within their deadlines, so it sheds new ones.
+        Three bounds: the count of requests held (``admission_limit``), the bytes of request
+        data held (``max_reading_bytes``: bodies being received and images being decoded; one
+        body alone always fits), and how long ago the oldest request still waiting for a
+        thread arrived (``shed_wait_ms``): past it the worker cannot answer what it holds
+        within their deadlines, so it sheds new ones. When it admits, the body's bytes are
+        taken from the budget (given back by ``_stop_reading``).
         """
         s = self.settings
         if self.held > s.admission_limit:
             return f"{self.held - 1} requests held by this worker"
-        if length and self.reading_bytes and self.reading_bytes + length > s.max_reading_bytes:
-            return f"{self.reading_bytes} bytes of request bodies being received by this worker"
         queued = self.dispatched - self.started  # waiting for a request thread
         expected_ms = 1e3 * queued * self.service_s / self.cfg.threads
         if expected_ms > s.shed_wait_ms:
@@ -109,6 +111,8 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             waited_ms = 1e3 * (time.monotonic() - waiting[0][0].arrived)
             if waited_ms > s.shed_wait_ms:
                 return f"this worker's oldest waiting request arrived {waited_ms:.0f} ms ago"
+        if not self.budget.take(length):
+            return f"{self.budget.used} bytes of request data held by this worker"
         return None
 
     def _dispatch(self, conn: Conn) -> None:
@@ -204,6 +208,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         req = conn.req
         deferred: list = []
         delivered = False
+        late = False
         try:
             if reset_by_peer(conn.sock):  # while the socket is still non-blocking
                 self.obs.count_vanished(
@@ -214,15 +219,28 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
             environ["wsgi.multithread"] = True
             environ[ARRIVED] = conn.arrived
+            environ[BUDGET] = self.budget
             if self.tls_context is not None and not conn.tls:  # a Unix socket beside HTTPS
                 environ["wsgi.url_scheme"] = "http"
             environ[DEFERRED] = deferred
             self.nr += 1
             if not self.alive or not self.cfg.keepalive:
                 resp.force_close()
-            respiter = self.wsgi(environ, resp.start_response)
+            held: list = []  # the app's status and headers, sent with its first bytes (or replaced)
+
+            def start_response(status, headers, exc_info=None):
+                held[:] = [status, headers]
+                return resp.write
+
+            respiter = self.wsgi(environ, start_response)
             try:
-                for item in respiter:
+                items = iter(respiter)
+                first = next(items, None)  # an app may call start_response only here
+                late = past_deadline(environ, held)
+                if late:  # never a late action: the answer is replaced by a 504
+                    held, first, items = late_answer(environ, held)
+                resp.start_response(*held)
+                for item in itertools.chain([first] if first is not None else [], items):
                     resp.write(item)
                 resp.close()
                 delivered = True
@@ -239,7 +257,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             return False
         finally:
             for record in deferred:
-                record(delivered)
+                record(delivered, 504 if late else None)
 
 
 __all__ = ["ARRIVED", "FrontDoorWorker"]

@@ -22,6 +22,7 @@ import time
 from functools import partial
 
 from policy_server.front_door_http import Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
+from policy_server.wsgi_keys import ByteBudget
 
 log = logging.getLogger("policy_server.front_door")
 
@@ -64,7 +65,7 @@ class Conn:
         self.started = False  # a request thread took its current request
         self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
         self.filled = 0
-        self.reserved = 0  # its body's length, counted in the worker's reading_bytes while being read
+        self.reserved = 0  # its body's length, taken from the worker's byte budget while being read
         self.callback = None  # what the poller calls when the socket is ready (set at accept)
         self.tls = False  # an SSL socket: read by front_door_tls, and HANDSHAKING first
         self.want_write = False  # TLS only: registered for EVENT_WRITE while OpenSSL must send
@@ -83,7 +84,7 @@ class RequestReader:
         self.conns: set[Conn] = set()
         self.held = 0  # requests from first byte to answer
         self.reading = 0
-        self.reading_bytes = 0  # Content-Length of the bodies being read, summed
+        self.budget = ByteBudget(self.settings.max_reading_bytes)  # bodies being read (and images decoded)
         self.reading_by_addr: dict[str, int] = {}
         self.max_conns = self.worker_connections  # lowered under RLIMIT_NOFILE or when descriptors run out
         self._next_scan = 0.0
@@ -186,7 +187,7 @@ class RequestReader:
         if conn.state != READING:
             return
         self.reading -= 1
-        self.reading_bytes -= conn.reserved
+        self.budget.give(conn.reserved)
         conn.reserved = 0
         left = self.reading_by_addr[conn.addr] - 1
         if left:
@@ -237,8 +238,9 @@ class RequestReader:
                     keep_alive=not conn.req.should_close() and not waits,
                 )
                 return
-            conn.reserved = conn.need
-            self.reading_bytes += conn.need
+            if head.probe:  # never refused, but counted
+                self.budget.take(conn.need, force=True)
+            conn.reserved = conn.need  # taken from the budget (by _overloaded for the others)
             conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
             if conn.req._expected_100_continue:
                 conn.req._expected_100_continue = False

@@ -26,7 +26,7 @@ from flask import Flask, Response, g, request
 
 from policy_server import metrics
 from policy_server.access import request_audience
-from policy_server.front_door_http import ARRIVED, DEFERRED
+from policy_server.wsgi_keys import ARRIVED, DEFERRED
 
 access_log = logging.getLogger("policy_server.access")
 
@@ -64,8 +64,9 @@ def install(app: Flask, stats) -> None:
         inference = audience is not None and audience.inference
         quiet = audience is not None and audience.quiet  # probes and scrapes: DEBUG only
 
-        def record(delivered: bool = True) -> None:
-            final = status if delivered else CLIENT_CLOSED
+        def record(delivered: bool = True, replaced: int | None = None) -> None:
+            # replaced: the status the front door answered instead (504 for an answer ready too late)
+            final = (replaced or status) if delivered else CLIENT_CLOSED
             metrics.REQUESTS.labels(route, str(final)).inc()
             metrics.REQUEST_SECONDS.labels(route).observe(latency)
             if inference:
@@ -77,6 +78,8 @@ def install(app: Flask, stats) -> None:
             if access_log.isEnabledFor(level):
                 if not delivered:
                     fields.update(status=final, detail=f"client closed the connection before its {status} answer")
+                elif replaced:
+                    fields.update(status=final, detail=f"its {status} answer was ready past the deadline; dropped")
                 access_log.log(level, json.dumps(fields))
 
         deferred = request.environ.get(DEFERRED)

@@ -20,7 +20,14 @@ from policy_server import oip
 from policy_server.access import INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
 from policy_server.errors import ServingError, UnknownModel
-from policy_server.web import answer_headers, error_response, read_body, request_arrival, request_deadline
+from policy_server.web import (
+    answer_headers,
+    error_response,
+    note_deadline,
+    read_body,
+    request_arrival,
+    request_deadline,
+)
 
 SERVER_NAME = "robot-policy-server"
 SERVER_VERSION = "0.1.0"
@@ -90,8 +97,9 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         decoded = oip.decode_request(body, header_length, config.oip_max_json_bytes)
         if decoded.timeout_us is not None:
             deadline = min(deadline, request_arrival() + decoded.timeout_us / 1e6)
+            note_deadline(deadline)
         served = served_version(name, version)
-        rows = oip.check_against_spec(decoded.inputs, served.model.input_spec)
+        rows = oip.check_against_spec(decoded.tensors, served.model.input_spec, config.queue_size)
         t2 = time.perf_counter()
         g.model = name
         g.answer = answer = runtime.infer(decoded.inputs, deadline, name, list(decoded.outputs), rows)

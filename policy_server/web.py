@@ -21,7 +21,7 @@ from policy_server.errors import (
     ServingError,
     UnsupportedMediaType,
 )
-from policy_server.front_door_http import ARRIVED
+from policy_server.wsgi_keys import ARRIVED, DEADLINE
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,13 @@ def request_deadline(default_ms: int) -> float:
     deadline = request_arrival(now) + request_deadline_s(default_ms)
     if deadline <= now:
         raise DeadlineExceeded(f"deadline passed {1e3 * (now - deadline):.1f} ms before the request reached a thread")
+    note_deadline(deadline)
     return deadline
+
+
+def note_deadline(deadline: float) -> None:
+    """Tell the front door the request's deadline: a 2xx not written by then is answered 504."""
+    request.environ[DEADLINE] = deadline
 
 
 def requested_outputs() -> list[str]:
