@@ -222,7 +222,11 @@ class Batcher:
             request.cancelled = True
             raise DeadlineExceeded("no answer in time")
         if request.error is not None:
-            raise request.error
+            # A fresh copy: the stored one may be shared by a whole batch, and raising an
+            # exception that the request holds makes a reference cycle (exception, traceback,
+            # this frame, the request) that keeps the request's inputs alive until the cyclic
+            # collector runs, which an idle worker may not do for a long time.
+            raise request.error.copy()
         if request.finished > request.deadline:  # computed, but too late to act on: never a late answer
             self._observe("late", [request])
             raise DeadlineExceeded(

@@ -14,6 +14,10 @@ class ServingError(Exception):
         self.detail = detail
         self.headers = headers or {}
 
+    def copy(self) -> ServingError:
+        """The same error, not yet raised (no traceback): for raising where one is stored."""
+        return type(self)(self.detail, headers=dict(self.headers))
+
 
 class BadRequest(ServingError):
     status, error = 400, "bad request"

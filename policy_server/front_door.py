@@ -209,6 +209,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         deferred: list = []
         delivered = False
         late = False
+        committed = None
         try:
             if reset_by_peer(conn.sock):  # while the socket is still non-blocking
                 self.obs.count_vanished(
@@ -239,6 +240,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
                 late = past_deadline(environ, held)
                 if late:  # never a late action: the answer is replaced by a 504
                     held, first, items = late_answer(environ, held)
+                committed = time.monotonic()
                 resp.start_response(*held)
                 for item in itertools.chain([first] if first is not None else [], items):
                     resp.write(item)
@@ -257,7 +259,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             return False
         finally:
             for record in deferred:
-                record(delivered, 504 if late else None)
+                record(delivered, 504 if late else None, committed)
 
 
 __all__ = ["ARRIVED", "FrontDoorWorker"]

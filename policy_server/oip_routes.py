@@ -94,12 +94,14 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         header_length = oip.parse_header_length(
             request.headers.get(oip.HEADER_LENGTH), len(body), config.oip_max_json_bytes
         )
-        decoded = oip.decode_request(body, header_length, config.oip_max_json_bytes)
+        served = served_version(name, version)
+        decoded = oip.decode_request(
+            body, header_length, config.oip_max_json_bytes, served.model.input_spec, config.queue_size
+        )
         if decoded.timeout_us is not None:
             deadline = min(deadline, request_arrival() + decoded.timeout_us / 1e6)
             note_deadline(deadline)
-        served = served_version(name, version)
-        rows = oip.check_against_spec(decoded.tensors, served.model.input_spec, config.queue_size)
+        rows = decoded.rows
         t2 = time.perf_counter()
         g.model = name
         g.answer = answer = runtime.infer(decoded.inputs, deadline, name, list(decoded.outputs), rows)
