@@ -22,12 +22,9 @@ followed, for binary inputs, by their raw little-endian row-major bytes in input
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import math
-import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +32,7 @@ import numpy as np
 
 from policy_server.contract import TensorSpec
 from policy_server.errors import BadRequest, InvalidInput, NonFiniteOutput, PayloadTooLarge
+from policy_server.oip_json import BIG_JSON_BYTES, big_json, json_tensor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # OIP tensor data types and their numpy (little-endian) dtypes. BYTES and BF16 are not served.
@@ -51,11 +49,6 @@ MAX_ID_CHARS = 256
 MAX_NAME_CHARS = 128
 MAX_TIMEOUT_US = 10**12  # the largest ``timeout`` parameter taken at its word (11.6 days)
 MAX_TENSOR_BYTES = 1 << 40  # no tensor's declared shape may need more, even with a zero dimension
-JSON_STEP_ELEMENTS = 1 << 16  # JSON numbers converted per step (about 1-3 ms of numpy on 2 cores)
-BIG_JSON_BYTES = 1 << 18  # JSON headers larger than this parse one at a time per worker ...
-BIG_JSON_PAUSE_S = 0.005  # ... with this pause after each (gunicorn threads' GIL switch interval)
-_BIG_PARSE = threading.Lock()
-_ALLOWED_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}  # JSON value kinds each datatype takes
 
 
 def datatype_of(dtype: str | np.dtype) -> str:
@@ -155,7 +148,8 @@ def decode_request(
     :func:`check_against_spec` raises.
 
     A header over :data:`BIG_JSON_BYTES` is decoded in the worker's one big-JSON section
-    (:func:`_big_json`), so the GIL is never held long and the worker's probes keep answering.
+    (:func:`policy_server.oip_json.big_json`), so the GIL is never held long and the
+    worker's probes keep answering.
     """
     if header_length is None:
         if len(body) > max_header_bytes:
@@ -164,35 +158,12 @@ def decode_request(
     else:
         view = memoryview(body)
         header_bytes, binary = view[:header_length], view[header_length:]
-    section = _big_json() if len(header_bytes) > BIG_JSON_BYTES else contextlib.nullcontext()
+    section = big_json() if len(header_bytes) > BIG_JSON_BYTES else contextlib.nullcontext()
     with section:
         header = _load_json(bytes(header_bytes))
         decoded = _decode_header(header, binary, spec, max_rows)
         del header  # the parsed JSON: its lists are gone before the section ends
     return decoded
-
-
-@contextlib.contextmanager
-def _big_json() -> Iterator[None]:
-    """The one section per worker where a big JSON header is parsed and its data converted.
-
-    ``json.loads`` holds the GIL for its whole run, and the cyclic garbage collector, run by
-    whichever thread allocates next, walks every list the parse made (measured on this
-    project's 2-core box, a 3.6 MB image as JSON: 83 ms to parse without the collector, 166 to
-    341 ms with it, gen-2 passes of up to 150 ms). So one big header at a time is decoded,
-    with the collector paused (the parsed lists hold no cycles and are freed before the
-    section ends), and then the GIL is let go for a moment while the next one still waits:
-    the poller and the probe lane run between two sections, and wait for one at most.
-    """
-    with _BIG_PARSE:
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            yield
-        finally:
-            if collecting:
-                gc.enable()
-            time.sleep(BIG_JSON_PAUSE_S)
 
 
 def _decode_header(header: dict, binary: memoryview, spec, max_rows) -> InferRequest:
@@ -292,64 +263,11 @@ def _input_header(tensor: Any, index: int, offset: int) -> TensorHeader:
 
 def _tensor_array(tensor: TensorHeader, binary: memoryview) -> np.ndarray:
     if tensor.size is None:
-        return _json_tensor(tensor.name, tensor.dtype, tensor.shape, tensor.data)
+        return json_tensor(tensor.name, tensor.dtype, tensor.shape, tensor.data)
     raw = binary[tensor.offset : tensor.offset + tensor.size]
     if tensor.dtype.kind == "b" and tensor.size and np.frombuffer(raw, np.uint8).max() > 1:
         raise BadRequest(f"input {tensor.name!r}: BOOL bytes must be 0 or 1")
     return np.frombuffer(raw, dtype=tensor.dtype).reshape(tensor.shape)
-
-
-def _json_tensor(name: str, dtype: np.dtype, shape: tuple[int, ...], data: list) -> np.ndarray:
-    """JSON ``data`` (flat, or nested as ``shape``; row-major) as ``dtype[shape]``, strictly typed.
-
-    Converted in steps of at most :data:`JSON_STEP_ELEMENTS` numbers, each one short call
-    into numpy that lets go of the GIL after it: the worker's probes and poller keep running
-    while a big JSON tensor converts.
-    """
-    count = math.prod(shape)
-    out = np.empty(count, dtype)
-    flat = len(data) == count and not (count and isinstance(data[0], list))
-    if flat:
-        for start in range(0, count, JSON_STEP_ELEMENTS):
-            _json_step(name, dtype, data[start : start + JSON_STEP_ELEMENTS], out[start : start + JSON_STEP_ELEMENTS])
-    elif shape and len(data) == shape[0]:
-        _json_nested(name, dtype, shape, data, out)
-    else:
-        raise BadRequest(
-            f"input {name!r}: 'data' has {len(data)} elements, shape {list(shape)} needs {count} "
-            f"(flat) or {shape[0] if shape else 1} rows (nested)"
-        )
-    return out.reshape(shape)
-
-
-def _json_nested(name: str, dtype: np.dtype, shape: tuple[int, ...], data: Any, out: np.ndarray) -> None:
-    """Fill ``out`` (flat, ``prod(shape)`` elements) from ``data`` nested as ``shape``."""
-    if out.size <= JSON_STEP_ELEMENTS:
-        _json_step(name, dtype, data, out, shape)
-        return
-    if not isinstance(data, list) or len(data) != shape[0]:
-        raise BadRequest(f"input {name!r}: 'data' is not a rectangular array of numbers of shape {list(shape)}")
-    row = out.size // shape[0]
-    for i, item in enumerate(data):
-        _json_nested(name, dtype, shape[1:], item, out[i * row : (i + 1) * row])
-
-
-def _json_step(name: str, dtype: np.dtype, data: Any, out: np.ndarray, shape: tuple[int, ...] | None = None) -> None:
-    """One bounded step: ``data`` (flat, or nested as ``shape``) checked and written into ``out``."""
-    try:
-        array = np.array(data)
-    except (ValueError, TypeError, RecursionError):
-        raise BadRequest(f"input {name!r}: 'data' is not a rectangular array of numbers") from None
-    if array.shape != (shape if shape is not None else (out.size,)):
-        raise BadRequest(f"input {name!r}: 'data' is not a rectangular array of numbers")
-    if array.size and array.dtype.kind not in _ALLOWED_KINDS[dtype.kind]:
-        raise BadRequest(f"input {name!r}: 'data' holds {array.dtype.name} values, not {dtype.name}")
-    if array.size and dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if int(array.min()) < info.min or int(array.max()) > info.max:
-            raise BadRequest(f"input {name!r}: 'data' does not fit {dtype.name}")
-    out[...] = array.reshape(-1)
-    time.sleep(0)  # let go of the GIL between steps: a waiting probe or the poller runs now
 
 
 def _requested_outputs(raw: Any) -> dict[str, bool | None]:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from binary_protocol import dict_to_binary
 from image_codecs import encode_array
-from policy_server import oip
+from policy_server import oip, oip_json
 from tests.conftest import make_app
 from tests.fakes import FakePolicy, expected_action, fake_observation
 
@@ -167,7 +167,7 @@ def test_a_timeout_parameter_of_any_kind_or_size_is_400(client, timeout):
 def test_declared_shapes_are_checked_against_the_spec_before_any_data_converts(client, monkeypatch):
     """A body of millions of numbers for a shape the model does not take is refused from
     its declaration: the data is never converted."""
-    monkeypatch.setattr(oip, "_json_step", lambda *a, **k: pytest.fail("data was converted"))
+    monkeypatch.setattr(oip_json, "_json_step", lambda *a, **k: pytest.fail("data was converted"))
     big = {"name": "state", "datatype": "FP32", "shape": [1, 600_000], "data": [0.0] * 600_000}
     response = post_oip(client, json.dumps({"inputs": [big]}).encode(), None)
     assert response.status_code == 422 and "expected shape [-1, 6]" in response.get_json()["detail"]
@@ -177,7 +177,7 @@ def test_declared_shapes_are_checked_against_the_spec_before_any_data_converts(c
 
 
 def test_nested_and_flat_json_convert_alike_in_steps(monkeypatch):
-    monkeypatch.setattr(oip, "JSON_STEP_ELEMENTS", 7)  # many steps for a small tensor
+    monkeypatch.setattr(oip_json, "JSON_STEP_ELEMENTS", 7)  # many steps for a small tensor
     values = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
     for data in (values.ravel().tolist(), values.tolist()):
         header = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 3, 4], "data": data}]}
