@@ -17,7 +17,7 @@ from policy_server import access, metrics, observability
 from policy_server.access import ADMIN, DOCS, INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
 from policy_server.errors import BatcherLost
-from policy_server.images import decoded_inputs
+from policy_server.inference import Call, infer_call
 from policy_server.model_admin import ModelAdmin
 from policy_server.oip_routes import oip_blueprint
 from policy_server.openapi import openapi_document
@@ -75,15 +75,10 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         rows = parse_batch_rows(request.headers.get(BATCH_ROWS_HEADER), config.queue_size)  # vectorized
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
-        inputs = binary_to_dict(body)
-        model = runtime.served(name).model
-        with decoded_inputs(  # JPEG/PNG, opt in; bounded before anything decodes
-            inputs, model.input_spec, model.encoded_inputs, rows,
-            max_bytes=config.max_body_bytes, budget=request.environ.get(BUDGET),
-        ) as inputs:
-            t2 = time.perf_counter()
-            g.model = name or runtime.default_name
-            g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs(), rows)
+        call = Call(name, binary_to_dict(body), deadline, rows, requested_outputs(), request.environ.get(BUDGET))
+        t2 = time.perf_counter()
+        g.model = name or runtime.default_name
+        g.answer = answer = infer_call(runtime, config, call)
         t3 = time.perf_counter()
         payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()

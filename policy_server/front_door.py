@@ -42,21 +42,31 @@ from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
 from policy_server.front_door_http import GONE, AppRoutes, late_answer, past_deadline, reset_by_peer
-from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, SCAN_S, Conn, RequestReader
+from policy_server.front_door_reader import (
+    BUSY,
+    HANDSHAKING,
+    IDLE,
+    SCAN_S,
+    SEND_TIMEOUT_S,
+    WS_IDLE,
+    Conn,
+    RequestReader,
+)
 from policy_server.front_door_tls import TLSReader
-from policy_server.wsgi_keys import ARRIVED, BUDGET, DEFERRED
+from policy_server.front_door_ws import GOING_AWAY, WebSocketReader
+from policy_server.wsgi_keys import ARRIVED, BUDGET, DEFERRED, UPGRADE
 
 log = logging.getLogger(__name__)
 
 PROBE_THREADS = 2
-SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
 SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time
 NOTIFY_S = 1.0  # heartbeat to the master at most this often (each one is a syscall on the poller)
 
 
-class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
+class FrontDoorWorker(RequestReader, TLSReader, WebSocketReader, ThreadWorker):
     """gthread, with requests read whole by the poller before a thread takes them (TLS too:
-    the poller does the handshake, :mod:`policy_server.front_door_tls`)."""
+    the poller does the handshake, :mod:`policy_server.front_door_tls`; WebSocket messages
+    too, after an upgrade, :mod:`policy_server.front_door_ws`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -136,6 +146,9 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             keep = False
         if conn not in self.conns:
             return
+        if conn.ws is not None:  # it was upgraded: WebSocket from now on
+            self._ws_resume(conn, keep)
+            return
         if keep and self.alive:
             conn.sock.setblocking(False)
             conn.state = IDLE
@@ -170,6 +183,8 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         for conn in list(self.conns):
             if conn.state in (IDLE, HANDSHAKING) and not conn.buf:
                 conn.deadline = min(conn.deadline, time.monotonic() + 2.0)
+            elif conn.state == WS_IDLE:  # busy ones get their close once answered
+                self._ws_close(conn, GOING_AWAY, "server shutting down")
         graceful = time.monotonic() + self.cfg.graceful_timeout
         while self.conns and time.monotonic() < graceful:
             self.notify()
@@ -189,6 +204,10 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
 
     def handle(self, conn: Conn) -> bool:
         """Serve one complete request (on a request thread); True keeps the connection."""
+        return self._timed(conn, lambda: self._serve(conn))
+
+    def _timed(self, conn: Conn, work) -> bool:
+        """Run ``work`` for ``conn``'s request on this request thread, counted for admission."""
         conn.started = True  # no longer waiting for a thread (read by the poller's admission)
         began = time.monotonic()
         probe = conn.probe
@@ -196,7 +215,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             with self._count_lock:
                 self.started += 1
         try:
-            return self._serve(conn)
+            return work()
         finally:
             if not probe:  # the request threads' mean time per request, for the admission estimate
                 took = time.monotonic() - began
@@ -221,6 +240,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             environ["wsgi.multithread"] = True
             environ[ARRIVED] = conn.arrived
             environ[BUDGET] = self.budget
+            environ[UPGRADE] = None  # the app may put a WebSocket session here with its 101
             if self.tls_context is not None and not conn.tls:  # a Unix socket beside HTTPS
                 environ["wsgi.url_scheme"] = "http"
             environ[DEFERRED] = deferred
@@ -249,6 +269,9 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             finally:
                 if hasattr(respiter, "close"):
                     respiter.close()
+            session = environ.get(UPGRADE)
+            if session is not None and resp.status_code == 101:
+                self._ws_upgraded(conn, session)
             return not resp.should_close()
         except OSError as exc:
             if exc.errno not in GONE and not isinstance(exc, TimeoutError):

@@ -20,6 +20,7 @@ from policy_server import oip
 from policy_server.access import INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
 from policy_server.errors import ServingError, UnknownModel
+from policy_server.inference import Call, infer_call
 from policy_server.web import (
     answer_headers,
     error_response,
@@ -101,10 +102,10 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         if decoded.timeout_us is not None:
             deadline = min(deadline, request_arrival() + decoded.timeout_us / 1e6)
             note_deadline(deadline)
-        rows = decoded.rows
+        call = Call(name, decoded.inputs, deadline, decoded.rows, list(decoded.outputs))
         t2 = time.perf_counter()
         g.model = name
-        g.answer = answer = runtime.infer(decoded.inputs, deadline, name, list(decoded.outputs), rows)
+        g.answer = answer = infer_call(runtime, config, call)
         if version is not None and answer.version != version:  # a hot swap in between
             raise UnknownModel(f"model {name!r} changed to version {answer.version!r} while this request waited")
         t3 = time.perf_counter()

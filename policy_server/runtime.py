@@ -328,6 +328,7 @@ class Answer:
     compute_s: float = 0.0
     cache: str | None = None  # "hit", "miss", or None when the cache is off
     rows: int | None = None  # N of a vectorized request, None for one observation
+    images_s: float = 0.0  # decoding its encoded camera images (policy_server.inference)
 
 
 def _only(outputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:

@@ -152,12 +152,14 @@ def server_timing(**stages_s: float) -> str:
 
 def answer_headers(answer, *, read_s: float, decode_s: float, encode_s: float) -> dict[str, str]:
     """The headers every inference answer carries (``/infer`` and OIP alike): the model
-    version, Server-Timing (read, decode, queue, compute, encode; ms), the batch size and the
-    cache outcome when there is one. ``answer`` is a ``runtime.Answer``."""
+    version, Server-Timing (read, decode (encoded images included), queue, compute, encode;
+    ms), the batch size and the cache outcome when there is one. ``answer`` is a
+    ``runtime.Answer``."""
     headers = {
         "X-Model-Version": answer.version,
         "Server-Timing": server_timing(
-            read=read_s, decode=decode_s, queue=answer.queue_s, compute=answer.compute_s, encode=encode_s
+            read=read_s, decode=decode_s + answer.images_s, queue=answer.queue_s, compute=answer.compute_s,
+            encode=encode_s,
         ),
     }
     if answer.batch_size:

@@ -1,7 +1,8 @@
 """What the front door and the app tell each other about one request, through its WSGI environ.
 
 The front door (:mod:`policy_server.front_door`) sets the first three before the app runs;
-the app sets :data:`DEADLINE` once it knows the request's deadline. Outside the front door
+the app sets :data:`DEADLINE` once it knows the request's deadline, and :data:`UPGRADE` when
+it answers a WebSocket upgrade. Outside the front door
 (a test client, plain gthread) none is set, and the app falls back as each reader says.
 """
 
@@ -13,6 +14,7 @@ ARRIVED = "policy_server.arrived"  # time.monotonic() of the request's first byt
 DEFERRED = "policy_server.deferred"  # a list: counting appended by the app, called once the answer was written
 BUDGET = "policy_server.byte_budget"  # the worker's ByteBudget: request bodies being read, images being decoded
 DEADLINE = "policy_server.deadline"  # set by the app: time.monotonic() past which a 200 is answered 504 instead
+UPGRADE = "policy_server.upgrade"  # None from the front door (it can upgrade); the app's WebSocket session with a 101
 
 
 class ByteBudget:
