@@ -21,6 +21,7 @@ from policy_server.inference import Call, infer_call
 from policy_server.model_admin import ModelAdmin
 from policy_server.oip_routes import oip_blueprint
 from policy_server.openapi import openapi_document
+from policy_server.openpi_routes import openpi_blueprint
 from policy_server.runtime import PolicyRuntime
 from policy_server.stats import instance_summary
 from policy_server.tensors import BATCH_ROWS_HEADER, parse_batch_rows
@@ -149,6 +150,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     for group in (inference, probes, docs, info, admin):
         app.register_blueprint(group)
     app.register_blueprint(oip_blueprint(config, runtime))  # Open Inference Protocol v2: /v2/...
+    app.register_blueprint(openpi_blueprint(config, runtime))  # openpi's WebSocket protocol: ws://host:port/
     access.require_declared_access(app)
     return app
 

@@ -84,6 +84,9 @@ class ServerConfig:
     min_body_bytes_per_s: int = _opt(
         65536, "slowest accepted average upload rate (bytes/s) of a request body, on top of body_timeout_s"
     )
+    ws_idle_timeout_s: float = _opt(
+        300.0, "seconds a WebSocket connection may stay without a frame (any frame, a ping too); then close 1001"
+    )
     admission_limit: int = _opt(
         64, "requests a worker holds at once (being read, waiting for a thread, queued, batching); past it: "
         "503 with Retry-After at once"
@@ -181,8 +184,8 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 <= self.update_wait_s <= 300:
             raise ConfigError("update_wait_s must be between 0 and 300")
-        if not (self.head_timeout_s > 0 and self.body_timeout_s > 0):
-            raise ConfigError("head_timeout_s and body_timeout_s must be positive")
+        if not (self.head_timeout_s > 0 and self.body_timeout_s > 0 and self.ws_idle_timeout_s > 0):
+            raise ConfigError("head_timeout_s, body_timeout_s and ws_idle_timeout_s must be positive")
         if self.max_batch_size < 0:
             raise ConfigError("max_batch_size must be 0 (auto) or more")
         if self.max_batch_delay_ms < 0:

@@ -43,6 +43,12 @@ class PayloadTooLarge(ServingError):
     status, error = 413, "payload too large"
 
 
+class UpgradeRequired(ServingError):
+    """A WebSocket path asked without a WebSocket upgrade (or for another WebSocket version)."""
+
+    status, error = 426, "upgrade required"
+
+
 class InvalidInput(ServingError):
     status, error = 422, "invalid input"
 

@@ -126,3 +126,31 @@ def count_certificate_reload(outcome: str) -> None:
 def count_closed(reason: str, n: int = 1) -> None:
     """Connections the front door closed between requests ("idle", "evicted")."""
     metrics.FRONT_DOOR_CLOSED.labels(reason).inc(n)
+
+
+def count_message(
+    *, stats, route: str, request_id: str, status: int, delivered: bool, latency_s: float, answer, model: str,
+    remote: str, session_id: str | None = None,
+) -> None:
+    """One WebSocket message answered (or not: ``delivered`` False is a 499), counted like an
+    inference request: ``policy_requests_total`` and the latency under ``route``, the worker's
+    statistics, and one access-log line. ``answer`` is the ``runtime.Answer`` when there is one."""
+    final = status if delivered else CLIENT_CLOSED
+    metrics.REQUESTS.labels(route, str(final)).inc()
+    metrics.REQUEST_SECONDS.labels(route).observe(latency_s)
+    stats.record(
+        latency_s, final < 400, answer.queue_s if answer is not None else 0.0,
+        answer.compute_s if answer is not None else 0.0,
+    )
+    if access_log.isEnabledFor(logging.INFO):
+        fields = {
+            "request_id": request_id, "method": "WS", "route": route, "path": route.removeprefix("ws:"),
+            "status": final, "latency_ms": round(latency_s * 1e3, 3),
+            "batch_size": answer.batch_size if answer is not None else None, "model": model,
+            "version": answer.version if answer is not None else None, "remote": remote,
+        }
+        if session_id is not None:
+            fields["session_id"] = session_id
+        if not delivered:
+            fields["detail"] = f"client closed the connection before its {status} answer"
+        access_log.info(json.dumps(fields))
