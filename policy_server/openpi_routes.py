@@ -47,10 +47,9 @@ def openpi_blueprint(config: ServerConfig, runtime) -> Blueprint:
         route = "ws:" + request.url_rule.rule
         request.environ[UPGRADE] = OpenpiSession(runtime, config, name, route, request.remote_addr or "", observe)
         response = Response(status=101)
-        response.headers.update({
-            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Accept": generate_accept_token(key).decode("ascii"),
-        })
         del response.headers["Content-Type"]
+        response.headers.update({"Upgrade": "websocket", "Connection": "Upgrade",
+                                 "Sec-WebSocket-Accept": generate_accept_token(key).decode("ascii")})
         return response
 
     # websocket=True: werkzeug routes only WebSocket upgrades here, so plain HTTP on these paths

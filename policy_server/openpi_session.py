@@ -5,7 +5,7 @@ The protocol (openpi's ``WebsocketClientPolicy``, also RoboArena's, vLLM-Omni's 
 1. after the upgrade, the server sends one binary frame: its metadata, a msgpack map. The
    client waits for it with no timeout, so it is held until the model is ready;
 2. then each client frame is one observation (a msgpack map, numpy arrays as maps, see
-   :mod:`policy_server.openpi_codec`) and is answered by one frame, in order: the model's
+   :mod:`openpi_wire`) and is answered by one frame, in order: the model's
    outputs, the action chunk also under ``actions`` (what openpi's scripts read), and
    ``server_timing: {infer_ms, prev_total_ms}``;
 3. an error is a text frame (the client raises it as the error) and then a close (1011).
@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from policy_server import openpi_codec
+import openpi_wire
+from binary_protocol import ProtocolError
 from policy_server.config import ServerConfig
 from policy_server.errors import BadRequest, DeadlineExceeded, InvalidInput, NotReady, ServingError
 from policy_server.front_door_ws import Reply
@@ -107,7 +108,7 @@ class OpenpiSession:
             "omitted_outputs": omitted,
             **dict(getattr(loaded, "openpi_metadata", {}) or {}),
         }
-        return openpi_codec.encode(metadata)
+        return openpi_wire.encode(metadata)
 
     # -- one message -----------------------------------------------------------------
 
@@ -116,14 +117,17 @@ class OpenpiSession:
         request_id = uuid.uuid4().hex
         answer = None
         try:
-            request = openpi_codec.decode(payload)
+            request = openpi_wire.decode(payload)
             if not isinstance(request, dict):
                 raise BadRequest(f"a frame is a msgpack map, not {type(request).__name__}")
             endpoint, deadline = self._take_reserved(request, arrived)
             if endpoint == "reset":
                 return Reply("reset successful", record=self._recorder(request_id, arrived, 200, None))
             answer = infer_call(self.runtime, self.config, Call(self.model, flatten(request), deadline))
-            data = openpi_codec.encode(self._answer_map(answer, arrived))
+            data = openpi_wire.encode(self._answer_map(answer, arrived))
+        except ProtocolError as exc:
+            return Reply(f"400 bad request: frame rejected: {str(exc)[:500]}", ERROR_CLOSE,
+                         record=self._recorder(request_id, arrived, 400, answer))
         except ServingError as exc:
             record = self._recorder(request_id, arrived, exc.status, answer)
             return Reply(f"{exc.status} {exc.error}: {exc.detail}"[:2000], ERROR_CLOSE, record=record)

@@ -1,4 +1,4 @@
-"""openpi's wire format (msgpack with numpy arrays as maps), decoded strictly.
+"""openpi's wire format (msgpack with numpy arrays as maps), decoded strictly; client and server.
 
 openpi's client (``openpi_client.msgpack_numpy``) sends an observation as one msgpack map;
 each numpy array travels as the map ``{b"__ndarray__": True, b"data": <bytes>, b"dtype":
@@ -18,8 +18,9 @@ was not checked first:
   of at most :data:`MAX_RANK` non-negative ints, and data of exactly ``prod(shape) * itemsize``
   bytes; it becomes a read-only view of that data (no copy).
 
-Every refusal is a :class:`policy_server.errors.BadRequest` naming what is wrong.
-:func:`encode` writes what openpi's client reads (arrays as the same maps).
+Every refusal is a :class:`binary_protocol.ProtocolError` (a ValueError) naming what is
+wrong. :func:`encode` writes what openpi's client reads (arrays as the same maps). Only numpy
+and msgpack are imported: the server decodes requests with it, our client answers.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from policy_server.errors import BadRequest
+from binary_protocol import ProtocolError
 
 MAX_CONTAINERS = 10_000  # arrays and maps in one frame
 MAX_DEPTH = 32
@@ -47,7 +48,7 @@ _SIZES = {"b": (1,), "i": (1, 2, 4, 8), "u": (1, 2, 4, 8), "f": (2, 4, 8)}
 
 
 def decode(frame: bytes) -> Any:
-    """One msgpack frame as Python objects, numpy arrays for array maps (BadRequest on
+    """One msgpack frame as Python objects, numpy arrays for array maps (ProtocolError on
     anything malformed, oversized, too deep or of a type this server does not take)."""
     counter = _Counter()
     try:
@@ -56,10 +57,10 @@ def decode(frame: bytes) -> Any:
             max_str_len=MAX_STR_BYTES, max_bin_len=len(frame), max_array_len=MAX_ARRAY_LEN,
             max_map_len=MAX_MAP_LEN, max_ext_len=0, object_hook=counter.map, list_hook=counter.list,
         )
-    except BadRequest:
+    except ProtocolError:
         raise
-    except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:  # includes ExtraData, StackError
-        raise BadRequest(f"frame is not msgpack this server takes: {str(exc)[:200]}") from None
+    except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:  # ExtraData, StackError, bad UTF-8
+        raise ProtocolError(f"frame is not msgpack this server takes: {str(exc)[:200]}") from None
     _check_depth(value)
     return value
 
@@ -73,7 +74,7 @@ class _Counter:
     def _count(self) -> None:
         self.containers += 1
         if self.containers > MAX_CONTAINERS:
-            raise BadRequest(f"frame holds more than {MAX_CONTAINERS} arrays and maps")
+            raise ProtocolError(f"frame holds more than {MAX_CONTAINERS} arrays and maps")
 
     def list(self, value: list) -> list:
         self._count()
@@ -94,23 +95,23 @@ def _field_names(value: Mapping) -> dict[str, Any]:
 
 def parse_dtype(raw: Any) -> np.dtype:
     """A wire dtype string (``"<f4"``, ``"|u1"``, ``"|b1"``, ...) as a numpy dtype, when its kind
-    is one of ``b i u f`` with a size of that kind; BadRequest otherwise."""
+    is one of ``b i u f`` with a size of that kind; ProtocolError otherwise."""
     text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else raw
     match = _DTYPE.fullmatch(text) if isinstance(text, str) else None
     if match is None or int(match.group(3)) not in _SIZES[match.group(2)]:
         shown = text[:20] if isinstance(text, str) else type(raw).__name__
-        raise BadRequest(f"array dtype {shown!r} is not one of bool, int, uint or float (e.g. '<f4', '|u1')")
+        raise ProtocolError(f"array dtype {shown!r} is not one of bool, int, uint or float (e.g. '<f4', '|u1')")
     order, kind, size = match.groups()
     if order == "|" and size != "1":
-        raise BadRequest(f"array dtype {text!r}: '|' (no byte order) is for one-byte types")
+        raise ProtocolError(f"array dtype {text!r}: '|' (no byte order) is for one-byte types")
     return np.dtype(f"{order}{kind}{size}")
 
 
 def array_from_map(value: Mapping) -> np.ndarray:
-    """An array map as a read-only array viewing its data (BadRequest unless exactly right)."""
+    """An array map as a read-only array viewing its data (ProtocolError unless exactly right)."""
     fields = _field_names(value)
     if set(fields) != ARRAY_KEYS or fields["__ndarray__"] is not True:
-        raise BadRequest(f"an array map has exactly the keys {sorted(ARRAY_KEYS)} and __ndarray__ true")
+        raise ProtocolError(f"an array map has exactly the keys {sorted(ARRAY_KEYS)} and __ndarray__ true")
     dtype = parse_dtype(fields["dtype"])
     shape = fields["shape"]
     if (
@@ -118,33 +119,33 @@ def array_from_map(value: Mapping) -> np.ndarray:
         or len(shape) > MAX_RANK
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
     ):
-        raise BadRequest(f"array shape must be a list of at most {MAX_RANK} non-negative integers")
+        raise ProtocolError(f"array shape must be a list of at most {MAX_RANK} non-negative integers")
     data = fields["data"]
     if not isinstance(data, bytes):
-        raise BadRequest("array data must be bytes (msgpack bin)")
+        raise ProtocolError("array data must be bytes (msgpack bin)")
     need = math.prod(shape) * dtype.itemsize
     if len(data) != need:
-        raise BadRequest(f"array data has {len(data)} bytes; {dtype.str}{shape} needs {need}")
+        raise ProtocolError(f"array data has {len(data)} bytes; {dtype.str}{shape} needs {need}")
     array = np.frombuffer(data, dtype=dtype).reshape(shape)
     if dtype.kind == "b" and array.size and array.view(np.uint8).max() > 1:
-        raise BadRequest("bool array bytes must be 0 or 1")
+        raise ProtocolError("bool array bytes must be 0 or 1")
     return array
 
 
 def scalar_from_map(value: Mapping) -> np.ndarray:
-    """A numpy scalar map as a 0-d array of its dtype (BadRequest unless exactly right)."""
+    """A numpy scalar map as a 0-d array of its dtype (ProtocolError unless exactly right)."""
     fields = _field_names(value)
     if set(fields) != SCALAR_KEYS or fields["__npgeneric__"] is not True:
-        raise BadRequest(f"a scalar map has exactly the keys {sorted(SCALAR_KEYS)} and __npgeneric__ true")
+        raise ProtocolError(f"a scalar map has exactly the keys {sorted(SCALAR_KEYS)} and __npgeneric__ true")
     dtype = parse_dtype(fields["dtype"])
     data = fields["data"]
     takes = {"b": (bool,), "i": (int,), "u": (int,), "f": (int, float)}[dtype.kind]
     if not isinstance(data, takes) or (dtype.kind != "b" and isinstance(data, bool)):
-        raise BadRequest(f"a {dtype.name} scalar cannot be {type(data).__name__}")
+        raise ProtocolError(f"a {dtype.name} scalar cannot be {type(data).__name__}")
     try:
         return np.array(data, dtype=dtype)
     except OverflowError:
-        raise BadRequest(f"scalar {data!r} does not fit {dtype.name}") from None
+        raise ProtocolError(f"scalar {data!r} does not fit {dtype.name}") from None
 
 
 def _check_depth(value: Any) -> None:
@@ -152,7 +153,7 @@ def _check_depth(value: Any) -> None:
     while stack:
         item, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise BadRequest(f"frame nests deeper than {MAX_DEPTH} levels")
+            raise ProtocolError(f"frame nests deeper than {MAX_DEPTH} levels")
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
