@@ -41,6 +41,7 @@ MAX_RANK = 32
 MAX_ARRAY_LEN = 4096  # elements of one msgpack array (shapes, short lists)
 MAX_MAP_LEN = 1024  # keys of one map
 MAX_STR_BYTES = 1 << 16  # one string (a prompt, a key)
+MAX_ARRAY_BYTES = 1 << 40  # what any array's shape may need
 ARRAY_KEYS = frozenset({"__ndarray__", "data", "dtype", "shape"})
 SCALAR_KEYS = frozenset({"__npgeneric__", "data", "dtype"})
 _DTYPE = re.compile(r"([<>|=])([biuf])(\d{1,2})")
@@ -120,6 +121,8 @@ def array_from_map(value: Mapping) -> np.ndarray:
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
     ):
         raise ProtocolError(f"array shape must be a list of at most {MAX_RANK} non-negative integers")
+    if math.prod(d for d in shape if d) * dtype.itemsize > MAX_ARRAY_BYTES:  # even with a zero dimension
+        raise ProtocolError(f"array shape {shape} is larger than any array this wire carries")
     data = fields["data"]
     if not isinstance(data, bytes):
         raise ProtocolError("array data must be bytes (msgpack bin)")

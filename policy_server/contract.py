@@ -19,7 +19,9 @@ that a path is a model directory, :func:`directory_digest` its content digest, a
 - ``forward(batch)``: a dict of tensors ``[B, *shape]`` on the policy's device (and lists of
   ``B`` strings for text inputs) to a dict of tensors ``[B, *shape]``, one per output spec;
 - optionally ``name`` (default: the directory name), ``version`` (default: a digest of the
-  directory's files), ``num_parameters()`` and ``optional_outputs``.
+  directory's files), ``num_parameters()``, ``optional_outputs``, ``encoded_inputs`` and
+  ``openpi_metadata`` (keys openpi clients read from the server's first frame, e.g. ALOHA's
+  ``reset_pose``; plain values msgpack can carry).
 
 Real-time chunking (Black et al. 2025, "Real-Time Execution of Action Chunking Flow
 Policies", arXiv 2506.07339): a policy that supports it declares the three optional inputs
@@ -198,6 +200,7 @@ class Policy(Protocol):
     output_spec: Sequence[TensorSpec]
     optional_outputs: Sequence[str]  # computed always, answered only when a request asks for them
     encoded_inputs: Sequence[str]  # uint8 image inputs a client may send JPEG/PNG encoded
+    openpi_metadata: Mapping[str, Any]  # extra keys of openpi's first frame (e.g. ALOHA's reset_pose)
     name: str  # default: the directory name
     version: str  # default: the directory digest
 
@@ -208,7 +211,9 @@ class Policy(Protocol):
 
 POLICY_REQUIRED = ("input_spec", "output_spec", "forward")
 # the value of each optional member a policy lacks (``num_parameters``: the count reported)
-POLICY_DEFAULTS: Mapping[str, Any] = {"optional_outputs": (), "encoded_inputs": (), "num_parameters": 0}
+POLICY_DEFAULTS: Mapping[str, Any] = {
+    "optional_outputs": (), "encoded_inputs": (), "num_parameters": 0, "openpi_metadata": {},
+}
 
 
 def check_model_name(name: Any) -> str:

@@ -37,11 +37,14 @@ from typing import Any
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
+from policy_server.front_door_http import reset_by_peer
 from policy_server.front_door_reader import BUSY, SEND_TIMEOUT_S, WS_IDLE, WS_READING
 
 log = logging.getLogger("policy_server.front_door")
 
-NORMAL, GOING_AWAY, POLICY_VIOLATION, TOO_BIG, TRY_AGAIN_LATER = 1000, 1001, 1008, 1009, 1013
+# Close codes (RFC 6455 section 7.4.1)
+GOING_AWAY, UNSUPPORTED_DATA, POLICY_VIOLATION, TOO_BIG, TRY_AGAIN_LATER = 1001, 1003, 1008, 1009, 1013
+REFUSALS = {400: "bad request", 408: "request timeout", 413: "payload too large", 503: "overloaded"}
 
 
 @dataclass
@@ -173,12 +176,12 @@ class WebSocketReader:
         size, ws.parts, ws.size = ws.size, [], 0
         if ws.text:
             self.budget.give(size)
-            self._ws_refuse(conn, 1003, 400, "send binary frames (msgpack), not text", "text_frame", counted=False)
+            self._ws_refuse(conn, UNSUPPORTED_DATA, 400, "send binary frames (msgpack), not text", "text_frame")
             return
         overload = self._overloaded(0)
         if overload is not None:
             self.budget.give(size)
-            self._ws_refuse(conn, TRY_AGAIN_LATER, 503, overload, "admission", counted=False)
+            self._ws_refuse(conn, TRY_AGAIN_LATER, 503, overload, "admission")
             return
         conn.state = WS_IDLE
         if not ws.greeted:  # the client spoke first; it is answered after the first frame
@@ -209,9 +212,14 @@ class WebSocketReader:
     # -- a request thread: one message -------------------------------------------------
 
     def _ws_serve(self, conn, payload: bytes, size: int, arrived: float) -> bool:
-        """Answer one message (on a request thread); True keeps the connection."""
+        """Answer one message (on a request thread); True keeps the connection. A client that
+        reset its connection while its message waited for a thread is not computed for (499)."""
         ws = conn.ws
         try:
+            if reset_by_peer(conn.sock):  # while the socket is still non-blocking
+                self.obs.count_vanished(ws.session.route, None, conn.addr, time.monotonic() - arrived,
+                                        "before its message ran")
+                return False
             conn.sock.settimeout(SEND_TIMEOUT_S)
             reply = ws.session.handle(payload, arrived)
         finally:
@@ -243,14 +251,15 @@ class WebSocketReader:
 
     # -- refusals and closing (poller) ---------------------------------------------------
 
-    def _ws_refuse(self, conn, code: int, status: int, detail: str, reason: str, *, counted: bool = True) -> None:
-        """Refuse the message being received or just complete: a text frame, then close ``code``."""
+    def _ws_refuse(self, conn, code: int, status: int, detail: str, reason: str) -> None:
+        """Refuse the message being received or just complete: a text frame (``"<status> <error>:
+        <detail>"``, as the session's errors), then close ``code``; counted as the front door's refusals."""
         ws = conn.ws
         self.budget.give(ws.size)
         ws.parts, ws.size = [], 0
         self.held -= 1
         self.obs.count_refusal(ws.session.route, status, reason, None, conn.addr, time.monotonic() - ws.started)
-        self._ws_close(conn, code, f"{status} {detail}", text=True)
+        self._ws_close(conn, code, f"{status} {REFUSALS[status]}: {detail}", text=True)
 
     def _ws_close(self, conn, code: int, reason: str, *, text: bool = False) -> None:
         """Send (best effort, non-blocking) a text frame with ``reason`` when ``text``, a close

@@ -24,7 +24,7 @@ ERRORS = {
     "409": "The change conflicts with the server's state (e.g. unloading the default model)",
     "411": "No Content-Length",
     "413": "Body over the configured limit, or more X-Batch-Rows than the queue holds",
-    "426": "A WebSocket upgrade of another version than 13",
+    "426": "A plain GET (or another WebSocket version than 13) where a WebSocket upgrade is expected",
     "415": "Management body neither JSON nor application/octet-stream",
     "422": "Observation does not match the model's input spec (naming the field, and the row of a "
            "vectorized request), or the update failed validation",
@@ -315,7 +315,7 @@ def _websocket(summary: str, *, named: bool) -> dict[str, Any]:
                        "Sec-WebSocket-Version: 13). The server then sends one msgpack frame of metadata (once the "
                        "model is ready) and answers each msgpack observation frame with one frame of outputs; "
                        "errors are a text frame and a close. See README.md, \"openpi's WebSocket wire\". A GET "
-                       "that is not an upgrade is answered as before (404 on /, 405 on /infer).",
+                       "that is not an upgrade is answered 426.",
         "x-websocket": "openpi",
         "operationId": f"openpi{'_named' if named else ''}_{summary.split()[-1].strip('/') or 'root'}",
         "security": [{}, {"ApiKey": []}],

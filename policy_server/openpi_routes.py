@@ -2,7 +2,8 @@
 
 ``ws://host:port`` (openpi's ``WebsocketClientPolicy(host, port)`` dials the root), ``/infer``
 and ``/models/<name>/infer`` upgrade to openpi's protocol over the named (or default) model;
-plain HTTP on those paths is unchanged (``POST /infer`` serves; ``GET /`` is 404).
+plain HTTP on those paths is unchanged (``POST /infer`` serves), and a plain ``GET`` there is
+426 saying how to connect.
 The upgrade needs the API key like inference does (``X-API-Key``, or ``Authorization:
 Api-Key <key>``, which openpi's client sends), checked before the 101: a client without it
 never gets a frame. The 101 hands the front door an
@@ -52,8 +53,8 @@ def openpi_blueprint(config: ServerConfig, runtime) -> Blueprint:
                                  "Sec-WebSocket-Accept": generate_accept_token(key).decode("ascii")})
         return response
 
-    # websocket=True: werkzeug routes only WebSocket upgrades here, so plain HTTP on these paths
-    # is answered as before (POST /infer serves; GET / is 404, GET /infer 405).
+    # websocket=True: werkzeug routes only WebSocket upgrades here; plain HTTP on these paths is
+    # answered as before (POST /infer serves), a plain GET 426 (web.register_error_handlers).
     @websocket.get("/", websocket=True)
     def upgrade_root():
         return upgrade(None)

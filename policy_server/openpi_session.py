@@ -6,8 +6,8 @@ The protocol (openpi's ``WebsocketClientPolicy``, also RoboArena's, vLLM-Omni's 
    client waits for it with no timeout, so it is held until the model is ready;
 2. then each client frame is one observation (a msgpack map, numpy arrays as maps, see
    :mod:`openpi_wire`) and is answered by one frame, in order: the model's
-   outputs, the action chunk also under ``actions`` (what openpi's scripts read), and
-   ``server_timing: {infer_ms, prev_total_ms}``;
+   outputs, the action chunk also under ``actions`` (what openpi's scripts read),
+   ``server_timing: {infer_ms, prev_total_ms, batch_size}`` and ``model_version``;
 3. an error is a text frame (the client raises it as the error) and then a close (1011).
 
 Here each frame goes the way of any request: decoded strictly, validated against the
@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "robot-policy-server"
 ERROR_CLOSE = 1011  # internal error: what openpi's server closes with after an error frame
 RESERVED = ("endpoint", "session_id", "deadline_ms")  # request fields that are not observations
+# What the first frame always says; a model's openpi_metadata adds other keys.
+SERVER_METADATA_KEYS = frozenset({
+    "server", "model", "version", "inputs", "outputs", "action_key", "action_output", "action_horizon",
+    "omitted_outputs",
+})
 
 
 def action_output(spec) -> tuple[str, int]:
@@ -97,6 +102,7 @@ class OpenpiSession:
         answered = [s for s in loaded.output_spec if s.name not in loaded.optional_outputs]
         omitted = [s.name for s in answered if s.name != action and (not s.shape or s.shape[0] < horizon)]
         metadata = {
+            **loaded.openpi_metadata,
             "server": SERVER_NAME,
             "model": loaded.name,
             "version": loaded.version,
@@ -106,7 +112,6 @@ class OpenpiSession:
             "action_output": action,
             "action_horizon": horizon,
             "omitted_outputs": omitted,
-            **dict(getattr(loaded, "openpi_metadata", {}) or {}),
         }
         return openpi_wire.encode(metadata)
 
@@ -170,7 +175,7 @@ class OpenpiSession:
             if name == action or (value.ndim and value.shape[0] >= horizon)
         }
         out["actions"] = answer.outputs[action]
-        timing = {"infer_ms": 1e3 * (answer.queue_s + answer.compute_s)}
+        timing = {"infer_ms": 1e3 * (answer.queue_s + answer.compute_s), "batch_size": answer.batch_size}
         if self.prev_total_ms is not None:
             timing["prev_total_ms"] = self.prev_total_ms
         out["server_timing"] = timing

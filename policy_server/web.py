@@ -11,6 +11,7 @@ import time
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.routing.exceptions import WebsocketMismatch
 
 from binary_protocol import ProtocolError, binary_to_dict
 from policy_server.errors import (
@@ -192,6 +193,15 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ProtocolError)
     def _protocol_error(exc: ProtocolError):
         return error_response(400, "bad request", f"body rejected: {str(exc)[:500]}")
+
+    @app.errorhandler(WebsocketMismatch)  # a plain request to a WebSocket-only route (openpi's wire)
+    def _websocket_only(exc: WebsocketMismatch):
+        return error_response(
+            426, "upgrade required",
+            f"{request.path} speaks openpi's WebSocket protocol on GET: connect a WebSocket client "
+            "(openpi_client.WebsocketClientPolicy, or PolicyClient('ws://...')), or POST observations to /infer",
+            {"Upgrade": "websocket"},
+        )
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
