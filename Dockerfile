@@ -22,7 +22,7 @@ RUN if ! command -v python3 >/dev/null; then \
 WORKDIR /app
 COPY setup.cfg pyproject.toml constraints.txt ./
 COPY server.py gunicorn.conf.py locustfile.py ./
-COPY binary_protocol.py image_codecs.py request_tools.py robot_loop.py chunk_merge.py ./
+COPY binary_protocol.py openpi_wire.py image_codecs.py request_tools.py robot_loop.py chunk_merge.py ./
 COPY policy_server ./policy_server
 COPY policy_client ./policy_client
 COPY models ./models
