@@ -2,8 +2,9 @@
 
 Usage::
 
-    python examples/train_policies.py                     # both policies, seed 0, into models/
+    python examples/train_policies.py                     # every policy, seed 0, into models/
     python examples/train_policies.py --model default --steps 2000 --eval-episodes 200
+    python examples/train_policies.py --model instructed --eval-episodes 200    # the text-following policy
     python examples/train_policies.py --eval-only --eval-episodes 200   # evaluate the shipped weights
 
 Data: every sample is an arm state (q, dq) and a target; its label is the expert's chunk
@@ -19,8 +20,14 @@ Each policy is written to ``<out-dir>/<model>/model.safetensors`` through its ow
 ``policy.py`` architecture, loaded back through ``policy_server.model_loader`` and evaluated
 in process, fresh and with stale observations, on ``ReacherEnv(seed)`` episodes for seeds
 from ``--eval-seed`` (1,000,000) on. Training never builds a ``ReacherEnv``: its episodes
-and states come from one generator seeded with ``--seed`` (+1 for the transformer), so the
-evaluation episodes are held out. Reproducible: numpy and torch are seeded and torch runs
+and states come from one generator seeded with ``--seed`` (+1 for the transformer, +2 for
+history, +3 for instructed), so the evaluation episodes are held out.
+
+``--model instructed`` trains on the instructed reacher (``examples/reacher_instructed.py``,
+a red and a blue disc and an instruction naming one; data and evaluation in
+``examples/instructed_training.py``): each sample's prompt is drawn per batch from the
+training phrasings, and the evaluation adds the held-out phrasings, the
+mismatched-instruction control and the text-ignoring baseline. Reproducible: numpy and torch are seeded and torch runs
 ``--threads`` (2) threads; the same command on the same machine writes the same bytes.
 """
 
@@ -71,7 +78,7 @@ log = logging.getLogger("train_policies")
 MODELS = {"default": "CnnMlp", "transformer": "ChunkTransformer", "history": "HistoryCnnMlp",
           "instructed": "InstructedCnnMlp"}
 SEED_OFFSETS = {"default": 0, "transformer": 1, "history": 2, "instructed": 3}
-DEFAULT_STEPS = {"default": 1800, "transformer": 1200, "history": 1500, "instructed": 3000}
+DEFAULT_STEPS = {"default": 1800, "transformer": 1200, "history": 1500, "instructed": 2000}
 # history: the moving-target reacher, with a two-frame history window; instructed: the
 # instructed reacher (examples/reacher_instructed.py), two discs and a text instruction
 TASKS = {"default": FIXED_TASK, "transformer": FIXED_TASK, "history": MOVING_TASK, "instructed": INSTRUCTED_TASK}
@@ -204,7 +211,7 @@ def main() -> None:
         type=int,
         default=None,
         help="optimizer steps (default: 1800 for default, 1200 for transformer, 1500 for history, "
-        "3000 for instructed)",
+        "2000 for instructed)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
