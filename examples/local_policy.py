@@ -45,14 +45,15 @@ def load_local(model_dir: str, device: str = "cpu") -> LoadedModel:
 
     TEMPORARY (issue 21, part 1 not yet on this branch): while ``model_loader.describe``
     refuses a ``TextSpec`` (:func:`loader_takes_text` False), a policy that declares one is
-    loaded by its own ``load_model`` (still strict about its weights) and described here,
-    without the loader's spec checks. Delete this fallback once the loader takes text.
+    loaded by its own ``load_model`` (still strict about its weights) and described by
+    :func:`_described`, without the loader's spec checks. Delete the fallback once the
+    loader takes text.
     """
-    if loader_takes_text():
-        return load_model_dir(model_dir, device)
     try:
         return load_model_dir(model_dir, device)
     except ModelError:
+        if loader_takes_text():
+            raise
         model_dir = os.path.abspath(model_dir)
         spec = importlib.util.spec_from_file_location(
             f"_local_policy_{directory_digest(model_dir, suffix='.py')}", os.path.join(model_dir, POLICY_FILE))
@@ -61,6 +62,11 @@ def load_local(model_dir: str, device: str = "cpu") -> LoadedModel:
         policy = module.load_model(model_dir, device)
         if not any(is_text(s) for s in policy.input_spec):
             raise
+    return _described(policy, model_dir, device)
+
+
+def _described(policy: Any, model_dir: str, device: str) -> LoadedModel:
+    """What ``model_loader.describe`` returns for ``policy``, the contract's defaults filled in."""
     digest = directory_digest(model_dir)
     return LoadedModel(
         policy=policy,

@@ -30,6 +30,14 @@ runner keeps the history windows a model declares (the loop passes each step's
 observation) and, for ``--merge rtc``, sends the real-time chunking inputs to a model that
 lists them in ``optional_inputs`` (the transformer).
 
+A model with a text input (``"dtype": "text"`` in ``/model_info``, e.g. ``models/instructed``)
+runs on the instructed reacher (``examples/reacher_instructed.py``): each episode draws a
+red and a blue disc and an instruction naming one, and every observation handed to the
+runner carries it as ``"prompt": "<str>"`` (in-process, the policy gets it as a list of
+one str). ``--skip-server`` runs the in-process path only::
+
+    python examples/sim_loop.py --models instructed --episodes 50 --skip-server
+
 A vectorized evaluation: ``--vectorized 64`` runs 64 environments in lockstep, as fast as
 the server answers, with one ``PolicyClient.infer_batch`` request per step for every live
 environment (``--vectorized-execute`` actions of each chunk played per request); it windows

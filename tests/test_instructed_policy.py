@@ -152,3 +152,11 @@ def test_every_request_of_an_episode_carries_its_instruction_as_a_str(monkeypatc
     plain = RecordingPolicy({"inputs": info["inputs"][:2], "optional_inputs": []})
     sim_loop.run_episodes(plain, [1], sim_loop.PathReport("fake", "server"), model_info=plain.info)
     assert "prompt" not in plain.requests[0]  # a model without a text input gets the plain reacher
+
+
+def test_load_local_refuses_what_the_loader_refuses_for_a_policy_without_text(tmp_path):
+    (tmp_path / "policy.py").write_text(
+        "class P:\n    input_spec = ()\n    output_spec = ()\n    def forward(self, batch):\n        return batch\n"
+        "def load_model(model_dir, device):\n    return P()\n")
+    with pytest.raises(ModelError, match="non-empty sequence of TensorSpec"):
+        load_local(str(tmp_path))
