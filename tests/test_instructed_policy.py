@@ -5,6 +5,7 @@ in-process through examples/sim_loop.py with the instruction in every observatio
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -111,13 +112,15 @@ def test_follows_held_out_instructions_and_the_mismatched_ones_while_a_fixed_pro
     assert not any(r.success for r, red in zip(fixed.results, named_red, strict=True) if not red)
 
 
-def test_sim_loop_closes_the_loop_in_process_with_the_instruction_drawn_per_episode():
-    local = sim_loop.in_process_policy(MODEL_DIR)
-    assert sim_loop.takes_text(local.model_info())
-    report = sim_loop.run_episodes(local, list(HELD_OUT[:3]), sim_loop.PathReport("instructed", "in-process"),
-                                   model_info=local.model_info())
-    assert report.episodes == 3 and report.failures == 0 and report.chunks >= 3, report
-    assert report.successes >= 2, report.line()
+def test_sim_loop_closes_the_loop_in_process_with_the_instruction_drawn_per_episode(tmp_path):
+    out = tmp_path / "sim.json"
+    result = sim_loop.main(["--models", "instructed", "--episodes", "3", "--seed", str(HELD_OUT[0]), "--skip-server",
+                            "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    [report] = result["reports"]  # no server contacted
+    assert (report["model"], report["path"], report["episodes"]) == ("instructed", "in-process", 3), report
+    assert report["failures"] == 0 and report["chunks"] >= 3 and report["successes"] >= 2, report
+    assert sim_loop.takes_text(sim_loop.in_process_policy(MODEL_DIR).model_info())
 
 
 class RecordingPolicy:
