@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from examples import sim_loop
-from examples.local_policy import forward_one, load_local, loader_takes_text
+from examples.local_policy import forward_one, load_local
 from examples.reacher import expert_actions
 from examples.reacher_instructed import COLOURS, InstructedReacherEnv, evaluate, with_prompt
-from policy_server.errors import ModelError
+from policy_server.errors import InvalidInput, ModelError
 from policy_server.launcher import ROOT
 from policy_server.model_loader import load_model_dir
 
@@ -30,8 +30,6 @@ def model():
     return load_local(MODEL_DIR)
 
 
-@pytest.mark.xfail(not loader_takes_text(), raises=ModelError, strict=True,
-                   reason="model_loader.describe refuses TextSpec until issue 21 part 1 lands")
 def test_loads_through_the_model_loader():
     loaded = load_model_dir(MODEL_DIR, "cpu")
     assert loaded.info()["inputs"][2] == PROMPT_ENTRY
@@ -88,11 +86,11 @@ def test_a_batch_of_mixed_prompts_answers_what_each_row_answers_alone(model):
 
 def test_the_in_process_call_checks_the_prompt_as_the_server_would(model):
     obs = InstructedReacherEnv(0).reset()
-    with pytest.raises(ValueError, match="missing text input 'prompt'"):
+    with pytest.raises(InvalidInput, match="missing input 'prompt'"):
         forward_one(model, {k: v for k, v in obs.items() if k != "prompt"})
-    with pytest.raises(ValueError, match="expected str, got ndarray"):
+    with pytest.raises(InvalidInput, match="input 'prompt': expected text \\(a string\\), got ndarray"):
         forward_one(model, {**obs, "prompt": np.zeros(3)})
-    with pytest.raises(ValueError, match="over 128 bytes"):
+    with pytest.raises(InvalidInput, match="130 bytes of text; the model takes at most 128"):
         forward_one(model, {**obs, "prompt": "ü" * 65})
 
 

@@ -280,7 +280,9 @@ def _hostile_cases():
         "header length past the body": (ok + pixels, len(ok) + 500, 400, "past the end"),
         "header length cuts the JSON": (ok + pixels, len(ok) - 3, 400, "does not parse"),
         "unknown datatype": (_header({"inputs": [{**state, "datatype": "FP8"}]}), None, 400, "unsupported datatype"),
-        "BYTES datatype": (_header({"inputs": [{**state, "datatype": "BYTES"}]}), None, 400, "unsupported datatype"),
+        "BYTES for a tensor input": (
+            _header({"inputs": [{**state, "datatype": "BYTES", "data": ["a"] * 6}]}), None, 422, "expected datatype FP32"
+        ),
         "shape and data disagree": (
             _header({"inputs": [{**state, "shape": [2, 6]}]}),
             None,
