@@ -203,6 +203,8 @@ class ChunkRunner:
         self._step += 1
         if self._decl.due:
             self._read_declarations()
+        if self._decl.text_input in obs:  # the observation changes the instruction, from this step on
+            self.instruction = obs[self._decl.text_input]
         self._decl.history.observe(obs)
         self._take_answers(t)
         if not self._started:
@@ -256,11 +258,8 @@ class ChunkRunner:
 
     def _request_obs(self, obs: Mapping[str, Any], t: int, delay: int) -> dict[str, Any]:
         request = dict(obs)
-        field = self._decl.text_input
-        if field in request:
-            self.instruction = request[field]  # the observation changes it, from this step on
-        elif self.instruction is not None:
-            request[field] = self.instruction
+        if self.instruction is not None:
+            request.setdefault(self._decl.text_input, self.instruction)
         self._decl.history.fill(request)
         if self._decl.rtc:
             request.update(rtc_inputs(self.merge, self._chunks, t, self._decl.prefix_shape, delay))

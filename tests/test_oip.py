@@ -281,7 +281,8 @@ def _hostile_cases():
         "header length cuts the JSON": (ok + pixels, len(ok) - 3, 400, "does not parse"),
         "unknown datatype": (_header({"inputs": [{**state, "datatype": "FP8"}]}), None, 400, "unsupported datatype"),
         "BYTES for a tensor input": (
-            _header({"inputs": [{**state, "datatype": "BYTES", "data": ["a"] * 6}]}), None, 422, "expected datatype FP32"
+            _header({"inputs": [{**state, "datatype": "BYTES", "data": ["a"] * 6}]}), None, 422,
+            "expected datatype FP32",
         ),
         "shape and data disagree": (
             _header({"inputs": [{**state, "shape": [2, 6]}]}),
