@@ -9,14 +9,17 @@ class ServingError(Exception):
     status = 500
     error = "internal server error"
 
-    def __init__(self, detail: str = "", *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, detail: str = "", *, headers: dict[str, str] | None = None, fields: dict | None = None
+    ) -> None:
         super().__init__(detail or self.error)
         self.detail = detail
         self.headers = headers or {}
+        self.fields = fields or {}  # more JSON keys of the answer, beside error and detail
 
     def copy(self) -> ServingError:
         """The same error, not yet raised (no traceback): for raising where one is stored."""
-        return type(self)(self.detail, headers=dict(self.headers))
+        return type(self)(self.detail, headers=dict(self.headers), fields=dict(self.fields))
 
 
 class BadRequest(ServingError):
@@ -33,6 +36,14 @@ class Forbidden(ServingError):
 
 class Conflict(ServingError):
     status, error = 409, "conflict"
+
+
+class VersionNotServed(Conflict):
+    """A request pinned to a model version this worker does not serve (never was, or retired
+    after its retention window): nothing was computed. ``fields`` name the model, the
+    version asked for and the versions served."""
+
+    error = "version not served"
 
 
 class LengthRequired(ServingError):

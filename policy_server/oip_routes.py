@@ -47,7 +47,7 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
     @bp.errorhandler(ServingError)
     def _serving_error(exc: ServingError):
         message = f"{exc.error}: {exc.detail}" if exc.detail else exc.error
-        return error_response(exc.status, message, exc.detail, exc.headers)
+        return error_response(exc.status, message, exc.detail, exc.headers, exc.fields)
 
     @bp.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

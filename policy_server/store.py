@@ -4,7 +4,8 @@ Layout (one directory, shared by every worker and every server instance that mou
 
     <root>/<name>/versions/000001/     a model directory (policy.py, model.safetensors, ...)
     <root>/<name>/versions/000002/
-    <root>/<name>/CURRENT              JSON pointer: version, previous, generation, loaded, ...
+    <root>/<name>/CURRENT              JSON pointer: version, previous, canary, retained, generation, ...
+    <root>/<name>/PINNED               when workers last served a request pinned to the retained version
     <root>/<name>/.staging/            candidates being written and validated
     <root>/<name>/.lock                serialises publishers (flock)
 
@@ -30,50 +31,24 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from policy_server import model_files, weights_check
+from policy_server import model_files, store_pointer, weights_check
 from policy_server.contract import MODEL_NAME_PATTERN, check_model_name, directory_digest, require_model_dir
-from policy_server.errors import ModelError, ServingError, UnknownModel, UnknownVersion
-from policy_server.worker_status import process_alive
+from policy_server.errors import BadRequest, Conflict, ModelError, ServingError, UnknownModel, UnknownVersion
+from policy_server.store_leftovers import HOST as _HOST
+from policy_server.store_leftovers import clean_stale, remove_temps
+from policy_server.store_pointer import Pointer
 
 log = logging.getLogger(__name__)
 
 POINTER = "CURRENT"
+PINNED = "PINNED"
 VERSIONS = "versions"
 STAGING = ".staging"
 LOCK = ".lock"
-STALE_STAGING_S = 3600.0
-_HOST = socket.gethostname().replace("-", "_")[:64] or "host"
-
-
-@dataclass(frozen=True)
-class Pointer:
-    """The content of a model's CURRENT file. ``kept``: the visible versions (None in a store
-    written before it existed: then every version directory is visible)."""
-
-    model: str
-    version: int
-    previous: int | None
-    generation: int
-    loaded: bool
-    digest: str
-    changed_at: float
-    seed_digest: str | None = None
-    kept: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if self.kept is not None:
-            object.__setattr__(self, "kept", tuple(self.kept))
-
-    def to_json(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["kept"] = list(self.kept) if self.kept is not None else None
-        return data
 
 
 class ModelStore:
@@ -113,7 +88,7 @@ class ModelStore:
 
     def pointer(self, name: str) -> Pointer | None:
         raw = self.read_pointer_bytes(check_model_name(name))
-        return None if raw is None else Pointer(**json.loads(raw))
+        return None if raw is None else Pointer.from_json(json.loads(raw))
 
     def require(self, name: str) -> Pointer:
         pointer = self.pointer(name)
@@ -139,7 +114,7 @@ class ModelStore:
         staging = self._path(check_model_name(name), STAGING)
         with model_files.writing("creating the staging directory"):
             os.makedirs(staging, exist_ok=True)
-            self._clean_stale(staging)
+            clean_stale(staging)
             path = tempfile.mkdtemp(prefix=f"candidate-{os.getpid()}@{_HOST}-", dir=staging)
         if source_dir is not None:
             try:
@@ -153,23 +128,31 @@ class ModelStore:
     def discard(staged_dir: str) -> None:
         shutil.rmtree(staged_dir, ignore_errors=True)
 
-    def publish(self, name: str, staged_dir: str, *, seed_digest: str | None = None) -> Pointer:
-        """Make ``staged_dir`` the next numbered version and point CURRENT at it (loaded).
+    def publish(self, name: str, staged_dir: str, *, seed_digest: str | None = None,
+                canary: float | None = None) -> Pointer:
+        """Make ``staged_dir`` the next numbered version and point CURRENT at it (loaded), or
+        with ``canary`` F (0 < F < 1) make it the canary candidate for that fraction of new
+        episodes (the stable version stays).
 
         On any failure ``staged_dir`` is removed, nothing becomes visible and the pointer is
-        unchanged (InsufficientStorage or StoreWriteFailed for an I/O failure).
+        unchanged (InsufficientStorage or StoreWriteFailed for an I/O failure; Conflict for a
+        plain publish while a canary runs, or a canary of a model with no stable version).
         """
         try:
             with model_files.writing("syncing the staged version to disk"):
                 model_files.fsync_tree(staged_dir)
             with self._locked(check_model_name(name)):
-                return self._commit(name, staged_dir, seed_digest)
+                return self._commit(name, staged_dir, seed_digest, canary)
         finally:
             self.discard(staged_dir)  # already renamed away when published
 
-    def _commit(self, name: str, staged_dir: str, seed_digest: str | None) -> Pointer:
+    def _commit(self, name: str, staged_dir: str, seed_digest: str | None, canary: float | None = None) -> Pointer:
         digest = directory_digest(staged_dir)
         old = self.pointer(name)
+        if canary is None and old is not None and old.canary is not None:
+            raise store_pointer.running_canary_conflict(old)
+        if canary is not None and old is None:
+            raise BadRequest(f"model {name!r} has no stable version yet: publish one before a canary")
         visible = self._visible(old, self._on_disk(name))
         self._remove_leftovers(name, old, visible)
         version = max(self._on_disk(name) + visible + [old.version if old else 0]) + 1
@@ -180,18 +163,18 @@ class ModelStore:
         try:
             with model_files.writing("writing the new version"):
                 model_files.fsync_dir(os.path.dirname(target))
-            kept = self._to_keep(visible, version, old.version if old else None)
-            pointer = Pointer(
-                model=name,
-                version=version,
-                previous=old.version if old else None,
-                generation=(old.generation if old else 0) + 1,
-                loaded=True,
-                digest=digest,
-                changed_at=time.time(),
-                seed_digest=seed_digest if seed_digest is not None else (old.seed_digest if old else None),
-                kept=tuple(kept),
-            )
+            now = time.time()
+            if old is None:
+                pointer = Pointer(model=name, version=version, previous=None, generation=1, loaded=True,
+                                  digest=digest, changed_at=now, seed_digest=seed_digest)
+            elif canary is not None:
+                pointer = store_pointer.with_candidate(old, version, canary, digest, now, ())
+            else:
+                pointer = store_pointer.with_new_stable(old, version, digest, now, ())
+                if seed_digest is not None:
+                    pointer = dataclasses.replace(pointer, seed_digest=seed_digest)
+            kept = self._to_keep(visible, pointer)
+            pointer = dataclasses.replace(pointer, kept=tuple(kept))
             with model_files.writing("writing the pointer"):
                 self._write_pointer(pointer)
         except BaseException:
@@ -199,39 +182,62 @@ class ModelStore:
             raise
         for dropped in sorted(set(visible) - set(kept)):
             shutil.rmtree(self.version_dir(name, dropped), ignore_errors=True)
-        log.info("published %s version %d (previous %s)", name, version, pointer.previous)
+        log.info("published %s version %d (%s)", name, version,
+                 f"canary at {canary:g}" if canary is not None else f"previous {pointer.previous}")
         return pointer
 
-    def _to_keep(self, visible: list[int], version: int, previous: int | None) -> list[int]:
-        """The newest ``keep`` versions, but always the new current one and the previous
-        (the rollback target the answer names, and what lagging workers may still load):
-        ``keep=1`` keeps those two."""
-        must = {version} | ({previous} if previous in visible else set())
+    def _to_keep(self, visible: list[int], pointer: Pointer) -> list[int]:
+        """The newest ``keep`` versions, but always every version ``pointer`` serves (stable,
+        candidate, retained) and its previous (the rollback target the answer names, and what
+        lagging workers may still load): ``keep=1`` keeps those."""
+        previous = {pointer.previous} if pointer.previous in visible else set()
+        must = set(pointer.served_versions()) | previous
         room = max(0, self.keep - len(must))
         others = sorted(set(visible) - must)[-room:] if room else []
         return sorted(must | set(others))
 
     def set_current(self, name: str, version: int) -> Pointer:
-        """Rollback (or forward): point CURRENT at a kept version."""
+        """Rollback (or forward), or the promotion of a running canary's candidate: point
+        CURRENT at a kept version. UnknownVersion for one not kept; Conflict for another
+        version than the candidate while a canary runs."""
         self.require(name)  # before locking: the lock would create the model's directory
         with self._locked(name):
             old = self.require(name)
             kept = self.versions(name)
             if version not in kept:
                 raise UnknownVersion(f"{name} has no version {version}; kept versions are {kept}")
-            pointer = dataclasses.replace(
-                old,
-                version=version,
-                previous=old.version,
-                generation=old.generation + 1,
-                loaded=True,
-                digest=directory_digest(self.version_dir(name, version)),
-                changed_at=time.time(),
-                kept=tuple(kept),
-            )
+            digest = directory_digest(self.version_dir(name, version))
+            pointer = store_pointer.with_new_stable(old, version, digest, time.time(), tuple(kept))
             with model_files.writing("writing the pointer"):
                 self._write_pointer(pointer)
         log.info("%s now points at version %d (was %d)", name, version, old.version)
+        return pointer
+
+    def set_canary(self, name: str, fraction: float, version: int | None = None) -> Pointer:
+        """Start a canary of kept ``version`` for ``fraction`` of new episodes, change a running
+        canary's fraction (``version`` None or its candidate), or end it (``fraction`` 0: the
+        candidate becomes the retained version). UnknownVersion for a version not kept;
+        Conflict for the stable version, an unloaded model, or no canary to change."""
+        self.require(name)
+        with self._locked(name):
+            old = self.require(name)
+            now = time.time()
+            if version is None or fraction == 0:
+                if version is not None and (old.canary is None or old.canary.version != version):
+                    raise Conflict(f"version {version} is not {name!r}'s canary candidate; end a canary with "
+                                   "{\"canary\": 0}")
+                pointer = store_pointer.with_canary_fraction(old, fraction, now)
+                if pointer is None:
+                    return old
+            else:
+                kept = self.versions(name)
+                if version not in kept:
+                    raise UnknownVersion(f"{name} has no version {version}; kept versions are {kept}")
+                digest = directory_digest(self.version_dir(name, version))
+                pointer = store_pointer.with_candidate(old, version, fraction, digest, now, tuple(kept))
+            with model_files.writing("writing the pointer"):
+                self._write_pointer(pointer)
+        log.info("%s canary: %s", name, pointer.canary or f"ended (version {old.canary and old.canary.version})")
         return pointer
 
     def set_loaded(self, name: str, loaded: bool) -> Pointer:
@@ -246,6 +252,31 @@ class ModelStore:
                 self._write_pointer(pointer)
         return pointer
 
+    def mark_pinned_use(self, name: str, version: int, at: float) -> None:
+        """Record that a worker served a request pinned to ``version`` at ``at`` (wall-clock):
+        every worker sharing the store keeps a retained version while the fleet uses it. Written
+        atomically without the lock (concurrent marks all say "recently"); OSError when the
+        store cannot be written."""
+        data = json.dumps({"version": version, "at": at}).encode()
+        fd, tmp = tempfile.mkstemp(prefix=f".{PINNED}-", dir=self._path(check_model_name(name)))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, self._path(name, PINNED))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def pinned_use(self, name: str, version: int) -> float | None:
+        """When a worker last marked a request pinned to ``version`` (see :meth:`mark_pinned_use`), or None."""
+        try:
+            with open(self._path(check_model_name(name), PINNED), "rb") as fh:
+                mark = json.loads(fh.read())
+            return float(mark["at"]) if mark.get("version") == version else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def seed_root(self, model_dir: str) -> str:
         """What the seed directory is confined to: the model root when the seed lies inside it,
         else the seed directory itself (the operator named it at start; no link may leave it)."""
@@ -259,7 +290,8 @@ class ModelStore:
 
         A server started with an unchanged ``--model-path`` keeps serving the store's current
         version (perhaps pushed since); a changed one is copied (confined to :meth:`seed_root`),
-        its weights checked (every tensor finite) and published as a new version. Leftovers of
+        its weights checked (every tensor finite) and published as a new version (not while a
+        canary runs: then at a later start). Leftovers of
         a publish that crashed are removed first (:meth:`recover`). ModelError when the seed is
         not a model directory, leaves its root, or holds non-finite weights.
         """
@@ -275,7 +307,9 @@ class ModelStore:
             return pointer
         with self._locked(name):  # another worker or instance may seed it too
             pointer = self.pointer(name)
-            if pointer is not None and pointer.seed_digest == digest:
+            if pointer is not None and (pointer.seed_digest == digest or pointer.canary is not None):
+                if pointer.seed_digest != digest:  # published once the canary is promoted or ended
+                    log.warning("%s runs a canary: the changed seed %s is not published", name, model_dir)
                 return pointer
             try:
                 staged = self.stage(name, model_dir, root=root)
@@ -305,10 +339,11 @@ class ModelStore:
                 with self._locked(name):
                     pointer = self.pointer(name)
                     removed += self._remove_leftovers(name, pointer, self._visible(pointer, self._on_disk(name)))
-                    removed += self._remove_pointer_temps(name)
+                    # no pointer writer is live under the lock; a mark writer that died left its temp
+                    removed += remove_temps(self._path(name), (f".{POINTER}-", f".{PINNED}-"))
                 staging = self._path(name, STAGING)
                 if os.path.isdir(staging):
-                    removed += self._clean_stale(staging)
+                    removed += clean_stale(staging)
             except (OSError, ServingError, ValueError, TypeError) as exc:  # a read-only or damaged store still serves
                 log.warning("could not clean leftovers of %s: %s", name, exc)
         if removed:
@@ -347,18 +382,6 @@ class ModelStore:
                 removed.append(path)
         return removed
 
-    def _remove_pointer_temps(self, name: str) -> list[str]:
-        """Temp pointer files (``.CURRENT-*``) of writers that died before their rename (call
-        under the lock: every pointer writer holds it, so none is live)."""
-        removed = []
-        for entry in os.listdir(self._path(name)):
-            if entry.startswith(f".{POINTER}-"):
-                path = self._path(name, entry)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                    removed.append(path)
-        return removed
-
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[None]:
         with model_files.writing("taking the store lock"):
@@ -373,22 +396,3 @@ class ModelStore:
     def _write_pointer(self, pointer: Pointer) -> None:
         data = json.dumps(pointer.to_json()).encode()
         model_files.replace_durably(self._path(pointer.model, POINTER), data, temp_prefix=f".{POINTER}-")
-
-    @staticmethod
-    def _clean_stale(staging: str) -> list[str]:
-        """Candidates left by a process that died mid-update: of a dead process on this host,
-        or older than an hour (another host's)."""
-        cutoff = time.time() - STALE_STAGING_S
-        removed = []
-        for entry in os.scandir(staging):
-            owner = entry.name.partition("-")[2].rpartition("-")[0]
-            pid, _, host = owner.partition("@")
-            with contextlib.suppress(OSError):
-                dead = host == _HOST and pid.isdigit() and not process_alive(int(pid))
-                if dead or entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path, ignore_errors=True)
-                    else:
-                        os.unlink(entry.path)
-                    removed.append(entry.path)
-        return removed

@@ -170,8 +170,9 @@ def answer_headers(answer, *, read_s: float, decode_s: float, encode_s: float) -
     return headers
 
 
-def error_response(status: int, error: str, detail: str = "", headers=None) -> Response:
-    response = jsonify({"error": error, "detail": detail})
+def error_response(status: int, error: str, detail: str = "", headers=None, fields=None) -> Response:
+    """The JSON error answer ``{"error", "detail"}`` (plus ``fields``, an error's own keys)."""
+    response = jsonify({**(fields or {}), "error": error, "detail": detail})
     response.status_code = status
     if headers:
         response.headers.update(headers)
@@ -188,7 +189,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ServingError)
     def _serving_error(exc: ServingError):
-        return error_response(exc.status, exc.error, exc.detail, exc.headers)
+        return error_response(exc.status, exc.error, exc.detail, exc.headers, exc.fields)
 
     @app.errorhandler(ProtocolError)
     def _protocol_error(exc: ProtocolError):
