@@ -29,6 +29,7 @@ from policy_server.web import (
     PolicyFlask,
     answer_headers,
     binary_response,
+    episode_headers,
     read_body,
     read_command,
     register_error_handlers,
@@ -74,9 +75,11 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         t0 = time.perf_counter()
         deadline = request_deadline(config.deadline_ms)
         rows = parse_batch_rows(request.headers.get(BATCH_ROWS_HEADER), config.queue_size)  # vectorized
+        version, g.episode = episode_headers()  # a pin and the episode's id (a canary's assignment)
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
-        call = Call(name, binary_to_dict(body), deadline, rows, requested_outputs(), request.environ.get(BUDGET))
+        call = Call(name, binary_to_dict(body), deadline, rows, requested_outputs(), request.environ.get(BUDGET),
+                    version, g.episode)
         t2 = time.perf_counter()
         g.model = name or runtime.default_name
         g.answer = answer = infer_call(runtime, config, call)
@@ -133,7 +136,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
 
     @info.get("/models/<name>")
     def named_model_info(name: str):
-        return jsonify(runtime.served(name).model.info())
+        return jsonify(model_admin.model_detail(name))
 
     @admin.post("/update_model")
     def update_model():

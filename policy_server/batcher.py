@@ -27,8 +27,8 @@ the server that is a :class:`policy_server.serving_model.Served` entry: it hands
 requests' input dicts to its :class:`policy_server.executor.BatchExecutor` and names its
 model's version.
 With ``executor_for``, the executor is looked up per batch (by its first request's
-``model``): a hot reload replaces it between two batches, and a batch is launched and
-finished by one executor, so it never mixes model versions.
+``model`` and ``pinned`` version): a hot reload replaces it between two batches, and a batch
+is launched and finished by one executor, so it never mixes model versions.
 An ``observer`` (metrics: :class:`policy_server.metrics.BatchObserver`) sees each batch as
 it launches and once it is answered; an observer that raises is logged and never stops the
 batcher thread.
@@ -76,10 +76,11 @@ class Observer(Protocol):
     def finished(self, batch: list[Request]) -> None: ...
 
 
-def compatibility_key(inputs: Mapping[str, Any], model: Any = None) -> tuple:
+def compatibility_key(inputs: Mapping[str, Any], model: Any = None, pinned: str | None = None) -> tuple:
     """Requests with equal keys can be stacked into one batch (byte order is converted). A text
-    input counts by its name only: requests with different texts share a batch."""
-    return (model, *sorted(
+    input counts by its name only: requests with different texts share a batch. Requests for
+    different models, or pinned to different versions, never share one."""
+    return (model, pinned, *sorted(
         (name, a.dtype.newbyteorder("=").str, a.shape) if isinstance(a, np.ndarray) else (name, "text", ())
         for name, a in inputs.items()
     ))
@@ -89,17 +90,19 @@ class Request:
     """One queued observation and, once answered, its outputs or error and timings."""
 
     __slots__ = (
-        "inputs", "model", "spec", "key", "deadline", "enqueued", "started", "finished", "batch_size",
+        "inputs", "model", "pinned", "spec", "key", "deadline", "enqueued", "started", "finished", "batch_size",
         "outputs", "version", "error", "cancelled", "_done",
     )
 
     def __init__(
-        self, inputs: Mapping[str, np.ndarray], deadline: float, now: float, model: Any = None, spec: Any = None
+        self, inputs: Mapping[str, np.ndarray], deadline: float, now: float, model: Any = None, spec: Any = None,
+        pinned: str | None = None,
     ) -> None:
         self.inputs = inputs
         self.model = model  # which model serves it (None: the batcher's one executor)
+        self.pinned = pinned  # the version that must compute it (None: the model's stable one at its batch)
         self.spec = spec  # the input spec it was validated against
-        self.key = compatibility_key(inputs, model)
+        self.key = compatibility_key(inputs, model, pinned)
         self.deadline = deadline
         self.enqueued = now
         self.started = 0.0
@@ -154,10 +157,11 @@ class Batcher:
     # -- request threads ------------------------------------------------------------
 
     def submit(
-        self, inputs: Mapping[str, np.ndarray], deadline: float, model: Any = None, spec: Any = None
+        self, inputs: Mapping[str, np.ndarray], deadline: float, model: Any = None, spec: Any = None,
+        pinned: str | None = None,
     ) -> Request:
         """Queue one observation; QueueFull at once when the queue is full."""
-        request = Request(inputs, deadline, time.monotonic(), model, spec)
+        request = Request(inputs, deadline, time.monotonic(), model, spec, pinned)
         with self._cond:
             if self._stopping:
                 raise NotReady("server is shutting down")
@@ -168,7 +172,8 @@ class Batcher:
         return request
 
     def submit_rows(
-        self, rows: list[Mapping[str, np.ndarray]], deadline: float, model: Any = None, spec: Any = None
+        self, rows: list[Mapping[str, np.ndarray]], deadline: float, model: Any = None, spec: Any = None,
+        pinned: str | None = None,
     ) -> list[Request]:
         """Queue the N observations of one vectorized request, all or none, in order.
 
@@ -178,7 +183,7 @@ class Batcher:
         if len(rows) > self.queue_size:
             raise PayloadTooLarge(f"{len(rows)} rows exceed the queue size {self.queue_size}")
         now = time.monotonic()
-        requests = [Request(inputs, deadline, now, model, spec) for inputs in rows]
+        requests = [Request(inputs, deadline, now, model, spec, pinned) for inputs in rows]
         with self._cond:
             if self._stopping:
                 raise NotReady("server is shutting down")

@@ -43,6 +43,10 @@ class ServerConfig:
     model_root: str = _opt("models", "/update_model and /models/<name>/load accept model_path only inside this")
     store_keep: int = _opt(5, "versions kept per model in the store (rollback targets)")
     store_poll_ms: int = _opt(100, "how often each worker checks the store for a new current version")
+    retain_previous_s: float = _opt(
+        60.0, "seconds every worker keeps serving a superseded version (the previous stable one, an ended canary) "
+        "after the last request pinned to it (X-Model-Version) on any worker sharing the store; 0 = unload at once"
+    )
     # Safe updates: the default wait, and bounds on what one update may stage.
     update_wait_s: float = _opt(
         10.0, "how long /update_model, load and unload wait by default for every worker of this instance to "
@@ -184,6 +188,8 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 <= self.update_wait_s <= 300:
             raise ConfigError("update_wait_s must be between 0 and 300")
+        if not 0 <= self.retain_previous_s <= 86400:
+            raise ConfigError("retain_previous_s must be between 0 and 86400")
         if not (self.head_timeout_s > 0 and self.body_timeout_s > 0 and self.ws_idle_timeout_s > 0):
             raise ConfigError("head_timeout_s, body_timeout_s and ws_idle_timeout_s must be positive")
         if self.max_batch_size < 0:

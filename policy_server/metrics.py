@@ -20,6 +20,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Summary,
     generate_latest,
 )
 
@@ -53,6 +54,19 @@ QUEUE_DEPTH = Gauge("policy_queue_depth", "Requests queued, over all workers", m
 INFLIGHT_BATCHES = Gauge("policy_inflight_batches", "Batches launched and not finished", multiprocess_mode="livesum")
 MODEL_VERSION = Gauge(
     "policy_model_version", "Store version each live worker serves, per model", ["model"], multiprocess_mode="liveall"
+)
+HELD_BYTES = Gauge(
+    "policy_model_held_bytes",
+    "Bytes of weights each live worker holds per model, every version together (stable, canary candidate, "
+    "retained previous)", ["model"], multiprocess_mode="liveall",
+)
+EPISODE_OUTCOMES = Counter(
+    "policy_episode_outcomes_total", "Episode outcomes reported by clients, by model, version and outcome "
+    "(success or failure)", ["model", "version", "outcome"],
+)
+EPISODE_RETURN = Summary(
+    "policy_episode_return", "Episode returns reported with outcomes, by model and version (the sum may fall: "
+    "returns may be negative)", ["model", "version"],
 )
 RELOADS = Counter("policy_model_reloads_total", "New versions a worker swapped in", ["model"])
 RELOAD_FAILURES = Counter("policy_model_reload_failures_total", "New versions a worker failed to load", ["model"])

@@ -37,13 +37,14 @@ from policy_server.errors import (
 from policy_server.runtime import PolicyRuntime
 from policy_server.store import ModelStore, Pointer
 from policy_server.store_follower import StoreFollower
+from policy_server.store_pointer import check_fraction, running_canary_conflict
 
 log = logging.getLogger(__name__)
 
 MAX_WAIT_S = 300.0
 WAIT_POLL_S = 0.02
 UPDATE_KINDS = ("model_path", "weights", "version")
-UPDATE_KEYS = frozenset(UPDATE_KINDS) | {"model"}
+UPDATE_KEYS = frozenset(UPDATE_KINDS) | {"model", "canary"}
 NO_STORE = "this server serves a fixed policy object; hot reload needs a model store"
 
 
@@ -84,31 +85,42 @@ class ModelAdmin:
     # -- commands -------------------------------------------------------------------
 
     def update(self, body: Mapping[str, Any], wait_s: float | None) -> dict[str, Any]:
-        """Publish a new version (``model_path`` or ``weights``) or roll back (``version``)."""
+        """Publish a new version (``model_path`` or ``weights``) or roll back (``version``; with
+        a canary running, only its candidate: a promotion). With ``canary`` F: publish the new
+        version, or make kept ``version`` the candidate, for that fraction of new episodes; F
+        alone changes the running canary's fraction, and 0 ends it."""
         unknown = sorted(set(body) - UPDATE_KEYS)
         if unknown:
             raise BadRequest(
-                f"unknown field {unknown[0]!r}; expected one of {list(UPDATE_KINDS)} and optionally 'model'"
+                f"unknown field {unknown[0]!r}; expected one of {list(UPDATE_KINDS)} and optionally 'model', 'canary'"
             )
         kinds = [k for k in UPDATE_KINDS if k in body]
-        if len(kinds) != 1:
-            raise BadRequest(f"give exactly one of {list(UPDATE_KINDS)}")
+        canary = check_fraction(body["canary"]) if "canary" in body else None
+        if len(kinds) > 1 or (not kinds and canary is None):
+            raise BadRequest(f"give exactly one of {list(UPDATE_KINDS)} (or only 'canary' to change a running one)")
         name = check_model_name(body.get("model", self.runtime.default_name))
         store = self.store
         warnings: list[str] = []
-        if kinds[0] == "version":
+        if not kinds:
+            pointer = store.set_canary(name, canary)
+        elif kinds[0] == "version":
             version = body["version"]
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise BadRequest("version must be a positive integer")
-            pointer = store.set_current(name, version)
+            pointer = store.set_current(name, version) if canary is None else store.set_canary(name, canary, version)
         else:
+            if canary == 0:
+                raise BadRequest("canary 0 ends a canary and publishes nothing: send {\"canary\": 0} alone")
+            current = store.pointer(name)
+            if canary is None and current is not None and current.canary is not None:
+                raise running_canary_conflict(current)  # before any work; the store checks again under its lock
             try:
                 if kinds[0] == "model_path":
                     source = self.resolve_model_path(body["model_path"])
                     staged = store.stage(name, source, root=self.model_root)
                 else:
                     staged = self._stage_weights(store, name, body["weights"])
-                pointer, warnings = self._publish(name, staged)
+                pointer, warnings = self._publish(name, staged, canary)
             except (InvalidModel, Forbidden, PayloadTooLarge):
                 metrics.UPDATES_REFUSED.inc()
                 raise
@@ -170,9 +182,10 @@ class ModelAdmin:
             raise
         return staged
 
-    def _publish(self, name: str, staged: str) -> tuple[Pointer, list[str]]:
-        """Check ``staged``'s weights, validate it on this worker, then publish it; InvalidModel
-        and nothing published otherwise. Returns the pointer and the warm-up's warnings."""
+    def _publish(self, name: str, staged: str, canary: float | None = None) -> tuple[Pointer, list[str]]:
+        """Check ``staged``'s weights, validate it on this worker, then publish it (as a canary
+        candidate with ``canary``); InvalidModel and nothing published otherwise. Returns the
+        pointer and the warm-up's warnings."""
         if not self.runtime.ready:
             self.store.discard(staged)
             raise NotReady("this worker is still loading; retry")
@@ -188,12 +201,13 @@ class ModelAdmin:
                                              self.store.root: "<store>"})[:500]
             raise InvalidModel(f"validation failed, nothing published: {reason}") from None
         validated = time.perf_counter()
-        pointer = self.store.publish(name, staged)
-        adopted = self.follower.adopt(candidate, pointer)
+        pointer = self.store.publish(name, staged, canary=canary)
+        version = pointer.canary.version if canary is not None else pointer.version
+        adopted = self.follower.adopt(candidate, pointer, version)
         log.info(
-            "update of %s: version %d published (validation %.3f s, publish %.3f s)%s",
-            name, pointer.version, validated - start, time.perf_counter() - validated,
-            ", served here" if adopted else "",
+            "update of %s: version %d published%s (validation %.3f s, publish %.3f s)%s",
+            name, version, f" as a canary at {canary:g}" if canary is not None else "", validated - start,
+            time.perf_counter() - validated, ", served here" if adopted else "",
         )
         return pointer, candidate.warnings
 
@@ -202,9 +216,12 @@ class ModelAdmin:
     def answer(self, pointer: Pointer, wait_s: float | None, warnings: list[str] = ()) -> dict[str, Any]:
         """The answer to a management call. It waits (``wait_s``, default ``--update-wait-s``;
         0: not at all) until every worker of this instance serves ``pointer``'s state."""
+        canary, retained = pointer.canary, pointer.retained
         result = {
             "model": pointer.model, "version": pointer.version, "previous": pointer.previous,
             "generation": pointer.generation, "loaded": pointer.loaded,
+            "canary": {"version": canary.version, "fraction": canary.fraction} if canary else None,
+            "retained": {"version": retained.version, "since": retained.since} if retained else None,
         }
         if warnings:
             result["warnings"] = list(warnings)
@@ -231,7 +248,8 @@ class ModelAdmin:
             served = doc.get("models", {}).get(pointer.model)
             problem = doc.get("problems", {}).get(pointer.model)
             if pointer.loaded:
-                ok = served is not None and served["version"] == str(pointer.version)
+                ok = served is not None and served["version"] == str(pointer.version) and (
+                    pointer.canary is None or served.get("candidate") == str(pointer.canary.version))
             else:
                 ok = served is None
             if ok and served is not None:
@@ -288,5 +306,33 @@ class ModelAdmin:
                 "device": mine.model.device if mine else self.runtime.device,
                 "kept_versions": store.versions(name) if store else [],
                 "problem": problems.get(name),
+                **self.versions_of(name, pointer),
             })
         return listing
+
+    def versions_of(self, name: str, pointer: Pointer | None) -> dict[str, Any]:
+        """A model's canary and retained version (the store's, else this worker's), and what
+        every version this worker holds costs (``held_versions``: version, role, weight bytes)."""
+        held = self.runtime.held(name)
+        if pointer is not None:
+            canary, retained = pointer.canary, pointer.retained
+            canary = {"version": str(canary.version), "fraction": canary.fraction, "since": canary.since} \
+                if canary else None
+            retained = {"version": str(retained.version), "since": retained.since} if retained else None
+        else:
+            candidate = held.candidate if held else None
+            canary = {"version": candidate.model.version, "fraction": held.fraction} if candidate else None
+            retained = {"version": held.retained.model.version, "since": held.retained_since} \
+                if held and held.retained else None
+        return {
+            "stable_version": str(pointer.version) if pointer else (held.stable.model.version if held else None),
+            "canary": canary, "retained": retained, "retain_previous_s": self.config.retain_previous_s,
+            "held_versions": held.describe() if held else [], "held_bytes": held.held_bytes if held else 0,
+        }
+
+    def model_detail(self, name: str) -> dict[str, Any]:
+        """``GET /models/<name>``: the stable version's info, its canary and retained version,
+        and the memory the versions held here cost. NotReady or UnknownModel as :meth:`PolicyRuntime.served`."""
+        info = self.runtime.served(name).model.info()
+        store = self.runtime.store
+        return {**info, **self.versions_of(name, store.pointer(name) if store else None)}

@@ -62,6 +62,8 @@ def install(app: Flask, stats) -> None:
             "model": g.get("model"), "version": response.headers.get("X-Model-Version"),
             "remote": request.remote_addr,
         }
+        if g.get("episode") is not None:
+            fields["episode_id"] = g.episode
         audience = request_audience()  # None for a request that matched no route
         inference = audience is not None and audience.inference
         quiet = audience is not None and audience.quiet  # probes and scrapes: DEBUG only

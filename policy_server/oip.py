@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from policy_server.contract import TensorSpec, TextSpec, is_text
+from policy_server.episodes import parse_episode_id
 from policy_server.errors import BadRequest, InvalidInput, NonFiniteOutput, PayloadTooLarge
 from policy_server.oip_bytes import binary_texts, json_texts
 from policy_server.oip_json import BIG_JSON_BYTES, big_json, json_tensor
@@ -106,8 +107,8 @@ class TensorHeader:
 class InferRequest:
     """A decoded inference request: ``inputs`` name -> array ``[N, *shape]`` (read-only views
     into the body for binary inputs), ``rows`` N (when checked against a spec), the requested
-    outputs (name -> answer as binary, None for the default), the request ``id`` to echo and
-    the ``timeout`` parameter in microseconds (None when absent)."""
+    outputs (name -> answer as binary, None for the default), the request ``id`` to echo,
+    the ``timeout`` parameter in microseconds and the ``episode_id`` parameter (None when absent)."""
 
     inputs: dict[str, np.ndarray]
     rows: int | None = None
@@ -115,6 +116,7 @@ class InferRequest:
     binary_output_default: bool = False
     request_id: str | None = None
     timeout_us: int | None = None
+    episode_id: str | None = None
 
 
 def parse_header_length(raw: str | None, body_length: int, max_header_bytes: int) -> int | None:
@@ -179,6 +181,7 @@ def _decode_header(header: dict, binary: memoryview, spec, max_rows) -> InferReq
     timeout = params.get("timeout")
     if timeout is not None and (not _is_int(timeout) or not 0 < timeout <= MAX_TIMEOUT_US):
         raise BadRequest(f"parameter 'timeout' must be an integer in 1..{MAX_TIMEOUT_US} (microseconds)")
+    episode_id = parse_episode_id(params.get("episode_id"), "parameter 'episode_id'")
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs or len(raw_inputs) > MAX_TENSORS:
         raise BadRequest(f"'inputs' must be a list of 1 to {MAX_TENSORS} tensors")
@@ -198,7 +201,7 @@ def _decode_header(header: dict, binary: memoryview, spec, max_rows) -> InferReq
         raise BadRequest("parameter 'binary_data_output' must be a boolean")
     rows = None if spec is None else check_against_spec(tensors, spec, max_rows)
     inputs = {t.name: _tensor_array(t, binary) for t in tensors}
-    return InferRequest(inputs, rows, outputs, binary_default, request_id, timeout)
+    return InferRequest(inputs, rows, outputs, binary_default, request_id, timeout, episode_id)
 
 
 def _is_int(value: Any) -> bool:

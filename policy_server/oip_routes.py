@@ -5,7 +5,9 @@ audience groups as the server's own (:mod:`policy_server.access`): the health pr
 inference and metadata behind the API key. A request's batch dimension N
 is a vectorized request (N rows toward the batch cap, answered in row order); keys,
 deadlines (``X-Deadline-Ms`` and the OIP ``timeout`` parameter, microseconds), metrics, the
-access log and model versions work as on ``/infer``. Errors are OIP's ``{"error": "..."}``
+access log, model versions, pins (``/versions/{N}/infer``, or ``X-Model-Version``) and
+episodes (the ``episode_id`` parameter, or ``X-Episode-Id``) work as on ``/infer``: a pin to
+a version not served is 409 and nothing is computed. Errors are OIP's ``{"error": "..."}``
 (with our ``detail`` beside it). The codec is :mod:`policy_server.oip`.
 """
 
@@ -19,7 +21,8 @@ from werkzeug.exceptions import HTTPException
 from policy_server import oip
 from policy_server.access import INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
-from policy_server.errors import ServingError, UnknownModel
+from policy_server.episodes import EPISODE_HEADER, VERSION_HEADER, parse_episode_id, parse_version
+from policy_server.errors import BadRequest, ServingError, UnknownModel
 from policy_server.inference import Call, infer_call
 from policy_server.web import (
     answer_headers,
@@ -56,11 +59,27 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
 
     def served_version(name: str, version: str | None):
         served = runtime.served(name)
-        if version is not None and version != served.model.version:
-            raise UnknownModel(
-                f"model {name!r} version {version!r} is not served here (serving {served.model.version!r})"
-            )
-        return served
+        if version is None:
+            return served
+        held = runtime.held(name)
+        found = held.get(version) if held is not None else None
+        if found is None:
+            serving = held.versions if held is not None else [served.model.version]
+            raise UnknownModel(f"model {name!r} version {version!r} is not served here (serving {serving})")
+        return found
+
+    def pinned(name: str, version: str | None) -> str | None:
+        """The version a request pins: the path's (a version this worker serves under that
+        name, else a version number), else ``X-Model-Version``; BadRequest for a malformed one."""
+        header = parse_version(request.headers.get(VERSION_HEADER))
+        if version is None:
+            return header
+        held = runtime.held(name)
+        path = version if held is not None and held.get(version) is not None else parse_version(
+            version, "the version in the path")
+        if header is not None and header != path:
+            raise BadRequest(f"{VERSION_HEADER} {header} and the path's version {path} differ")
+        return path
 
     @info.get("")
     def server_metadata():
@@ -95,19 +114,23 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         header_length = oip.parse_header_length(
             request.headers.get(oip.HEADER_LENGTH), len(body), config.oip_max_json_bytes
         )
-        served = served_version(name, version)
+        pin = pinned(name, version)
+        header_episode = parse_episode_id(request.headers.get(EPISODE_HEADER))
+        served = runtime.resolve(name, pin).served  # the pinned version's spec (409 before decoding)
         decoded = oip.decode_request(
             body, header_length, config.oip_max_json_bytes, served.model.input_spec, config.queue_size
         )
         if decoded.timeout_us is not None:
             deadline = min(deadline, request_arrival() + decoded.timeout_us / 1e6)
             note_deadline(deadline)
-        call = Call(name, decoded.inputs, deadline, decoded.rows, list(decoded.outputs))
+        episode = decoded.episode_id or header_episode
+        if header_episode is not None and episode != header_episode:
+            raise BadRequest(f"{EPISODE_HEADER} and the parameter 'episode_id' differ")
+        g.episode = episode
+        call = Call(name, decoded.inputs, deadline, decoded.rows, list(decoded.outputs), version=pin, episode=episode)
         t2 = time.perf_counter()
         g.model = name
         g.answer = answer = infer_call(runtime, config, call)
-        if version is not None and answer.version != version:  # a hot swap in between
-            raise UnknownModel(f"model {name!r} changed to version {answer.version!r} while this request waited")
         t3 = time.perf_counter()
         outputs = answer.outputs
         if decoded.outputs:

@@ -18,6 +18,13 @@ by ``/`` (ALOHA's ``images: {cam_high: ...}`` is the input ``images/cam_high``).
 ``endpoint: "reset"`` is answered ``reset successful`` (a text frame, as RoboArena's server
 does) and its ``session_id`` is taken and kept. Answers never carry a traceback.
 
+Episodes (see :mod:`policy_server.episodes`): the connection holds the version of its first
+answer, and every later frame is pinned to it (a frame whose version was retired is
+answered 409 and the connection closes). A ``reset`` or a new ``session_id`` starts a new
+episode: the next answer pins it anew, and ``session_id`` is the episode id a canary
+assigns by. A frame may also pin a version itself with ``model_version`` (this project's
+client does, so its episode survives a reconnect).
+
 Every array in an answer besides the action chunk must have a leading dimension of at least
 the chunk's horizon, since openpi's ``ActionChunkBroker`` slices them all by step: outputs
 that do not are left out of the answers (the metadata names them under ``omitted_outputs``).
@@ -34,6 +41,7 @@ from typing import Any
 import openpi_wire
 from binary_protocol import ProtocolError
 from policy_server.config import ServerConfig
+from policy_server.episodes import parse_version
 from policy_server.errors import BadRequest, DeadlineExceeded, InvalidInput, NotReady, ServingError
 from policy_server.front_door_ws import Reply
 from policy_server.inference import Call, infer_call
@@ -42,7 +50,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "robot-policy-server"
 ERROR_CLOSE = 1011  # internal error: what openpi's server closes with after an error frame
-RESERVED = ("endpoint", "session_id", "deadline_ms")  # request fields that are not observations
+RESERVED = ("endpoint", "session_id", "deadline_ms", "model_version")  # request fields that are not observations
 # What the first frame always says; a model's openpi_metadata adds other keys.
 SERVER_METADATA_KEYS = frozenset({
     "server", "model", "version", "inputs", "outputs", "action_key", "action_output", "action_horizon",
@@ -73,7 +81,8 @@ class OpenpiSession:
         self.remote = remote
         self.observe = observe
         self.version: str | None = None  # of the model that greeted this connection
-        self.session_id: str | None = None  # RoboArena's, when it sends one
+        self.session_id: str | None = None  # RoboArena's, when it sends one: the episode id
+        self.pinned: str | None = None  # the version of this episode's first answer: later frames are pinned to it
         self.prev_total_ms: float | None = None
 
     # -- the first frame -----------------------------------------------------------
@@ -123,10 +132,13 @@ class OpenpiSession:
             request = openpi_wire.decode(payload)
             if not isinstance(request, dict):
                 raise BadRequest(f"a frame is a msgpack map, not {type(request).__name__}")
-            endpoint, deadline = self._take_reserved(request, arrived)
+            endpoint, deadline, asked = self._take_reserved(request, arrived)
             if endpoint == "reset":
+                self.pinned = None  # a new episode: its first answer pins it
                 return Reply("reset successful", record=self._recorder(request_id, arrived, 200, None))
-            answer = infer_call(self.runtime, self.config, Call(self.model, flatten(request), deadline))
+            call = Call(self.model, flatten(request), deadline, version=asked or self.pinned, episode=self.session_id)
+            answer = infer_call(self.runtime, self.config, call)
+            self.pinned = answer.version
             data = openpi_wire.encode(self._answer_map(answer, arrived))
         except ProtocolError as exc:
             return Reply(f"400 bad request: frame rejected: {str(exc)[:500]}", ERROR_CLOSE,
@@ -146,7 +158,7 @@ class OpenpiSession:
         return Reply("504 deadline exceeded: the answer was ready after the deadline; the late answer was dropped",
                      ERROR_CLOSE)
 
-    def _take_reserved(self, request: dict, arrived: float) -> tuple[str, float]:
+    def _take_reserved(self, request: dict, arrived: float) -> tuple[str, float, str | None]:
         endpoint = request.pop("endpoint", "infer")
         if endpoint not in ("infer", "reset"):
             raise BadRequest(f"endpoint must be 'infer' or 'reset', got {str(endpoint)[:20]!r}")
@@ -154,7 +166,14 @@ class OpenpiSession:
         if session_id is not None:
             if not isinstance(session_id, (str, int)) or isinstance(session_id, bool) or len(str(session_id)) > 128:
                 raise BadRequest("session_id must be a string (or number) of at most 128 characters")
+            if str(session_id) != self.session_id:
+                self.pinned = None  # another episode
             self.session_id = str(session_id)
+        pin = request.pop("model_version", None)
+        if pin is not None:
+            if isinstance(pin, bool) or not isinstance(pin, (str, int)):
+                raise BadRequest("model_version must be a model version number")
+            pin = parse_version(str(pin), "model_version")
         default_s = self.config.deadline_ms / 1000.0
         asked = request.pop("deadline_ms", None)
         if asked is not None and (isinstance(asked, bool) or not isinstance(asked, (int, float)) or not asked > 0):
@@ -163,10 +182,11 @@ class OpenpiSession:
         now = time.monotonic()
         if endpoint == "infer" and deadline <= now:
             raise DeadlineExceeded(f"deadline passed {1e3 * (now - deadline):.1f} ms before the frame reached a thread")
-        return endpoint, deadline
+        return endpoint, deadline, pin
 
     def _answer_map(self, answer, arrived: float) -> dict[str, Any]:
-        loaded = self.runtime.served(self.model).model
+        held = self.runtime.held(self.model or self.runtime.default_name)
+        loaded = ((held.get(answer.version) if held else None) or self.runtime.served(self.model)).model
         action, horizon = action_output(loaded.output_spec)
         out: dict[str, Any] = {
             name: value for name, value in answer.outputs.items()

@@ -10,7 +10,7 @@ import collections
 import hashlib
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -70,10 +70,11 @@ class ResponseCache:
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
-    def drop_model(self, model: str, keep_version: str | None = None) -> None:
-        """Forget ``model``'s entries, except those of ``keep_version``."""
+    def drop_model(self, model: str, keep_version: str | None = None, keep_versions: Iterable[str] = ()) -> None:
+        """Forget ``model``'s entries, except those of ``keep_version`` and ``keep_versions``."""
+        keep = {keep_version, *keep_versions}
         with self._lock:
-            for key in [k for k in self._entries if k[0] == model and k[1] != keep_version]:
+            for key in [k for k in self._entries if k[0] == model and k[1] not in keep]:
                 del self._entries[key]
 
     def __len__(self) -> int:

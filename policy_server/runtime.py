@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,9 +30,11 @@ import numpy as np
 from policy_server import metrics
 from policy_server.batcher import Batcher, Request
 from policy_server.config import ServerConfig
-from policy_server.errors import InvalidInput, ModelError, NotReady, UnknownModel
+from policy_server.errors import InvalidInput, ModelError, NotReady, UnknownModel, VersionNotServed
+from policy_server.inference import Answer, answered_only
 from policy_server.model_files import Limits
 from policy_server.model_loader import LoadedModel, describe, load_model_dir
+from policy_server.model_versions import ModelVersions, Target
 from policy_server.response_cache import ResponseCache, input_digest
 from policy_server.serving_model import Served, prepare, resolve_device
 from policy_server.stats import RequestStats, StatsReporter
@@ -61,14 +63,17 @@ class PolicyRuntime:
                 limits=Limits(config.stage_max_files, config.stage_max_bytes),
             ) if policy is None and config.model_store else None
         )
-        self.follower = StoreFollower(self.store, self, config.store_poll_ms / 1000.0) if self.store else None
+        self.follower = StoreFollower(
+            self.store, self, config.store_poll_ms / 1000.0, config.retain_previous_s
+        ) if self.store else None
         self.board = WorkerStatusBoard(config.run_dir)
         self.stats = RequestStats()
         self.reporter = StatsReporter(self.stats, config.run_dir)
         self.cache = ResponseCache(config.cache_size, config.cache_ttl_s)
         self.device = "cpu"
         self._torch_ready = False  # set up in this worker (_setup_torch)
-        self._served: dict[str, Served] = {}  # replaced whole on every change, never mutated
+        self._models: dict[str, ModelVersions] = {}  # replaced whole on every change, never mutated
+        self._retained_use: dict[str, tuple[str, float]] = {}  # model -> retained version, its last pinned use
         self._failure: str | None = None
         self._settled = threading.Event()  # loaded or failed
         self._start_lock = threading.Lock()
@@ -114,7 +119,7 @@ class PolicyRuntime:
 
     @property
     def ready(self) -> bool:
-        return self.default_name in self._served
+        return self.default_name in self._models
 
     @property
     def failure(self) -> str | None:
@@ -174,7 +179,7 @@ class PolicyRuntime:
     def _log_ready(self) -> None:
         log.info(
             "worker %d ready: serving %s on %s with %d torch threads", os.getpid(),
-            ", ".join(f"{name} version {s.model.version}" for name, s in sorted(self._served.items())),
+            ", ".join(f"{name} version {v.stable.model.version}" for name, v in sorted(self._models.items())),
             self.device, self.config.torch_threads_per_worker(),
         )
 
@@ -207,27 +212,44 @@ class PolicyRuntime:
     # -- the served models ----------------------------------------------------------
 
     def install(self, name: str, served: Served | None) -> None:
-        """Swap (or remove) one model: the batcher picks it up at its next batch."""
-        models = dict(self._served)
-        if served is None:
+        """Swap (or remove) one model, as its only version: the batcher picks it up at its next batch."""
+        self.install_versions(name, None if served is None else ModelVersions(served))
+
+    def install_versions(self, name: str, versions: ModelVersions | None) -> None:
+        """Swap (or remove) every version of one model at once: stable, candidate, retained."""
+        models = dict(self._models)
+        if versions is None:
             models.pop(name, None)
         else:
-            models[name] = served
-        self._served = models
-        if served is not None and name == self.default_name and self._failure is not None:
+            models[name] = versions
+        self._models = models
+        if versions is not None and name == self.default_name and self._failure is not None:
             self._failure = None  # a worker whose first load failed serves now
             self._log_ready()
-        metrics.set_model_version(name, served.model.version if served else "0")
-        self.cache.drop_model(name, keep_version=served.model.version if served else None)
+        metrics.set_model_version(name, versions.stable.model.version if versions else "0")
+        metrics.HELD_BYTES.labels(name).set(versions.held_bytes if versions else 0)
+        self.cache.drop_model(name, keep_versions=versions.versions if versions else ())
         self.publish_status()
+
+    def held(self, name: str) -> ModelVersions | None:
+        """Every version of ``name`` this worker holds, or None."""
+        return self._models.get(name)
+
+    def retained_use(self, name: str, version: str) -> float:
+        """Wall-clock time of the last request pinned to ``version`` of ``name`` as its retained
+        version here (0: none)."""
+        used = self._retained_use.get(name)
+        return used[1] if used is not None and used[0] == version else 0.0
 
     def publish_status(self) -> None:
         """This worker's served versions, problems and acted-on generations, for its siblings."""
         follower = self.follower
         self.board.publish({
             "models": {
-                name: {"version": s.model.version, "since": s.since}
-                for name, s in self._served.items()
+                name: {"version": v.stable.model.version, "since": v.stable.since,
+                       "candidate": v.candidate.model.version if v.candidate else None,
+                       "retained": v.retained.model.version if v.retained else None, "held_bytes": v.held_bytes}
+                for name, v in self._models.items()
             },
             "problems": dict(follower.problems) if follower else {},
             "generations": dict(follower.generations) if follower else {},
@@ -236,14 +258,40 @@ class PolicyRuntime:
     # -- serving --------------------------------------------------------------------
 
     def served(self, name: str | None = None) -> Served:
-        """A served model (default: the default one); NotReady or UnknownModel otherwise."""
+        """A served model's stable version (default model: the default one); NotReady or UnknownModel otherwise."""
+        return self._versions(name).stable
+
+    def _versions(self, name: str | None) -> ModelVersions:
         name = name or self.default_name
-        served = self._served.get(name)
-        if served is not None:
-            return served
+        versions = self._models.get(name)
+        if versions is not None:
+            return versions
         if name == self.default_name:
             raise NotReady("model failed to load; see the server log" if self._failure else "model is loading")
         raise UnknownModel(f"model {name!r} is not loaded")
+
+    def resolve(self, name: str | None = None, version: str | None = None, episode: str | None = None) -> Target:
+        """What computes a request for model ``name``: the pinned ``version`` exactly, else the
+        canary's candidate for ``episode``'s share, else the stable version. NotReady or
+        UnknownModel for the model; VersionNotServed (409) for a version not served here,
+        NotReady (503, retry) for one the store names that this worker is still loading."""
+        versions = self._versions(name)
+        name = versions.stable.model.name
+        if version is None:
+            return versions.assign(name, episode)
+        served = versions.get(version)
+        if served is None:
+            if self.follower is not None and self.follower.expects(name, version):
+                raise NotReady(f"model {name!r} version {version} is loading on this worker; retry",
+                               headers={"Retry-After": "1"})
+            raise VersionNotServed(
+                f"model {name!r} does not serve version {version} (it serves {', '.join(versions.versions)}): "
+                "the version was retired, or never existed; nothing was computed",
+                fields={"model": name, "version": version, "served_versions": versions.versions},
+            )
+        if served is versions.retained:
+            self._retained_use[name] = (version, time.time())
+        return Target(served, version)
 
     @property
     def model(self) -> LoadedModel:
@@ -251,7 +299,8 @@ class PolicyRuntime:
         return self.served().model
 
     def served_models(self) -> dict[str, Served]:
-        return dict(self._served)
+        """Each served model's stable version."""
+        return {name: versions.stable for name, versions in self._models.items()}
 
     def problems(self) -> dict[str, str]:
         return dict(self.follower.problems) if self.follower else {}
@@ -266,12 +315,14 @@ class PolicyRuntime:
         spec = self.served(name).model.input_spec
         return self._enqueue(complete_inputs(inputs, spec), None, deadline, name, spec)[0]
 
-    def _enqueue(self, inputs: Mapping[str, Any], rows: int | None, deadline: float, name: str, spec) -> list[Request]:
+    def _enqueue(self, inputs: Mapping[str, Any], rows: int | None, deadline: float, name: str, spec,
+                 pinned: str | None = None) -> list[Request]:
         """Queue complete inputs: one request, or one per row of a vectorized request (all or none)."""
         if rows is None:
-            requests = [self.batcher.submit(inputs, deadline, model=name, spec=spec)]
+            requests = [self.batcher.submit(inputs, deadline, model=name, spec=spec, pinned=pinned)]
         else:
-            requests = self.batcher.submit_rows(split_rows(inputs, rows), deadline, model=name, spec=spec)
+            requests = self.batcher.submit_rows(split_rows(inputs, rows), deadline, model=name, spec=spec,
+                                                pinned=pinned)
         metrics.QUEUE_DEPTH.set(self.batcher.depth)
         return requests
 
@@ -279,11 +330,17 @@ class PolicyRuntime:
         return self.batcher.wait(request)
 
     def _executor_for(self, request: Request) -> Served:
-        """The batcher's per-batch lookup: the model's current served entry (its executor
-        and version)."""
-        served = self._served.get(request.model)
-        if served is None:
+        """The batcher's per-batch lookup: the model's served entry (its executor and version):
+        the stable one, or the version the request is pinned to."""
+        versions = self._models.get(request.model)
+        if versions is None:
             raise UnknownModel(f"model {request.model!r} was unloaded")
+        served = versions.stable if request.pinned is None else versions.get(request.pinned)
+        if served is None:
+            raise VersionNotServed(f"model {request.model!r} version {request.pinned} was retired while the "
+                                   "request was queued; nothing was computed",
+                                   fields={"model": request.model, "version": request.pinned,
+                                           "served_versions": versions.versions})
         spec = served.model.input_spec
         if request.spec is not spec and request.spec != spec:  # a new version changed its inputs
             try:
@@ -301,15 +358,18 @@ class PolicyRuntime:
         name: str | None = None,
         outputs: Iterable[str] | None = None,
         rows: int | None = None,
+        target: Target | None = None,
     ) -> Answer:
         """One request's answer: from the cache when on and fresh, else queued, batched and
         computed. ``outputs`` asks for optional outputs (e.g. attention) besides the usual ones.
 
         ``rows`` N makes it a vectorized request: every input is ``[N, *shape]``, its rows are
         batched like N requests (split across batches as the cap needs) and every output is
-        answered ``[N, *shape]`` in row order.
+        answered ``[N, *shape]`` in row order. ``target`` is what :meth:`resolve` answered
+        (default: the stable version); a pinned request that a swap left on another version
+        while it was queued is NotReady (503, retry at once).
         """
-        served = self.served(name)
+        served, pin = target or self.resolve(name)
         answered = served.model.answered_outputs(outputs)
         inputs = complete_inputs(inputs, served.model.input_spec, rows)
         key = input_digest(inputs) if self.cache.enabled else None
@@ -317,35 +377,20 @@ class PolicyRuntime:
             hit = self.cache.get(served.model.name, served.model.version, key)
             if hit is not None:
                 metrics.CACHE_HITS.inc()
-                return Answer(_only(hit, answered), served.model.version, cache="hit", rows=rows)
+                return Answer(answered_only(hit, answered), served.model.version, cache="hit", rows=rows)
             metrics.CACHE_MISSES.inc()
-        requests = self._enqueue(inputs, rows, deadline, served.model.name, served.model.input_spec)
+        versions = self._models.get(served.model.name)
+        lane = None if versions is not None and served is versions.stable else pin  # share the stable's batches
+        requests = self._enqueue(inputs, rows, deadline, served.model.name, served.model.input_spec, lane)
         per_row, version = self.batcher.wait_rows(requests)
+        if pin is not None and version != pin:
+            raise NotReady(f"model {served.model.name!r} changed from version {pin} to {version} while this "
+                           "request was queued; retry", headers={"Retry-After": "0"})
         results = per_row[0] if rows is None else {k: np.stack([row[k] for row in per_row]) for k in per_row[0]}
         if key is not None:
             self.cache.put(served.model.name, version, key, results)
         return Answer(
-            _only(results, answered), version, max(r.batch_size for r in requests),
+            answered_only(results, answered), version, max(r.batch_size for r in requests),
             max(r.queue_s for r in requests), max(r.compute_s for r in requests),
             cache="miss" if key is not None else None, rows=rows,
         )
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What :meth:`PolicyRuntime.infer` returns; ``batch_size`` is 0 for a cache hit."""
-
-    outputs: dict[str, np.ndarray]
-    version: str
-    batch_size: int = 0
-    queue_s: float = 0.0
-    compute_s: float = 0.0
-    cache: str | None = None  # "hit", "miss", or None when the cache is off
-    rows: int | None = None  # N of a vectorized request, None for one observation
-    images_s: float = 0.0  # decoding its encoded camera images (policy_server.inference)
-
-
-def _only(outputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:
-    # A hot swap may have changed the outputs since ``names`` was worked out: keep what exists.
-    return outputs if names.issuperset(outputs) else {k: v for k, v in outputs.items() if k in names}
-

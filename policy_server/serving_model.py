@@ -98,6 +98,7 @@ class Served:
     executor: Any  # BatchExecutor
     since: float  # wall-clock time it started serving
     warnings: tuple[str, ...] = ()  # from the warm-up: outputs identical for every observation
+    weight_bytes: int = 0  # its module's parameters and buffers, as served (after the speed options)
 
     @property
     def pipelined(self) -> bool:
@@ -137,7 +138,8 @@ class Served:
 
     def as_version(self, version: str) -> Served:
         """This validated candidate served as store version ``version``, from now."""
-        return Served(dataclasses.replace(self.model, version=version), self.executor, time.time(), self.warnings)
+        return Served(dataclasses.replace(self.model, version=version), self.executor, time.time(), self.warnings,
+                      self.weight_bytes)
 
 
 def prepare(model: LoadedModel, config: ServerConfig, max_batch_size: int) -> Served:
@@ -155,7 +157,18 @@ def prepare(model: LoadedModel, config: ServerConfig, max_batch_size: int) -> Se
         os.getpid(), model.name, model.version, model.device, executor.max_batch_size,
         time.perf_counter() - start,
     )
-    return Served(model, executor, time.time(), tuple(warnings))
+    return Served(model, executor, time.time(), tuple(warnings), weight_bytes(model.policy))
+
+
+def weight_bytes(policy: Any) -> int:
+    """Bytes of a policy's ``module`` parameters and buffers (each tensor once); 0 without a module."""
+    module = getattr(policy, "module", None)
+    if module is None or not callable(getattr(module, "parameters", None)):
+        return 0
+    tensors = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensors.setdefault((tensor.device, tensor.data_ptr()), tensor.numel() * tensor.element_size())
+    return sum(tensors.values())
 
 
 def warm_up(executor, model: LoadedModel) -> list[str]:

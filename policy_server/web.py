@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 from werkzeug.routing.exceptions import WebsocketMismatch
 
 from binary_protocol import ProtocolError, binary_to_dict
+from policy_server.episodes import EPISODE_HEADER, VERSION_HEADER, parse_episode_id, parse_version
 from policy_server.errors import (
     BadRequest,
     DeadlineExceeded,
@@ -104,6 +105,12 @@ def requested_outputs() -> list[str]:
     """Optional outputs asked for by ``?outputs=attention`` (comma-separated, repeatable)."""
     names = [n.strip() for value in request.args.getlist("outputs") for n in value.split(",")]
     return [n for n in names if n]
+
+
+def episode_headers() -> tuple[str | None, str | None]:
+    """The request's pinned version (``X-Model-Version``) and episode id (``X-Episode-Id``),
+    each None when absent; BadRequest naming the header that is malformed."""
+    return parse_version(request.headers.get(VERSION_HEADER)), parse_episode_id(request.headers.get(EPISODE_HEADER))
 
 
 def read_command(max_bytes: int) -> dict:

@@ -358,10 +358,15 @@ def test_huge_json_header_is_413_before_parsing():
     assert post(client, "/v2/models/default/infer", body + b"\0" * 10, len(body)).status_code == 413
 
 
-def test_wrong_version_and_unknown_model_are_404(client):
+def test_a_version_not_served_is_409_a_malformed_one_400_and_an_unknown_model_404(client):
     body, length = oip_body(fake_observation())
     response = post(client, "/v2/models/default/versions/7/infer", body, length)
-    assert response.status_code == 404 and "version '7' is not served" in response.get_json()["error"]
+    assert response.status_code == 409, response.get_json()
+    answer = response.get_json()
+    assert (answer["version"], answer["served_versions"]) == ("7", ["fake-1"])
+    assert "does not serve version 7" in answer["error"]
+    response = post(client, "/v2/models/default/versions/seven/infer", body, length)
+    assert response.status_code == 400 and "the version in the path" in response.get_json()["detail"]
     assert post(client, "/v2/models/nope/infer", body, length).status_code == 404
     assert client.get("/v2/models/default/versions/7").status_code == 404
     assert client.get("/v2/models/default/versions/7/ready").status_code == 404
