@@ -8,7 +8,9 @@ arrives before the plan runs out; every answer is stamped with the step of its
 observation, so its rows land on the steps they were planned for. Overlapping chunks are
 merged by a pluggable :class:`MergeStrategy`: ``replace``, ``blend``,
 ``temporal_ensembling`` (ACT) or ``rtc`` (real-time chunking). Inputs the model declares as
-history windows are kept per episode and sent whole; the server stays stateless.
+history windows are kept per episode and sent whole; the server stays stateless. Each
+episode has an id and is pinned to the model version of its first answer, so a hot reload
+never changes the policy under it (``on_version_retired``; :class:`EpisodeStopped`).
 
 The runner talks to a :class:`ChunkPolicy`: any callable ``policy(obs, *, deadline_s=None)``
 returning a dict with the chunk (``request_tools.PolicyClient`` is one, and so is a plain
@@ -18,7 +20,7 @@ client's error types.
 The loop lives in the ``policy_client`` package, one module per job, and is imported from
 here: ``chunk_runner`` (the runner), ``chunk_policy`` (the protocol), ``chunk_schedule``
 (the delay estimate and the ask point), ``rtc_inputs`` (the real-time chunking inputs),
-``history_windows``, ``runner_stats`` and ``loop_clock``; the merge strategies are
+``history_windows``, ``episode_pin``, ``request_threads``, ``runner_stats`` and ``loop_clock``; the merge strategies are
 ``chunk_merge``.
 """
 
@@ -37,6 +39,8 @@ from chunk_merge import (
 from policy_client.chunk_policy import ChunkPolicy
 from policy_client.chunk_runner import BACKOFF_S, MAX_THREADS, ChunkRunner  # noqa: F401 - re-exported
 from policy_client.chunk_schedule import LATENCY_WINDOW, WARMUP_REQUESTS, rtc_request_ahead  # noqa: F401
+from policy_client.episode_pin import ON_VERSION_RETIRED  # noqa: F401 - re-exported
+from policy_client.errors import EpisodeStopped
 from policy_client.history_windows import HISTORY_PADS  # noqa: F401 - re-exported
 from policy_client.loop_clock import LoopClock
 from policy_client.rtc_inputs import RTC_INPUTS
@@ -49,6 +53,7 @@ __all__ = [
     "Chunk",
     "ChunkPolicy",
     "ChunkRunner",
+    "EpisodeStopped",
     "LoopClock",
     "MergeStrategy",
     "RealTimeChunking",

@@ -22,6 +22,7 @@ from policy_server.model_admin import ModelAdmin
 from policy_server.oip_routes import oip_blueprint
 from policy_server.openapi import openapi_document
 from policy_server.openpi_routes import openpi_blueprint
+from policy_server.outcomes import outcomes_blueprint
 from policy_server.runtime import PolicyRuntime
 from policy_server.stats import instance_summary
 from policy_server.tensors import BATCH_ROWS_HEADER, parse_batch_rows
@@ -154,6 +155,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         app.register_blueprint(group)
     app.register_blueprint(oip_blueprint(config, runtime))  # Open Inference Protocol v2: /v2/...
     app.register_blueprint(openpi_blueprint(config, runtime))  # openpi's WebSocket protocol: ws://host:port/
+    app.register_blueprint(outcomes_blueprint(config, runtime))  # episode outcomes: POST /models/<name>/outcomes
     access.require_declared_access(app)
     return app
 

@@ -4,7 +4,9 @@
 background the runner asks its :class:`~policy_client.chunk_policy.ChunkPolicy` for the
 next chunks (when: :mod:`policy_client.chunk_schedule`), merges the answers into one plan
 (:mod:`chunk_merge`), and keeps the model's history windows and real-time chunking inputs
-(what the model declares: :mod:`policy_client.model_declarations`). Overview: ``robot_loop``.
+(what the model declares: :mod:`policy_client.model_declarations`). Each episode has an id
+and is pinned to the model version of its first answer (:mod:`policy_client.episode_pin`);
+requests run on their own threads (:mod:`policy_client.request_threads`). Overview: ``robot_loop``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from typing import Any
 import numpy as np
 
 from chunk_merge import Chunk, MergeStrategy, merge_strategy
-from policy_client.chunk_policy import ChunkPolicy, accepts_deadline
+from policy_client.chunk_policy import ChunkPolicy, accepts_deadline, accepts_episodes
 from policy_client.chunk_schedule import delay_estimate_steps, should_ask
-from policy_client.errors import PolicyClientError, PolicyTimeoutError
+from policy_client.episode_pin import EpisodePin
+from policy_client.errors import EpisodeStopped, PolicyClientError, PolicyTimeoutError
 from policy_client.model_declarations import ModelDeclarations
+from policy_client.request_threads import MAX_THREADS, RequestThreads
 from policy_client.rtc_inputs import plan_plays, rtc_inputs
 from policy_client.runner_stats import RunnerStats
 
@@ -33,7 +36,6 @@ __all__ = ["BACKOFF_S", "MAX_THREADS", "ChunkRunner"]
 log = logging.getLogger(__name__)
 
 BACKOFF_S = 0.05
-MAX_THREADS = 32
 
 
 @dataclass
@@ -83,6 +85,11 @@ class ChunkRunner:
         max_backoff_s: cap of the retry backoff after failures.
         model_info: the model's ``/model_info`` dict (default: ``policy.model_info()`` if
             the policy has it, else no history windows and no optional inputs).
+        on_version_retired: what an episode does when the version it is pinned to is retired
+            (see :mod:`policy_client.episode_pin`): ``"stop"`` (play its chunks to their end,
+            then the fallback, and set :attr:`stopped`) or ``"continue"`` (on the current
+            version, counted in ``stats.version_switches``). Episodes are pinned when the
+            policy takes ``episode_id`` and ``version`` (a ``PolicyClient`` does).
 
     Not thread-safe: one loop thread calls :meth:`act`.
     """
@@ -100,6 +107,7 @@ class ChunkRunner:
         first_chunk_timeout_s: float = 30.0,
         max_backoff_s: float = 2.0,
         model_info: Mapping[str, Any] | None = None,
+        on_version_retired: str = "stop",
     ) -> None:
         if rate_hz <= 0:
             raise ValueError("rate_hz must be positive")
@@ -117,13 +125,9 @@ class ChunkRunner:
         self.stats = RunnerStats()
         self.instruction: str | None = None  # see set_instruction
         self._decl = ModelDeclarations(policy, model_info, self.merge.sends_prefix)
-        self._accepts_deadline = accepts_deadline(policy)
+        self._pin = EpisodePin(on_version_retired, enabled=accepts_episodes(policy))
         self._answers: queue.SimpleQueue = queue.SimpleQueue()
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._pool_lock = threading.Lock()
-        self._busy = 0
-        self._workers: list[threading.Thread] = []
-        self._clones: list[Any] = []
+        self._threads = RequestThreads(policy, self._answers, self.stats, action_key, accepts_deadline(policy))
         self._ids = itertools.count()
         self._episode = 0
         self._horizon: int | None = None
@@ -138,12 +142,15 @@ class ChunkRunner:
 
     # -- episode and lifetime ---------------------------------------------------------
 
-    def reset(self, instruction: str | None = None) -> None:
+    def reset(self, instruction: str | None = None, *, episode_id: str | None = None) -> None:
         """Start a new episode: forget the plan and the history windows (answers still in
-        flight are discarded when they arrive). ``instruction`` replaces the instruction
-        requests carry (see :meth:`set_instruction`); None keeps the current one."""
+        flight are discarded when they arrive), and the version pin; a new episode id
+        (``episode_id``, else a random one). ``instruction`` replaces the instruction requests
+        carry (see :meth:`set_instruction`); None keeps the current one."""
         if instruction is not None:
             self.set_instruction(instruction)
+        self._pin.new_episode(episode_id)
+        self.stopped: EpisodeStopped | None = None  # why the episode stopped (its version was retired)
         self._episode += 1
         self._step = 0
         self._chunks: list[Chunk] = []
@@ -159,15 +166,27 @@ class ChunkRunner:
 
     def close(self) -> None:
         """Stop the request threads (after the requests in flight, if any)."""
-        for _ in self._workers:
-            self._jobs.put(None)
-        give_up = time.monotonic() + self.first_chunk_timeout_s
-        for worker in self._workers:
-            worker.join(timeout=max(0.0, give_up - time.monotonic()))
-        for clone in self._clones:
-            if callable(getattr(clone, "close", None)):
-                clone.close()
-        self._workers, self._clones = [], []
+        self._threads.close(self.first_chunk_timeout_s)
+
+    @property
+    def episode_id(self) -> str:
+        """The current episode's id (new at every :meth:`reset`), sent with every request."""
+        return self._pin.episode_id
+
+    @property
+    def episode_version(self) -> str | None:
+        """The model version the current episode is pinned to (its first answer's), or None."""
+        return self._pin.version
+
+    def report_outcome(self, success: bool, *, episode_return: float | None = None) -> dict | None:
+        """Report how the current episode ended (call before :meth:`reset`) through the
+        policy's ``report_outcome`` (a ``PolicyClient``'s: counted per version on the server);
+        None when the policy has none or no chunk came. Raises what the policy raises."""
+        report = getattr(self.policy, "report_outcome", None)
+        if not callable(report) or self._pin.version is None:
+            log.debug("episode %s: no outcome reported (no report_outcome, or no answer)", self.episode_id)
+            return None
+        return report(self.episode_id, self._pin.version, success, episode_return=episode_return)
 
     def set_instruction(self, text: str | None) -> None:
         """The task instruction every request carries from now on, in the model's text input
@@ -210,6 +229,10 @@ class ChunkRunner:
         if not self._started:
             self._wait_first_chunk(obs, t)
         action = self.merge.action(t, self._chunks)
+        if action is None and self._pin.retired is not None and self.stopped is None:
+            self.stopped = self._pin.stopped_at(t)  # the end of the episode's last chunk: stop here
+            self.stats.episodes_stopped += 1
+            log.warning("%s", self.stopped)
         if action is None:
             self.stats.starved_steps += 1
             action = self.fallback if self.fallback is not None else np.zeros_like(self._action_like)
@@ -232,13 +255,15 @@ class ChunkRunner:
         return max((c.end for c in self._chunks), default=0)
 
     def _maybe_ask(self, obs: Mapping[str, Any], t: int) -> None:
-        if time.monotonic() < self._retry_at or self._horizon is None or t <= self._newest_step:
+        if time.monotonic() < self._retry_at or self._horizon is None or t <= self._newest_step \
+                or not self._pin.asking:
             return
         live = [r for r in self._pending.values() if t < r.step + self._horizon]
         cap = self.max_in_flight or self._horizon
         # A request overdue (sent a horizon ago) no longer counts toward the cap, so it is
         # hedged by a new one; but it still runs, and one overdue beyond the cap is the most.
-        if len(live) >= cap or self._busy > cap or self._busy >= MAX_THREADS:
+        busy = self._threads.busy
+        if len(live) >= cap or busy > cap or busy >= MAX_THREADS:
             return
         delay = self.delay_estimate_steps()
         self.stats.delay_steps = delay
@@ -273,40 +298,8 @@ class ChunkRunner:
         prefix = request["action_prefix"][:int(request["prefix_length"][0])] if self._decl.rtc else None
         self._pending[rid] = _Request(t, time.monotonic(), prefix)
         self.stats.requests += 1
-        with self._pool_lock:
-            self._busy += 1
-            if self._busy > len(self._workers) and len(self._workers) < MAX_THREADS:
-                policy = self.policy
-                if self._workers and callable(getattr(self.policy, "clone", None)):
-                    policy = self.policy.clone()
-                    self._clones.append(policy)
-                worker = threading.Thread(target=self._serve, args=(policy,), name="chunk-runner", daemon=True)
-                self._workers.append(worker)
-                worker.start()
-            self.stats.in_flight = self._busy
-            self.stats.max_in_flight = max(self.stats.max_in_flight, self._busy)
-        self._jobs.put((self._episode, rid, t, request, deadline_s, time.monotonic() + deadline_s))
-
-    def _serve(self, policy: Any) -> None:
-        while (job := self._jobs.get()) is not None:
-            episode, rid, step, obs, deadline_s, deadline = job
-            start = time.monotonic()
-            version = None
-            try:
-                if start >= deadline:
-                    raise PolicyTimeoutError("deadline passed while the request waited for a thread")
-                left_s = deadline - start
-                result: Any = policy(obs, deadline_s=left_s) if self._accepts_deadline else policy(obs)
-                version = getattr(policy, "last_model_version", None)
-                if not isinstance(result, Mapping) or self.action_key not in result:
-                    raise PolicyClientError(f"policy output has no {self.action_key!r}")
-            except Exception as exc:  # noqa: BLE001 - the loop goes on; the failure is reported
-                result = exc
-            latency_s = time.monotonic() - start
-            with self._pool_lock:
-                self._busy -= 1
-                self.stats.in_flight = self._busy
-            self._answers.put((episode, rid, step, result, latency_s, version))
+        pinned = self._pin.request_kwargs()  # the episode and its version, as of now
+        self._threads.submit((self._episode, rid, t, request, time.monotonic() + deadline_s, pinned))
 
     def _wait_first_chunk(self, obs: Mapping[str, Any], t: int) -> None:
         give_up = time.monotonic() + self.first_chunk_timeout_s
@@ -345,6 +338,10 @@ class ChunkRunner:
         if isinstance(result, BaseException):
             self._failed(step, result)
             return
+        if not self._pin.answered(version):  # another version than the episode's: stop (dropped)
+            self._note_error(f"step {step}: answered by version {version}, not the episode's {self._pin.version}")
+            return
+        self.stats.version_switches = self._pin.switches
         self._backoff_s = BACKOFF_S
         self.stats.latencies_s.append(latency_s)
         actions = np.asarray(result[self.action_key])
@@ -374,6 +371,9 @@ class ChunkRunner:
     def _failed(self, step: int, error: BaseException) -> None:
         self.stats.failures += 1
         self._note_error(f"step {step}: {error}")
+        if self._pin.failed(error):  # the episode's version was retired: stop, or go on unpinned at once
+            self.stats.version_switches = self._pin.switches
+            return
         if getattr(error, "status", None) == 422:
             self._decl.stale()  # refused as invalid: read the declarations again before the next request
         delay_s = self._backoff_s

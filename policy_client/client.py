@@ -6,7 +6,6 @@ deadlines, retries and error mapping are the same for inference, model managemen
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,6 +15,7 @@ import requests
 from binary_protocol import dict_to_binary
 from policy_client import transport
 from policy_client.errors import ObservationSpecError, PolicyConnectionError, PolicyServerError, PolicyTimeoutError
+from policy_client.management import ModelManagement
 from policy_client.observations import check_observation, stack_observations
 from policy_client.transport import DEFAULT_RETRIES, DEFAULT_TIMEOUT_S
 from policy_client.unix_socket import UnixSocketAdapter, unix_socket_path
@@ -23,7 +23,7 @@ from policy_client.unix_socket import UnixSocketAdapter, unix_socket_path
 __all__ = ["PolicyClient"]
 
 
-class PolicyClient:
+class PolicyClient(ModelManagement):
     """A keep-alive connection to one policy server. Not thread-safe: one per thread.
 
     Args:
@@ -145,6 +145,8 @@ class PolicyClient:
         outputs: Sequence[str] | None = None,
         deadline_s: float | None = None,
         encode: Mapping[str, str] | None = None,
+        version: str | int | None = None,
+        episode_id: str | None = None,
     ) -> dict:
         """Send one observation, return the policy's outputs (e.g. ``{"action": (10, 7)}``).
 
@@ -153,17 +155,22 @@ class PolicyClient:
         ``["attention"]``). ``deadline_s`` (else the client's ``deadline_s``) bounds the whole
         call: past it the server drops the request (PolicyServerError 504) and the client
         stops waiting (PolicyTimeoutError). ``encode`` (else the client's ``encode``; ``{}``
-        for none) sends those image inputs JPEG/PNG encoded. Sets ``last_model_version`` and friends.
+        for none) sends those image inputs JPEG/PNG encoded. ``version`` pins the request to that
+        model version (``X-Model-Version``: exactly it computes the answer, or 409); ``episode_id``
+        names its episode (``X-Episode-Id``: a running canary assigns episodes by it). Sets
+        ``last_model_version`` and friends.
 
         Raises:
-            ObservationSpecError (before sending), PolicyServerError, PolicyTimeoutError,
-            PolicyConnectionError, ProtocolError.
+            ObservationSpecError (before sending), PolicyServerError (409 ``version not
+            served``: the pinned version was retired; ``body["served_versions"]``),
+            PolicyTimeoutError, PolicyConnectionError, ProtocolError.
         """
         model = model or self.model
         deadline = self._deadline(deadline_s)
         if self.check_spec:
             self.check_observation(obs, model)
-        return self._infer(model, self._body(obs, encode, rows=False), outputs, deadline)
+        return self._infer(model, self._body(obs, encode, rows=False), outputs, deadline,
+                           episode=_episode_headers(version, episode_id))
 
     def infer_batch(
         self,
@@ -173,6 +180,8 @@ class PolicyClient:
         outputs: Sequence[str] | None = None,
         deadline_s: float | None = None,
         encode: Mapping[str, str] | None = None,
+        version: str | int | None = None,
+        episode_id: str | None = None,
     ) -> dict:
         """Send N observations (N environments or robots) as one vectorized request.
 
@@ -195,7 +204,8 @@ class PolicyClient:
                 except ObservationSpecError as exc:
                     raise ObservationSpecError(exc.field, f"row {i}: {exc}") from None
         stacked = stack_observations(observations)
-        return self._infer(model, self._body(stacked, encode, rows=True), outputs, deadline, rows=len(observations))
+        return self._infer(model, self._body(stacked, encode, rows=True), outputs, deadline, rows=len(observations),
+                           episode=_episode_headers(version, episode_id))
 
     def _infer(
         self,
@@ -204,10 +214,12 @@ class PolicyClient:
         outputs: Sequence[str] | None,
         deadline: float | None,
         rows: int | None = None,
+        episode: Mapping[str, str] | None = None,
     ) -> dict:
-        """POST an encoded observation (``rows``: a vectorized request of that many), record
-        the answer's headers in ``last_*`` and return its decoded outputs."""
-        headers = transport.infer_headers(self.api_key)
+        """POST an encoded observation (``rows``: a vectorized request of that many; ``episode``:
+        its pin and episode headers), record the answer's headers in ``last_*`` and return its
+        decoded outputs."""
+        headers = {**transport.infer_headers(self.api_key), **(episode or {})}
         if rows is not None:
             headers["X-Batch-Rows"] = str(rows)
         route = f"/models/{model}/infer" if model else "/infer"
@@ -235,9 +247,10 @@ class PolicyClient:
             obs = encode_observation(obs, encode, rows=rows)
         return dict_to_binary(dict(obs))
 
-    def __call__(self, obs: Mapping[str, Any], *, deadline_s: float | None = None) -> dict:
-        """``infer(obs, deadline_s=deadline_s)``: a PolicyClient is a ``robot_loop.ChunkPolicy``."""
-        return self.infer(obs, deadline_s=deadline_s)
+    def __call__(self, obs: Mapping[str, Any], *, deadline_s: float | None = None, version: str | None = None,
+                 episode_id: str | None = None) -> dict:
+        """``infer(obs, ...)``: a PolicyClient is a ``robot_loop.ChunkPolicy`` (one that pins episodes)."""
+        return self.infer(obs, deadline_s=deadline_s, version=version, episode_id=episode_id)
 
     def clone(self) -> PolicyClient:
         """A client with the same settings and its own connection, for another thread (the
@@ -278,64 +291,11 @@ class PolicyClient:
         """Every model the server knows: name, current version, state, device, kept versions."""
         return self._call("GET", "/models", headers=self._headers()).json()["models"]
 
-    def update_model(
-        self,
-        *,
-        model_path: str | None = None,
-        weights: Mapping[str, Any] | None = None,
-        version: int | None = None,
-        model: str | None = None,
-        wait_s: float | None = 10.0,
-    ) -> dict:
-        """Publish a new version to every worker and instance sharing the server's store.
-
-        Give exactly one of ``model_path`` (a model directory inside the server's model
-        root), ``weights`` (a state dict of arrays for the current architecture, e.g.
-        ``{k: v.cpu().numpy() for k, v in module.state_dict().items()}``) or ``version``
-        (roll back to a kept version). Returns once every worker of the instance that took
-        the call serves it, or after ``wait_s`` seconds (default 10; 0: right after
-        publishing, the old fire-and-forget; None: the server's ``--update-wait-s``):
-        ``{"version": N, "previous": M, "all_workers": bool, "lagging": [pid, ...],
-        "warnings": [...], ...}``. Other instances sharing the store follow within their
-        poll interval. A refused update raises PolicyServerError
-        (4xx names the reason; 507 when the store is full) and changes nothing. Never retried.
-        """
-        body: dict[str, Any] = {}
-        for key, value in (("model_path", model_path), ("weights", weights), ("version", version), ("model", model)):
-            if value is not None:
-                body[key] = dict(value) if key == "weights" else value
-        if weights is not None:
-            return self._manage("/update_model", wait_s, data=dict_to_binary(body),
-                                content_type="application/octet-stream")
-        return self._manage("/update_model", wait_s, json_body=body)
-
-    def load_model(self, name: str, model_path: str | None = None, wait_s: float | None = 10.0) -> dict:
-        """Serve ``name`` on every worker (from ``model_path`` if given, else its current version);
-        waits like :meth:`update_model`."""
-        return self._manage(f"/models/{name}/load", wait_s, json_body={"model_path": model_path} if model_path else {})
-
-    def unload_model(self, name: str, wait_s: float | None = 10.0) -> dict:
-        """Stop serving ``name`` on every worker (its versions stay in the store); waits like
-        :meth:`update_model`."""
-        return self._manage(f"/models/{name}/unload", wait_s, json_body={})
-
     def _headers(self, admin: bool = False) -> dict[str, str]:
         headers = {"X-API-Key": self.api_key} if self.api_key else {}
         if admin and self.admin_key:
             headers["X-Admin-Key"] = self.admin_key
         return headers
-
-    def _manage(self, route: str, wait_s: float | None, *, json_body: Any = None, data: bytes | None = None,
-                content_type: str = "application/json") -> dict:
-        longest_wait_s = 300.0  # the server's bound on any wait (None: its default, at most this)
-        headers = {**self._headers(admin=True), "Content-Type": content_type}
-        if json_body is not None:
-            data = json.dumps(json_body).encode()
-        return self._call(
-            "POST", route,
-            timeout_s=self.timeout_s + (longest_wait_s if wait_s is None else wait_s), retries=0, data=data,
-            headers=headers, params=None if wait_s is None else {"wait_s": wait_s},  # 0 is sent: "do not wait"
-        ).json()
 
     def health(self) -> bool:
         """True while the server process answers."""
@@ -364,3 +324,13 @@ class PolicyClient:
             return True
         except (PolicyServerError, PolicyConnectionError):
             return False
+
+
+def _episode_headers(version: str | int | None, episode_id: str | None) -> dict[str, str]:
+    """``X-Model-Version`` and ``X-Episode-Id`` for the given pin and episode (none when None)."""
+    headers = {}
+    if version is not None:
+        headers["X-Model-Version"] = str(version)
+    if episode_id is not None:
+        headers["X-Episode-Id"] = episode_id
+    return headers

@@ -36,6 +36,8 @@ class RunnerStats:
     in_flight: int = 0  # requests out now
     max_in_flight: int = 0  # the most requests out at once
     delay_steps: int = 0  # the delay the runner plans with now: steps from observation to answer (high estimate)
+    version_switches: int = 0  # episodes moved to another model version (on_version_retired="continue")
+    episodes_stopped: int = 0  # episodes stopped because their version was retired (on_version_retired="stop")
     latencies_s: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))  # successful requests
     delays_steps: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))  # measured, per answer
     staleness_steps: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LEN))  # per played action
@@ -46,7 +48,8 @@ class RunnerStats:
         """Counts, latency p50/p99 (ms) and delay/staleness summaries (steps), JSON-ready."""
         out: dict[str, Any] = {k: getattr(self, k) for k in (
             "steps", "requests", "chunks", "failures", "starved_steps", "stale_chunks", "out_of_order",
-            "skipped_actions", "stale_prefixes", "in_flight", "max_in_flight", "delay_steps")}
+            "skipped_actions", "stale_prefixes", "in_flight", "max_in_flight", "delay_steps", "version_switches",
+            "episodes_stopped")}
         out["latency_ms_p50"] = _percentile(self.latencies_s, 50) * 1e3
         out["latency_ms_p99"] = _percentile(self.latencies_s, 99) * 1e3
         out["delay_steps_p50"] = _percentile(self.delays_steps, 50)

@@ -120,8 +120,9 @@ def _server_error(response: requests.Response) -> PolicyServerError:
         payload = response.json()
         error, detail = str(payload["error"]), str(payload.get("detail", ""))
     except (ValueError, KeyError, TypeError):
-        error, detail = response.reason or "error", response.text[:200]
-    return PolicyServerError(response.status_code, error, detail, retry_after_s=retry_after)
+        payload, error, detail = None, response.reason or "error", response.text[:200]
+    return PolicyServerError(response.status_code, error, detail, retry_after_s=retry_after,
+                             body=payload if isinstance(payload, dict) else None)
 
 
 def decode(response: requests.Response) -> dict:

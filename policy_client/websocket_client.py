@@ -60,8 +60,12 @@ class WebSocketPolicyClient(PolicyClient):
         outputs: Sequence[str] | None = None,
         deadline_s: float | None = None,
         encode: Mapping[str, str] | None = None,
+        version: str | int | None = None,
+        episode_id: str | None = None,
     ) -> dict:
         """One observation over the WebSocket; the model's outputs (e.g. ``{"action": (10, 7)}``).
+        ``version`` and ``episode_id`` travel as the frame's ``model_version`` and RoboArena's
+        ``session_id`` (see ``PolicyClient.infer``).
 
         Raises:
             ObservationSpecError (before sending), PolicyServerError (the server's error frame:
@@ -76,6 +80,10 @@ class WebSocketPolicyClient(PolicyClient):
         import openpi_wire
 
         request = dict(obs)
+        if version is not None:
+            request["model_version"] = str(version)
+        if episode_id is not None:
+            request["session_id"] = episode_id
         if deadline is not None:
             request["deadline_ms"] = max(1.0, 1e3 * (deadline - time.monotonic()))
         frame = openpi_wire.encode(request)

@@ -47,6 +47,7 @@ INFERENCE = Audience("inference", Access.API, inference=True)
 INFO = Audience("info", Access.API)  # statistics, model and server metadata
 WEBSOCKET = Audience("websocket", Access.API)  # upgrades to openpi's protocol; its messages count as inference
 ADMIN = Audience("admin", Access.ADMIN)  # model management: update, load, unload
+REPORTS = Audience("reports", Access.API)  # episode outcomes robots report (not inference: not in /stats)
 
 
 class RouteGroup(Blueprint):
