@@ -128,11 +128,12 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
 
     @info.get("/model_info")
     def model_info():
-        return jsonify(runtime.model.info())
+        return jsonify(model_admin.model_detail(runtime.default_name))
 
     @info.get("/models")
     def list_models():
-        listing = {"default": runtime.default_name, "models": model_admin.models(), "workers": model_admin.workers()}
+        listing = {"default": runtime.default_name, "models": model_admin.models(), "workers": model_admin.workers(),
+                   "held_by_worker": model_admin.held_by_worker()}
         return jsonify(listing)
 
     @info.get("/models/<name>")

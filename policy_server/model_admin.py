@@ -278,6 +278,15 @@ class ModelAdmin:
             for pid, doc in sorted(self.runtime.board.read().items())
         }
 
+    def held_by_worker(self) -> dict[str, dict[str, list[str]]]:
+        """Every version each live worker of this instance holds: ``{pid: {model: [stable,
+        candidate, retained]}}`` (those it holds, stable first)."""
+        return {
+            str(pid): {name: [v for v in (m["version"], m.get("candidate"), m.get("retained")) if v]
+                       for name, m in doc.get("models", {}).items()}
+            for pid, doc in sorted(self.runtime.board.read().items())
+        }
+
     def models(self) -> list[dict[str, Any]]:
         """Every model this instance knows, with this worker's view of it."""
         served = self.runtime.served_models()

@@ -157,6 +157,8 @@ MODEL_INFO = {
 }
 
 
+MODEL_DETAIL = {**MODEL_INFO, "properties": {**MODEL_INFO["properties"], **VERSIONS}}
+
 WEBSOCKET_UPGRADE = (
     "A WebSocket upgrade (Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version: 13). "
     "The server sends one msgpack frame of metadata once the model is ready, then answers each msgpack observation "
@@ -214,12 +216,12 @@ def openapi_document(version: str = "1") -> dict[str, Any]:
             }},
             "/openapi.json": get_operation("This document", open_route=True, errors=()),
             "/stats": get_operation("Latency percentiles, throughput, CPU and memory over every worker"),
-            "/model_info": get_operation("The default model's name, version, device and input/output specs", MODEL_INFO,
+            "/model_info": get_operation("The default model's info, as /models/{name}", MODEL_DETAIL,
                                 errors=("401", "503")),
             "/models": get_operation("Every model: version, state, device, kept versions, per-worker versions"),
             "/models/{name}": get_operation(
                 "One model's info: the stable version's specs, its canary and retained version, the memory held",
-                {**MODEL_INFO, "properties": {**MODEL_INFO["properties"], **VERSIONS}},
+                MODEL_DETAIL,
                 errors=("400", "401", "404", "503"), parameters=(NAME,)),
             "/update_model": {"post": {
                 **_manage("Publish a new version (model_path, weights or rollback), or a canary, to every worker",
