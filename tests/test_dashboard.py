@@ -15,11 +15,12 @@ from prometheus_client.metrics import MetricWrapperBase
 from policy_server import metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "policy-server-dashboard.json"
-ROWS = ["Traffic", "Latency", "Batching", "Models", "Cache", "CUDA", "Front door", "Answer safety"]
+ROWS = ["Traffic", "Latency", "Batching", "Models", "Episodes", "Cache", "CUDA", "Front door", "Answer safety"]
 GRID_COLUMNS = 24
 
 # How /metrics names a family's samples (multiprocess mode writes no _created samples).
-SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+SAMPLE_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count"),
+                   "summary": ("_sum", "_count")}
 # Labels a query may use that the metric objects do not declare: Prometheus adds job and instance
 # when it scrapes, a histogram's buckets carry le, and a "liveall" gauge gets one series per pid.
 SCRAPE_LABELS = frozenset({"job", "instance"})
