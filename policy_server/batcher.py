@@ -276,6 +276,9 @@ class Batcher:
                     self._finish(*launched)
             if batch is None and inflight is None:
                 return
+            # Hold nothing of a finished batch while idle: its executor may be a model version
+            # that is being unloaded, whose memory must go back now, not at the next batch.
+            batch = launched = None
 
     def _collect(self, block: bool) -> list[Request] | None:
         """The next batch: [] when nothing is ready (non-blocking), None when stopped and empty."""

@@ -26,7 +26,6 @@ adoptions, so a worker never adopts a candidate over a newer pointer it already 
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import threading
@@ -36,6 +35,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from policy_server import metrics
+from policy_server.allocator import trim_heap
 from policy_server.model_versions import ModelVersions
 from policy_server.serving_model import Served
 from policy_server.store import ModelStore, Pointer
@@ -99,6 +99,7 @@ class StoreFollower:
         self._loading: set[tuple[str, str]] = set()  # (model, version) being loaded now
         self._marked: dict[tuple[str, str], float] = {}  # the pinned use this worker last marked in the store
         self._mark_warned = False
+        self._trim_due = False  # a version was dropped since the last poll
 
     def start(self, stopping: threading.Event) -> None:
         """Start the store watcher thread; it ends once ``stopping`` is set."""
@@ -124,6 +125,9 @@ class StoreFollower:
                 self._follow(name)
         for name in names:
             self._retention(name)
+        if self._trim_due:  # here, where no frame holds the dropped version any more
+            self._trim_due = False
+            trim_heap()
 
     def _follow(self, name: str) -> None:
         with self._lock:
@@ -165,7 +169,7 @@ class StoreFollower:
         self._note(name, problems)
         self.host.install_versions(name, versions)
         if held is not None and {id(s) for _, s in held.entries} - {id(s) for _, s in versions.entries}:
-            gc.collect()  # a version was dropped: free its tensors now
+            self._trim_due = True  # a version was dropped: its memory goes back at the next poll
         return True
 
     def _get(self, pointer: Pointer, version: int, have: Mapping[str, Served], problems: list[str]) -> Served | None:
@@ -236,7 +240,7 @@ class StoreFollower:
             if self._window_open(name, Retained(int(version), held.retained_since)):
                 return
             self.host.install_versions(name, held.without_retained())
-            gc.collect()  # free its tensors now
+            self._trim_due = True
         log.info("%s version %s unloaded: no request pinned to it for %g s", name, version, self.retain_s)
 
     def _mark(self, name: str, version: str, used: float) -> None:

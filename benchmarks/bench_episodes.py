@@ -1,0 +1,273 @@
+"""Episodes: what a pinned request costs against an unpinned one, and what holding two versions
+costs in memory.
+
+Cost: ``server.py`` with the default policy (``--workers 2``, a fresh model store), driven by
+minimal keep-alive HTTP clients over raw sockets (as bench_serving.py), per run and variant:
+1 sequential client (p50 of ``--sequential`` requests) and ``--clients`` concurrent clients
+for ``--duration`` seconds (p50, p99, req/s). Variants, alternated within each run against
+the same server: ``unpinned``; ``pinned`` (``X-Model-Version`` of the stable version and an
+``X-Episode-Id``, what a ChunkRunner sends); ``retained`` (pinned to the previous version
+after an update, computed by the retained copy). Reports medians over runs and the ratio of
+each variant's p50 to the unpinned one's (the goal: within 2%).
+
+Memory: a synthetic MLP policy of about ``--mlp-mb`` MB of weights (``--workers 2``,
+``--retain-previous-s`` short). RSS per worker (``VmRSS``): one version held; after a weights
+push while requests pinned to the old version keep it (two held); once no request pinned to
+it came for the window (one again); and the same after a second update (steady state).
+
+    python benchmarks/bench_episodes.py --runs 3 --duration 6 --sequential 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.bench_serving import MODEL, free_port, reference_observation  # noqa: E402
+from benchmarks.serving_load import _Conn, concurrent, sequential  # noqa: E402
+from benchmarks.serving_targets import Target  # noqa: E402
+from benchmarks.timing import write_json  # noqa: E402
+from binary_protocol import binary_to_dict, dict_to_binary  # noqa: E402
+from request_tools import PolicyClient  # noqa: E402
+
+log = logging.getLogger("bench_episodes")
+
+MLP_POLICY = '''
+import os
+
+import torch
+from torch import nn
+
+from policy_server.contract import TensorSpec
+from policy_server.torch_policy import ModulePolicy, load_weights_strict
+
+INPUT_SPEC = (TensorSpec("state", "float32", (6,)),)
+OUTPUT_SPEC = (TensorSpec("action", "float32", (10, 7)),)
+WIDTH, DEPTH = {width}, {depth}
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, WIDTH)
+        self.hidden = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(DEPTH))
+        self.out = nn.Linear(WIDTH, 70)
+
+    def forward(self, state):
+        x = torch.tanh(self.inp(state))
+        for layer in self.hidden:
+            x = torch.tanh(layer(x))
+        return {{"action": self.out(x).view(-1, 10, 7)}}
+
+
+def load_model(model_dir, device):
+    module = MLP()
+    load_weights_strict(module, os.path.join(model_dir, "model.safetensors"))
+    return ModulePolicy(module, INPUT_SPEC, OUTPUT_SPEC, device=device)
+'''
+
+
+def mlp_weights(width: int, depth: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+
+    def linear(name: str, n_in: int, n_out: int) -> dict[str, np.ndarray]:
+        scale = 1 / np.sqrt(n_in)
+        return {f"{name}.weight": (rng.standard_normal((n_out, n_in)) * scale).astype(np.float32),
+                f"{name}.bias": np.zeros(n_out, np.float32)}
+
+    weights = {**linear("inp", 6, width), **linear("out", width, 70)}
+    for i in range(depth):
+        weights.update(linear(f"hidden.{i}", width, width))
+    return weights
+
+
+def write_mlp_model(path: Path, mb: float) -> tuple[int, int]:
+    """A model directory of about ``mb`` MB of float32 weights in 2048-wide layers (16 MB each)."""
+    from safetensors.numpy import save_file
+
+    width = 2048
+    depth = max(1, round(mb * 2**20 / (4 * width * width)))
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "policy.py").write_text(MLP_POLICY.format(width=width, depth=depth))
+    save_file(mlp_weights(width, depth, 0), str(path / "model.safetensors"))
+    return width, depth
+
+
+def raw_client(port: int, body: bytes, headers: dict[str, str]):
+    """A keep-alive HTTP/1.1 client sending ``headers`` with every request; checks the version answered."""
+    conn = _Conn(port)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
+    request = (b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n" + extra
+               + b"Content-Length: %d\r\n\r\n" % len(body)) + body
+    want = headers.get("X-Model-Version")
+
+    def call() -> int:
+        conn.sock.sendall(request)
+        head = conn.read_until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        if " 200 " not in head[0] + " ":
+            raise RuntimeError(head[0])
+        fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+        binary_to_dict(conn.read_exact(int(fields["content-length"])))
+        if want is not None and fields["x-model-version"] != want:
+            raise RuntimeError(f"asked for version {want}, answered by {fields['x-model-version']}")
+        return int(fields.get("x-batch-size", 0))
+
+    return call
+
+
+def server_command(port: int, model_path: str, workers: int, retain_s: float, model_root: str) -> list[str]:
+    return [sys.executable, "server.py", "--port", str(port), "--workers", str(workers), "--threads", "16",
+            "--model-path", model_path, "--model-root", model_root, "--model-store",
+            tempfile.mkdtemp(prefix="bench-store-"), "--retain-previous-s", str(retain_s)]
+
+
+def perturbed(path: str, seed: int) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    rng = np.random.default_rng(seed)
+    return {k: v + rng.normal(0, 1e-3, v.shape).astype(v.dtype) if v.dtype.kind == "f" else v
+            for k, v in load_file(path).items()}
+
+
+def cost(args) -> dict:
+    body = dict_to_binary(reference_observation())
+    port = free_port()
+    target = Target("server", server_command(port, MODEL, args.workers, 600, str(ROOT / "models")), {},
+                    lambda p: raw_client(p, body, {}), port)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-episodes-"))
+    target.start(log_dir)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with PolicyClient(base, timeout_s=60) as admin:
+            old = admin.model_info()["version"]
+            new = str(admin.update_model(weights=perturbed(str(Path(MODEL) / "model.safetensors"), 1),
+                                         wait_s=30)["version"])
+        variants = {
+            "unpinned": {},
+            "pinned": {"X-Model-Version": new, "X-Episode-Id": "bench-robot-0:episode-1"},
+            "retained": {"X-Model-Version": old, "X-Episode-Id": "bench-robot-0:episode-0"},
+        }
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        for run in range(args.runs):
+            for name, headers in variants.items():
+                variant = dataclasses.replace(target, make_client=lambda p, h=headers: raw_client(p, body, h))
+                call = variant.make_client(port)
+                for _ in range(20):
+                    call()
+                seq = sequential(call, args.sequential)
+                load = concurrent(variant, args.clients, args.processes, args.duration)
+                runs[name].append({"sequential": seq, "concurrent": load})
+                log.info("run %d %-9s sequential p50 %.3f ms | %d clients p50 %.3f ms p99 %.3f ms %.0f req/s, "
+                         "%d errors", run, name, seq["p50_ms"], args.clients, load["p50_ms"], load["p99_ms"],
+                         load["req_per_s"], load["errors"])
+    finally:
+        target.stop()
+    summary = {}
+    for name, results in runs.items():
+        summary[name] = {
+            "sequential_p50_ms": float(np.median([r["sequential"]["p50_ms"] for r in results])),
+            "concurrent_p50_ms": float(np.median([r["concurrent"]["p50_ms"] for r in results])),
+            "concurrent_p99_ms": float(np.median([r["concurrent"]["p99_ms"] for r in results])),
+            "req_per_s": float(np.median([r["concurrent"]["req_per_s"] for r in results])),
+            "errors": int(sum(r["concurrent"]["errors"] for r in results)),
+        }
+    for name in ("pinned", "retained"):
+        for key in ("sequential_p50_ms", "concurrent_p50_ms", "req_per_s"):
+            summary[name][f"{key}_ratio"] = summary[name][key] / summary["unpinned"][key]
+    for name, row in summary.items():
+        log.info("%-9s %s", name, {k: round(v, 4) for k, v in row.items()})
+    return {"runs": runs, "summary": summary}
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory(args) -> dict:
+    model_root = Path(tempfile.mkdtemp(prefix="bench-mlp-"))
+    width, depth = write_mlp_model(model_root / "mlp", args.mlp_mb)
+    port = free_port()
+    obs = {"state": np.zeros(6, np.float32)}
+    target = Target("mlp", server_command(port, str(model_root / "mlp"), args.workers, args.retain_s,
+                                          str(model_root)), {},
+                    lambda p: raw_client(p, dict_to_binary(obs), {}), port)
+    target.start(Path(tempfile.mkdtemp(prefix="bench-episodes-")))
+    base = f"http://127.0.0.1:{port}"
+    phases: list[dict] = []
+
+    def snapshot(phase: str) -> None:
+        listing = requests.get(base + "/models", timeout=10).json()
+        rss = {pid: round(rss_mb(int(pid)), 1) for pid in listing["workers"]}
+        phases.append({"phase": phase, "rss_mb": rss, "held": listing["held_by_worker"]})
+        log.info("%-28s RSS per worker (MB) %s, held %s", phase, rss, listing["held_by_worker"])
+
+    def pinned_load(version: str, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            with PolicyClient(base, check_spec=False) as fresh:  # new connections: every worker
+                fresh.infer(obs, version=version)
+
+    try:
+        with PolicyClient(base, timeout_s=120) as admin:
+            weights_mb = admin.model_info()["held_bytes"] / 2**20
+            log.info("MLP of %d x %d: %.1f MB of weights per version", depth, width, weights_mb)
+            for _ in range(20):
+                admin.infer(obs)
+            time.sleep(1)
+            snapshot("one version")
+            for update in (1, 2):
+                old = admin.model_info()["version"]
+                admin.update_model(weights=mlp_weights(width, depth, update), wait_s=120)
+                pinned_load(old, 3.0)
+                snapshot(f"update {update}: two held")
+                deadline = time.monotonic() + args.retain_s + 30
+                while any(len(v.get("default", [])) > 1 for v in
+                          requests.get(base + "/models", timeout=10).json()["held_by_worker"].values()):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the retained version was never unloaded")
+                    time.sleep(0.2)
+                time.sleep(1)
+                snapshot(f"update {update}: after the window")
+    finally:
+        target.stop()
+    return {"weights_mb_per_version": weights_mb, "phases": phases}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds of each concurrent phase")
+    parser.add_argument("--sequential", type=int, default=300, help="requests of each sequential phase")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--processes", type=int, default=4, help="load-generating processes for the clients")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--mlp-mb", type=float, default=128.0, help="weights of the memory phase's model")
+    parser.add_argument("--retain-s", type=float, default=4.0, help="--retain-previous-s of the memory phase")
+    parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--json", default=str(ROOT / "bench-results" / "episodes.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = {"args": vars(args)}
+    if not args.skip_cost:
+        result["cost"] = cost(args)
+    if not args.skip_memory:
+        result["memory"] = memory(args)
+    write_json(args.json, result, indent=2)
+
+
+if __name__ == "__main__":
+    main()
