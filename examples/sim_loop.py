@@ -42,6 +42,14 @@ A vectorized evaluation: ``--vectorized 64`` runs 64 environments in lockstep, a
 the server answers, with one ``PolicyClient.infer_batch`` request per step for every live
 environment (``--vectorized-execute`` actions of each chunk played per request); it windows
 the history inputs itself (``reacher.ObservationWindow``), since no runner is in that path.
+
+A per-episode canary (``examples/canary_demo.py``): ``--canary 0.5`` publishes a deliberately
+worse version of the default policy (``--canary-noise``) as a canary for half of the new
+episodes, runs ``--episodes`` episodes through a runner that pins each one and reports its
+outcome, prints success per version from the server's counters, then ends the canary
+(``--canary-keep`` leaves it running)::
+
+    python examples/sim_loop.py --canary 0.5 --episodes 40 --skip-in-process
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ sys.path.insert(0, ROOT)
 
 # The report, the injected delay and the vectorized evaluation live in their own modules;
 # their public names are re-exported here.
+from examples.canary_demo import run_canary  # noqa: E402
 from examples.delayed_policy import DelayedPolicy  # noqa: E402
 from examples.path_report import TABLE_HEADER, PathReport  # noqa: E402
 from examples.reacher import ObservationWindow, ReacherEnv  # noqa: E402, F401
@@ -245,6 +254,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--vectorized-rows", type=int, default=0, help="most observations per request (0: all live environments in one)"
     )
+    parser.add_argument("--canary", type=float, default=None,
+                        help="run a canary demo: a worse default policy for this fraction of new episodes")
+    parser.add_argument("--canary-noise", type=float, default=1.2, help="the worse version's weight noise (x std)")
+    parser.add_argument("--canary-keep", action="store_true", help="leave the canary running at the end")
     parser.add_argument("--api-key", default=os.environ.get("POLICY_SERVER_API_KEY"))
     parser.add_argument("--admin-key", default=os.environ.get("POLICY_SERVER_ADMIN_KEY"))
     parser.add_argument("--json", help="also write the results here")
@@ -261,6 +274,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def client_for(name: str) -> PolicyClient:
         return PolicyClient(args.url, api_key=args.api_key, admin_key=args.admin_key, model=name)
+
+    if args.canary is not None:
+        with PolicyClient(args.url, api_key=args.api_key, admin_key=args.admin_key, timeout_s=60) as client:
+            client.wait_until_ready(timeout_s=120)
+            canary = run_canary(client, os.path.join(args.model_root, "default"), seeds, fraction=args.canary,
+                                noise=args.canary_noise, keep=args.canary_keep)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"episodes": args.episodes, "canary": canary}, fh, indent=2)
+        return {"episodes": args.episodes, "canary": canary}
 
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if not args.skip_server:

@@ -48,6 +48,23 @@ def test_the_policies_close_the_loop_over_the_server_as_in_process(tmp_path):
     assert len(attention["shape"]) >= 2 and abs(attention["row_sums"] - 1.0) < 1e-3
 
 
+@pytest.mark.integration
+def test_the_canary_demo_counts_success_per_version_on_the_server_as_the_runner_saw_it(tmp_path):
+    out = tmp_path / "canary.json"
+    with run_server(tmp_path, workers=2, args=("--model-path", "models/default")) as server:
+        result = sim_loop.main(["--url", server.base_url, "--canary", "0.5", "--episodes", "4", "--json", str(out)])
+        after = requests.get(server.base_url + "/models/default", timeout=10).json()
+    canary = result["canary"]
+    assert json.loads(out.read_text())["canary"] == json.loads(json.dumps(canary))
+    assert (canary["stable"], canary["candidate"]) == ("1", "2")
+    server_counts = {v: {"episodes": r["episodes"], "successes": r["successes"]}
+                     for v, r in canary["per_version"].items()}
+    assert server_counts == canary["runner_per_version"]  # every episode counted once, on its own version
+    assert sum(r["episodes"] for r in server_counts.values()) == 4 and set(server_counts) <= {"1", "2"}
+    assert canary["version_switches"] == 0
+    assert (after["stable_version"], after["canary"], after["retained"]["version"]) == ("1", None, "2")  # ended
+
+
 def test_delayed_policy_adds_the_latency_and_seeded_jitter():
     import time
 
