@@ -2,13 +2,15 @@
 costs in memory.
 
 Cost: ``server.py`` with the default policy (``--workers 2``, a fresh model store), driven by
-minimal keep-alive HTTP clients over raw sockets (as bench_serving.py), per run and variant:
-1 sequential client (p50 of ``--sequential`` requests) and ``--clients`` concurrent clients
-for ``--duration`` seconds (p50, p99, req/s). Variants, alternated within each run against
-the same server: ``unpinned``; ``pinned`` (``X-Model-Version`` of the stable version and an
-``X-Episode-Id``, what a ChunkRunner sends); ``retained`` (pinned to the previous version
-after an update, computed by the retained copy). Reports medians over runs and the ratio of
-each variant's p50 to the unpinned one's (the goal: within 2%). Also, in this process, what
+minimal keep-alive HTTP clients over raw sockets (as bench_serving.py) whose requests take
+turns: unpinned, then pinned, then unpinned..., so both kinds meet the same machine at the
+same moment (this box is shared; separate phases differed by 20% from one minute to the
+next). Pinned is ``X-Model-Version`` of the stable version and an ``X-Episode-Id`` (what a
+ChunkRunner sends), and in a second pairing ``retained``: pinned to the previous version
+after an update (its own batch lane, the retained copy). Per run and pairing: 1 sequential
+connection (p50 of ``--sequential`` requests of each kind) and ``--clients`` concurrent
+connections for ``--duration`` seconds; the ratio of the pinned p50 to the unpinned one, and
+its median over runs (the goal: within 2%). Also, in this process, what
 the pin adds per request in a worker (headers parsed, version looked up, canary hash).
 
 Memory: a synthetic MLP policy of about ``--mlp-mb`` MB of weights (``--workers 2``,
@@ -22,7 +24,6 @@ it came for the window (one again); and the same after a second update (steady s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 import tempfile
@@ -35,7 +36,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_serving import MODEL, free_port, reference_observation  # noqa: E402
-from benchmarks.serving_load import _Conn, concurrent, sequential  # noqa: E402
+from benchmarks.serving_load import _Conn  # noqa: E402
 from benchmarks.serving_targets import Target  # noqa: E402
 from benchmarks.timing import write_json  # noqa: E402
 from binary_protocol import binary_to_dict, dict_to_binary  # noqa: E402
@@ -106,7 +107,11 @@ def write_mlp_model(path: Path, mb: float) -> tuple[int, int]:
 
 def raw_client(port: int, body: bytes, headers: dict[str, str]):
     """A keep-alive HTTP/1.1 client sending ``headers`` with every request; checks the version answered."""
-    conn = _Conn(port)
+    return raw_call(_Conn(port), body, headers)
+
+
+def raw_call(conn: _Conn, body: bytes, headers: dict[str, str]):
+    """One request with ``headers`` on ``conn`` per call (see :func:`raw_client`)."""
     extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode()
     request = (b"POST /infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n" + extra
                + b"Content-Length: %d\r\n\r\n" % len(body)) + body
@@ -140,53 +145,125 @@ def perturbed(path: str, seed: int) -> dict[str, np.ndarray]:
             for k, v in load_file(path).items()}
 
 
+def interleaved(port: int, body: bytes, variants: list[dict[str, str]], offset: int = 0):
+    """One keep-alive connection whose requests take turns among ``variants`` (header sets):
+    each call returns (which variant, seconds); every variant sees the same conditions."""
+    conn = _Conn(port)
+    calls = [raw_call(conn, body, headers) for headers in variants]
+    turn = [offset]
+
+    def call() -> tuple[int, float]:
+        k = turn[0] % len(calls)
+        turn[0] += 1
+        t0 = time.perf_counter()
+        calls[k]()
+        return k, time.perf_counter() - t0
+
+    return call
+
+
+def _mixed_process(port, body, variants, threads, duration_s, start_at, first, out) -> None:
+    """One load process: ``threads`` interleaved connections until the shared stop time."""
+    import threading
+
+    samples: list[list[float]] = [[] for _ in variants]
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def loop(offset: int) -> None:
+        call = interleaved(port, body, variants, offset)
+        while time.time() < start_at:
+            time.sleep(0.001)
+        while time.time() < start_at + duration_s:
+            try:
+                k, seconds = call()
+            except Exception as exc:  # noqa: BLE001 (counted and reported)
+                with lock:
+                    errors.append(repr(exc))
+                return
+            with lock:
+                samples[k].append(seconds)
+
+    workers = [threading.Thread(target=loop, args=(first + i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    out.send((samples, errors))
+
+
+def mixed_load(port: int, body: bytes, variants: list[dict], clients: int, processes: int, duration_s: float):
+    """``clients`` interleaved connections over ``processes`` processes (half start on each
+    variant): the latencies of each variant under one and the same load, and the errors."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    start_at = time.time() + 1.0
+    pipes, procs, first = [], [], 0
+    for i in range(processes):
+        threads = clients // processes + (1 if i < clients % processes else 0)
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_mixed_process, args=(port, body, variants, threads, duration_s, start_at,
+                                                          first, send))
+        proc.start()
+        pipes.append(receive)
+        procs.append(proc)
+        first += threads
+    samples: list[list[float]] = [[] for _ in variants]
+    errors: list[str] = []
+    for receive in pipes:
+        got, err = receive.recv()
+        for k, values in enumerate(got):
+            samples[k] += values
+        errors += err
+    for proc in procs:
+        proc.join(30)
+    return samples, errors
+
+
 def cost(args) -> dict:
     body = dict_to_binary(reference_observation())
     port = free_port()
     target = Target("server", server_command(port, MODEL, args.workers, 600, str(ROOT / "models")), {},
                     lambda p: raw_client(p, body, {}), port)
-    log_dir = Path(tempfile.mkdtemp(prefix="bench-episodes-"))
-    target.start(log_dir)
+    target.start(Path(tempfile.mkdtemp(prefix="bench-episodes-")))
     try:
-        base = f"http://127.0.0.1:{port}"
-        with PolicyClient(base, timeout_s=60) as admin:
+        with PolicyClient(f"http://127.0.0.1:{port}", timeout_s=60) as admin:
             old = admin.model_info()["version"]
             new = str(admin.update_model(weights=perturbed(str(Path(MODEL) / "model.safetensors"), 1),
                                          wait_s=30)["version"])
-        variants = {
-            "unpinned": {},
-            "pinned": {"X-Model-Version": new, "X-Episode-Id": "bench-robot-0:episode-1"},
-            "retained": {"X-Model-Version": old, "X-Episode-Id": "bench-robot-0:episode-0"},
-        }
-        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        pins = {"pinned": {"X-Model-Version": new, "X-Episode-Id": "bench-robot-0:episode-1"},
+                "retained": {"X-Model-Version": old, "X-Episode-Id": "bench-robot-0:episode-0"}}
+        runs: dict[str, list[dict]] = {name: [] for name in pins}
         for run in range(args.runs):
-            for name, headers in variants.items():
-                variant = dataclasses.replace(target, make_client=lambda p, h=headers: raw_client(p, body, h))
-                call = variant.make_client(port)
-                for _ in range(20):
-                    call()
-                seq = sequential(call, args.sequential)
-                load = concurrent(variant, args.clients, args.processes, args.duration)
-                runs[name].append({"sequential": seq, "concurrent": load})
-                log.info("run %d %-9s sequential p50 %.3f ms | %d clients p50 %.3f ms p99 %.3f ms %.0f req/s, "
-                         "%d errors", run, name, seq["p50_ms"], args.clients, load["p50_ms"], load["p99_ms"],
-                         load["req_per_s"], load["errors"])
+            for name, headers in pins.items():
+                variants = [{}, headers]
+                call = interleaved(port, body, variants, offset=run)
+                sequential_s: list[list[float]] = [[], []]
+                for i in range(20 + 2 * args.sequential):
+                    k, seconds = call()
+                    if i >= 20:
+                        sequential_s[k].append(seconds)
+                loaded_s, errors = mixed_load(port, body, variants, args.clients, args.processes, args.duration)
+                row = {"errors": len(errors)}
+                for phase, samples in (("sequential", sequential_s), ("concurrent", loaded_s)):
+                    unpinned, pinned = (float(np.percentile(np.array(x) * 1e3, 50)) for x in samples)
+                    row[phase] = {"unpinned_p50_ms": unpinned, f"{name}_p50_ms": pinned, "ratio": pinned / unpinned,
+                                  "n": [len(x) for x in samples]}
+                runs[name].append(row)
+                log.info("run %d %-8s sequential p50 %.3f vs %.3f ms (x%.4f) | %d clients p50 %.3f vs %.3f ms "
+                         "(x%.4f), %d errors", run, name, row["sequential"]["unpinned_p50_ms"],
+                         row["sequential"][f"{name}_p50_ms"], row["sequential"]["ratio"], args.clients,
+                         row["concurrent"]["unpinned_p50_ms"], row["concurrent"][f"{name}_p50_ms"],
+                         row["concurrent"]["ratio"], row["errors"])
     finally:
         target.stop()
-    summary = {}
-    for name, results in runs.items():
-        summary[name] = {
-            "sequential_p50_ms": float(np.median([r["sequential"]["p50_ms"] for r in results])),
-            "concurrent_p50_ms": float(np.median([r["concurrent"]["p50_ms"] for r in results])),
-            "concurrent_p99_ms": float(np.median([r["concurrent"]["p99_ms"] for r in results])),
-            "req_per_s": float(np.median([r["concurrent"]["req_per_s"] for r in results])),
-            "errors": int(sum(r["concurrent"]["errors"] for r in results)),
-        }
-    for name in ("pinned", "retained"):
-        for key in ("sequential_p50_ms", "concurrent_p50_ms", "req_per_s"):
-            summary[name][f"{key}_ratio"] = summary[name][key] / summary["unpinned"][key]
-    for name, row in summary.items():
-        log.info("%-9s %s", name, {k: round(v, 4) for k, v in row.items()})
+    summary = {
+        name: {f"{phase}_ratio_median": float(np.median([r[phase]["ratio"] for r in rows]))
+               for phase in ("sequential", "concurrent")} | {"errors": sum(r["errors"] for r in rows)}
+        for name, rows in runs.items()
+    }
+    log.info("p50 against unpinned requests, median over runs: %s", summary)
     return {"runs": runs, "summary": summary}
 
 
