@@ -303,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         moving_target=args.moving_target,
                         execute=args.vectorized_execute,
                         max_rows=args.vectorized_rows,
+                        make_env=lambda seed, info=info: make_env(seed, info, moving_target=args.moving_target,
+                                                                  swap=args.swap_instruction),
                     )
                     log.info("%s vectorized: %s", name, json.dumps(vectorized[name]))
         if not args.skip_in_process:
