@@ -18,7 +18,7 @@ class Conn:
 
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
-        "route", "nreq", "scanned", "over_cap", "started", "body", "filled", "reserved",
+        "route", "nreq", "scanned", "over_cap", "taken", "body", "filled", "reserved",
         "callback", "tls", "want_write", "probe", "ws",
     )
 
@@ -36,7 +36,7 @@ class Conn:
         self.scanned = 0
         self.over_cap = None  # the Refusal it gets unless its head shows a probe
         self.probe = False  # its current request is a probe (answered on the probe lane)
-        self.started = False  # a request thread took its current request
+        self.taken = False  # a request thread took its current request (front_door_admission)
         self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
         self.filled = 0
         self.reserved = 0  # its body's length, taken from the worker's byte budget while being read

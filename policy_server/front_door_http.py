@@ -169,11 +169,11 @@ def reset_by_peer(sock) -> bool:
     return False
 
 
-def past_deadline(environ: dict, held: list) -> bool:
+def past_deadline(environ: dict, head: list) -> bool:
     """True when the app's answer is a 2xx and the request's deadline (``environ[DEADLINE]``,
     set by the app) passed before its status line could be written. Counted as a late answer."""
     deadline = environ.get(DEADLINE)
-    if deadline is None or not held or not held[0].startswith("2") or time.monotonic() <= deadline:
+    if deadline is None or not head or not head[0].startswith("2") or time.monotonic() <= deadline:
         return False
     from policy_server import metrics  # in the worker: the master must not own metric files
 
@@ -181,13 +181,13 @@ def past_deadline(environ: dict, held: list) -> bool:
     return True
 
 
-def late_answer(environ: dict, held: list) -> tuple[list, bytes, Iterator[bytes]]:
+def late_answer(environ: dict, head: list) -> tuple[list, bytes, Iterator[bytes]]:
     """The 504 that replaces a late 2xx: (status and headers, body, no further items)."""
     late_ms = 1e3 * (time.monotonic() - environ[DEADLINE])
     body = json.dumps({
         "error": "deadline exceeded",
         "detail": f"the answer was ready {late_ms:.1f} ms after the request's deadline; the late answer was dropped",
     }).encode()
-    keep = [(k, v) for k, v in held[1] if k.lower() in ("x-request-id", "x-model-version")]
+    keep = [(k, v) for k, v in head[1] if k.lower() in ("x-request-id", "x-model-version")]
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *keep]
     return ["504 Gateway Timeout", headers], body, iter(())

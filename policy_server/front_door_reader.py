@@ -4,7 +4,7 @@
 runs on gunicorn's poller thread only. Per connection (:class:`Conn`) it accepts, receives
 the head and the body into a buffer, parses the head (:mod:`policy_server.front_door_http`),
 bounds the reading (head timeout, body deadline, reading caps per worker, per address and
-in bytes), asks the worker whether to admit (``_overloaded``), hands a complete request to
+in bytes), asks the worker's admission whether to admit, hands a complete request to
 the worker (``_dispatch``), and answers refusals itself (JSON, then linger or keep alive).
 Connections are bounded too: at ``worker_connections`` (or under RLIMIT_NOFILE) the
 longest-idle ones are closed to make room, so idle clients cannot lock the door.
@@ -33,7 +33,6 @@ from policy_server.front_door_conn import (
     Conn,
 )
 from policy_server.front_door_http import Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
-from policy_server.wsgi_keys import ByteBudget
 
 log = logging.getLogger("policy_server.front_door")
 
@@ -53,16 +52,12 @@ class RequestReader:
 
     Needs from the worker: ``settings`` (ServerConfig), ``cfg``, ``poller``, ``alive``,
     ``nr_conns``, ``worker_connections``, ``routes`` (front_door_http.AppRoutes), ``obs`` (policy_server.observability),
-    ``_overloaded(length)``, ``_dispatch(conn)``, and for TLS ``tls_context``, ``_wrap`` and
+    ``admission`` (front_door_admission.Admission), ``_dispatch(conn)``, and for TLS ``tls_context``, ``_wrap`` and
     ``_readable_tls`` (:class:`policy_server.front_door_tls.TLSReader`).
     """
 
     def _init_reader(self) -> None:
         self.conns: set[Conn] = set()
-        self.held = 0  # requests from first byte to answer
-        self.reading = 0
-        self.budget = ByteBudget(self.settings.max_reading_bytes)  # bodies being read (and images decoded)
-        self.reading_by_addr: dict[str, int] = {}
         self.max_conns = self.worker_connections  # lowered under RLIMIT_NOFILE or when descriptors run out
         self._next_scan = 0.0
         self._evicted = 0  # closed to make room since the last log line
@@ -149,32 +144,15 @@ class RequestReader:
         return True
 
     def _start_reading(self, conn: Conn) -> None:
-        s = self.settings
         conn.state = READING
-        self.held += 1
-        self.reading += 1
-        self.reading_by_addr[conn.addr] = self.reading_by_addr.get(conn.addr, 0) + 1
-        # Over a cap, the request is refused once its head shows it is not a probe (probes
-        # always pass), or after OVER_CAP_GRACE_S if its head has not come by then.
-        conn.over_cap = None
-        if self.reading > s.max_reading_per_worker:
-            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent to this worker",
-                                    "too_many_readers", retry=True)
-        elif self.reading_by_addr[conn.addr] > s.max_reading_per_client:
-            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent from this address",
-                                    "too_many_readers_per_client", retry=True)
+        # Over a reading cap, the request is refused once its head shows it is not a probe
+        # (probes always pass), or after OVER_CAP_GRACE_S if its head has not come by then.
+        conn.over_cap = self.admission.begin(conn)
 
     def _stop_reading(self, conn: Conn) -> None:
         if conn.state != READING:
             return
-        self.reading -= 1
-        self.budget.give(conn.reserved)
-        conn.reserved = 0
-        left = self.reading_by_addr[conn.addr] - 1
-        if left:
-            self.reading_by_addr[conn.addr] = left
-        else:
-            del self.reading_by_addr[conn.addr]
+        self.admission.stop_reading(conn)
         conn.state = IDLE
 
     def _advance(self, conn: Conn) -> None:
@@ -208,7 +186,7 @@ class RequestReader:
             if not head.probe and conn.over_cap is not None:
                 self._refuse(conn, conn.over_cap)
                 return
-            overload = None if head.probe else self._overloaded(conn.need)  # probes always pass
+            overload = None if head.probe else self.admission.overloaded(conn.need)  # probes always pass
             if overload is not None:
                 # Kept open only when the client will send its body anyway: one waiting for
                 # "100 Continue" may send its next request instead, which would be taken for it.
@@ -220,8 +198,8 @@ class RequestReader:
                 )
                 return
             if head.probe:  # never refused, but counted
-                self.budget.take(conn.need, force=True)
-            conn.reserved = conn.need  # taken from the budget (by _overloaded for the others)
+                self.admission.budget.take(conn.need, force=True)
+            conn.reserved = conn.need  # taken from the budget (by admission.overloaded for the others)
             conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
             if conn.req._expected_100_continue:
                 conn.req._expected_100_continue = False
@@ -254,7 +232,7 @@ class RequestReader:
         self.obs.count_refusal(
             route, refusal.status, refusal.reason, conn.req or refusal.req, conn.addr, time.monotonic() - conn.arrived
         )
-        self.held -= 1
+        self.admission.end()
         keep_alive = keep_alive and self.alive
         send_quietly(conn.sock, refusal_bytes(refusal, close=not keep_alive))
         if keep_alive:
@@ -303,7 +281,7 @@ class RequestReader:
                 self.obs.count_vanished(
                     conn.route, conn.req, conn.addr, time.monotonic() - conn.arrived, "while sending its request"
                 )
-            self.held -= 1
+            self.admission.end()
         self._stop_reading(conn)
         self._close(conn)
 
