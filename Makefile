@@ -1,5 +1,8 @@
 # The two commands from the README: `make serve` and `make test` (the linter, then the
 # tests). Both create the virtual environment and install the pinned dependencies first.
+# Opt in, as root with podman (docs/deployment.md): `make image`, `make container-test`
+# (the image built and run hardened, drained on stop) and `make compose-demo` (two
+# instances behind nginx).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +11,7 @@ MODEL ?= models/default
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench clean image container-test compose-demo
 
 install: $(STAMP)
 
@@ -27,6 +30,15 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_protocol.py --json bench-results/protocol.json
 	$(PY) benchmarks/bench_serving.py --json bench-results/serving.json
+
+image:
+	bash deploy/build_image.sh --nginx
+
+container-test: install
+	bash deploy/container_test.sh
+
+compose-demo: install
+	bash deploy/compose_demo.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

@@ -72,11 +72,27 @@ def test_keys_come_from_the_secret_and_names_line_up():
 
 def test_dockerfile_promises():
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^USER policy$", text, re.M)
-    assert "HEALTHCHECK" in text and "/health" in text
-    assert re.search(r'^VOLUME \["/data/model-store"\]$', text, re.M)
-    assert "POLICY_SERVER_MODEL_STORE=/data/model-store" in text
+    assert re.search(r"^USER 10001:0$", text, re.M)  # numeric (runAsNonRoot can check it), group 0
+    assert re.search(r'^VOLUME \["/data/model-store", "/app/logs"\]$', text, re.M)
+    assert "POLICY_SERVER_MODEL_STORE=/data/model-store" in text and "POLICY_SERVER_LOG_DIR=/app/logs" in text
     assert re.search(r'^CMD \["gunicorn", "--config", "gunicorn.conf.py"\]$', text, re.M)
     assert "ARG BASE=" in text and "TORCH_SPEC" in text  # the CUDA variant by build argument
     for copied in ("server.py", "gunicorn.conf.py", "policy_server", "models"):
         assert copied in text
+
+
+def test_the_healthcheck_probes_from_the_servers_own_settings():
+    """Not a fixed port: the probe reads POLICY_SERVER_* as the server does."""
+    text = (ROOT / "Dockerfile").read_text()
+    check = re.search(r"^HEALTHCHECK .*\n\s+CMD (.*)$", text, re.M).group(1)
+    assert check == '["python3", "-m", "policy_server.healthcheck"]'
+    assert "50000/health" not in text
+
+
+def test_the_image_keeps_nothing_writable_but_its_volumes_and_group_0():
+    """Any uid in group 0 writes the store and logs; everything else comes read-only."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert "chown 10001:0 /data/model-store /app/logs && chmod 0775 /data/model-store /app/logs" in text
+    run_stage = text[text.rindex("\nFROM "):]
+    assert "COPY --from=build /opt/venv /opt/venv" in run_stage
+    assert "pip install" not in run_stage  # no build tools at run time
