@@ -11,6 +11,7 @@
 #     -e POLICY_SERVER_API_KEY_FILE=/run/secrets/policy/api-key \
 #     -e POLICY_SERVER_ADMIN_KEY_FILE=/run/secrets/policy/admin-key -p 127.0.0.1:50000:50000 policy-server
 # deploy/build_image.sh builds it on a Debian base made locally (BASE and BUILD_BASE below).
+# checkov:skip=CKV_DOCKER_7:the bases are build arguments whose default names a version (python:3.11-slim)
 ARG BASE=python:3.11-slim
 ARG BUILD_BASE=${BASE}
 

@@ -15,9 +15,14 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml constraints.txt
+# checkov gets a venv of its own (deploy/checkov-constraints.txt says why); where it cannot
+# be installed, the test that runs it is skipped and says so.
+$(STAMP): setup.cfg pyproject.toml constraints.txt deploy/checkov-constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[server,dev]'
+	test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --quiet --disable-pip-version-check -c deploy/checkov-constraints.txt checkov \
+		|| echo "checkov could not be installed: tests/test_deployment.py skips its check"
 	touch $(STAMP)
 
 serve: install
