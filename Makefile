@@ -20,6 +20,8 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml constraints.txt deploy/checkov-constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[server,dev]'
+	# openpi's own client, for the wire tests: without its numpy<2 pin (it works with numpy 2)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -c constraints.txt openpi-client
 	test -x $(VENV)/checkov/bin/python || $(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/pip install --quiet --disable-pip-version-check -c deploy/checkov-constraints.txt checkov \
 		|| echo "checkov could not be installed: tests/test_deployment.py skips its check"

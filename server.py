@@ -17,10 +17,11 @@ from policy_server import access, metrics, observability
 from policy_server.access import ADMIN, DOCS, INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
 from policy_server.errors import BatcherLost
-from policy_server.images import decode_inputs
+from policy_server.inference import Call, infer_call
 from policy_server.model_admin import ModelAdmin
 from policy_server.oip_routes import oip_blueprint
 from policy_server.openapi import openapi_document
+from policy_server.openpi_routes import openpi_blueprint
 from policy_server.runtime import PolicyRuntime
 from policy_server.stats import instance_summary
 from policy_server.tensors import BATCH_ROWS_HEADER, parse_batch_rows
@@ -35,6 +36,7 @@ from policy_server.web import (
     requested_outputs,
     wait_seconds,
 )
+from policy_server.wsgi_keys import BUDGET
 
 
 def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
@@ -71,15 +73,13 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     def infer_with(name: str | None):
         t0 = time.perf_counter()
         deadline = request_deadline(config.deadline_ms)
-        rows = parse_batch_rows(request.headers.get(BATCH_ROWS_HEADER))  # a vectorized request
+        rows = parse_batch_rows(request.headers.get(BATCH_ROWS_HEADER), config.queue_size)  # vectorized
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
-        inputs = binary_to_dict(body)
-        model = runtime.served(name).model
-        inputs = decode_inputs(inputs, model.input_spec, model.encoded_inputs, rows)  # JPEG/PNG, opt in
+        call = Call(name, binary_to_dict(body), deadline, rows, requested_outputs(), request.environ.get(BUDGET))
         t2 = time.perf_counter()
         g.model = name or runtime.default_name
-        g.answer = answer = runtime.infer(inputs, deadline, name, requested_outputs(), rows)
+        g.answer = answer = infer_call(runtime, config, call)
         t3 = time.perf_counter()
         payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()
@@ -150,6 +150,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     for group in (inference, probes, docs, info, admin):
         app.register_blueprint(group)
     app.register_blueprint(oip_blueprint(config, runtime))  # Open Inference Protocol v2: /v2/...
+    app.register_blueprint(openpi_blueprint(config, runtime))  # openpi's WebSocket protocol: ws://host:port/
     access.require_declared_access(app)
     return app
 

@@ -106,14 +106,15 @@ def closed_loop_in_process(episodes: int, seed: int) -> list[dict]:
     """The same episodes in-process (no network, no queue): only the JPEG round trip differs."""
     from examples.sim_loop import in_process_policy
     from policy_server.contract import TensorSpec
-    from policy_server.images import decode_inputs
+    from policy_server.images import decoded_inputs
 
     policy = in_process_policy(str(Path(__file__).resolve().parent.parent / "models" / "default"))
     spec = [TensorSpec("image", "uint8", (480, 640, 3))]
 
     def through_jpeg(obs):
         encoded = encode_observation(obs, {"image": "jpeg:90"})
-        return policy({**obs, "image": decode_inputs({"image": encoded["image"]}, spec, ("image",), None)["image"]})
+        with decoded_inputs({"image": encoded["image"]}, spec, ("image",), None, max_bytes=1 << 26) as decoded:
+            return policy({**obs, "image": decoded["image"]})
 
     seeds = list(range(seed, seed + episodes))
     out = []

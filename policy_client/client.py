@@ -51,7 +51,17 @@ class PolicyClient:
 
     ``base_url`` ``"unix:///path/to.sock"`` talks HTTP over that Unix domain socket (a server
     started with ``--uds``); requests then show the URL ``http://localhost/...``.
+    ``base_url`` ``"ws://host:port"`` (or ``wss://``) makes a
+    :class:`policy_client.websocket_client.WebSocketPolicyClient`: inference over openpi's
+    WebSocket protocol, everything else over HTTP (needs the ``websocket`` extra).
     """
+
+    def __new__(cls, base_url: str = "http://127.0.0.1:50000", *args: Any, **kwargs: Any) -> PolicyClient:
+        if cls is PolicyClient and base_url.startswith(("ws://", "wss://")):
+            from policy_client.websocket_client import WebSocketPolicyClient
+
+            return super().__new__(WebSocketPolicyClient)
+        return super().__new__(cls)
 
     def __init__(
         self,

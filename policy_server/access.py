@@ -45,6 +45,7 @@ PROBES = Audience("probes", Access.OPEN, quiet=True)  # liveness, readiness, Pro
 DOCS = Audience("docs", Access.OPEN)  # the OpenAPI document
 INFERENCE = Audience("inference", Access.API, inference=True)
 INFO = Audience("info", Access.API)  # statistics, model and server metadata
+WEBSOCKET = Audience("websocket", Access.API)  # upgrades to openpi's protocol; its messages count as inference
 ADMIN = Audience("admin", Access.ADMIN)  # model management: update, load, unload
 
 
@@ -66,13 +67,22 @@ def require_key(access: Access, api_key: str | None, admin_key: str | None) -> N
     if access is Access.OPEN:
         return
     if access is Access.ADMIN and admin_key is not None:
-        _compare("X-Admin-Key", admin_key)
+        _compare("X-Admin-Key", request.headers.get("X-Admin-Key", ""), admin_key)
     elif api_key is not None:
-        _compare("X-API-Key", api_key)
+        _compare("X-API-Key", api_key_given(), api_key)
 
 
-def _compare(header: str, expected: str) -> None:
-    provided = request.headers.get(header, "")
+def api_key_given() -> str:
+    """The API key the request carries: ``X-API-Key``, else ``Authorization: Api-Key <key>``
+    (what openpi's client sends); empty when neither."""
+    given = request.headers.get("X-API-Key")
+    if given is not None:
+        return given
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "api-key" else ""
+
+
+def _compare(header: str, provided: str, expected: str) -> None:
     if not hmac.compare_digest(provided.encode(), expected.encode()):
         raise Unauthorized(f"missing or wrong {header}")
 

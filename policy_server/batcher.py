@@ -21,7 +21,8 @@ Semantics (see ../shared/DESIGN.md, "Batching"):
 - :meth:`Batcher.stop` refuses new work, answers everything already accepted, then ends.
 
 The device work is the ``executor``'s: ``launch(requests)`` starts a batch and returns a
-handle, ``finish(handle)`` returns one output dict per request plus the model version. In
+handle, ``finish(handle)`` returns one output dict per request plus the model version (a
+:class:`ServingError` in place of a dict fails that request alone). In
 the server that is a :class:`policy_server.serving_model.Served` entry: it hands the
 requests' input dicts to its :class:`policy_server.executor.BatchExecutor` and names its
 model's version.
@@ -221,8 +222,13 @@ class Batcher:
             request.cancelled = True
             raise DeadlineExceeded("no answer in time")
         if request.error is not None:
-            raise request.error
+            # A fresh copy: the stored one may be shared by a whole batch, and raising an
+            # exception that the request holds makes a reference cycle (exception, traceback,
+            # this frame, the request) that keeps the request's inputs alive until the cyclic
+            # collector runs, which an idle worker may not do for a long time.
+            raise request.error.copy()
         if request.finished > request.deadline:  # computed, but too late to act on: never a late answer
+            self._observe("late", [request])
             raise DeadlineExceeded(
                 f"deadline passed {1e3 * (request.finished - request.deadline):.1f} ms before its batch finished "
                 f"(computing took {1e3 * request.compute_s:.1f} ms); the late answer was dropped"
@@ -333,7 +339,10 @@ class Batcher:
             self._fail(batch, exc)
         else:
             for request, output in zip(batch, outputs, strict=False):
-                request.resolve(outputs=output, version=version)
+                if isinstance(output, ServingError):  # this row's own failure (e.g. a non-finite output)
+                    request.resolve(error=output)
+                else:
+                    request.resolve(outputs=output, version=version)
             self.batches += 1
             self.requests += len(batch)
         self._finished(batch)
@@ -342,9 +351,10 @@ class Batcher:
         self._observe("finished", batch)
 
     def _observe(self, event: str, batch: list[Request]) -> None:
-        if self.observer is not None:
+        hook = getattr(self.observer, event, None)  # an observer may leave out "late"
+        if hook is not None:
             try:
-                getattr(self.observer, event)(batch)
+                hook(batch)
             except Exception:  # an observer never stops the batcher
                 log.exception("the batch observer failed on %s", event)
 

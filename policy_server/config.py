@@ -91,6 +91,9 @@ class ServerConfig:
     min_body_bytes_per_s: int = _opt(
         65536, "slowest accepted average upload rate (bytes/s) of a request body, on top of body_timeout_s"
     )
+    ws_idle_timeout_s: float = _opt(
+        300.0, "seconds a WebSocket connection may stay without a frame (any frame, a ping too); then close 1001"
+    )
     admission_limit: int = _opt(
         64, "requests a worker holds at once (being read, waiting for a thread, queued, batching); past it: "
         "503 with Retry-After at once"
@@ -133,7 +136,8 @@ class ServerConfig:
     channels_last: bool = _opt(False, "convert the policy module to channels_last memory format")
     # Open Inference Protocol and Unix domain sockets
     oip_max_json_bytes: int = _opt(
-        16 * 1024 * 1024, "largest Open Inference Protocol JSON header (or all-JSON body) of /v2 infer requests"
+        4 * 1024 * 1024, "largest Open Inference Protocol JSON header (or all-JSON body) of /v2 infer requests "
+        "(parsing 4 MiB of JSON numbers holds a worker's GIL for up to ~0.25 s; send images as binary data)"
     )
     uds: str | None = _opt(None, "also bind this Unix domain socket path (clients: unix:///path)", str)
     uds_mode: str = _opt("660", "file mode (octal) of the --uds socket, set once it is bound")
@@ -207,8 +211,8 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if not 0 <= self.update_wait_s <= 300:
             raise ConfigError("update_wait_s must be between 0 and 300")
-        if not (self.head_timeout_s > 0 and self.body_timeout_s > 0):
-            raise ConfigError("head_timeout_s and body_timeout_s must be positive")
+        if not (self.head_timeout_s > 0 and self.body_timeout_s > 0 and self.ws_idle_timeout_s > 0):
+            raise ConfigError("head_timeout_s, body_timeout_s and ws_idle_timeout_s must be positive")
         if self.max_batch_size < 0:
             raise ConfigError("max_batch_size must be 0 (auto) or more")
         if self.max_batch_delay_ms < 0:

@@ -19,7 +19,9 @@ that a path is a model directory, :func:`directory_digest` its content digest, a
 - ``forward(batch)``: a dict of tensors ``[B, *shape]`` on the policy's device (and lists of
   ``B`` strings for text inputs) to a dict of tensors ``[B, *shape]``, one per output spec;
 - optionally ``name`` (default: the directory name), ``version`` (default: a digest of the
-  directory's files), ``num_parameters()`` and ``optional_outputs``.
+  directory's files), ``num_parameters()``, ``optional_outputs``, ``encoded_inputs`` and
+  ``openpi_metadata`` (keys openpi clients read from the server's first frame, e.g. ALOHA's
+  ``reset_pose``; plain values msgpack can carry).
 
 Real-time chunking (Black et al. 2025, "Real-Time Execution of Action Chunking Flow
 Policies", arXiv 2506.07339): a policy that supports it declares the three optional inputs
@@ -88,6 +90,10 @@ class TensorSpec:
     ``optional`` (inputs only): a request may omit it; the server fills zeros.
     ``history`` (inputs only): the input is a window of past observations, ``shape[0] ==
     history.steps`` (ValueError otherwise).
+    ``allow_nonfinite`` (float inputs only): the input may carry NaN or inf (e.g. NaN for a
+    missing reading). Without it, a request whose float input is not finite everywhere is
+    refused (422 naming the input). Outputs are always checked: a non-finite action is
+    never served.
     """
 
     name: str
@@ -95,11 +101,13 @@ class TensorSpec:
     shape: tuple[int, ...]
     optional: bool = False
     history: History | None = None
+    allow_nonfinite: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         object.__setattr__(self, "optional", bool(self.optional))
+        object.__setattr__(self, "allow_nonfinite", bool(self.allow_nonfinite))
         if self.history is not None and (not self.shape or self.shape[0] != self.history.steps):
             raise ValueError(
                 f"{self.name}: a history of {self.history.steps} steps needs shape [{self.history.steps}, ...], "
@@ -120,7 +128,14 @@ class TensorSpec:
             out["optional"] = True
         if self.history is not None:
             out["history"] = self.history.to_json()
+        if self.allow_nonfinite:
+            out["allow_nonfinite"] = True
         return out
+
+    @property
+    def finite_only(self) -> bool:
+        """True when values must be finite: a float (or complex) input without ``allow_nonfinite``."""
+        return self.np_dtype.kind in "fc" and not self.allow_nonfinite
 
 
 @dataclass(frozen=True)
@@ -185,6 +200,7 @@ class Policy(Protocol):
     output_spec: Sequence[TensorSpec]
     optional_outputs: Sequence[str]  # computed always, answered only when a request asks for them
     encoded_inputs: Sequence[str]  # uint8 image inputs a client may send JPEG/PNG encoded
+    openpi_metadata: Mapping[str, Any]  # extra keys of openpi's first frame (e.g. ALOHA's reset_pose)
     name: str  # default: the directory name
     version: str  # default: the directory digest
 
@@ -195,7 +211,9 @@ class Policy(Protocol):
 
 POLICY_REQUIRED = ("input_spec", "output_spec", "forward")
 # the value of each optional member a policy lacks (``num_parameters``: the count reported)
-POLICY_DEFAULTS: Mapping[str, Any] = {"optional_outputs": (), "encoded_inputs": (), "num_parameters": 0}
+POLICY_DEFAULTS: Mapping[str, Any] = {
+    "optional_outputs": (), "encoded_inputs": (), "num_parameters": 0, "openpi_metadata": {},
+}
 
 
 def check_model_name(name: Any) -> str:

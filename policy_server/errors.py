@@ -14,6 +14,10 @@ class ServingError(Exception):
         self.detail = detail
         self.headers = headers or {}
 
+    def copy(self) -> ServingError:
+        """The same error, not yet raised (no traceback): for raising where one is stored."""
+        return type(self)(self.detail, headers=dict(self.headers))
+
 
 class BadRequest(ServingError):
     status, error = 400, "bad request"
@@ -39,6 +43,12 @@ class PayloadTooLarge(ServingError):
     status, error = 413, "payload too large"
 
 
+class UpgradeRequired(ServingError):
+    """A WebSocket path asked without a WebSocket upgrade (or for another WebSocket version)."""
+
+    status, error = 426, "upgrade required"
+
+
 class InvalidInput(ServingError):
     status, error = 422, "invalid input"
 
@@ -55,6 +65,12 @@ class InvalidModel(ServingError):
 
 class InferenceFailed(ServingError):
     status, error = 500, "inference failed"
+
+
+class NonFiniteOutput(ServingError):
+    """The model computed NaN or inf for this request: refused, never served as an action."""
+
+    status, error = 500, "non-finite output"
 
 
 class NotReady(ServingError):

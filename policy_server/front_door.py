@@ -30,6 +30,7 @@ code, but the *poller* thread reads each request's head and body without blockin
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import selectors
 import threading
@@ -40,21 +41,32 @@ from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
-from policy_server.front_door_http import ARRIVED, DEFERRED, GONE, AppRoutes, reset_by_peer
-from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, SCAN_S, Conn, RequestReader
+from policy_server.front_door_http import GONE, AppRoutes, late_answer, past_deadline, reset_by_peer
+from policy_server.front_door_reader import (
+    BUSY,
+    HANDSHAKING,
+    IDLE,
+    SCAN_S,
+    SEND_TIMEOUT_S,
+    WS_IDLE,
+    Conn,
+    RequestReader,
+)
 from policy_server.front_door_tls import TLSReader
+from policy_server.front_door_ws import GOING_AWAY, WebSocketReader
+from policy_server.wsgi_keys import ARRIVED, BUDGET, DEFERRED, UPGRADE
 
 log = logging.getLogger(__name__)
 
 PROBE_THREADS = 2
-SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
 SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time
 NOTIFY_S = 1.0  # heartbeat to the master at most this often (each one is a syscall on the poller)
 
 
-class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
+class FrontDoorWorker(RequestReader, TLSReader, WebSocketReader, ThreadWorker):
     """gthread, with requests read whole by the poller before a thread takes them (TLS too:
-    the poller does the handshake, :mod:`policy_server.front_door_tls`)."""
+    the poller does the handshake, :mod:`policy_server.front_door_tls`; WebSocket messages
+    too, after an upgrade, :mod:`policy_server.front_door_ws`)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -88,16 +100,16 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
     def _overloaded(self, length: int) -> str | None:
         """Why a new request with a body of ``length`` bytes cannot be admitted now, or None.
 
-        Three bounds: the count of requests held (``admission_limit``), the bytes of bodies
-        being received (``max_reading_bytes``; one body alone always fits), and how long ago
-        the oldest request still waiting for a thread arrived (``shed_wait_ms``): past it the
-        worker cannot answer what it holds within their deadlines, so it sheds new ones.
+        Three bounds: the count of requests held (``admission_limit``), the bytes of request
+        data held (``max_reading_bytes``: bodies being received and images being decoded; one
+        body alone always fits), and how long ago the oldest request still waiting for a
+        thread arrived (``shed_wait_ms``): past it the worker cannot answer what it holds
+        within their deadlines, so it sheds new ones. When it admits, the body's bytes are
+        taken from the budget (given back by ``_stop_reading``).
         """
         s = self.settings
         if self.held > s.admission_limit:
             return f"{self.held - 1} requests held by this worker"
-        if length and self.reading_bytes and self.reading_bytes + length > s.max_reading_bytes:
-            return f"{self.reading_bytes} bytes of request bodies being received by this worker"
         queued = self.dispatched - self.started  # waiting for a request thread
         expected_ms = 1e3 * queued * self.service_s / self.cfg.threads
         if expected_ms > s.shed_wait_ms:
@@ -109,6 +121,8 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             waited_ms = 1e3 * (time.monotonic() - waiting[0][0].arrived)
             if waited_ms > s.shed_wait_ms:
                 return f"this worker's oldest waiting request arrived {waited_ms:.0f} ms ago"
+        if not self.budget.take(length):
+            return f"{self.budget.used} bytes of request data held by this worker"
         return None
 
     def _dispatch(self, conn: Conn) -> None:
@@ -131,6 +145,9 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         except Exception:  # noqa: BLE001 (handle() already answered and logged it; the connection just closes)
             keep = False
         if conn not in self.conns:
+            return
+        if conn.ws is not None:  # it was upgraded: WebSocket from now on
+            self._ws_resume(conn, keep)
             return
         if keep and self.alive:
             conn.sock.setblocking(False)
@@ -166,6 +183,8 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         for conn in list(self.conns):
             if conn.state in (IDLE, HANDSHAKING) and not conn.buf:
                 conn.deadline = min(conn.deadline, time.monotonic() + 2.0)
+            elif conn.state == WS_IDLE:  # busy ones get their close once answered
+                self._ws_close(conn, GOING_AWAY, "server shutting down")
         graceful = time.monotonic() + self.cfg.graceful_timeout
         while self.conns and time.monotonic() < graceful:
             self.notify()
@@ -185,6 +204,10 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
 
     def handle(self, conn: Conn) -> bool:
         """Serve one complete request (on a request thread); True keeps the connection."""
+        return self._timed(conn, lambda: self._serve(conn))
+
+    def _timed(self, conn: Conn, work) -> bool:
+        """Run ``work`` for ``conn``'s request on this request thread, counted for admission."""
         conn.started = True  # no longer waiting for a thread (read by the poller's admission)
         began = time.monotonic()
         probe = conn.probe
@@ -192,7 +215,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             with self._count_lock:
                 self.started += 1
         try:
-            return self._serve(conn)
+            return work()
         finally:
             if not probe:  # the request threads' mean time per request, for the admission estimate
                 took = time.monotonic() - began
@@ -204,6 +227,8 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
         req = conn.req
         deferred: list = []
         delivered = False
+        late = False
+        committed = None
         try:
             if reset_by_peer(conn.sock):  # while the socket is still non-blocking
                 self.obs.count_vanished(
@@ -214,21 +239,39 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
             environ["wsgi.multithread"] = True
             environ[ARRIVED] = conn.arrived
+            environ[BUDGET] = self.budget
+            environ[UPGRADE] = None  # the app may put a WebSocket session here with its 101
             if self.tls_context is not None and not conn.tls:  # a Unix socket beside HTTPS
                 environ["wsgi.url_scheme"] = "http"
             environ[DEFERRED] = deferred
             self.nr += 1
             if not self.alive or not self.cfg.keepalive:
                 resp.force_close()
-            respiter = self.wsgi(environ, resp.start_response)
+            held: list = []  # the app's status and headers, sent with its first bytes (or replaced)
+
+            def start_response(status, headers, exc_info=None):
+                held[:] = [status, headers]
+                return resp.write
+
+            respiter = self.wsgi(environ, start_response)
             try:
-                for item in respiter:
+                items = iter(respiter)
+                first = next(items, None)  # an app may call start_response only here
+                late = past_deadline(environ, held)
+                if late:  # never a late action: the answer is replaced by a 504
+                    held, first, items = late_answer(environ, held)
+                committed = time.monotonic()
+                resp.start_response(*held)
+                for item in itertools.chain([first] if first is not None else [], items):
                     resp.write(item)
                 resp.close()
                 delivered = True
             finally:
                 if hasattr(respiter, "close"):
                     respiter.close()
+            session = environ.get(UPGRADE)
+            if session is not None and resp.status_code == 101:
+                self._ws_upgraded(conn, session)
             return not resp.should_close()
         except OSError as exc:
             if exc.errno not in GONE and not isinstance(exc, TimeoutError):
@@ -239,7 +282,7 @@ class FrontDoorWorker(RequestReader, TLSReader, ThreadWorker):
             return False
         finally:
             for record in deferred:
-                record(delivered)
+                record(delivered, 504 if late else None, committed)
 
 
 __all__ = ["ARRIVED", "FrontDoorWorker"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import json
 import socket
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -20,9 +22,9 @@ from gunicorn.http.message import Request
 from gunicorn.http.unreader import IterUnreader
 from werkzeug.exceptions import HTTPException
 
+from policy_server.wsgi_keys import DEADLINE
+
 GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN)  # the client went away
-ARRIVED = "policy_server.arrived"  # environ: time.monotonic() of the request's first byte
-DEFERRED = "policy_server.deferred"  # environ: a list; counting is appended, called with delivered: bool
 
 
 class Refusal(Exception):
@@ -165,3 +167,27 @@ def reset_by_peer(sock) -> bool:
     except OSError as exc:
         return exc.errno in GONE
     return False
+
+
+def past_deadline(environ: dict, held: list) -> bool:
+    """True when the app's answer is a 2xx and the request's deadline (``environ[DEADLINE]``,
+    set by the app) passed before its status line could be written. Counted as a late answer."""
+    deadline = environ.get(DEADLINE)
+    if deadline is None or not held or not held[0].startswith("2") or time.monotonic() <= deadline:
+        return False
+    from policy_server import metrics  # in the worker: the master must not own metric files
+
+    metrics.LATE_ANSWERS.labels("write").inc()
+    return True
+
+
+def late_answer(environ: dict, held: list) -> tuple[list, bytes, Iterator[bytes]]:
+    """The 504 that replaces a late 2xx: (status and headers, body, no further items)."""
+    late_ms = 1e3 * (time.monotonic() - environ[DEADLINE])
+    body = json.dumps({
+        "error": "deadline exceeded",
+        "detail": f"the answer was ready {late_ms:.1f} ms after the request's deadline; the late answer was dropped",
+    }).encode()
+    keep = [(k, v) for k, v in held[1] if k.lower() in ("x-request-id", "x-model-version")]
+    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *keep]
+    return ["504 Gateway Timeout", headers], body, iter(())

@@ -22,10 +22,12 @@ import time
 from functools import partial
 
 from policy_server.front_door_http import Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
+from policy_server.wsgi_keys import ByteBudget
 
 log = logging.getLogger("policy_server.front_door")
 
 RECV_BYTES = 1 << 20
+SEND_TIMEOUT_S = 10.0  # a request thread's wait for a client that does not read its answer
 LINGER_S = 2.0  # after a closing refusal: read and drop what the client still sends, then close
 SCAN_S = 0.05  # how often deadlines are checked
 OVER_CAP_GRACE_S = 0.25  # a connection over a reading cap has this long to show a probe's head
@@ -36,6 +38,7 @@ EVICT_FRACTION = 50  # at worker_connections, close this fraction (1/50) of them
 EVICT_LOG_S = 10.0
 
 IDLE, READING, DISCARDING, BUSY, LINGERING, HANDSHAKING = range(6)  # HANDSHAKING: TLS, front_door_tls
+WS_IDLE, WS_READING = 10, 11  # an upgraded connection between messages, and receiving one (front_door_ws)
 
 
 class Conn:
@@ -44,7 +47,7 @@ class Conn:
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
         "route", "nreq", "scanned", "over_cap", "started", "body", "filled", "reserved",
-        "callback", "tls", "want_write", "probe",
+        "callback", "tls", "want_write", "probe", "ws",
     )
 
     def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
@@ -64,10 +67,11 @@ class Conn:
         self.started = False  # a request thread took its current request
         self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
         self.filled = 0
-        self.reserved = 0  # its body's length, counted in the worker's reading_bytes while being read
+        self.reserved = 0  # its body's length, taken from the worker's byte budget while being read
         self.callback = None  # what the poller calls when the socket is ready (set at accept)
         self.tls = False  # an SSL socket: read by front_door_tls, and HANDSHAKING first
         self.want_write = False  # TLS only: registered for EVENT_WRITE while OpenSSL must send
+        self.ws = None  # after an upgrade: its WebSocket state (front_door_ws.WebSocket)
 
 
 class RequestReader:
@@ -83,12 +87,13 @@ class RequestReader:
         self.conns: set[Conn] = set()
         self.held = 0  # requests from first byte to answer
         self.reading = 0
-        self.reading_bytes = 0  # Content-Length of the bodies being read, summed
+        self.budget = ByteBudget(self.settings.max_reading_bytes)  # bodies being read (and images decoded)
         self.reading_by_addr: dict[str, int] = {}
         self.max_conns = self.worker_connections  # lowered under RLIMIT_NOFILE or when descriptors run out
         self._next_scan = 0.0
         self._evicted = 0  # closed to make room since the last log line
         self._next_evict_log = 0.0
+        self.ws_holding: set[Conn] = set()  # upgraded, waiting to send their first frame (front_door_ws)
         self._scratch = bytearray(RECV_BYTES)  # the poller's one receive buffer
         self._scratch_view = memoryview(self._scratch)
 
@@ -156,6 +161,9 @@ class RequestReader:
             return True
         if conn.state == LINGERING:
             return True
+        if conn.ws is not None:  # an upgraded connection: WebSocket frames (front_door_ws)
+            self._ws_received(conn, self._scratch_view[:n])
+            return conn in self.conns and conn.state != BUSY
         if conn.state == IDLE:  # a request begins: it arrives with its first byte
             conn.arrived = time.monotonic()
             conn.deadline = conn.arrived + self.settings.head_timeout_s
@@ -186,7 +194,7 @@ class RequestReader:
         if conn.state != READING:
             return
         self.reading -= 1
-        self.reading_bytes -= conn.reserved
+        self.budget.give(conn.reserved)
         conn.reserved = 0
         left = self.reading_by_addr[conn.addr] - 1
         if left:
@@ -237,8 +245,9 @@ class RequestReader:
                     keep_alive=not conn.req.should_close() and not waits,
                 )
                 return
-            conn.reserved = conn.need
-            self.reading_bytes += conn.need
+            if head.probe:  # never refused, but counted
+                self.budget.take(conn.need, force=True)
+            conn.reserved = conn.need  # taken from the budget (by _overloaded for the others)
             conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
             if conn.req._expected_100_continue:
                 conn.req._expected_100_continue = False
@@ -312,6 +321,9 @@ class RequestReader:
                 self._advance(conn)
 
     def _peer_closed(self, conn: Conn) -> None:
+        if conn.ws is not None and conn.state != LINGERING:
+            self._ws_peer_gone(conn)
+            return
         if conn.state == READING:
             if conn.buf or conn.req is not None:
                 self.obs.count_vanished(
@@ -325,6 +337,7 @@ class RequestReader:
         if conn not in self.conns:
             return
         self.conns.discard(conn)
+        self.ws_holding.discard(conn)
         if conn.state != BUSY:
             try:
                 self.poller.unregister(conn.sock)
@@ -343,10 +356,16 @@ class RequestReader:
         idle = sorted((c for c in self.conns if c.state in (IDLE, HANDSHAKING) and not c.buf), key=lambda c: c.deadline)
         room = max(1, self.max_conns // EVICT_FRACTION)
         evicted = idle[:room]
+        if len(evicted) < room:  # then idle WebSockets (closed with 1001), then lingering connections
+            evicted += sorted((c for c in self.conns if c.state == WS_IDLE and c.ws.greeted),
+                              key=lambda c: c.deadline)[: room - len(evicted)]
         if len(evicted) < room:
             evicted += [c for c in self.conns if c.state == LINGERING][: room - len(evicted)]
         for conn in evicted:
-            self._close(conn)
+            if conn.state == WS_IDLE:
+                self._ws_close(conn, 1001, "evicted to make room")
+            else:
+                self._close(conn)
         if evicted:
             self.obs.count_closed("evicted", len(evicted))
             self._evicted += len(evicted)
@@ -364,8 +383,12 @@ class RequestReader:
         for conn in [c for c in self.conns if c.over_cap is not None and c.state == READING and c.req is None]:
             if now - conn.arrived > OVER_CAP_GRACE_S:
                 self._refuse(conn, conn.over_cap)
+        if self.ws_holding:
+            self._ws_check_greetings()
         for conn in [c for c in self.conns if c.state != BUSY and c.deadline <= now]:
-            if conn.state == READING:
+            if conn.state in (WS_IDLE, WS_READING):
+                self._ws_expired(conn)
+            elif conn.state == READING:
                 part = "body" if conn.req is not None else "request head"
                 self._refuse(
                     conn, Refusal(408, "request timeout", f"{part} not received in time", f"{part.split()[-1]}_timeout")

@@ -74,6 +74,17 @@ TLS_CERTIFICATE_RELOADS = Counter(
     "certificate still serves)",
     ["outcome"],
 )
+LATE_ANSWERS = Counter(
+    "policy_late_answers_total",
+    "Answers ready after their request's deadline and replaced by 504 (never a late action), by stage: batch "
+    "(the batch finished past it) or write (past it before the status line was written)",
+    ["stage"],
+)
+NONFINITE_OUTPUTS = Counter(
+    "policy_nonfinite_outputs_total",
+    "Answers refused because the model computed NaN or inf for them (never served), by model and version",
+    ["model", "version"],
+)
 CACHE_HITS = Counter("policy_cache_hits_total", "Answers served from the response cache")
 CACHE_MISSES = Counter("policy_cache_misses_total", "Cache lookups that found nothing fresh")
 
@@ -109,7 +120,7 @@ def set_model_version(model: str, version: str) -> None:
 class BatchObserver:
     """The batcher's metrics, as one observer (``Batcher(observer=...)``): queue depth,
     in-flight batches and queue wait when a batch launches; batch size and compute time
-    (seconds, per model) once its requests are answered or failed. ``depth()`` is the
+    (seconds, per model) once its requests are answered or failed; answers dropped as late. ``depth()`` is the
     queue's length now."""
 
     def __init__(self, depth: Callable[[], int]) -> None:
@@ -120,6 +131,9 @@ class BatchObserver:
         INFLIGHT_BATCHES.inc()
         for request in batch:
             QUEUE_SECONDS.observe(request.queue_s)
+
+    def late(self, batch: Sequence[Any]) -> None:
+        LATE_ANSWERS.labels("batch").inc(len(batch))
 
     def finished(self, batch: Sequence[Any]) -> None:
         INFLIGHT_BATCHES.dec()

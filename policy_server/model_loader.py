@@ -6,8 +6,8 @@ import importlib.util
 import logging
 import os
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from binary_protocol import IMAGE_CODECS
@@ -40,6 +40,7 @@ class LoadedModel:
     digest: str = ""  # of the model directory's files, when loaded from one
     optional_outputs: tuple[str, ...] = ()  # computed always, answered only when asked for
     encoded_inputs: tuple[str, ...] = ()  # uint8 image inputs that may arrive JPEG/PNG encoded
+    openpi_metadata: Mapping[str, Any] = field(default_factory=dict)  # extra keys of openpi's first frame
 
     def answered_outputs(self, asked: Iterable[str] | None) -> frozenset[str]:
         """The outputs one request gets: every non-optional one plus the optional ones it
@@ -105,6 +106,7 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
     for n in encoded:
         if n not in inputs_by_name or not encodable(inputs_by_name[n]):
             raise ModelError(f"policy.encoded_inputs: {n!r} is not a uint8 [H, W, 3] or [H, W, 1] input")
+    openpi_metadata = _openpi_metadata(getattr(policy, "openpi_metadata", POLICY_DEFAULTS["openpi_metadata"]))
     count = policy.num_parameters() if hasattr(policy, "num_parameters") else POLICY_DEFAULTS["num_parameters"]
     return LoadedModel(
         policy=policy,
@@ -117,7 +119,26 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
         digest=digest,
         optional_outputs=optional,
         encoded_inputs=encoded,
+        openpi_metadata=openpi_metadata,
     )
+
+
+def _openpi_metadata(value: Any) -> dict[str, Any]:
+    """A policy's ``openpi_metadata``: a map of str keys that msgpack can carry (ModelError
+    otherwise), none of them a key the server writes itself."""
+    import openpi_wire
+    from policy_server.openpi_session import SERVER_METADATA_KEYS
+
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ModelError("policy.openpi_metadata must be a mapping with str keys")
+    clash = sorted(set(value) & SERVER_METADATA_KEYS)
+    if clash:
+        raise ModelError(f"policy.openpi_metadata may not set {clash}: the server writes them")
+    try:
+        openpi_wire.encode(dict(value))
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"policy.openpi_metadata cannot travel on openpi's wire: {exc}") from None
+    return dict(value)
 
 
 def _check_inputs(spec: tuple[TensorSpec, ...]) -> None:

@@ -8,10 +8,11 @@ the worker's statistics, writes one JSON log line on the ``policy_server.access`
 or scrapes is declared by the audience group of their route (:mod:`policy_server.access`).
 
 Behind the front door (:mod:`policy_server.front_door`) the request's arrival is
-``environ[ARRIVED]`` (latency counts from there), and counting waits until the answer was
-written (``environ[DEFERRED]``): a client that vanished before it is counted as 499, not as
-the status it would have got. Answers the front door gives itself are counted here too
-(:func:`count_refusal`, :func:`count_vanished`).
+``environ[ARRIVED]`` (latency counts from there to the moment its status line was
+committed), and counting waits until the answer was written (``environ[DEFERRED]``): a
+client that vanished before it is counted as 499, and an answer the door replaced (a 2xx
+ready past the deadline) as the 504 it got, not as the status it would have got. Answers
+the front door gives itself are counted here too (:func:`count_refusal`, :func:`count_vanished`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from flask import Flask, Response, g, request
 
 from policy_server import metrics
 from policy_server.access import request_audience
-from policy_server.front_door_http import ARRIVED, DEFERRED
+from policy_server.wsgi_keys import ARRIVED, DEFERRED
 
 access_log = logging.getLogger("policy_server.access")
 
@@ -48,6 +49,7 @@ def install(app: Flask, stats) -> None:
     def _observe(response: Response) -> Response:
         started = g.get("started")
         latency = time.perf_counter() - started if started is not None else 0.0
+        arrived = request.environ.get(ARRIVED)
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         status = response.status_code
         answer = g.get("answer")
@@ -64,19 +66,27 @@ def install(app: Flask, stats) -> None:
         inference = audience is not None and audience.inference
         quiet = audience is not None and audience.quiet  # probes and scrapes: DEBUG only
 
-        def record(delivered: bool = True) -> None:
-            final = status if delivered else CLIENT_CLOSED
+        def record(delivered: bool = True, replaced: int | None = None, committed: float | None = None) -> None:
+            # From the front door, once the answer was written: ``replaced`` is the status it
+            # answered instead (504 for an answer ready too late), ``committed`` the
+            # time.monotonic() its status line was committed: the request's latency ends there.
+            final = (replaced or status) if delivered else CLIENT_CLOSED
+            if committed is not None and arrived is not None:
+                fields["latency_ms"] = round((committed - arrived) * 1e3, 3)
+            took = fields["latency_ms"] / 1e3
             metrics.REQUESTS.labels(route, str(final)).inc()
-            metrics.REQUEST_SECONDS.labels(route).observe(latency)
+            metrics.REQUEST_SECONDS.labels(route).observe(took)
             if inference:
                 stats.record(
-                    latency, final < 400,
+                    took, final < 400,
                     answer.queue_s if answer is not None else 0.0, answer.compute_s if answer is not None else 0.0,
                 )
             level = logging.DEBUG if quiet and delivered else logging.INFO
             if access_log.isEnabledFor(level):
                 if not delivered:
                     fields.update(status=final, detail=f"client closed the connection before its {status} answer")
+                elif replaced:
+                    fields.update(status=final, detail=f"its {status} answer was ready past the deadline; dropped")
                 access_log.log(level, json.dumps(fields))
 
         deferred = request.environ.get(DEFERRED)
@@ -116,3 +126,31 @@ def count_certificate_reload(outcome: str) -> None:
 def count_closed(reason: str, n: int = 1) -> None:
     """Connections the front door closed between requests ("idle", "evicted")."""
     metrics.FRONT_DOOR_CLOSED.labels(reason).inc(n)
+
+
+def count_message(
+    *, stats, route: str, request_id: str, status: int, delivered: bool, latency_s: float, answer, model: str,
+    remote: str, session_id: str | None = None,
+) -> None:
+    """One WebSocket message answered (or not: ``delivered`` False is a 499), counted like an
+    inference request: ``policy_requests_total`` and the latency under ``route``, the worker's
+    statistics, and one access-log line. ``answer`` is the ``runtime.Answer`` when there is one."""
+    final = status if delivered else CLIENT_CLOSED
+    metrics.REQUESTS.labels(route, str(final)).inc()
+    metrics.REQUEST_SECONDS.labels(route).observe(latency_s)
+    stats.record(
+        latency_s, final < 400, answer.queue_s if answer is not None else 0.0,
+        answer.compute_s if answer is not None else 0.0,
+    )
+    if access_log.isEnabledFor(logging.INFO):
+        fields = {
+            "request_id": request_id, "method": "WS", "route": route, "path": route.removeprefix("ws:"),
+            "status": final, "latency_ms": round(latency_s * 1e3, 3),
+            "batch_size": answer.batch_size if answer is not None else None, "model": model,
+            "version": answer.version if answer is not None else None, "remote": remote,
+        }
+        if session_id is not None:
+            fields["session_id"] = session_id
+        if not delivered:
+            fields["detail"] = f"client closed the connection before its {status} answer"
+        access_log.info(json.dumps(fields))

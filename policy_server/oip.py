@@ -21,6 +21,7 @@ followed, for binary inputs, by their raw little-endian row-major bytes in input
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -30,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from policy_server.contract import TensorSpec
-from policy_server.errors import BadRequest, InvalidInput, PayloadTooLarge
+from policy_server.errors import BadRequest, InvalidInput, NonFiniteOutput, PayloadTooLarge
+from policy_server.oip_json import BIG_JSON_BYTES, big_json, json_tensor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 # OIP tensor data types and their numpy (little-endian) dtypes. BYTES and BF16 are not served.
@@ -44,6 +46,9 @@ _BY_NUMPY = {dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()}
 MAX_TENSORS = 64  # inputs or requested outputs in one request
 MAX_RANK = 16
 MAX_ID_CHARS = 256
+MAX_NAME_CHARS = 128
+MAX_TIMEOUT_US = 10**12  # the largest ``timeout`` parameter taken at its word (11.6 days)
+MAX_TENSOR_BYTES = 1 << 40  # no tensor's declared shape may need more, even with a zero dimension
 
 
 def datatype_of(dtype: str | np.dtype) -> str:
@@ -72,14 +77,36 @@ def model_metadata(
     }
 
 
+@dataclass(frozen=True)
+class TensorHeader:
+    """One input as the JSON header declares it, before any data is converted: ``dtype`` the
+    datatype's numpy (little-endian) dtype, ``data`` the JSON ``data`` (None for binary
+    data), ``size`` its ``binary_data_size`` and ``offset`` where its bytes start after the
+    header (binary data only)."""
+
+    name: str
+    datatype: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    data: Any = None
+    size: int | None = None
+    offset: int = 0
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
 @dataclass
 class InferRequest:
     """A decoded inference request: ``inputs`` name -> array ``[N, *shape]`` (read-only views
-    into the body for binary inputs), the requested outputs (name -> answer as binary), the
-    request ``id`` to echo and the ``timeout`` parameter in microseconds (None when absent)."""
+    into the body for binary inputs), ``rows`` N (when checked against a spec), the requested
+    outputs (name -> answer as binary, None for the default), the request ``id`` to echo and
+    the ``timeout`` parameter in microseconds (None when absent)."""
 
     inputs: dict[str, np.ndarray]
-    outputs: dict[str, bool] = field(default_factory=dict)
+    rows: int | None = None
+    outputs: dict[str, bool | None] = field(default_factory=dict)
     binary_output_default: bool = False
     request_id: str | None = None
     timeout_us: int | None = None
@@ -106,11 +133,23 @@ def parse_header_length(raw: str | None, body_length: int, max_header_bytes: int
     return length
 
 
-def decode_request(body: bytes, header_length: int | None, max_header_bytes: int) -> InferRequest:
-    """Decode an inference request body (BadRequest / PayloadTooLarge on anything malformed).
+def decode_request(
+    body: bytes,
+    header_length: int | None,
+    max_header_bytes: int,
+    spec: Sequence[TensorSpec] | None = None,
+    max_rows: int | None = None,
+) -> InferRequest:
+    """Decode an inference request body: parse the JSON header, check every field's JSON type
+    before it is used, check every ``binary_data_size`` against its datatype and shape and
+    their sum against the bytes after the header, check the declared inputs against the
+    model's ``spec`` when given (:func:`check_against_spec`, with ``max_rows``), and only then
+    convert tensor data. Raises BadRequest / PayloadTooLarge on anything malformed, and what
+    :func:`check_against_spec` raises.
 
-    Every ``binary_data_size`` is checked against its datatype and shape, and their sum
-    against the bytes after the header, before any tensor is sliced.
+    A header over :data:`BIG_JSON_BYTES` is decoded in the worker's one big-JSON section
+    (:func:`policy_server.oip_json.big_json`), so the GIL is never held long and the
+    worker's probes keep answering.
     """
     if header_length is None:
         if len(body) > max_header_bytes:
@@ -119,40 +158,46 @@ def decode_request(body: bytes, header_length: int | None, max_header_bytes: int
     else:
         view = memoryview(body)
         header_bytes, binary = view[:header_length], view[header_length:]
-    header = _load_json(bytes(header_bytes))
+    section = big_json() if len(header_bytes) > BIG_JSON_BYTES else contextlib.nullcontext()
+    with section:
+        header = _load_json(bytes(header_bytes))
+        decoded = _decode_header(header, binary, spec, max_rows)
+        del header  # the parsed JSON: its lists are gone before the section ends
+    return decoded
+
+
+def _decode_header(header: dict, binary: memoryview, spec, max_rows) -> InferRequest:
     params = _parameters(header, "request")
     request_id = header.get("id")
     if request_id is not None and (not isinstance(request_id, str) or len(request_id) > MAX_ID_CHARS):
         raise BadRequest(f"'id' must be a string of at most {MAX_ID_CHARS} characters")
     timeout = params.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0):
-        raise BadRequest("parameter 'timeout' must be a positive integer (microseconds)")
+    if timeout is not None and (not _is_int(timeout) or not 0 < timeout <= MAX_TIMEOUT_US):
+        raise BadRequest(f"parameter 'timeout' must be an integer in 1..{MAX_TIMEOUT_US} (microseconds)")
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs or len(raw_inputs) > MAX_TENSORS:
         raise BadRequest(f"'inputs' must be a list of 1 to {MAX_TENSORS} tensors")
-    tensors = [_input_header(t, i) for i, t in enumerate(raw_inputs)]
-    names = [t[0] for t in tensors]
+    tensors, offset = [], 0
+    for index, raw in enumerate(raw_inputs):
+        tensor = _input_header(raw, index, offset)
+        offset += tensor.size or 0
+        tensors.append(tensor)
+    names = [t.name for t in tensors]
     if len(set(names)) != len(names):
         raise BadRequest("an input name appears twice")
-    declared = sum(t[4] for t in tensors if t[4] is not None)
-    if declared != len(binary):
-        raise BadRequest(f"inputs declare {declared} bytes of binary data, the body has {len(binary)} after the header")
-    inputs: dict[str, np.ndarray] = {}
-    offset = 0
-    for name, dtype, shape, data, size in tensors:
-        if size is not None:
-            raw = binary[offset : offset + size]
-            if dtype.kind == "b" and size and np.frombuffer(raw, np.uint8).max() > 1:
-                raise BadRequest(f"input {name!r}: BOOL bytes must be 0 or 1")
-            inputs[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
-            offset += size
-        else:
-            inputs[name] = _json_tensor(name, dtype, shape, data)
+    if offset != len(binary):
+        raise BadRequest(f"inputs declare {offset} bytes of binary data, the body has {len(binary)} after the header")
     outputs = _requested_outputs(header.get("outputs"))
     binary_default = params.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise BadRequest("parameter 'binary_data_output' must be a boolean")
-    return InferRequest(inputs, outputs, binary_default, request_id, timeout)
+    rows = None if spec is None else check_against_spec(tensors, spec, max_rows)
+    inputs = {t.name: _tensor_array(t, binary) for t in tensors}
+    return InferRequest(inputs, rows, outputs, binary_default, request_id, timeout)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _load_json(raw: bytes) -> dict:
@@ -174,28 +219,33 @@ def _parameters(obj: Mapping, where: str) -> dict:
     return params
 
 
-def _input_header(tensor: Any, index: int) -> tuple[str, np.dtype, tuple[int, ...], Any, int | None]:
+def _input_header(tensor: Any, index: int, offset: int) -> TensorHeader:
     if not isinstance(tensor, dict):
         raise BadRequest(f"input {index} must be an object")
     name = tensor.get("name")
-    if not isinstance(name, str) or not name or len(name) > 128:
-        raise BadRequest(f"input {index}: 'name' must be a non-empty string")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
+        raise BadRequest(f"input {index}: 'name' must be a string of 1 to {MAX_NAME_CHARS} characters")
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
-        raise BadRequest(f"input {name!r}: unsupported datatype {str(datatype)[:20]!r}; supported: {sorted(DATATYPES)}")
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        shown = datatype[:20] if isinstance(datatype, str) else type(datatype).__name__
+        raise BadRequest(f"input {name!r}: unsupported datatype {shown!r}; supported: {sorted(DATATYPES)}")
     dtype = DATATYPES[datatype]
     shape = tensor.get("shape")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_RANK
-        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
+        or not all(_is_int(d) and 0 <= d < 2**31 for d in shape)
     ):
         raise BadRequest(f"input {name!r}: 'shape' must be a list of at most {MAX_RANK} non-negative integers")
+    # The bytes the shape would need with its zero dimensions left out: an empty tensor whose
+    # other dimensions overflow the address space is refused here, not inside numpy.
+    if math.prod(d for d in shape if d) * dtype.itemsize > MAX_TENSOR_BYTES:
+        raise BadRequest(f"input {name!r}: shape {shape} is larger than any tensor this server accepts")
     count = math.prod(shape)
     size = _parameters(tensor, f"input {name!r}").get("binary_data_size")
     has_data = "data" in tensor
     if size is not None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if not _is_int(size) or size < 0:
             raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer")
         if has_data:
             raise BadRequest(f"input {name!r}: both 'data' and binary_data_size")
@@ -206,39 +256,29 @@ def _input_header(tensor: Any, index: int) -> tuple[str, np.dtype, tuple[int, ..
             )
     elif not has_data:
         raise BadRequest(f"input {name!r}: neither 'data' nor binary_data_size")
-    return name, dtype, tuple(shape), tensor.get("data"), size
+    elif not isinstance(tensor["data"], list):
+        raise BadRequest(f"input {name!r}: 'data' must be an array")
+    return TensorHeader(name, datatype, dtype, tuple(shape), tensor.get("data"), size, offset)
 
 
-def _json_tensor(name: str, dtype: np.dtype, shape: tuple[int, ...], data: Any) -> np.ndarray:
-    """A JSON ``data`` array (flat or nested, row-major) as ``dtype[shape]``, strictly typed."""
-    try:
-        array = np.array(data)
-    except (ValueError, TypeError, RecursionError):
-        raise BadRequest(f"input {name!r}: 'data' is not a rectangular array of numbers") from None
-    kind = array.dtype.kind
-    allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
-    if array.size and kind not in allowed:
-        raise BadRequest(f"input {name!r}: 'data' holds {array.dtype.name} values, not {dtype.name}")
-    if array.size != math.prod(shape):
-        raise BadRequest(
-            f"input {name!r}: 'data' has {array.size} elements, shape {list(shape)} needs {math.prod(shape)}"
-        )
-    if array.size and dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        if array.dtype.kind not in "iu" or int(array.min()) < info.min or int(array.max()) > info.max:
-            raise BadRequest(f"input {name!r}: 'data' does not fit {dtype.name}")
-    return array.astype(dtype).reshape(shape)
+def _tensor_array(tensor: TensorHeader, binary: memoryview) -> np.ndarray:
+    if tensor.size is None:
+        return json_tensor(tensor.name, tensor.dtype, tensor.shape, tensor.data)
+    raw = binary[tensor.offset : tensor.offset + tensor.size]
+    if tensor.dtype.kind == "b" and tensor.size and np.frombuffer(raw, np.uint8).max() > 1:
+        raise BadRequest(f"input {tensor.name!r}: BOOL bytes must be 0 or 1")
+    return np.frombuffer(raw, dtype=tensor.dtype).reshape(tensor.shape)
 
 
-def _requested_outputs(raw: Any) -> dict[str, bool]:
+def _requested_outputs(raw: Any) -> dict[str, bool | None]:
     if raw is None:
         return {}
     if not isinstance(raw, list) or len(raw) > MAX_TENSORS:
         raise BadRequest(f"'outputs' must be a list of at most {MAX_TENSORS} objects")
-    outputs: dict[str, bool] = {}
+    outputs: dict[str, bool | None] = {}
     for index, item in enumerate(raw):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise BadRequest(f"output {index} must be an object with a 'name'")
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or len(item["name"]) > MAX_NAME_CHARS:
+            raise BadRequest(f"output {index} must be an object with a 'name' of at most {MAX_NAME_CHARS} characters")
         binary = _parameters(item, f"output {item['name']!r}").get("binary_data", None)
         if binary is not None and not isinstance(binary, bool):
             raise BadRequest(f"output {item['name']!r}: binary_data must be a boolean")
@@ -246,33 +286,36 @@ def _requested_outputs(raw: Any) -> dict[str, bool]:
     return outputs
 
 
-def check_against_spec(inputs: Mapping[str, np.ndarray], spec: Sequence[TensorSpec]) -> int:
-    """The request's batch dimension N after checking every input's datatype and rank.
+def check_against_spec(tensors: Sequence[TensorHeader], spec: Sequence[TensorSpec], max_rows: int | None) -> int:
+    """The request's batch dimension N, after checking each declared input against the spec
+    before any of its data is converted.
 
-    Raises InvalidInput (422) naming the input: a datatype other than the spec's, a rank
-    other than the spec's plus one, or leading dimensions that disagree. Missing and extra
-    inputs and per-sample shapes are checked by the vectorized path with N rows.
+    Raises InvalidInput (422) naming the input: one the model does not have, a datatype
+    other than the spec's, a shape other than ``[N, *spec shape]``, batch dimensions that
+    disagree, N below 1; PayloadTooLarge (413) for N over ``max_rows`` (the worker's queue
+    size: more rows than it could ever hold). Missing inputs are named by the vectorized
+    path's check, which fills the optional ones.
     """
     by_name = {s.name: s for s in spec}
     rows = None
-    for name, array in inputs.items():
-        s = by_name.get(name)
+    for tensor in tensors:
+        s = by_name.get(tensor.name)
         if s is None:
-            continue  # named by the vectorized path's check (unexpected input)
-        if array.dtype.newbyteorder("=") != s.np_dtype:
+            raise InvalidInput(f"unexpected input {tensor.name!r}; expected {sorted(by_name)}")
+        if tensor.dtype.newbyteorder("=") != s.np_dtype:
             raise InvalidInput(
-                f"input {name!r}: expected datatype {datatype_of(s.dtype)}, got {datatype_of(array.dtype)}"
+                f"input {tensor.name!r}: expected datatype {datatype_of(s.dtype)}, got {tensor.datatype}"
             )
-        if array.ndim != len(s.shape) + 1:
-            raise InvalidInput(f"input {name!r}: expected shape {[-1, *s.shape]}, got {list(array.shape)}")
+        if tensor.ndim != len(s.shape) + 1 or tensor.shape[1:] != s.shape:
+            raise InvalidInput(f"input {tensor.name!r}: expected shape {[-1, *s.shape]}, got {list(tensor.shape)}")
         if rows is None:
-            rows = array.shape[0]
-        elif array.shape[0] != rows:
-            raise InvalidInput(f"input {name!r}: batch dimension {array.shape[0]}, another input has {rows}")
-    if rows is None:
-        raise InvalidInput(f"no known input; expected {sorted(by_name)}")
-    if rows < 1:
+            rows = tensor.shape[0]
+        elif tensor.shape[0] != rows:
+            raise InvalidInput(f"input {tensor.name!r}: batch dimension {tensor.shape[0]}, another input has {rows}")
+    if rows is None or rows < 1:
         raise InvalidInput("the batch dimension must be at least 1")
+    if max_rows is not None and rows > max_rows:
+        raise PayloadTooLarge(f"{rows} rows exceed the queue size {max_rows}")
     return rows
 
 
@@ -300,7 +343,10 @@ def encode_response(
     header: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": tensors}
     if request_id is not None:
         header["id"] = request_id
-    encoded = json.dumps(header, separators=(",", ":"), allow_nan=True).encode()
+    try:  # NaN and inf are not JSON: strict parsers fail on them, so they are never written
+        encoded = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        raise NonFiniteOutput(f"model {model_name!r} version {version}: an output holds NaN or inf") from None
     if not chunks:
         return encoded, None
     return b"".join([encoded, *chunks]), len(encoded)

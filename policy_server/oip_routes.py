@@ -20,7 +20,15 @@ from policy_server import oip
 from policy_server.access import INFERENCE, INFO, PROBES, RouteGroup
 from policy_server.config import ServerConfig
 from policy_server.errors import ServingError, UnknownModel
-from policy_server.web import answer_headers, error_response, read_body, request_arrival, request_deadline
+from policy_server.inference import Call, infer_call
+from policy_server.web import (
+    answer_headers,
+    error_response,
+    note_deadline,
+    read_body,
+    request_arrival,
+    request_deadline,
+)
 
 SERVER_NAME = "robot-policy-server"
 SERVER_VERSION = "0.1.0"
@@ -87,14 +95,17 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         header_length = oip.parse_header_length(
             request.headers.get(oip.HEADER_LENGTH), len(body), config.oip_max_json_bytes
         )
-        decoded = oip.decode_request(body, header_length, config.oip_max_json_bytes)
+        served = served_version(name, version)
+        decoded = oip.decode_request(
+            body, header_length, config.oip_max_json_bytes, served.model.input_spec, config.queue_size
+        )
         if decoded.timeout_us is not None:
             deadline = min(deadline, request_arrival() + decoded.timeout_us / 1e6)
-        served = served_version(name, version)
-        rows = oip.check_against_spec(decoded.inputs, served.model.input_spec)
+            note_deadline(deadline)
+        call = Call(name, decoded.inputs, deadline, decoded.rows, list(decoded.outputs))
         t2 = time.perf_counter()
         g.model = name
-        g.answer = answer = runtime.infer(decoded.inputs, deadline, name, list(decoded.outputs), rows)
+        g.answer = answer = infer_call(runtime, config, call)
         if version is not None and answer.version != version:  # a hot swap in between
             raise UnknownModel(f"model {name!r} changed to version {answer.version!r} while this request waited")
         t3 = time.perf_counter()

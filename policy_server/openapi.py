@@ -18,12 +18,13 @@ ERROR_REF = {"$ref": "#/components/schemas/Error"}
 # Every error a route may answer, with the words the server uses for it.
 ERRORS = {
     "400": "Malformed or unsafe body, bad header or query parameter",
-    "401": "Missing or wrong X-API-Key (or X-Admin-Key on management routes)",
+    "401": "Missing or wrong X-API-Key (or Authorization: Api-Key; X-Admin-Key on management routes)",
     "403": "A model_path outside --model-root, or a file in it that links outside",
     "404": "Unknown model or version",
     "409": "The change conflicts with the server's state (e.g. unloading the default model)",
     "411": "No Content-Length",
     "413": "Body over the configured limit, or more X-Batch-Rows than the queue holds",
+    "426": "A plain GET (or another WebSocket version than 13) where a WebSocket upgrade is expected",
     "415": "Management body neither JSON nor application/octet-stream",
     "422": "Observation does not match the model's input spec (naming the field, and the row of a "
            "vectorized request), or the update failed validation",
@@ -305,6 +306,27 @@ def oip_paths() -> dict[str, Any]:
     }
 
 
+def _websocket(summary: str, *, named: bool) -> dict[str, Any]:
+    """A WebSocket upgrade to openpi's protocol (OpenAPI 3.0 has no WebSocket: the upgrade is
+    described as the GET it is, and ``x-websocket`` names the protocol that follows)."""
+    return {
+        "summary": summary,
+        "description": "Send a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key, "
+                       "Sec-WebSocket-Version: 13). The server then sends one msgpack frame of metadata (once the "
+                       "model is ready) and answers each msgpack observation frame with one frame of outputs; "
+                       "errors are a text frame and a close. See README.md, \"openpi's WebSocket wire\". A GET "
+                       "that is not an upgrade is answered 426.",
+        "x-websocket": "openpi",
+        "operationId": f"openpi{'_named' if named else ''}_{summary.split()[-1].strip('/') or 'root'}",
+        "security": [{}, {"ApiKey": []}],
+        "parameters": [*([NAME] if named else []), REQUEST_ID],
+        "responses": {
+            "101": {"description": "Switching Protocols: openpi's WebSocket protocol follows"},
+            **_errors("400", "401", "404", "426"),
+        },
+    }
+
+
 def openapi_document(version: str = "1") -> dict[str, Any]:
     """The OpenAPI 3.0.3 document of the server's routes."""
     command_body = {"application/json": {"schema": UPDATE_BODY}, **BINARY}
@@ -318,11 +340,20 @@ def openapi_document(version: str = "1") -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "paths": {
-            "/infer": {"post": {**INFER, "operationId": "infer"}},
-            "/models/{name}/infer": {"post": {
-                **INFER, "operationId": "infer_named", "summary": "Inference on a named model",
-                "parameters": [NAME, *INFER["parameters"]],
-            }},
+            "/infer": {
+                "post": {**INFER, "operationId": "infer"},
+                "get": _websocket("openpi's WebSocket protocol over the default model at /infer", named=False),
+            },
+            "/models/{name}/infer": {
+                "post": {
+                    **INFER, "operationId": "infer_named", "summary": "Inference on a named model",
+                    "parameters": [NAME, *INFER["parameters"]],
+                },
+                "get": _websocket("openpi's WebSocket protocol over a named model", named=True),
+            },
+            "/": {"get": _websocket("openpi's WebSocket protocol over the default model (ws://host:port)",
+                                    named=False)},
+            "/healthz": _get("Liveness under openpi's probe path (as /health)", open_route=True, errors=("503",)),
             "/health": _get("Liveness: the process answers and its batcher thread runs (503 once it ended)",
                              open_route=True, errors=("503",)),
             "/ready": _get("Readiness: the default model is loaded and warm", open_route=True, errors=("503",)),
@@ -365,7 +396,8 @@ def openapi_document(version: str = "1") -> dict[str, Any]:
                 },
             },
             "securitySchemes": {
-                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                           "description": "Also accepted as 'Authorization: Api-Key <key>' (openpi's client)"},
                 "AdminKey": {"type": "apiKey", "in": "header", "name": "X-Admin-Key"},
             },
         },

@@ -67,6 +67,7 @@ class PolicyRuntime:
         self.reporter = StatsReporter(self.stats, config.run_dir)
         self.cache = ResponseCache(config.cache_size, config.cache_ttl_s)
         self.device = "cpu"
+        self._torch_ready = False  # set up in this worker (_setup_torch)
         self._served: dict[str, Served] = {}  # replaced whole on every change, never mutated
         self._failure: str | None = None
         self._settled = threading.Event()  # loaded or failed
@@ -150,13 +151,15 @@ class PolicyRuntime:
         except Exception as exc:
             self._failure = f"{type(exc).__name__}: {exc}"
             log.exception("loading the model failed")
-            self._settled.set()
-            return
-        log.info(
-            "worker %d ready: serving %s on %s with %d torch threads", os.getpid(),
-            ", ".join(f"{name} version {s.model.version}" for name, s in sorted(self._served.items())),
-            self.device, self.config.torch_threads_per_worker(),
-        )
+            if self.follower is None or not self._torch_ready:  # nothing would ever replace it
+                self._settled.set()
+                return
+            # Keep following the store: a version that loads, published by any worker or
+            # instance sharing it, makes this worker ready (held WebSocket clients included).
+            log.warning("worker %d follows the store: a version of %s that loads will be served", os.getpid(),
+                        self.default_name)
+        else:
+            self._log_ready()
         self._serving = True
         self._settled.set()
         self.reporter.start()
@@ -168,6 +171,13 @@ class PolicyRuntime:
             if not self._stopping.is_set():
                 log.critical("the batcher thread ended while serving: /health answers 503")
 
+    def _log_ready(self) -> None:
+        log.info(
+            "worker %d ready: serving %s on %s with %d torch threads", os.getpid(),
+            ", ".join(f"{name} version {s.model.version}" for name, s in sorted(self._served.items())),
+            self.device, self.config.torch_threads_per_worker(),
+        )
+
     def _setup_torch(self, worker_index: int) -> None:
         threads = self.config.torch_threads_per_worker()
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
@@ -177,6 +187,7 @@ class PolicyRuntime:
         self.device = resolve_device(self.config.device, worker_index)
         self.bind_device()
         self.batcher.max_batch_size = self.config.batch_size_for(self.device)
+        self._torch_ready = True
 
     def bind_device(self) -> None:
         """torch's current CUDA device is per thread: set it on every thread that loads."""
@@ -203,6 +214,9 @@ class PolicyRuntime:
         else:
             models[name] = served
         self._served = models
+        if served is not None and name == self.default_name and self._failure is not None:
+            self._failure = None  # a worker whose first load failed serves now
+            self._log_ready()
         metrics.set_model_version(name, served.model.version if served else "0")
         self.cache.drop_model(name, keep_version=served.model.version if served else None)
         self.publish_status()
@@ -328,6 +342,7 @@ class Answer:
     compute_s: float = 0.0
     cache: str | None = None  # "hit", "miss", or None when the cache is off
     rows: int | None = None  # N of a vectorized request, None for one observation
+    images_s: float = 0.0  # decoding its encoded camera images (policy_server.inference)
 
 
 def _only(outputs: dict[str, np.ndarray], names: frozenset[str]) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ gunicorn master must be able to import without torch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ import numpy as np
 
 from policy_server import metrics
 from policy_server.config import ServerConfig
-from policy_server.errors import ConfigError, ModelError
+from policy_server.errors import ConfigError, ModelError, NonFiniteOutput
 from policy_server.model_loader import LoadedModel
 from policy_server.tensors import sample_inputs
 
@@ -106,9 +107,33 @@ class Served:
         """Start a batch of queued requests (each with ``.inputs``) on the executor."""
         return self.executor.launch([r.inputs for r in requests])
 
-    def finish(self, handle: Any) -> tuple[list[dict[str, np.ndarray]], str]:
-        """One output dict per request, and the version that computed them."""
-        return self.executor.finish(handle), self.model.version
+    def finish(self, handle: Any) -> tuple[list[dict[str, np.ndarray] | NonFiniteOutput], str]:
+        """One output dict per request, and the version that computed them.
+
+        A request whose outputs hold NaN or inf gets a :class:`NonFiniteOutput` in place of
+        its dict (the batcher fails it; its batch mates are answered): a robot never receives
+        a non-finite action. Each one is counted and logged with the model and version.
+        """
+        rows = self.executor.finish(handle)
+        checked = self._finite_outputs
+        for i, row in enumerate(rows):
+            bad = [name for name in checked if not np.isfinite(row[name]).all()]
+            if bad:
+                rows[i] = self._refuse(bad)
+        return rows, self.model.version
+
+    @functools.cached_property
+    def _finite_outputs(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.model.output_spec if s.np_dtype.kind in "fc")
+
+    def _refuse(self, names: list[str]) -> NonFiniteOutput:
+        model, version = self.model.name, self.model.version
+        metrics.NONFINITE_OUTPUTS.labels(model, version).inc()
+        log.warning("model %s version %s answered NaN or inf in %s; the answer was refused", model, version, names)
+        return NonFiniteOutput(
+            f"model {model!r} version {version} computed NaN or inf in {', '.join(map(repr, names))}; "
+            "nothing was served"
+        )
 
     def as_version(self, version: str) -> Served:
         """This validated candidate served as store version ``version``, from now."""

@@ -129,12 +129,14 @@ def summarize(snapshots: list[dict[str, Any]], now: float | None = None) -> dict
     }
 
 
-# What the totals count: the rules of the inference audience (policy_server.access), named
+# What the totals count: the rules of the inference audience (policy_server.access) and the
+# route labels of openpi's WebSocket messages (policy_server.openpi_routes), named
 # here because the gunicorn master, which writes final_metrics.json, builds no app;
 # tests/test_access.py checks this set against the app's routes.
 INFERENCE_ROUTES = frozenset({
     "/infer", "/models/<name>/infer",
     "/v2/models/<name>/infer", "/v2/models/<name>/versions/<version>/infer",  # Open Inference Protocol
+    "ws:/", "ws:/infer", "ws:/models/<name>/infer",  # openpi's messages, under their upgrade's rule
 })
 
 

@@ -9,13 +9,17 @@ from typing import Any
 import numpy as np
 
 from policy_server.contract import RTC_INPUTS, TensorSpec
-from policy_server.errors import BadRequest, InvalidInput
+from policy_server.errors import BadRequest, InvalidInput, PayloadTooLarge
 
 BATCH_ROWS_HEADER = "X-Batch-Rows"
 
 
-def parse_batch_rows(raw: str | None) -> int | None:
-    """The ``X-Batch-Rows`` header: None when absent (one observation), else N >= 1 (BadRequest)."""
+def parse_batch_rows(raw: str | None, max_rows: int | None = None) -> int | None:
+    """The ``X-Batch-Rows`` header: None when absent (one observation), else N >= 1 (BadRequest).
+
+    PayloadTooLarge (413) for N over ``max_rows`` (the worker's queue size: more rows than it
+    could ever hold), before anything of the body is decoded.
+    """
     if raw is None:
         return None
     try:
@@ -24,6 +28,8 @@ def parse_batch_rows(raw: str | None) -> int | None:
         raise BadRequest(f"{BATCH_ROWS_HEADER} is not an integer: {raw[:20]!r}") from None
     if rows < 1:
         raise BadRequest(f"{BATCH_ROWS_HEADER} must be at least 1, got {rows}")
+    if max_rows is not None and rows > max_rows:
+        raise PayloadTooLarge(f"{rows} rows exceed the queue size {max_rows}")
     return rows
 
 
@@ -71,6 +77,22 @@ def validate_inputs(
             raise InvalidInput(
                 f"input {name!r}: expected shape {[rows, *s.shape]} (rows of {list(s.shape)}), got {list(value.shape)}"
             )
+    for name, s in expected.items():
+        if s.finite_only and name in inputs:
+            check_finite(name, inputs[name], rows)
+
+
+def check_finite(name: str, value: np.ndarray, rows: int | None) -> None:
+    """InvalidInput naming the input (and the first row) unless every value is finite."""
+    if np.isfinite(value).all():
+        return
+    where = ""
+    if rows is not None:
+        where = f" row {int(np.flatnonzero(~np.isfinite(value).reshape(rows, -1).all(axis=1))[0])}"
+    raise InvalidInput(
+        f"input {name!r}{where}: holds NaN or inf; this model takes only finite values there "
+        "(a model declares allow_nonfinite=True for an input that may carry them)"
+    )
 
 
 def complete_inputs(inputs: Mapping[str, Any], spec: Sequence[TensorSpec], rows: int | None = None) -> dict[str, Any]:

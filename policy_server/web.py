@@ -11,6 +11,7 @@ import time
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.routing.exceptions import WebsocketMismatch
 
 from binary_protocol import ProtocolError, binary_to_dict
 from policy_server.errors import (
@@ -21,7 +22,7 @@ from policy_server.errors import (
     ServingError,
     UnsupportedMediaType,
 )
-from policy_server.front_door_http import ARRIVED
+from policy_server.wsgi_keys import ARRIVED, DEADLINE
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,13 @@ def request_deadline(default_ms: int) -> float:
     deadline = request_arrival(now) + request_deadline_s(default_ms)
     if deadline <= now:
         raise DeadlineExceeded(f"deadline passed {1e3 * (now - deadline):.1f} ms before the request reached a thread")
+    note_deadline(deadline)
     return deadline
+
+
+def note_deadline(deadline: float) -> None:
+    """Tell the front door the request's deadline: a 2xx not written by then is answered 504."""
+    request.environ[DEADLINE] = deadline
 
 
 def requested_outputs() -> list[str]:
@@ -146,12 +153,14 @@ def server_timing(**stages_s: float) -> str:
 
 def answer_headers(answer, *, read_s: float, decode_s: float, encode_s: float) -> dict[str, str]:
     """The headers every inference answer carries (``/infer`` and OIP alike): the model
-    version, Server-Timing (read, decode, queue, compute, encode; ms), the batch size and the
-    cache outcome when there is one. ``answer`` is a ``runtime.Answer``."""
+    version, Server-Timing (read, decode (encoded images included), queue, compute, encode;
+    ms), the batch size and the cache outcome when there is one. ``answer`` is a
+    ``runtime.Answer``."""
     headers = {
         "X-Model-Version": answer.version,
         "Server-Timing": server_timing(
-            read=read_s, decode=decode_s, queue=answer.queue_s, compute=answer.compute_s, encode=encode_s
+            read=read_s, decode=decode_s + answer.images_s, queue=answer.queue_s, compute=answer.compute_s,
+            encode=encode_s,
         ),
     }
     if answer.batch_size:
@@ -184,6 +193,15 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ProtocolError)
     def _protocol_error(exc: ProtocolError):
         return error_response(400, "bad request", f"body rejected: {str(exc)[:500]}")
+
+    @app.errorhandler(WebsocketMismatch)  # a plain request to a WebSocket-only route (openpi's wire)
+    def _websocket_only(exc: WebsocketMismatch):
+        return error_response(
+            426, "upgrade required",
+            f"{request.path} speaks openpi's WebSocket protocol on GET: connect a WebSocket client "
+            "(openpi_client.WebsocketClientPolicy, or PolicyClient('ws://...')), or POST observations to /infer",
+            {"Upgrade": "websocket"},
+        )
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):

@@ -11,7 +11,7 @@ import re
 import pytest
 from flask import Blueprint, Flask
 
-from policy_server.access import ADMIN, INFO, Access, RouteGroup, audience_of, require_declared_access
+from policy_server.access import ADMIN, INFO, WEBSOCKET, Access, RouteGroup, audience_of, require_declared_access
 from policy_server.config import ServerConfig
 from policy_server.errors import ConfigError
 from policy_server.openapi import openapi_document
@@ -30,13 +30,13 @@ SECURITY = {
 }
 # The behaviour pinned by URL, independent of any function or blueprint name.
 EXPECTED = {
-    Access.OPEN: {"/health", "/ready", "/metrics", "/openapi.json", "/v2/health/live", "/v2/health/ready"},
+    Access.OPEN: {"/health", "/healthz", "/ready", "/metrics", "/openapi.json", "/v2/health/live", "/v2/health/ready"},
     Access.ADMIN: {"/update_model", "/models/<name>/load", "/models/<name>/unload"},
 }
 INFERENCE_RULES = {
     "/infer", "/models/<name>/infer", "/v2/models/<name>/infer", "/v2/models/<name>/versions/<version>/infer",
 }
-QUIET_RULES = {"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"}
+QUIET_RULES = {"/health", "/healthz", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"}
 
 
 def operations(app: Flask):
@@ -51,6 +51,14 @@ def concrete(rule: str) -> str:
     return rule.replace("<name>", "default").replace("<version>", "fake-1")
 
 
+def upgrade(rule) -> dict[str, str]:
+    """The headers that make a request a WebSocket upgrade, for a rule that takes only those."""
+    if not rule.websocket:
+        return {}
+    return {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+
+
 def test_every_rule_has_the_access_its_openapi_operation_declares():
     app = make_app()
     paths = openapi_document()["paths"]
@@ -59,7 +67,7 @@ def test_every_rule_has_the_access_its_openapi_operation_declares():
         assert audience is not None, rule.rule
         assert paths[path][method.lower()]["security"] == SECURITY[audience.access], (method, rule.rule)
         seen += 1
-    assert seen == sum(len(item) for item in paths.values()) == 22
+    assert seen == sum(len(item) for item in paths.values()) == 26
 
 
 def test_access_by_url_is_pinned():
@@ -67,7 +75,7 @@ def test_access_by_url_is_pinned():
     for _, rule, _, audience in operations(app):
         expected = next((access for access, rules in EXPECTED.items() if rule.rule in rules), Access.API)
         assert audience.access is expected, rule.rule
-        assert audience.inference == (rule.rule in INFERENCE_RULES), rule.rule
+        assert audience.inference == (rule.rule in INFERENCE_RULES and not rule.websocket), rule.rule
         assert audience.quiet == (rule.rule in QUIET_RULES), rule.rule
 
 
@@ -77,8 +85,8 @@ def test_every_route_enforces_its_declared_access():
     for method, rule, _, audience in operations(app):
         url = concrete(rule.rule)
 
-        def status(headers, url=url, method=method):
-            return client.open(url, method=method, headers=headers).status_code
+        def status(headers, url=url, method=method, rule=rule):
+            return client.open(url, method=method, headers={**headers, **upgrade(rule)}).status_code
 
         nothing, api, wrong_admin = status({}), status({"X-API-Key": API_KEY}), status({"X-Admin-Key": "x" * 20})
         if audience.access is Access.OPEN:
@@ -139,13 +147,13 @@ def test_the_group_decides_stats_and_log_level(caplog):
     for method, rule, _, _ in operations(app):
         before = counted()
         caplog.clear()
-        client.open(concrete(rule.rule), method=method, headers={"X-Request-Id": "probe"}, data=b"",
+        client.open(concrete(rule.rule), method=method, headers={"X-Request-Id": "probe", **upgrade(rule)}, data=b"",
                     content_type="application/octet-stream")
         records = [r for r in caplog.records if r.name == "policy_server.access"]
         assert [json.loads(r.getMessage())["route"] for r in records] == [rule.rule]
         expected_level = logging.DEBUG if rule.rule in QUIET_RULES else logging.INFO
         assert records[0].levelno == expected_level, rule.rule
-        assert counted() - before == (1 if rule.rule in INFERENCE_RULES else 0), rule.rule
+        assert counted() - before == (1 if rule.rule in INFERENCE_RULES and not rule.websocket else 0), rule.rule
 
 
 def test_the_instance_totals_count_the_inference_groups_routes():
@@ -154,8 +162,10 @@ def test_the_instance_totals_count_the_inference_groups_routes():
     from policy_server.stats import INFERENCE_ROUTES
 
     app = make_app()
-    assert INFERENCE_ROUTES == {rule.rule for _, rule, _, audience in operations(app) if audience.inference}
-    assert INFERENCE_ROUTES == INFERENCE_RULES
+    http = {rule.rule for _, rule, _, audience in operations(app) if audience.inference}
+    websocket = {"ws:" + rule.rule for _, rule, _, audience in operations(app) if audience is WEBSOCKET}
+    assert http == INFERENCE_RULES and websocket == {"ws:/", "ws:/infer", "ws:/models/<name>/infer"}
+    assert INFERENCE_ROUTES == http | websocket  # openpi messages count under ws: + the upgrade's rule
 
 
 @pytest.mark.parametrize("change", [{"api_key": "short"}, {"port": 0}, {"host": "0.0.0.0"}, {"autocast": "fp8"}])

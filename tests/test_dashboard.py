@@ -15,7 +15,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from policy_server import metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "policy-server-dashboard.json"
-ROWS = ["Traffic", "Latency", "Batching", "Models", "Cache", "CUDA", "Front door"]
+ROWS = ["Traffic", "Latency", "Batching", "Models", "Cache", "CUDA", "Front door", "Answer safety"]
 GRID_COLUMNS = 24
 
 # How /metrics names a family's samples (multiprocess mode writes no _created samples).

@@ -454,7 +454,7 @@ def test_bodies_being_received_are_bounded_in_bytes(tmp_path):
             with third:
                 status, headers, body = read_answer(third, timeout_s=5)
             assert (status, headers["retry-after"], body["error"]) == (503, "1", "overloaded")
-            assert "bytes of request bodies" in body["detail"]
+            assert "bytes of request data held" in body["detail"]
             assert requests.get(server.base_url + "/health", timeout=1).status_code == 200
         finally:
             for sock in held:

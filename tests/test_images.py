@@ -176,11 +176,17 @@ def test_declaration_must_name_a_uint8_image_input():
     assert describe(policy, name="fake", version="1", device="cpu").info()["encoded_inputs"] == ["image"]
 
 
+def decoded(inputs, rows=None, **kwargs):
+    kwargs.setdefault("max_bytes", 1 << 26)
+    with images.decoded_inputs(inputs, FakePolicy().input_spec, ("image",), rows, **kwargs) as out:
+        return out
+
+
 def test_decode_inputs_without_markers_returns_the_same_mapping():
     obs = fake_observation()
-    assert images.decode_inputs(obs, FakePolicy().input_spec, ("image",), None) is obs
+    assert decoded(obs) is obs
     with pytest.raises(InvalidInput, match="needs X-Batch-Rows"):
-        images.decode_inputs({"image": [encoded_image("png", b"x")]}, FakePolicy().input_spec, ("image",), None)
+        decoded({"image": [encoded_image("png", b"x")]})
 
 
 def test_the_client_imports_no_codec_unless_asked():

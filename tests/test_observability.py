@@ -15,6 +15,7 @@ from request_tools import PolicyClient
 from tests.conftest import make_app
 from tests.fakes import fake_observation
 from tests.serving import run_server
+from tests.support.prometheus import metric
 from tests.tiny_model import write_tiny_model
 
 BINARY = {"Content-Type": "application/octet-stream"}
@@ -22,16 +23,6 @@ BINARY = {"Content-Type": "application/octet-stream"}
 
 def post(client, obs=None, headers=None):
     return client.post("/infer", data=dict_to_binary(obs or fake_observation(0)), headers={**BINARY, **(headers or {})})
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """The value of one sample in a Prometheus text exposition (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.compile(
-        rf"^{re.escape(name)}(\{{{re.escape(want)}\}})? (\S+)$" if want else rf"^{re.escape(name)} (\S+)$", re.M
-    )
-    match = pattern.search(text)
-    return float(match.groups()[-1]) if match else 0.0
 
 
 def test_request_id_is_echoed_when_sane_and_made_otherwise(client):

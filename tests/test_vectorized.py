@@ -165,7 +165,7 @@ def test_a_per_row_problem_is_422_naming_the_row():
     rows[2]["inference_delay"] = np.array([5], np.int32)  # beyond its prefix_length 4
     assert_error(post(client, stacked(rows), rows=4), 422, "row 2", "inference_delay 5")
     rows[2] = {**fake_observation(2), **rtc_inputs(np.nan, 4, 2)}
-    assert_error(post(client, stacked(rows), rows=4), 422, "row 2", "action_prefix is not finite")
+    assert_error(post(client, stacked(rows), rows=4), 422, "row 2", "'action_prefix' row 2: holds NaN")
     one = {**fake_observation(0), **rtc_inputs(0.0, 11, 0)}
     assert_error(post(client, one), 422, "prefix_length 11 is outside 0..10")
 
