@@ -2,12 +2,16 @@
 
     python deploy/compose_demo.py update PROXY_URL INSTANCE_URL...     one /update_model, reach time
     python deploy/compose_demo.py stop-one PROXY_URL CONTAINER         load while CONTAINER stops
+    python deploy/compose_demo.py websocket PROXY_WS_URL               openpi's wire through the proxy
 
 ``update`` publishes slightly changed weights through the proxy (to whichever instance nginx
 picks) and measures how long until every instance's ``/ready`` names the new version.
 ``stop-one`` runs a bounded inference load through the proxy with ``PolicyClient`` as a robot
 would (its retries on), sends SIGTERM to one instance's container (``podman stop``) a few
 seconds in, and counts the requests that failed after the client's retries: requests lost.
+``websocket`` runs ``PolicyClient("ws://...")`` (openpi's WebSocket wire) through the proxy,
+then holds one raw connection idle (no pings) longer than nginx's default 60 s read timeout
+and uses it again: the proxy passes upgrades and keeps them open.
 Keys come from ``POLICY_API_KEY`` and ``POLICY_ADMIN_KEY``. Prints one JSON line each.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -109,6 +114,29 @@ def stop_one(proxy: str, container: str, threads: int = 4, duration_s: float = 1
     }
 
 
+def websocket(proxy_ws: str, idle_s: float = 65.0, calls: int = 20) -> dict:
+    """Inference over openpi's WebSocket wire through the proxy, and one connection idle for ``idle_s``."""
+    from websockets.sync.client import connect
+
+    import openpi_wire
+
+    t0 = time.monotonic()
+    with client(proxy_ws) as c:  # a WebSocketPolicyClient
+        shapes = {tuple(c.infer(observation())["action"].shape) for _ in range(calls)}
+    calls_s = time.monotonic() - t0
+    headers = {"X-API-Key": os.environ["POLICY_API_KEY"]}
+    with connect(proxy_ws + "/infer", additional_headers=headers, compression=None, max_size=None,
+                 open_timeout=10, ping_interval=None) as sock:
+        openpi_wire.decode(sock.recv(timeout=30))  # the server's metadata frame
+        sock.send(openpi_wire.encode(observation()))
+        before = openpi_wire.decode(sock.recv(timeout=30))["action"].shape
+        time.sleep(idle_s)
+        sock.send(openpi_wire.encode(observation()))
+        after = openpi_wire.decode(sock.recv(timeout=30))["action"].shape
+    assert shapes == {(10, 7)} and before == after == (10, 7), (shapes, before, after)
+    return {"calls": calls, "calls_s": round(calls_s, 2), "idle_s": idle_s, "same_connection_after_idle": True}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,9 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     stop.add_argument("proxy")
     stop.add_argument("container")
     stop.add_argument("--duration-s", type=float, default=15.0)
+    ws = sub.add_parser("websocket")
+    ws.add_argument("proxy")
+    ws.add_argument("--idle-s", type=float, default=65.0)
     args = parser.parse_args(argv)
     if args.command == "update":
         result = update(args.proxy, args.instances, args.scale)
+    elif args.command == "websocket":
+        result = websocket(args.proxy, args.idle_s)
     else:
         result = stop_one(args.proxy, args.container, duration_s=args.duration_s)
     log.info("%s: %s", args.command, json.dumps(result))

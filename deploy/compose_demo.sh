@@ -2,8 +2,9 @@
 # deploy/compose.yaml for real (`make compose-demo`; root, podman): two instances of the image
 # sharing one store volume behind nginx, published on 127.0.0.1 only. Measures cold start to
 # /ready, checks the store's lock (one seed version from two instances), sends /update_model
-# through the proxy and times its reach to both instances, then stops one instance (SIGTERM)
-# under a PolicyClient load through the proxy and counts the requests lost (must be 0).
+# through the proxy and times its reach to both instances, runs openpi's WebSocket wire through
+# the proxy (one connection idle past nginx's default timeout), then stops one instance
+# (SIGTERM) under a PolicyClient load through the proxy and counts the requests lost (must be 0).
 #   deploy/compose_demo.sh [--no-build]
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -61,6 +62,7 @@ echo "store: one seed version from two instances starting together (the lock hel
 for scale in 0.001 0.002 0.003; do
   "$PY" deploy/compose_demo.py update "$PROXY" "$A" "$B" --scale "$scale"
 done
+"$PY" deploy/compose_demo.py websocket "ws://127.0.0.1:$POLICY_PORT"
 "$PY" deploy/compose_demo.py stop-one "$PROXY" "${PROJECT}_policy-b_1"
 podman logs "${PROJECT}_policy-b_1" 2>&1 | grep -q "final metrics written" || die "policy-b did not drain and exit cleanly"
 echo "image sizes: server $(image_bytes "$POLICY_IMAGE") bytes, nginx $(image_bytes "$NGINX_IMAGE") bytes"

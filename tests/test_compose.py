@@ -24,8 +24,9 @@ def service(name: str) -> dict:
 
 
 def locations() -> dict[str, str]:
-    """Each location's pattern and its block's text (the blocks hold no nested braces)."""
-    return {m.group(1): m.group(2) for m in re.finditer(r"location (?:~ )?(\S+) \{([^}]*)\}", NGINX)}
+    """Each location's pattern (or @name) and its block's text (one level of nested braces)."""
+    block = r"\{((?:[^{}]|\{[^{}]*\})*)\}"
+    return {m.group(1): m.group(2) for m in re.finditer(rf"location (?:~ )?(\S+) {block}", NGINX)}
 
 
 def directive(block: str, name: str) -> str:
@@ -37,9 +38,18 @@ def size(text: str) -> int:
     return int(number) * _UNITS[unit]
 
 
-def location_for(path: str) -> str:
-    """The location nginx picks for ``path``: the first regex that matches, else ``/``."""
-    return next((p for p in locations() if p != "/" and re.search(p, path)), "/")
+def location_for(path: str, upgrade: bool = False) -> str:
+    """The location nginx serves ``path`` from: the first regex that matches, else ``/``; with
+    ``upgrade`` (a WebSocket handshake), the named location that one hands upgrades to."""
+    found = next((p for p in locations() if p not in ("/", "@websocket") and re.search(p, path)), "/")
+    handoff = re.search(r"error_page 418 = (@\w+);\s+if \(\$http_upgrade\) \{\s+return 418;", locations()[found])
+    return handoff.group(1) if upgrade and handoff else found
+
+
+def long_lived(location: str) -> bool:
+    """Hour-long read and send timeouts: a WebSocket may stay open."""
+    block = locations()[location]
+    return all(int(directive(block, d).rstrip("s")) >= 3600 for d in ("proxy_read_timeout", "proxy_send_timeout"))
 
 
 @pytest.mark.parametrize("name", SERVERS)
@@ -99,17 +109,28 @@ def test_websocket_upgrades_pass_with_long_timeouts():
     assert "proxy_set_header Upgrade $http_upgrade;" in NGINX
     assert "proxy_set_header Connection $connection_upgrade;" in NGINX
     assert re.search(r"map \$http_upgrade \$connection_upgrade \{\s+default upgrade;", NGINX)
-    rest = locations()["/"]
-    assert int(directive(rest, "proxy_read_timeout").rstrip("s")) >= 3600
+    assert long_lived("/") and long_lived("@websocket")
+    for path in ("/", "/infer", "/models/x1/infer"):  # openpi's client dials these
+        assert long_lived(location_for(path, upgrade=True)), path
+    assert location_for("/infer", upgrade=True) == "@websocket" != location_for("/infer")
+    assert location_for("/update_model", upgrade=True) == location_for("/update_model")
 
 
 def test_every_route_goes_to_the_location_of_its_audience():
-    """Inference routes to the retrying location, admin routes to the streaming one, the rest to /."""
+    """Inference routes to the retrying location, admin routes to the streaming one, WebSocket
+    upgrades to a long-lived one, the rest to /."""
     expected = {"inference": location_for("/infer"), "admin": location_for("/update_model")}
+    seen = set()
     for rule in create_app().url_map.iter_rules():
         path = re.sub(r"<(?:\w+:)?\w+>", "x1", rule.rule)
+        if getattr(rule, "websocket", False):
+            assert long_lived(location_for(path, upgrade=True)), (rule.rule, rule.endpoint)
+            seen.add("websocket")
+            continue
         audience = next((part for part in rule.endpoint.split(".") if part in expected), None)
         assert location_for(path) == expected.get(audience, "/"), (rule.rule, rule.endpoint)
+        seen.add(audience)
+    assert {"inference", "admin", "websocket", None} <= seen
 
 
 def test_nginx_writes_only_to_tmp():
