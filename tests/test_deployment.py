@@ -142,9 +142,11 @@ def test_the_hpa_scales_on_load_metrics_the_adapter_serves_from_the_servers_metr
         assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     in_flight = next(r for r in rules if r["name"]["as"] == "policy_requests_in_flight")["metricsQuery"]
     routes = re.search(r'route=~"([^"]+)"', in_flight).group(1)
-    for route in ("/infer", "/models/<name>/infer", "/v2/models/<name>/infer"):
-        assert re.fullmatch(routes, route)
-    assert not re.fullmatch(routes, "/update_model")
+    # HTTP inference routes, and the WebSocket messages observability counts as "ws:" + the rule
+    for route in ("/infer", "/models/<name>/infer", "/v2/models/<name>/infer", "ws:/", "ws:/infer"):
+        assert re.fullmatch(routes, route), route
+    for route in ("/update_model", "/ready", "/models/<name>/load"):
+        assert not re.fullmatch(routes, route), route
 
 
 def test_names_line_up():
