@@ -9,7 +9,9 @@ pointers, and touching the array crashes the process. Here nothing is built from
 was not checked first:
 
 - msgpack itself (the maintained ``msgpack`` library) decodes with caps on every string, bin,
-  array and map, no ext types (``max_ext_len=0``), UTF-8 strings only, and str or bin map keys;
+  array and map, no ext types (``max_ext_len=0``), and str or bin map keys; a string's bytes
+  that are not UTF-8 decode to lone surrogates (``surrogateescape``), so that the reader of the
+  field refuses it by name (the server: 422 naming the input), not the whole frame;
 - a hook counts every array and map as it is built and stops at :data:`MAX_CONTAINERS`, so a
   small frame of many tiny containers cannot fill memory; nesting deeper than
   :data:`MAX_DEPTH` is refused;
@@ -54,7 +56,7 @@ def decode(frame: bytes) -> Any:
     counter = _Counter()
     try:
         value = msgpack.unpackb(
-            frame, raw=False, strict_map_key=True, use_list=True,
+            frame, raw=False, unicode_errors="surrogateescape", strict_map_key=True, use_list=True,
             max_str_len=MAX_STR_BYTES, max_bin_len=len(frame), max_array_len=MAX_ARRAY_LEN,
             max_map_len=MAX_MAP_LEN, max_ext_len=0, object_hook=counter.map, list_hook=counter.list,
         )

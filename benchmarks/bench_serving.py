@@ -1,8 +1,11 @@
-"""Serving benchmark: this server against a naive Flask+pickle server and a bare TCP socket
-server, all doing the same forward of the same policy on the same observation, in one run.
+"""Serving benchmark: this server against a naive Flask+pickle server, a bare TCP socket
+server and an openpi-style WebSocket server, all doing the same forward of the same policy on
+the same observation, in one run; this server also over openpi's WebSocket wire (``openpi``,
+driven by openpi's own client, as is ``openpi_ref``).
 
 Usage: python benchmarks/bench_serving.py [--runs 3] [--duration 8] [--sequential 200]
                                           [--clients 16] [--workers 2] [--json out.json]
+                                          [--targets server,naive,socket,openpi,openpi_ref]
 
 Measures, per target and run: 1 sequential client (p50/p90/p99 ms) and ``--clients``
 concurrent clients for ``--duration`` seconds (req/s, p50/p99 ms, mean batch size for this
@@ -37,6 +40,7 @@ from benchmarks.serving_load import (  # noqa: E402, F401 (the load generators, 
     _load_process,
     concurrent,
     http_client,
+    openpi_client,
     policy_client,
     raw_http_client,
     sequential,
@@ -98,7 +102,9 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=4, help="load-generating processes for the clients")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers for this server and the naive one")
     parser.add_argument("--server-args", default="", help="extra flags for server.py, e.g. '--max-batch-delay-ms 2'")
-    parser.add_argument("--targets", default="server,naive,socket")
+    parser.add_argument("--targets", default="server,naive,socket,openpi,openpi_ref",
+                        help="any of server, naive, socket, openpi (this server over openpi's WebSocket wire, "
+                             "openpi's client) and openpi_ref (an openpi-style asyncio server, same policy)")
     parser.add_argument("--json", default=str(ROOT / "bench-results" / "serving.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -107,25 +113,19 @@ def main() -> None:
     frame = dict_to_binary(obs)
     inband = pickle.dumps(obs, protocol=5)
     per_worker = str(max(1, CORES // args.workers))
-    ports = {name: free_port() for name in ("server", "naive", "socket")}
+    ports = {name: free_port() for name in ("server", "naive", "socket", "openpi", "openpi_ref")}
+
+    def this_server(port: int) -> list[str]:
+        return [
+            sys.executable, "server.py", "--port", str(port), "--workers", str(args.workers),
+            "--threads", str(max(4, args.clients)), "--model-path", MODEL,
+            "--model-store", tempfile.mkdtemp(prefix="bench-store-"), *args.server_args.split(),
+        ]
+
     all_targets = {
         "server": Target(
             "server",
-            [
-                sys.executable,
-                "server.py",
-                "--port",
-                str(ports["server"]),
-                "--workers",
-                str(args.workers),
-                "--threads",
-                str(max(4, args.clients)),
-                "--model-path",
-                MODEL,
-                "--model-store",
-                tempfile.mkdtemp(prefix="bench-store-"),
-                *args.server_args.split(),
-            ],
+            this_server(ports["server"]),
             {},
             lambda p: raw_http_client(p, frame),
             ports["server"],
@@ -165,6 +165,15 @@ def main() -> None:
             {},
             lambda p: socket_client(p, frame),
             ports["socket"],
+        ),
+        "openpi": Target("openpi", this_server(ports["openpi"]), {}, lambda p: openpi_client(p, obs), ports["openpi"]),
+        "openpi_ref": Target(
+            "openpi_ref",
+            [sys.executable, "-m", "benchmarks.baselines.openpi_server", "--port", str(ports["openpi_ref"]),
+             "--model-path", MODEL],
+            {},
+            lambda p: openpi_client(p, obs),
+            ports["openpi_ref"],
         ),
     }
     targets = [all_targets[name] for name in args.targets.split(",")]
@@ -224,6 +233,13 @@ def main() -> None:
         ratios["conc_throughput_vs_naive (>= 2.5)"] = s["conc_req_per_s"] / n["conc_req_per_s"]
     if s:
         ratios["conc_p99_over_p50 (<= 3)"] = s["conc_p99_ms"] / s["conc_p50_ms"]
+    o, r = summary.get("openpi"), summary.get("openpi_ref")
+    if o and r:
+        ratios["openpi_throughput_vs_openpi_reference (>= 1.5)"] = o["conc_req_per_s"] / r["conc_req_per_s"]
+    if o and s:
+        ratios["openpi_seq_p50_vs_http_raw (<= 1.1)"] = o["seq_p50_ms"] / s["seq_p50_ms"]
+        if s["seq_p50_ms_real_client"]:
+            ratios["openpi_seq_p50_vs_http_policy_client (<= 1.1)"] = o["seq_p50_ms"] / s["seq_p50_ms_real_client"]
 
     log.info("")
     log.info("compute floor, in-process forward (median ms per batch / per sample):")

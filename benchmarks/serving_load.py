@@ -1,7 +1,8 @@
 """Load generators of the serving benchmarks: one-round-trip clients for each target (this
 project's client, requests, a minimal keep-alive HTTP/1.1 client over raw sockets, the socket
-baseline's length-prefixed framing), a sequential phase and a concurrent phase spread over
-processes; the benchmarks point them only at 127.0.0.1. Re-exported by ``benchmarks/bench_serving.py``.
+baseline's length-prefixed framing, openpi's own WebSocket client), a sequential phase and a
+concurrent phase spread over processes; the benchmarks point them only at 127.0.0.1.
+Re-exported by ``benchmarks/bench_serving.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ def policy_client(base_url: str, obs: dict) -> Callable[[], int]:
     def call() -> int:
         assert client.infer(obs)["action"].shape == (10, 7)
         return client.last_batch_size or 0
+
+    return call
+
+
+def openpi_client(port: int, obs: dict) -> Callable[[], int]:
+    """openpi's own client (``openpi_client.WebsocketClientPolicy``), unmodified."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    policy = WebsocketClientPolicy("127.0.0.1", port)
+
+    def call() -> int:
+        answer = policy.infer(obs)
+        assert answer["actions"].shape == (10, 7)
+        return int(answer.get("server_timing", {}).get("batch_size", 0))
 
     return call
 

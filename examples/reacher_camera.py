@@ -22,6 +22,7 @@ LINK_COLOUR = (52, 84, 190)
 JOINT_COLOUR = (40, 40, 48)
 EFFECTOR_COLOUR = (250, 200, 40)
 TARGET_COLOUR = (220, 40, 40)
+BLUE_TARGET_COLOUR = (30, 150, 250)  # the instructed reacher's second target (examples/reacher_instructed.py)
 
 _YS = np.arange(HEIGHT, dtype=np.float32)[:, None]
 _XS = np.arange(WIDTH, dtype=np.float32)[None, :]
@@ -94,5 +95,12 @@ def render(q: np.ndarray, target: np.ndarray, out: np.ndarray | None = None) -> 
     _disc(out, base, JOINT_RADIUS_PX + 3, JOINT_COLOUR)
     _disc(out, elbow, JOINT_RADIUS_PX, JOINT_COLOUR)
     _disc(out, ee, JOINT_RADIUS_PX - 3, EFFECTOR_COLOUR)
-    _disc(out, to_pixels(target), TARGET_RADIUS * PIXELS_PER_METRE, TARGET_COLOUR)
+    draw_target(out, target, TARGET_COLOUR)
     return out
+
+
+def draw_target(image: np.ndarray, target: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """Draw a target disc (radius ``TARGET_RADIUS``) of ``colour`` at ``target`` (metres) into
+    ``image`` uint8[480, 640, 3], in place; returns ``image``."""
+    _disc(image, to_pixels(target), TARGET_RADIUS * PIXELS_PER_METRE, colour)
+    return image

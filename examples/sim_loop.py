@@ -30,6 +30,14 @@ runner keeps the history windows a model declares (the loop passes each step's
 observation) and, for ``--merge rtc``, sends the real-time chunking inputs to a model that
 lists them in ``optional_inputs`` (the transformer).
 
+A model with a text input (``"dtype": "text"`` in ``/model_info``, e.g. ``models/instructed``)
+runs on the instructed reacher (``examples/reacher_instructed.py``): each episode draws a
+red and a blue disc and an instruction naming one, and every observation handed to the
+runner carries it as ``"prompt": "<str>"`` (in-process, the policy gets it as a list of
+one str). ``--skip-server`` runs the in-process path only::
+
+    python examples/sim_loop.py --models instructed --episodes 50 --skip-server
+
 A vectorized evaluation: ``--vectorized 64`` runs 64 environments in lockstep, as fast as
 the server answers, with one ``PolicyClient.infer_batch`` request per step for every live
 environment (``--vectorized-execute`` actions of each chunk played per request); it windows
@@ -59,6 +67,7 @@ sys.path.insert(0, ROOT)
 from examples.delayed_policy import DelayedPolicy  # noqa: E402
 from examples.path_report import TABLE_HEADER, PathReport  # noqa: E402
 from examples.reacher import ObservationWindow, ReacherEnv  # noqa: E402, F401
+from examples.reacher_instructed import InstructedReacherEnv  # noqa: E402
 from examples.vectorized_eval import history_windows, run_vectorized  # noqa: E402, F401
 from request_tools import PolicyClient, PolicyServerError  # noqa: E402
 from robot_loop import ChunkRunner, LoopClock  # noqa: E402
@@ -82,6 +91,21 @@ def make_runner(
     )
 
 
+def takes_text(model_info: Mapping[str, Any] | None) -> bool:
+    """True when ``/model_info`` lists a text input (``"dtype": "text"``, e.g. the instructed policy's prompt)."""
+    return any(entry.get("dtype") == "text" for entry in (model_info or {}).get("inputs", ()))
+
+
+def make_env(seed: int, model_info: Mapping[str, Any] | None, *, moving_target: bool = False) -> ReacherEnv:
+    """The episode's env for a model: the instructed reacher (two discs, an instruction
+    drawn per episode in every phrasing) for a model with a text input, else the reacher."""
+    if not takes_text(model_info):
+        return ReacherEnv(seed, moving_target=moving_target)
+    if moving_target:
+        raise ValueError("the instructed reacher has no moving targets")
+    return InstructedReacherEnv(seed)
+
+
 def run_episodes(
     policy: PolicyClient | Callable[[Mapping[str, Any]], Mapping[str, Any]],
     seeds: list[int],
@@ -89,7 +113,9 @@ def run_episodes(
     *,
     model_info: Mapping[str, Any] | None = None,
 ) -> PathReport:
-    """Run one episode per seed through a chunk runner at the task's control rate.
+    """Run one episode per seed through a chunk runner at the task's control rate, on the
+    instructed reacher for a model with a text input (:func:`make_env`), whose observations
+    carry the episode's instruction as ``"prompt": str``.
 
     ``model_info`` (the model's ``/model_info``) goes to the runner: it keeps the history
     windows the model declares (each step's observation is passed as it comes) and sends
@@ -105,8 +131,8 @@ def run_episodes(
     steps: list[float] = []
     with make_runner(policy, report.merge, model_info, report.request_ahead) as runner:
         for seed in seeds:
-            env = ReacherEnv(seed, moving_target=report.moving_target)
-            obs = env.reset()
+            env = make_env(seed, model_info, moving_target=report.moving_target)
+            obs = env.reset()  # with a "prompt" (str) on the instructed reacher, the same for the episode
             runner.reset()
             clock = LoopClock(env.control_hz)
             previous, previous_chunk = None, None
@@ -146,23 +172,20 @@ def run_episodes(
 
 def in_process_policy(model_dir: str) -> Callable[[Mapping[str, Any]], dict[str, np.ndarray]]:
     """The policy loaded here (CPU), called one observation at a time (the whole window of a
-    history input, as the runner sends it); ``.model_info()`` is what ``/model_info`` would
+    history input, as the runner sends it; a text input such as ``prompt`` as a ``str``,
+    handed to the policy as a list of one); ``.model_info()`` is what ``/model_info`` would
     answer. Omitted optional inputs get the server's zeros."""
     import torch
 
-    from policy_server.model_loader import load_model_dir
-    from policy_server.tensors import complete_inputs
+    from examples.local_policy import forward_one, load_local
 
     torch.set_num_threads(1)
-    model = load_model_dir(model_dir, "cpu")
+    model = load_local(model_dir, "cpu")
     lock = threading.Lock()  # one forward at a time, like one server worker
 
     def infer(obs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        obs = complete_inputs(obs, model.input_spec)
-        batch = {k: torch.from_numpy(np.ascontiguousarray(v))[None] for k, v in obs.items()}
         with lock:
-            outputs = model.policy.forward(batch)
-        return {k: v[0].numpy() for k, v in outputs.items()}
+            return forward_one(model, obs)
 
     info = model.info()
     infer.model_info = lambda: info  # type: ignore[attr-defined]
@@ -201,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=SEED_BASE, help="first episode seed")
     parser.add_argument("--model-root", default=os.path.join(ROOT, "models"), help="for the in-process runs")
     parser.add_argument("--skip-in-process", action="store_true")
+    parser.add_argument("--skip-server", action="store_true", help="run the in-process path only (no server)")
     parser.add_argument("--moving-target", action="store_true", help="the reacher's target moves")
     parser.add_argument(
         "--latency-ms",
@@ -239,42 +263,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return PolicyClient(args.url, api_key=args.api_key, admin_key=args.admin_key, model=name)
 
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        with client_for(name) as client:
-            client.wait_until_ready(timeout_s=120)
-            try:
-                ensure_served(client, name)
-            except PolicyServerError as exc:
-                raise SystemExit(f"cannot serve {name}: {exc}") from exc
-            attention[name] = show_attention(client, name, seeds[0])
-            info = client.model_info(name)
-            for merge in merges:
-                for latency in latencies:
-                    report = PathReport(
-                        name,
-                        "server",
-                        merge,
-                        latency,
-                        args.jitter_ms,
-                        args.moving_target,
-                        request_ahead=args.request_ahead,
-                    )
-                    if latency or args.jitter_ms:
-                        policy: Any = DelayedPolicy(
-                            lambda name=name: client_for(name), latency / 1e3, args.jitter_ms / 1e3, seed=args.seed
+        if not args.skip_server:
+            with client_for(name) as client:
+                client.wait_until_ready(timeout_s=120)
+                try:
+                    ensure_served(client, name)
+                except PolicyServerError as exc:
+                    raise SystemExit(f"cannot serve {name}: {exc}") from exc
+                attention[name] = show_attention(client, name, seeds[0])
+                info = client.model_info(name)
+                for merge in merges:
+                    for latency in latencies:
+                        report = PathReport(
+                            name,
+                            "server",
+                            merge,
+                            latency,
+                            args.jitter_ms,
+                            args.moving_target,
+                            request_ahead=args.request_ahead,
                         )
-                    else:
-                        policy = client
-                    reports.append(run_episodes(policy, seeds, report, model_info=info))
-                    log.info("%s", reports[-1].line())
-            if args.vectorized:
-                vectorized[name] = run_vectorized(
-                    client,
-                    list(range(args.seed, args.seed + args.vectorized)),
-                    moving_target=args.moving_target,
-                    execute=args.vectorized_execute,
-                    max_rows=args.vectorized_rows,
-                )
-                log.info("%s vectorized: %s", name, json.dumps(vectorized[name]))
+                        if latency or args.jitter_ms:
+                            policy: Any = DelayedPolicy(
+                                lambda name=name: client_for(name), latency / 1e3, args.jitter_ms / 1e3, seed=args.seed
+                            )
+                        else:
+                            policy = client
+                        reports.append(run_episodes(policy, seeds, report, model_info=info))
+                        log.info("%s", reports[-1].line())
+                if args.vectorized:
+                    vectorized[name] = run_vectorized(
+                        client,
+                        list(range(args.seed, args.seed + args.vectorized)),
+                        moving_target=args.moving_target,
+                        execute=args.vectorized_execute,
+                        max_rows=args.vectorized_rows,
+                    )
+                    log.info("%s vectorized: %s", name, json.dumps(vectorized[name]))
         if not args.skip_in_process:
             local = in_process_policy(os.path.join(args.model_root, name))
             report = PathReport(

@@ -2,8 +2,9 @@
 
 Usage::
 
-    python examples/train_policies.py                     # both policies, seed 0, into models/
+    python examples/train_policies.py                     # every policy, seed 0, into models/
     python examples/train_policies.py --model default --steps 2000 --eval-episodes 200
+    python examples/train_policies.py --model instructed --eval-episodes 200    # the text-following policy
     python examples/train_policies.py --eval-only --eval-episodes 200   # evaluate the shipped weights
 
 Data: every sample is an arm state (q, dq) and a target; its label is the expert's chunk
@@ -19,8 +20,14 @@ Each policy is written to ``<out-dir>/<model>/model.safetensors`` through its ow
 ``policy.py`` architecture, loaded back through ``policy_server.model_loader`` and evaluated
 in process, fresh and with stale observations, on ``ReacherEnv(seed)`` episodes for seeds
 from ``--eval-seed`` (1,000,000) on. Training never builds a ``ReacherEnv``: its episodes
-and states come from one generator seeded with ``--seed`` (+1 for the transformer), so the
-evaluation episodes are held out. Reproducible: numpy and torch are seeded and torch runs
+and states come from one generator seeded with ``--seed`` (+1 for the transformer, +2 for
+history, +3 for instructed), so the evaluation episodes are held out.
+
+``--model instructed`` trains on the instructed reacher (``examples/reacher_instructed.py``,
+a red and a blue disc and an instruction naming one; data and evaluation in
+``examples/instructed_training.py``): each sample's prompt is drawn per batch from the
+training phrasings, and the evaluation adds the held-out phrasings, the
+mismatched-instruction control and the text-ignoring baseline. Reproducible: numpy and torch are seeded and torch runs
 ``--threads`` (2) threads; the same command on the same machine writes the same bytes.
 """
 
@@ -44,7 +51,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from examples import reacher  # noqa: E402
+from examples.instructed_training import INSTRUCTED_TASK, evaluate_instructed  # noqa: E402
+from examples.local_policy import forward_one, load_local  # noqa: E402
 from examples.training_data import (  # noqa: E402, F401 (the data and rollouts, re-exported)
+    FIXED_TASK,
+    MOVING_TASK,
     PADDED_FRACTION,
     Dataset,
     broad_states,
@@ -61,14 +72,16 @@ from examples.training_data import (  # noqa: E402, F401 (the data and rollouts,
     states_of,
 )
 from policy_server.contract import POLICY_FILE, WEIGHTS_FILE  # noqa: E402
-from policy_server.model_loader import load_model_dir  # noqa: E402
 
 log = logging.getLogger("train_policies")
 
-MODELS = {"default": "CnnMlp", "transformer": "ChunkTransformer", "history": "HistoryCnnMlp"}
-SEED_OFFSETS = {"default": 0, "transformer": 1, "history": 2}
-DEFAULT_STEPS = {"default": 1800, "transformer": 1200, "history": 1500}
-MOVING = {"history"}  # trained on the moving-target reacher, with a two-frame history window
+MODELS = {"default": "CnnMlp", "transformer": "ChunkTransformer", "history": "HistoryCnnMlp",
+          "instructed": "InstructedCnnMlp"}
+SEED_OFFSETS = {"default": 0, "transformer": 1, "history": 2, "instructed": 3}
+DEFAULT_STEPS = {"default": 1800, "transformer": 1200, "history": 1500, "instructed": 2000}
+# history: the moving-target reacher, with a two-frame history window; instructed: the
+# instructed reacher (examples/reacher_instructed.py), two discs and a text instruction
+TASKS = {"default": FIXED_TASK, "transformer": FIXED_TASK, "history": MOVING_TASK, "instructed": INSTRUCTED_TASK}
 EVAL_SEED = 1_000_000  # evaluation episodes are ReacherEnv(seed) for seeds from here on
 
 
@@ -87,7 +100,7 @@ def architecture(model_dir: str) -> torch.nn.Module:
 def train(name: str, args: argparse.Namespace) -> str:
     """Train one policy; returns the directory its weights were written to."""
     seed = args.seed + SEED_OFFSETS[name]
-    moving = name in MOVING
+    task = TASKS[name]
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     started = time.perf_counter()
@@ -97,31 +110,24 @@ def train(name: str, args: argparse.Namespace) -> str:
     log.info("%s: %d parameters, %d steps of batch %d, lr %g", name, sum(p.numel() for p in module.parameters()),
              steps, args.batch_size, args.lr)
 
-    broad, trajectories = Dataset(moving), Dataset(moving)
-    broad.add(*(moving_broad_states if moving else broad_states)(rng, args.broad_states))
-    collect(trajectories, moving_expert_fn if moving else expert_fn, rng, args.expert_episodes, args.expert_noise,
-            "expert with noise", reacher.MAX_STEPS)
+    broad, trajectories = task.dataset(), task.dataset()
+    broad.add(*task.broad(rng, args.broad_states))
+    collect(trajectories, task.expert, rng, args.expert_episodes, args.expert_noise, "expert with noise",
+            reacher.MAX_STEPS, task.rollouts)
     dagger_at = {int(f * steps) for f in args.dagger_at}
 
     optimizer = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=1e-4)
     warmup = 50
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
-    images = np.empty((args.batch_size, *((2,) if moving else ()), reacher.HEIGHT, reacher.WIDTH, 3), dtype=np.uint8)
+    images = np.empty((args.batch_size, *task.frames, reacher.HEIGHT, reacher.WIDTH, 3), dtype=np.uint8)
     n_broad = int(round(args.batch_size * args.broad_fraction))
     running = 0.0
     for step in range(steps):
         if step in dagger_at:
             module.eval()
-            collect(
-                trajectories,
-                (history_module_fn if moving else module_fn)(module, images),
-                rng,
-                args.dagger_episodes,
-                0.0,
-                f"step {step} DAgger",
-                args.dagger_max_steps,
-            )
+            collect(trajectories, task.policy(module, images), rng, args.dagger_episodes, 0.0, f"step {step} DAgger",
+                    args.dagger_max_steps, task.rollouts)
             module.train()
         pick_broad = rng.integers(0, len(broad), n_broad)
         pick_traj = rng.integers(0, len(trajectories), args.batch_size - n_broad)
@@ -129,15 +135,9 @@ def train(name: str, args: argparse.Namespace) -> str:
             key: np.concatenate([broad.arrays[key][pick_broad], trajectories.arrays[key][pick_traj]])
             for key in broad.arrays
         }
-        state = torch.from_numpy(states_of(batch["q"], batch["dq"]))
-        if moving:
-            image = torch.from_numpy(
-                render_frames(batch["q"], batch["target"], batch["prev_q"], batch["prev_target"], images)
-            )
-        else:
-            image = torch.from_numpy(render_batch(batch["q"], batch["target"], images))
+        inputs = task.inputs(batch, images, rng)
         label = torch.from_numpy(batch["label"])
-        action = module(state, image)["action"]
+        action = module(**inputs)["action"]
         # Joint commands in units of the speed limit; the ignored dims are taught to stay 0.
         loss = ((action[..., :2] - label[..., :2]).abs().mean() + 0.1 * action[..., 2:].abs().mean()) / 3.0
         optimizer.zero_grad(set_to_none=True)
@@ -163,20 +163,15 @@ def train(name: str, args: argparse.Namespace) -> str:
 
 def policy_chunk_fn(model_dir: str):
     """``obs -> float32[10, 7]`` through the served loading path (strict weights, ModulePolicy)."""
-    policy = load_model_dir(model_dir, "cpu").policy
-
-    def chunk_fn(obs):
-        batch = {k: torch.from_numpy(v[None]) for k, v in obs.items()}
-        return policy.forward(batch)["action"][0].numpy()
-
-    return chunk_fn
+    model = load_local(model_dir)
+    return lambda obs: forward_one(model, obs)["action"]
 
 
 def evaluate(model_dir: str, episodes: int, first_seed: int, moving_target: bool | None = None) -> dict[str, float]:
     """Success rates over staleness 0-3; a history model is fed its declared windows and, by
     default, moving targets (``moving_target`` overrides)."""
     chunk_fn = policy_chunk_fn(model_dir)
-    spec = load_model_dir(model_dir, "cpu").input_spec
+    spec = load_local(model_dir).input_spec
     windows = {s.name: (s.history.steps, s.history.pad) for s in spec if s.history is not None}
     moving = bool(windows) if moving_target is None else moving_target
     seeds = range(first_seed, first_seed + episodes)
@@ -215,7 +210,8 @@ def main() -> None:
         "--steps",
         type=int,
         default=None,
-        help="optimizer steps (default: 1800 for default, 1200 for transformer, 1500 for history)",
+        help="optimizer steps (default: 1800 for default, 1200 for transformer, 1500 for history, "
+        "2000 for instructed)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
@@ -250,7 +246,9 @@ def main() -> None:
     names = list(MODELS) if args.model == "all" else [args.model]
     for name in names:
         model_dir = os.path.join(args.out_dir, name) if args.eval_only else train(name, args)
-        if args.eval_episodes:
+        if args.eval_episodes and name == "instructed":
+            evaluate_instructed(model_dir, args.eval_episodes, args.eval_seed)
+        elif args.eval_episodes:
             evaluate(
                 model_dir,
                 args.eval_episodes,

@@ -9,6 +9,9 @@ speed and the previous frame); images are rendered per batch. Re-exported by
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -163,20 +166,44 @@ def rollouts(
     starts = [reacher.sample_episode(rng) for _ in range(episodes)]
     q = np.stack([s[0] for s in starts])
     target = np.stack([s[1] for s in starts])
+    return lockstep(chunk_fn, rng, q, target, (target,), staleness=staleness, align=align, noise=noise,
+                    max_steps=max_steps)
+
+
+def lockstep(
+    chunk_fn,
+    rng: np.random.Generator,
+    q: np.ndarray,
+    target: np.ndarray,
+    context: tuple[np.ndarray, ...],
+    *,
+    staleness: int,
+    align: bool,
+    noise: float,
+    max_steps: int,
+) -> tuple:
+    """The lockstep loop of :func:`rollouts` from starts ``q`` [N, 2] (at rest), episode ``i``
+    done once its end effector is within ``SUCCESS_RADIUS`` of ``target[i]``.
+
+    ``context``: per-episode arrays ``[N, ...]`` (the target, and whatever else the task
+    draws) handed to ``chunk_fn(seen_q, seen_dq, *context)`` and returned with each visited
+    state. Returns (q, dq, *context) of every state visited before success, and the success rate.
+    """
+    episodes = len(q)
     dq = np.zeros_like(q)
     history = [(q, dq)]
     done = np.zeros(episodes, dtype=bool)
-    visited: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    visited: list[tuple[np.ndarray, ...]] = []
     execute = reacher.CHUNK - staleness if align else reacher.CHUNK
     t = 0
     while t < max_steps and not done.all():
         seen = max(0, t - staleness)
-        chunk = chunk_fn(*history[seen], target)[:, :, :2]
+        chunk = chunk_fn(*history[seen], *context)[:, :, :2]
         offset = noise * rng.standard_normal((episodes, 2))
         start = t - seen if align else 0
         for k in range(start, start + execute):
             live = ~done
-            visited.append((q[live], dq[live], target[live]))
+            visited.append((q[live], dq[live], *(c[live] for c in context)))
             command = chunk[:, k] + offset + noise * 0.5 * rng.standard_normal((episodes, 2))
             q, dq = reacher.step_arm(q, dq, command)
             history.append((q, dq))
@@ -185,8 +212,8 @@ def rollouts(
             done |= distance <= reacher.SUCCESS_RADIUS
             if done.all() or t >= max_steps:
                 break
-    qs, dqs, targets = (np.concatenate(parts) for parts in zip(*visited, strict=False))
-    return qs, dqs, targets, float(done.mean())
+    parts = [np.concatenate(p) for p in zip(*visited, strict=False)]
+    return (*parts, float(done.mean()))
 
 
 def expert_fn(seen_q, seen_dq, target):
@@ -210,17 +237,59 @@ def module_fn(module: torch.nn.Module, image_buffer: np.ndarray):
 
 
 def collect(
-    dataset: Dataset, chunk_fn, rng: np.random.Generator, episodes: int, noise: float, what: str, max_steps: int
+    dataset: Dataset, chunk_fn, rng: np.random.Generator, episodes: int, noise: float, what: str, max_steps: int,
+    rollouts_fn=None,
 ) -> None:
-    """Lockstep rollouts over every staleness 0-3, aligned and not, added to ``dataset``."""
+    """Lockstep rollouts over every staleness 0-3, aligned and not, added to ``dataset``;
+    ``rollouts_fn`` (default: ``moving_rollouts`` for a moving dataset, else ``rollouts``) runs them."""
     rates = []
     groups = [(s, align) for s in range(4) for align in (True, False)]
-    moving = "omega" in dataset.parts
+    if rollouts_fn is None:
+        rollouts_fn = moving_rollouts if "omega" in dataset.parts else rollouts
     for index, (staleness, align) in enumerate(groups):
         n = episodes // len(groups) + (index < episodes % len(groups))
         if n:
-            *visited, rate = (moving_rollouts if moving else rollouts)(
+            *visited, rate = rollouts_fn(
                 chunk_fn, rng, n, staleness=staleness, align=align, noise=noise, max_steps=max_steps)
             dataset.add(*visited)
             rates.append(rate)
     log.info("%s: %d episodes, success %.2f, dataset now %d states", what, episodes, np.mean(rates), len(dataset))
+
+
+# -- the tasks train_policies.py trains on ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    """What ``examples/train_policies.py``'s loop needs of one task.
+
+    ``dataset()`` an empty data set; ``broad(rng, n)`` the broad states' arrays for
+    ``Dataset.add``; ``expert`` the lockstep expert ``chunk_fn``; ``rollouts`` its lockstep
+    rollouts (for :func:`collect`); ``policy(module, image_buffer)`` a lockstep ``chunk_fn``
+    running the module; ``inputs(batch, image_buffer, rng)`` the module's keyword inputs for
+    a batch of samples (a dict of the data set's arrays); ``frames`` the image buffer's
+    extra axis (``(2,)`` for a two-frame window).
+    """
+
+    dataset: Callable[[], Dataset]
+    broad: Callable
+    expert: Callable
+    rollouts: Callable
+    policy: Callable
+    inputs: Callable[[dict[str, np.ndarray], np.ndarray, np.random.Generator], dict[str, Any]]
+    frames: tuple[int, ...] = ()
+
+
+def _fixed_inputs(batch: dict[str, np.ndarray], images: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+    return {"state": torch.from_numpy(states_of(batch["q"], batch["dq"])),
+            "image": torch.from_numpy(render_batch(batch["q"], batch["target"], images))}
+
+
+def _moving_inputs(batch: dict[str, np.ndarray], images: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
+    frames = render_frames(batch["q"], batch["target"], batch["prev_q"], batch["prev_target"], images)
+    return {"state": torch.from_numpy(states_of(batch["q"], batch["dq"])), "image": torch.from_numpy(frames)}
+
+
+FIXED_TASK = Task(Dataset, broad_states, expert_fn, rollouts, module_fn, _fixed_inputs)
+MOVING_TASK = Task(lambda: Dataset(moving=True), moving_broad_states, moving_expert_fn, moving_rollouts,
+                   history_module_fn, _moving_inputs, frames=(2,))

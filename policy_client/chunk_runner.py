@@ -115,6 +115,7 @@ class ChunkRunner:
         self.first_chunk_timeout_s = first_chunk_timeout_s
         self.max_backoff_s = max_backoff_s
         self.stats = RunnerStats()
+        self.instruction: str | None = None  # see set_instruction
         self._decl = ModelDeclarations(policy, model_info, self.merge.sends_prefix)
         self._accepts_deadline = accepts_deadline(policy)
         self._answers: queue.SimpleQueue = queue.SimpleQueue()
@@ -137,9 +138,12 @@ class ChunkRunner:
 
     # -- episode and lifetime ---------------------------------------------------------
 
-    def reset(self) -> None:
+    def reset(self, instruction: str | None = None) -> None:
         """Start a new episode: forget the plan and the history windows (answers still in
-        flight are discarded when they arrive)."""
+        flight are discarded when they arrive). ``instruction`` replaces the instruction
+        requests carry (see :meth:`set_instruction`); None keeps the current one."""
+        if instruction is not None:
+            self.set_instruction(instruction)
         self._episode += 1
         self._step = 0
         self._chunks: list[Chunk] = []
@@ -164,6 +168,15 @@ class ChunkRunner:
             if callable(getattr(clone, "close", None)):
                 clone.close()
         self._workers, self._clones = [], []
+
+    def set_instruction(self, text: str | None) -> None:
+        """The task instruction every request carries from now on, in the model's text input
+        (``prompt`` unless the model declares another), for policies that take one (VLAs). An
+        observation that has the field itself overrides it, and becomes the instruction.
+        None: requests carry none (the server fills the model's default, if it has one)."""
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"an instruction is a str, not {type(text).__name__}")
+        self.instruction = text
 
     @property
     def horizon_s(self) -> float | None:
@@ -190,6 +203,8 @@ class ChunkRunner:
         self._step += 1
         if self._decl.due:
             self._read_declarations()
+        if self._decl.text_input in obs:  # the observation changes the instruction, from this step on
+            self.instruction = obs[self._decl.text_input]
         self._decl.history.observe(obs)
         self._take_answers(t)
         if not self._started:
@@ -243,6 +258,8 @@ class ChunkRunner:
 
     def _request_obs(self, obs: Mapping[str, Any], t: int, delay: int) -> dict[str, Any]:
         request = dict(obs)
+        if self.instruction is not None:
+            request.setdefault(self._decl.text_input, self.instruction)
         self._decl.history.fill(request)
         if self._decl.rtc:
             request.update(rtc_inputs(self.merge, self._chunks, t, self._decl.prefix_shape, delay))

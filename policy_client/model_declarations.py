@@ -16,6 +16,7 @@ __all__ = ["INFO_RETRY_S", "ModelDeclarations"]
 log = logging.getLogger(__name__)
 
 INFO_RETRY_S = 0.5  # after a failed read of the declarations, read again at most this often
+DEFAULT_TEXT_INPUT = "prompt"  # where an instruction goes when the model declares no text input (openpi's name)
 
 
 class ModelDeclarations:
@@ -24,7 +25,8 @@ class ModelDeclarations:
     ``info`` is the ``/model_info`` dict (None before the first read, ``{}`` when none could
     be read), ``history`` the :class:`HistoryWindows` it declares, ``rtc`` whether requests
     carry the real-time chunking inputs (the merge sends a prefix and the model declares
-    :data:`RTC_INPUTS`), ``prefix_shape`` the declared ``action_prefix`` shape.
+    :data:`RTC_INPUTS`), ``prefix_shape`` the declared ``action_prefix`` shape, ``text_input``
+    the input an instruction goes in (the model's first text input, else ``prompt``).
 
     A failed read (a server still loading, say) is retried every ``INFO_RETRY_S``;
     :meth:`stale` asks for a read before the next request (a 422: the model may have changed
@@ -44,6 +46,7 @@ class ModelDeclarations:
         self.history = HistoryWindows({})
         self.rtc = False
         self.prefix_shape: tuple[int, ...] | None = None
+        self.text_input = DEFAULT_TEXT_INPUT
         self._retry_at = 0.0
 
     @property
@@ -78,4 +81,5 @@ class ModelDeclarations:
         if self.sends_prefix and not self.rtc:
             log.info("the model does not declare %s: real-time chunking plays answers as they come", RTC_INPUTS)
         self.prefix_shape = tuple(inputs["action_prefix"]["shape"]) if self.rtc else None
+        self.text_input = next((n for n, e in inputs.items() if e.get("dtype") == "text"), DEFAULT_TEXT_INPUT)
         return error

@@ -12,11 +12,14 @@ from policy_client.errors import ObservationSpecError
 
 __all__ = ["check_observation", "stack_observations"]
 
+TEXT = "text"  # the dtype /model_info gives a text input (a task instruction)
+
 
 def check_observation(obs: Mapping[str, Any], spec: list[dict]) -> None:
     """Check ``obs`` against an input spec as ``/model_info`` gives it (name, dtype, shape).
 
-    An input marked ``"optional": true`` may be missing (the server fills its default).
+    An input marked ``"optional": true`` may be missing (the server fills its default); one
+    of dtype ``"text"`` takes a str of at most its ``max_bytes`` bytes.
     Raises ObservationSpecError naming the first missing, unexpected or mismatched field.
     """
     expected = {entry["name"]: entry for entry in spec}
@@ -27,6 +30,9 @@ def check_observation(obs: Mapping[str, Any], spec: list[dict]) -> None:
         entry = expected.get(name)
         if entry is None:
             raise ObservationSpecError(str(name), f"not an input of the model; it expects {sorted(expected)}")
+        if entry["dtype"] == TEXT:
+            check_text(name, value, entry)
+            continue
         if not isinstance(value, np.ndarray):
             raise ObservationSpecError(name, f"is {type(value).__name__}, expected a numpy array")
         if value.dtype.name != entry["dtype"]:
@@ -35,8 +41,21 @@ def check_observation(obs: Mapping[str, Any], spec: list[dict]) -> None:
             raise ObservationSpecError(name, f"shape {list(value.shape)}, expected {list(entry['shape'])}")
 
 
-def stack_observations(observations: Sequence[Mapping[str, Any]]) -> dict[str, np.ndarray]:
-    """N observations with the same fields to one dict of ``[N, ...]`` arrays (a vectorized request).
+def check_text(name: str, value: Any, entry: Mapping[str, Any]) -> None:
+    """A text input (``"dtype": "text"``): a str of at most ``max_bytes`` bytes of UTF-8."""
+    if not isinstance(value, str):
+        raise ObservationSpecError(name, f"is {type(value).__name__}, expected text (a str)")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ObservationSpecError(name, "is not valid UTF-8 text") from None
+    if size > entry.get("max_bytes", size):
+        raise ObservationSpecError(name, f"is {size} bytes of text, the model takes at most {entry['max_bytes']}")
+
+
+def stack_observations(observations: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """N observations with the same fields to one dict of ``[N, ...]`` arrays (a vectorized
+    request); a text field becomes the list of its N texts.
 
     Raises ObservationSpecError naming the field and the row that differs from row 0.
     """
@@ -47,8 +66,15 @@ def stack_observations(observations: Sequence[Mapping[str, Any]]) -> dict[str, n
         if set(obs) != names:
             odd = sorted(names ^ set(obs))[0]
             raise ObservationSpecError(odd, f"row {i} {'lacks' if odd in names else 'adds'} it (compared with row 0)")
-    out = {}
+    out: dict[str, Any] = {}
     for name in observations[0]:
+        if isinstance(observations[0][name], str):
+            texts = [obs[name] for obs in observations]
+            odd = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+            if odd is not None:
+                raise ObservationSpecError(name, f"row {odd} is {type(texts[odd]).__name__}, row 0 is text")
+            out[name] = texts
+            continue
         first = np.asarray(observations[0][name])
         for i, obs in enumerate(observations):
             value = obs[name]

@@ -76,9 +76,13 @@ class Observer(Protocol):
     def finished(self, batch: list[Request]) -> None: ...
 
 
-def compatibility_key(inputs: Mapping[str, np.ndarray], model: Any = None) -> tuple:
-    """Requests with equal keys can be stacked into one batch (byte order is converted)."""
-    return (model, *sorted((name, a.dtype.newbyteorder("=").str, a.shape) for name, a in inputs.items()))
+def compatibility_key(inputs: Mapping[str, Any], model: Any = None) -> tuple:
+    """Requests with equal keys can be stacked into one batch (byte order is converted). A text
+    input counts by its name only: requests with different texts share a batch."""
+    return (model, *sorted(
+        (name, a.dtype.newbyteorder("=").str, a.shape) if isinstance(a, np.ndarray) else (name, "text", ())
+        for name, a in inputs.items()
+    ))
 
 
 class Request:

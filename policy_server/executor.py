@@ -1,7 +1,8 @@
 """Runs batches on the model's device: one copy per input, staging reused.
 
 A batch is a sequence of input dicts, one per row (``{name: array of the spec's per-sample
-shape}``), and its answer one output dict per row. Each row's arrays (views into its request
+shape}``, a str for a text input), and its answer one output dict per row. Texts are not
+staged: the forward gets each text input as one list of the batch's str. Each row's arrays (views into its request
 body) are copied once, straight into a
 preallocated staging buffer of ``max_batch_size`` rows per input. On CPU the forward reads
 the staging buffer in place. On CUDA the staging buffers are pinned and double-buffered:
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from policy_server.contract import TensorSpec
+from policy_server.contract import TensorSpec, is_text
 from policy_server.errors import ModelError
 from policy_server.model_loader import LoadedModel
 
@@ -44,7 +45,7 @@ class _Slot:
         def alloc(spec: TensorSpec) -> torch.Tensor:
             return torch.empty((rows, *spec.shape), dtype=torch_dtype(spec.np_dtype), pin_memory=pinned)
 
-        self.host_in = {s.name: alloc(s) for s in inputs}
+        self.host_in = {s.name: alloc(s) for s in inputs if not is_text(s)}  # texts go to forward as lists
         self.host_in_np = {name: t.numpy() for name, t in self.host_in.items()}
         self.host_out = {s.name: alloc(s) for s in outputs} if pinned else {}
 
@@ -98,11 +99,17 @@ class BatchExecutor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
 
-    def _stage(self, slot: _Slot, batch: Sequence[Mapping[str, np.ndarray]]) -> int:
+    def _stage(self, slot: _Slot, batch: Sequence[Mapping[str, Any]]) -> tuple[int, dict[str, list[str]]]:
+        """Copy the batch's arrays into the slot's staging buffers; its texts as one list of
+        ``rows`` str per text input (the spec's default where a row lacks one)."""
         rows = len(batch)
         if rows > self.max_batch_size:
             raise ValueError(f"batch of {rows} exceeds max_batch_size {self.max_batch_size}")
+        texts = {}
         for spec in self.input_spec:
+            if is_text(spec):
+                texts[spec.name] = [row.get(spec.name, spec.default) for row in batch]
+                continue
             out = slot.host_in_np[spec.name][:rows]
             if spec.optional and any(spec.name not in row for row in batch):
                 # queued before a hot swap added this optional input: the server's default
@@ -110,7 +117,7 @@ class BatchExecutor:
                     out[i] = row[spec.name] if spec.name in row else 0
                 continue
             np.stack([row[spec.name] for row in batch], out=out)
-        return rows
+        return rows, texts
 
     def launch(self, batch: Sequence[Mapping[str, np.ndarray]]) -> _Launched:
         """Start one batch: ``batch`` holds one input dict per row (at most ``max_batch_size``,
@@ -119,15 +126,15 @@ class BatchExecutor:
         slot = self.slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self.slots)
         if not self.pipelined:
-            rows = self._stage(slot, batch)
+            rows, texts = self._stage(slot, batch)
             staged = {name: t[:rows] for name, t in slot.host_in.items()}
             with torch.inference_mode(), self._autocast():
-                outputs = self.policy.forward(staged)
+                outputs = self.policy.forward({**staged, **texts})
             return _Launched(slot, rows, outputs)
 
         slot.copied.synchronize()  # the previous H2D from this slot must be done before refilling
         slot.computed.synchronize()  # and its outputs read
-        rows = self._stage(slot, batch)
+        rows, texts = self._stage(slot, batch)
         with torch.cuda.stream(self.copy_stream):
             slot.h2d_started.record(self.copy_stream)
             device_in = {name: t[:rows].to(self.device, non_blocking=True) for name, t in slot.host_in.items()}
@@ -137,7 +144,7 @@ class BatchExecutor:
             for tensor in device_in.values():
                 tensor.record_stream(self.compute_stream)
             with torch.inference_mode(), self._autocast():
-                outputs = self.policy.forward(device_in)
+                outputs = self.policy.forward({**device_in, **texts})
             slot.d2h_started.record(self.compute_stream)
             for spec in self.output_spec:
                 out = _output(outputs, spec, rows)

@@ -41,17 +41,9 @@ from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
+from policy_server.front_door_conn import BUSY, HANDSHAKING, IDLE, WS_IDLE, Conn
 from policy_server.front_door_http import GONE, AppRoutes, late_answer, past_deadline, reset_by_peer
-from policy_server.front_door_reader import (
-    BUSY,
-    HANDSHAKING,
-    IDLE,
-    SCAN_S,
-    SEND_TIMEOUT_S,
-    WS_IDLE,
-    Conn,
-    RequestReader,
-)
+from policy_server.front_door_reader import SCAN_S, SEND_TIMEOUT_S, RequestReader
 from policy_server.front_door_tls import TLSReader
 from policy_server.front_door_ws import GOING_AWAY, WebSocketReader
 from policy_server.wsgi_keys import ARRIVED, BUDGET, DEFERRED, UPGRADE

@@ -21,6 +21,17 @@ import socket
 import time
 from functools import partial
 
+from policy_server.front_door_conn import (
+    BUSY,
+    DISCARDING,
+    HANDSHAKING,
+    IDLE,
+    LINGERING,
+    READING,
+    WS_IDLE,
+    WS_READING,
+    Conn,
+)
 from policy_server.front_door_http import Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
 from policy_server.wsgi_keys import ByteBudget
 
@@ -36,43 +47,6 @@ FD_RESERVE = 64  # descriptors kept for the worker's own files (model, logs, met
 OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 EVICT_FRACTION = 50  # at worker_connections, close this fraction (1/50) of them, the longest idle
 EVICT_LOG_S = 10.0
-
-IDLE, READING, DISCARDING, BUSY, LINGERING, HANDSHAKING = range(6)  # HANDSHAKING: TLS, front_door_tls
-WS_IDLE, WS_READING = 10, 11  # an upgraded connection between messages, and receiving one (front_door_ws)
-
-
-class Conn:
-    """One client connection and what the poller knows of its current request."""
-
-    __slots__ = (
-        "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
-        "route", "nreq", "scanned", "over_cap", "started", "body", "filled", "reserved",
-        "callback", "tls", "want_write", "probe", "ws",
-    )
-
-    def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
-        self.sock, self.client, self.server = sock, client, server
-        self.addr = client[0] if isinstance(client, tuple) else str(client)
-        self.buf = bytearray()
-        self.state = IDLE
-        self.arrived = now  # of the current request: its first byte
-        self.deadline = now + idle_s  # idle (no request begun): closed quietly then
-        self.req = None
-        self.need = 0
-        self.route = "front_door"
-        self.nreq = 0
-        self.scanned = 0
-        self.over_cap = None  # the Refusal it gets unless its head shows a probe
-        self.probe = False  # its current request is a probe (answered on the probe lane)
-        self.started = False  # a request thread took its current request
-        self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
-        self.filled = 0
-        self.reserved = 0  # its body's length, taken from the worker's byte budget while being read
-        self.callback = None  # what the poller calls when the socket is ready (set at accept)
-        self.tls = False  # an SSL socket: read by front_door_tls, and HANDSHAKING first
-        self.want_write = False  # TLS only: registered for EVENT_WRITE while OpenSSL must send
-        self.ws = None  # after an upgrade: its WebSocket state (front_door_ws.WebSocket)
-
 
 class RequestReader:
     """The poller side of the front door (a mixin over gunicorn's ``ThreadWorker``).

@@ -37,8 +37,9 @@ import socket
 import ssl
 import time
 
+from policy_server.front_door_conn import BUSY, HANDSHAKING, IDLE, Conn
 from policy_server.front_door_http import Refusal, refusal_bytes
-from policy_server.front_door_reader import BUSY, HANDSHAKING, IDLE, RECV_BYTES, Conn
+from policy_server.front_door_reader import RECV_BYTES
 
 log = logging.getLogger("policy_server.front_door")
 

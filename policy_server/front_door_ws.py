@@ -37,8 +37,9 @@ from typing import Any
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
+from policy_server.front_door_conn import BUSY, WS_IDLE, WS_READING
 from policy_server.front_door_http import reset_by_peer
-from policy_server.front_door_reader import BUSY, SEND_TIMEOUT_S, WS_IDLE, WS_READING
+from policy_server.front_door_reader import SEND_TIMEOUT_S
 
 log = logging.getLogger("policy_server.front_door")
 

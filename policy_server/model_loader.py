@@ -17,6 +17,7 @@ from policy_server.contract import (
     POLICY_REQUIRED,
     RTC_INPUTS,
     TensorSpec,
+    TextSpec,
     directory_digest,
     require_model_dir,
 )
@@ -87,10 +88,11 @@ def describe(policy: Any, *, name: str, version: str, device: str, digest: str =
         if not hasattr(policy, attr):
             raise ModelError(f"policy has no {attr}")
     specs = []
-    for attr in ("input_spec", "output_spec"):
+    for attr, kinds in (("input_spec", (TensorSpec, TextSpec)), ("output_spec", (TensorSpec,))):
         spec = tuple(getattr(policy, attr))
-        if not spec or not all(isinstance(s, TensorSpec) for s in spec):
-            raise ModelError(f"policy.{attr} must be a non-empty sequence of TensorSpec")
+        if not spec or not all(isinstance(s, kinds) for s in spec):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise ModelError(f"policy.{attr} must be a non-empty sequence of {names}")
         if len({s.name for s in spec}) != len(spec):
             raise ModelError(f"policy.{attr} repeats a name")
         specs.append(spec)

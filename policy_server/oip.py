@@ -30,18 +30,20 @@ from typing import Any
 
 import numpy as np
 
-from policy_server.contract import TensorSpec
+from policy_server.contract import TensorSpec, TextSpec, is_text
 from policy_server.errors import BadRequest, InvalidInput, NonFiniteOutput, PayloadTooLarge
+from policy_server.oip_bytes import binary_texts, json_texts
 from policy_server.oip_json import BIG_JSON_BYTES, big_json, json_tensor
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-# OIP tensor data types and their numpy (little-endian) dtypes. BYTES and BF16 are not served.
+# OIP tensor data types and their numpy (little-endian) dtypes.
 DATATYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
     "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"),
     "INT8": np.dtype("<i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
     "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
+BYTES = "BYTES"  # text inputs only (policy_server.oip_bytes); BF16 is not served
 _BY_NUMPY = {dtype.newbyteorder("="): name for name, dtype in DATATYPES.items()}
 MAX_TENSORS = 64  # inputs or requested outputs in one request
 MAX_RANK = 16
@@ -59,8 +61,11 @@ def datatype_of(dtype: str | np.dtype) -> str:
     return _BY_NUMPY[key]
 
 
-def tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
-    """A metadata tensor: the per-sample shape with ``-1`` for the batch dimension."""
+def tensor_metadata(spec: TensorSpec | TextSpec) -> dict[str, Any]:
+    """A metadata tensor: the per-sample shape with ``-1`` for the batch dimension (a text
+    input is ``BYTES`` of shape ``[-1]``, one text per row)."""
+    if is_text(spec):
+        return {"name": spec.name, "datatype": BYTES, "shape": [-1]}
     return {"name": spec.name, "datatype": datatype_of(spec.dtype), "shape": [-1, *spec.shape]}
 
 
@@ -226,10 +231,10 @@ def _input_header(tensor: Any, index: int, offset: int) -> TensorHeader:
     if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS:
         raise BadRequest(f"input {index}: 'name' must be a string of 1 to {MAX_NAME_CHARS} characters")
     datatype = tensor.get("datatype")
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
+    if not isinstance(datatype, str) or (datatype not in DATATYPES and datatype != BYTES):
         shown = datatype[:20] if isinstance(datatype, str) else type(datatype).__name__
-        raise BadRequest(f"input {name!r}: unsupported datatype {shown!r}; supported: {sorted(DATATYPES)}")
-    dtype = DATATYPES[datatype]
+        raise BadRequest(f"input {name!r}: unsupported datatype {shown!r}; supported: {sorted([*DATATYPES, BYTES])}")
+    dtype = DATATYPES.get(datatype, np.dtype(np.uint8))  # BYTES: texts (oip_bytes); sizes are checked there
     shape = tensor.get("shape")
     if (
         not isinstance(shape, list)
@@ -249,7 +254,9 @@ def _input_header(tensor: Any, index: int, offset: int) -> TensorHeader:
             raise BadRequest(f"input {name!r}: binary_data_size must be a non-negative integer")
         if has_data:
             raise BadRequest(f"input {name!r}: both 'data' and binary_data_size")
-        if size != count * dtype.itemsize:
+        if datatype == BYTES and size < 4 * count:
+            raise BadRequest(f"input {name!r}: binary_data_size {size} cannot hold {count} BYTES elements")
+        if datatype != BYTES and size != count * dtype.itemsize:
             raise BadRequest(
                 f"input {name!r}: binary_data_size {size} is not {count} x {dtype.itemsize} bytes "
                 f"for {datatype} {shape}"
@@ -261,7 +268,11 @@ def _input_header(tensor: Any, index: int, offset: int) -> TensorHeader:
     return TensorHeader(name, datatype, dtype, tuple(shape), tensor.get("data"), size, offset)
 
 
-def _tensor_array(tensor: TensorHeader, binary: memoryview) -> np.ndarray:
+def _tensor_array(tensor: TensorHeader, binary: memoryview) -> np.ndarray | list[str]:
+    if tensor.datatype == BYTES:  # texts: a list of one str per row
+        if tensor.size is None:
+            return json_texts(tensor.name, tensor.shape, tensor.data)
+        return binary_texts(tensor.name, tensor.shape, binary[tensor.offset : tensor.offset + tensor.size])
     if tensor.size is None:
         return json_tensor(tensor.name, tensor.dtype, tensor.shape, tensor.data)
     raw = binary[tensor.offset : tensor.offset + tensor.size]
@@ -302,11 +313,15 @@ def check_against_spec(tensors: Sequence[TensorHeader], spec: Sequence[TensorSpe
         s = by_name.get(tensor.name)
         if s is None:
             raise InvalidInput(f"unexpected input {tensor.name!r}; expected {sorted(by_name)}")
-        if tensor.dtype.newbyteorder("=") != s.np_dtype:
+        if is_text(s):
+            if tensor.datatype != BYTES or tensor.ndim not in (1, 2) or tensor.shape[1:] not in ((), (1,)):
+                raise InvalidInput(f"input {tensor.name!r}: expected datatype BYTES of shape [-1] or [-1, 1] (one "
+                                   f"text per row), got {tensor.datatype} {list(tensor.shape)}")
+        elif tensor.datatype == BYTES or tensor.dtype.newbyteorder("=") != s.np_dtype:
             raise InvalidInput(
                 f"input {tensor.name!r}: expected datatype {datatype_of(s.dtype)}, got {tensor.datatype}"
             )
-        if tensor.ndim != len(s.shape) + 1 or tensor.shape[1:] != s.shape:
+        elif tensor.ndim != len(s.shape) + 1 or tensor.shape[1:] != s.shape:
             raise InvalidInput(f"input {tensor.name!r}: expected shape {[-1, *s.shape]}, got {list(tensor.shape)}")
         if rows is None:
             rows = tensor.shape[0]

@@ -306,24 +306,21 @@ def oip_paths() -> dict[str, Any]:
     }
 
 
-def _websocket(summary: str, *, named: bool) -> dict[str, Any]:
-    """A WebSocket upgrade to openpi's protocol (OpenAPI 3.0 has no WebSocket: the upgrade is
-    described as the GET it is, and ``x-websocket`` names the protocol that follows)."""
+WEBSOCKET_UPGRADE = (
+    "A WebSocket upgrade (Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key, Sec-WebSocket-Version: 13). "
+    "The server sends one msgpack frame of metadata once the model is ready, then answers each msgpack observation "
+    "frame with one frame of outputs; an error is a text frame and a close. A plain GET is answered 426 (405 where "
+    "POST serves). See README.md, \"openpi's WebSocket wire\"."
+)
+
+
+def _websocket(summary: str, operation_id: str, *, named: bool) -> dict[str, Any]:
+    """An upgrade to openpi's protocol: OpenAPI 3.0 has no WebSocket, so the GET it is, with ``x-websocket``."""
     return {
-        "summary": summary,
-        "description": "Send a WebSocket upgrade (Upgrade: websocket, Connection: Upgrade, Sec-WebSocket-Key, "
-                       "Sec-WebSocket-Version: 13). The server then sends one msgpack frame of metadata (once the "
-                       "model is ready) and answers each msgpack observation frame with one frame of outputs; "
-                       "errors are a text frame and a close. See README.md, \"openpi's WebSocket wire\". A GET "
-                       "that is not an upgrade is answered 426.",
-        "x-websocket": "openpi",
-        "operationId": f"openpi{'_named' if named else ''}_{summary.split()[-1].strip('/') or 'root'}",
-        "security": [{}, {"ApiKey": []}],
-        "parameters": [*([NAME] if named else []), REQUEST_ID],
-        "responses": {
-            "101": {"description": "Switching Protocols: openpi's WebSocket protocol follows"},
-            **_errors("400", "401", "404", "426"),
-        },
+        "summary": summary, "description": WEBSOCKET_UPGRADE, "x-websocket": "openpi", "operationId": operation_id,
+        "security": [{}, {"ApiKey": []}], "parameters": [*([NAME] if named else []), REQUEST_ID],
+        "responses": {"101": {"description": "Switching Protocols: openpi's WebSocket protocol follows"},
+                      **_errors("400", "401", "404", "426")},
     }
 
 
@@ -342,17 +339,16 @@ def openapi_document(version: str = "1") -> dict[str, Any]:
         "paths": {
             "/infer": {
                 "post": {**INFER, "operationId": "infer"},
-                "get": _websocket("openpi's WebSocket protocol over the default model at /infer", named=False),
+                "get": _websocket("openpi's WebSocket protocol, the default model", "openpi_infer", named=False),
             },
             "/models/{name}/infer": {
                 "post": {
                     **INFER, "operationId": "infer_named", "summary": "Inference on a named model",
                     "parameters": [NAME, *INFER["parameters"]],
                 },
-                "get": _websocket("openpi's WebSocket protocol over a named model", named=True),
+                "get": _websocket("openpi's WebSocket protocol, a named model", "openpi_infer_named", named=True),
             },
-            "/": {"get": _websocket("openpi's WebSocket protocol over the default model (ws://host:port)",
-                                    named=False)},
+            "/": {"get": _websocket("openpi's WebSocket protocol at ws://host:port", "openpi_root", named=False)},
             "/healthz": _get("Liveness under openpi's probe path (as /health)", open_route=True, errors=("503",)),
             "/health": _get("Liveness: the process answers and its batcher thread runs (503 once it ended)",
                              open_route=True, errors=("503",)),

@@ -31,8 +31,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 import openpi_wire
 from binary_protocol import ProtocolError
 from policy_server.config import ServerConfig
@@ -194,17 +192,20 @@ class OpenpiSession:
 
 
 def flatten(observation: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """An openpi observation as input names -> values: nested maps joined by ``/``; values
-    must be arrays or strings (InvalidInput naming the field otherwise)."""
+    """An openpi observation as input names -> values: nested maps joined by ``/`` (their
+    keys must be UTF-8 strings: InvalidInput otherwise); the values are checked against the
+    model's spec later, as on every wire."""
     out: dict[str, Any] = {}
     for key, value in observation.items():
         if not isinstance(key, str):
             raise InvalidInput(f"observation keys are strings; got {type(key).__name__} {str(key)[:40]!r}")
+        try:
+            key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(f"an observation key under {prefix or 'the top level'!r} is not valid UTF-8") from None
         name = prefix + key
         if isinstance(value, dict):
             out.update(flatten(value, name + "/"))
-        elif isinstance(value, (np.ndarray, str)):
-            out[name] = value
         else:
-            raise InvalidInput(f"input {name!r}: expected an array, a string or a map, got {type(value).__name__}")
+            out[name] = value
     return out

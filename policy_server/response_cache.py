@@ -11,17 +11,26 @@ import hashlib
 import threading
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 
-def input_digest(inputs: Mapping[str, np.ndarray]) -> bytes:
-    """A digest of every input's name, dtype, shape and bytes (blake2b, 16 bytes)."""
+def input_digest(inputs: Mapping[str, Any]) -> bytes:
+    """A digest of every input's name, dtype, shape and bytes, texts included (each text, or
+    each of a vectorized request's list of texts, as UTF-8 with its length; blake2b, 16 bytes)."""
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(inputs):
-        array = inputs[name]
-        digest.update(f"{name}\0{array.dtype.str}\0{array.shape}\0".encode())
-        digest.update(np.ascontiguousarray(array).data)
+        value = inputs[name]
+        if isinstance(value, np.ndarray):
+            digest.update(f"{name}\0{value.dtype.str}\0{value.shape}\0".encode())
+            digest.update(np.ascontiguousarray(value).data)
+            continue
+        texts = [value] if isinstance(value, str) else list(value)
+        digest.update(f"{name}\0text\0{len(texts)}\0".encode())
+        for text in texts:
+            encoded = text.encode("utf-8")
+            digest.update(len(encoded).to_bytes(8, "little") + encoded)
     return digest.digest()
 
 

@@ -1,5 +1,6 @@
-"""Request arrays against a policy's specs: validation, defaults for optional inputs, vectorized
-requests, and random samples for warm-up and tests."""
+"""Request inputs against a policy's specs (arrays, and texts for :class:`TextSpec` inputs):
+validation, defaults for optional inputs, vectorized requests, and random samples for warm-up
+and tests."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from policy_server.contract import RTC_INPUTS, TensorSpec
+from policy_server.contract import RTC_INPUTS, TensorSpec, TextSpec, is_text
 from policy_server.errors import BadRequest, InvalidInput, PayloadTooLarge
 
 BATCH_ROWS_HEADER = "X-Batch-Rows"
@@ -60,6 +61,9 @@ def validate_inputs(
         if name not in inputs:
             continue
         value = inputs[name]
+        if is_text(s):
+            check_text(name, value, s, rows)
+            continue
         if not isinstance(value, np.ndarray):
             raise InvalidInput(f"input {name!r}: expected an array, got {type(value).__name__}")
         if value.dtype.newbyteorder("=") != s.np_dtype:
@@ -78,8 +82,31 @@ def validate_inputs(
                 f"input {name!r}: expected shape {[rows, *s.shape]} (rows of {list(s.shape)}), got {list(value.shape)}"
             )
     for name, s in expected.items():
-        if s.finite_only and name in inputs:
+        if not is_text(s) and s.finite_only and name in inputs:
             check_finite(name, inputs[name], rows)
+
+
+def check_text(name: str, value: Any, spec: TextSpec, rows: int | None) -> None:
+    """InvalidInput naming the input (and row) unless ``value`` is a str (``rows`` N: a list of
+    N str) of valid UTF-8 within the spec's ``max_bytes``."""
+    if rows is None:
+        texts = [value]
+        if not isinstance(value, str):
+            raise InvalidInput(f"input {name!r}: expected text (a string), got {type(value).__name__}")
+    else:
+        if not isinstance(value, (list, tuple)) or len(value) != rows:
+            raise InvalidInput(f"input {name!r}: a request of {BATCH_ROWS_HEADER} {rows} needs a list of {rows} texts")
+        texts = value
+    for i, text in enumerate(texts):
+        where = f"input {name!r}" + ("" if rows is None else f" row {i}")
+        if not isinstance(text, str):
+            raise InvalidInput(f"{where}: expected text (a string), got {type(text).__name__}")
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidInput(f"{where}: text is not valid UTF-8") from None
+        if size > spec.max_bytes:
+            raise InvalidInput(f"{where}: {size} bytes of text; the model takes at most {spec.max_bytes}")
 
 
 def check_finite(name: str, value: np.ndarray, rows: int | None) -> None:
@@ -105,7 +132,10 @@ def complete_inputs(inputs: Mapping[str, Any], spec: Sequence[TensorSpec], rows:
     out = dict(inputs)
     for s in spec:
         if s.name not in out:
-            out[s.name] = s.default(rows)
+            if is_text(s):
+                out[s.name] = s.default if rows is None else [s.default] * rows
+            else:
+                out[s.name] = s.default(rows)
     names = {s.name for s in spec}
     if all(n in names for n in RTC_INPUTS):
         check_rtc_rows(out, rows)
@@ -129,8 +159,9 @@ def check_rtc_rows(inputs: Mapping[str, np.ndarray], rows: int | None) -> None:
             raise InvalidInput(f"{where}action_prefix is not finite in its first {n} rows")
 
 
-def split_rows(inputs: Mapping[str, np.ndarray], rows: int) -> list[dict[str, np.ndarray]]:
-    """A vectorized request's inputs ``[N, ...]`` as N single observations (views, no copy)."""
+def split_rows(inputs: Mapping[str, Any], rows: int) -> list[dict[str, Any]]:
+    """A vectorized request's inputs ``[N, ...]`` (and lists of N texts) as N single
+    observations (views, no copy)."""
     return [{name: value[i] for name, value in inputs.items()} for i in range(rows)]
 
 
@@ -142,6 +173,10 @@ def sample_inputs(spec: Sequence[TensorSpec], batch: int = 1, seed: int = 0) -> 
     rng = np.random.default_rng(seed)
     out = {}
     for s in spec:
+        if is_text(s):  # a few short words, different per row and seed
+            words = ("reach", "the", "red", "blue", "target", "go", "to", "pick", "place", "cube")
+            out[s.name] = [" ".join(rng.choice(words, 4)) for _ in range(batch)]
+            continue
         shape = (batch, *s.shape)
         if s.np_dtype.kind in "iu":
             info = np.iinfo(s.np_dtype)

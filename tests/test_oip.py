@@ -280,7 +280,10 @@ def _hostile_cases():
         "header length past the body": (ok + pixels, len(ok) + 500, 400, "past the end"),
         "header length cuts the JSON": (ok + pixels, len(ok) - 3, 400, "does not parse"),
         "unknown datatype": (_header({"inputs": [{**state, "datatype": "FP8"}]}), None, 400, "unsupported datatype"),
-        "BYTES datatype": (_header({"inputs": [{**state, "datatype": "BYTES"}]}), None, 400, "unsupported datatype"),
+        "BYTES for a tensor input": (
+            _header({"inputs": [{**state, "datatype": "BYTES", "data": ["a"] * 6}]}), None, 422,
+            "expected datatype FP32",
+        ),
         "shape and data disagree": (
             _header({"inputs": [{**state, "shape": [2, 6]}]}),
             None,
@@ -370,7 +373,8 @@ def test_wrong_version_and_unknown_model_are_404(client):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # a generous deadline: conformance, not speed, is checked here, and a busy CI box is slow
-    args = ("--api-key", KEY, "--deadline-ms", "30000")
+    # JSON images too: three 640x480 rows as JSON numbers are 10 MB, over the 4 MiB default
+    args = ("--api-key", KEY, "--deadline-ms", "30000", "--oip-max-json-bytes", str(16 << 20))
     with run_server(tmp_path_factory.mktemp("oip"), workers=1, args=args) as running:
         PolicyClient(running.base_url, api_key=KEY, timeout_s=120).load_model("transformer", "transformer", wait_s=120)
         yield running

@@ -36,7 +36,10 @@ from openpi_client.action_chunk_broker import ActionChunkBroker  # noqa: E402
 from websockets.exceptions import ConnectionClosed, InvalidStatus  # noqa: E402
 from websockets.sync.client import connect  # noqa: E402
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning"),
+]
 KEY = "openpi-wire-key-0123456789"
 
 
@@ -166,7 +169,8 @@ HOSTILE = {
     "garbage": (frame(os.urandom(64) + b"\xc1"), 1011, "400 bad request"),
     "not a map": (frame(msgpack.packb([1, 2, 3])), 1011, "a frame is a msgpack map"),
     "a text frame": (frame(b"hello", TEXT), 1003, "send binary frames"),
-    "invalid UTF-8 in a string": (frame(b"\x81\xa6prompt\xa3\xff\xfe\xfd"), 1011, "utf-8"),
+    "invalid UTF-8 in a string": (frame(b"\x81\xa6prompt\xa3\xff\xfe\xfd"), 1011, "missing input 'image'"),
+    "invalid UTF-8 in a key": (frame(b"\x81\xa3\xff\xfe\xfd\xa1x"), 1011, "is not valid UTF-8"),
     "an unknown endpoint": (frame(msgpack.packb({"endpoint": "shell"})), 1011, "endpoint must be"),
     "a message over the size limit": (frame(b"\0" * ((4 << 20) + 1)), 1009, "over the limit of 4194304"),
     "a message over the limit in fragments": (
