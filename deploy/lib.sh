@@ -24,14 +24,16 @@ podman_prepare() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap >/dev/null
   fi
   if [ -z "${CONTAINERS_CONF:-}" ]; then
-    CONTAINERS_CONF=$(mktemp /tmp/policy-containers.XXXXXX.conf)
-    cat > "$CONTAINERS_CONF" <<'CONF'
+    local tmp
+    tmp=$(mktemp /tmp/policy-containers.XXXXXX)
+    cat > "$tmp" <<'CONF'
 [containers]
 default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 [engine]
 runtime = "runc"
 CONF
-    export CONTAINERS_CONF
+    export CONTAINERS_CONF=/tmp/policy-containers.conf  # one file, the same for every run
+    mv -f "$tmp" "$CONTAINERS_CONF"
   fi
 }
 
