@@ -156,74 +156,63 @@ class RequestReader:
         conn.state = IDLE
 
     def _advance(self, conn: Conn) -> None:
-        """Act on what a connection's buffer holds: parse the head, wait for the body, dispatch."""
-        s = self.settings
+        """Act on what a connection's buffer holds: drop a refused body, parse the head, wait
+        for the body, dispatch the complete request."""
         if conn.state == DISCARDING:
-            dropped = min(conn.need, len(conn.buf))
-            del conn.buf[:dropped]
-            conn.need -= dropped
-            if conn.need == 0:
+            if conn.discard():
                 self._keep_alive(conn)
             return
-        if conn.req is None:
-            end = conn.buf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
-            if end < 0:
-                conn.scanned = len(conn.buf)
-                refusal = head_overflow(self.cfg, conn.buf)
-                if refusal is not None:
-                    self._refuse(conn, refusal)
-                return
-            try:
-                raw_head = bytes(conn.buf[: end + 4])
-                head = parse_head(self.cfg, raw_head, conn.client, conn.nreq + 1, self.routes)
-            except Refusal as refusal:
-                self._refuse(conn, refusal)
-                return
-            del conn.buf[: end + 4]
-            conn.scanned = 0
-            conn.nreq += 1
-            conn.req, conn.need, conn.route, conn.probe = head.req, head.length, head.route, head.probe
-            if not head.probe and conn.over_cap is not None:
-                self._refuse(conn, conn.over_cap)
-                return
-            overload = None if head.probe else self.admission.overloaded(conn.need)  # probes always pass
-            if overload is not None:
-                # Kept open only when the client will send its body anyway: one waiting for
-                # "100 Continue" may send its next request instead, which would be taken for it.
-                waits = conn.req._expected_100_continue and len(conn.buf) < conn.need
-                self._refuse(
-                    conn,
-                    Refusal(503, "overloaded", overload, "admission", retry=True),
-                    keep_alive=not conn.req.should_close() and not waits,
-                )
-                return
-            if head.probe:  # never refused, but counted
-                self.admission.budget.take(conn.need, force=True)
-            conn.reserved = conn.need  # taken from the budget (by admission.overloaded for the others)
-            conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
-            if conn.req._expected_100_continue:
-                conn.req._expected_100_continue = False
-                if len(conn.buf) < conn.need:
-                    send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-            if len(conn.buf) < conn.need <= PREALLOCATE_BYTES:
-                conn.body = bytearray(conn.need)  # the rest is received straight into it
-                conn.filled = len(conn.buf)
-                conn.body[: conn.filled] = conn.buf
-                conn.buf = bytearray()
-                return
-        if conn.body is not None:
-            if conn.filled < conn.need:
-                return
-            body, conn.body = bytes(conn.body), None
-        elif len(conn.buf) < conn.need:
+        if conn.req is None and not self._head_arrived(conn):
             return
-        elif len(conn.buf) == conn.need:
-            body, conn.buf = bytes(conn.buf), bytearray()
-        else:
-            body = bytes(memoryview(conn.buf)[: conn.need])
-            del conn.buf[: conn.need]
+        body = conn.take_body()
+        if body is None:
+            return
         conn.req.body = io.BytesIO(body)  # wsgi.input; reading it all returns ``body`` itself, no copy
         self._dispatch(conn)
+
+    def _head_arrived(self, conn: Conn) -> bool:
+        """Parse the head once its blank line is in, and admit the request; False: not yet,
+        or refused."""
+        end = conn.buf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
+        if end < 0:
+            conn.scanned = len(conn.buf)
+            refusal = head_overflow(self.cfg, conn.buf)
+            if refusal is not None:
+                self._refuse(conn, refusal)
+            return False
+        try:
+            head = parse_head(self.cfg, bytes(conn.buf[: end + 4]), conn.client, conn.nreq + 1, self.routes)
+        except Refusal as refusal:
+            self._refuse(conn, refusal)
+            return False
+        conn.head_parsed(head, end + 4)
+        return self._admit(conn, head.probe)
+
+    def _admit(self, conn: Conn, probe: bool) -> bool:
+        """Whether the request with a parsed head may go on (probes always do): its body's bytes
+        are then held, and it gets its body deadline; else it is refused (503)."""
+        s = self.settings
+        if not probe and conn.over_cap is not None:
+            self._refuse(conn, conn.over_cap)
+            return False
+        overload = None if probe else self.admission.overloaded(conn.need)
+        if overload is not None:
+            # Kept open only when the client will send its body anyway: one waiting for
+            # "100 Continue" may send its next request instead, which would be taken for it.
+            waits = conn.req._expected_100_continue and len(conn.buf) < conn.need
+            self._refuse(conn, Refusal(503, "overloaded", overload, "admission", retry=True),
+                         keep_alive=not conn.req.should_close() and not waits)
+            return False
+        if probe:  # never refused, but counted
+            self.admission.budget.take(conn.need, force=True)
+        conn.reserved = conn.need  # taken from the budget (by admission.overloaded for the others)
+        conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
+        if conn.req._expected_100_continue:
+            conn.req._expected_100_continue = False
+            if len(conn.buf) < conn.need:
+                send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.receive_in_place(PREALLOCATE_BYTES)
+        return True
 
     def _refuse(self, conn: Conn, refusal: Refusal, keep_alive: bool = False) -> None:
         """Answer from the poller. ``keep_alive``: the framing is known, drop the body and go on."""
@@ -248,23 +237,14 @@ class RequestReader:
     def _linger(self, conn: Conn) -> None:
         """Half-close, then drop what still arrives for a while: closing with unread input would
         send a reset that can destroy the answer before the client reads it."""
-        conn.state = LINGERING
-        conn.req = None
-        conn.body = None
-        conn.buf = bytearray()
-        conn.deadline = time.monotonic() + LINGER_S
+        conn.linger(time.monotonic() + LINGER_S)
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn)
 
     def _keep_alive(self, conn: Conn) -> None:
-        conn.state = IDLE
-        conn.req = None
-        conn.body = None
-        conn.need = 0
-        conn.route = "front_door"
-        conn.deadline = time.monotonic() + (self.cfg.keepalive if self.alive else min(self.cfg.keepalive, 2.0))
+        conn.idle(time.monotonic() + (self.cfg.keepalive if self.alive else min(self.cfg.keepalive, 2.0)))
         if conn.buf:  # pipelined: the next request is already here
             conn.arrived = time.monotonic()
             conn.deadline = conn.arrived + self.settings.head_timeout_s
