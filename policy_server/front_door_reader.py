@@ -270,6 +270,8 @@ class RequestReader:
             return
         self.conns.discard(conn)
         self.ws_holding.discard(conn)
+        if conn.ws is not None:
+            self._ws_forget_queued(conn)
         if conn.state != BUSY:
             try:
                 self.poller.unregister(conn.sock)

@@ -334,6 +334,13 @@ class WebSocketReader:
             return False
         return conn.ws.greeted
 
+    def _ws_forget_queued(self, conn) -> None:
+        """The connection closes with messages that waited for its first frame: they are over."""
+        for _payload, size, _arrived in conn.ws.queued:
+            self.admission.budget.give(size)
+            self.admission.end()
+        conn.ws.queued.clear()
+
     def _ws_send_now(self, conn, data: bytes) -> None:
         """A small frame from the poller (a pong, a close): one non-blocking send."""
         if not data:
