@@ -276,7 +276,8 @@ class WebSocketReader:
         self._ws_send_now(conn, out)
         self._linger(conn)
 
-    def _ws_closed_by_peer(self, conn, event: CloseConnection) -> None:
+    def _ws_abandoned(self, conn) -> None:
+        """The client went while sending a message: its bytes and its place go back (499)."""
         ws = conn.ws
         if conn.state == WS_READING:
             self.admission.budget.give(ws.size)
@@ -284,6 +285,10 @@ class WebSocketReader:
             self.admission.end()
             self.obs.count_vanished(ws.session.route, None, conn.addr, time.monotonic() - ws.first_byte,
                                     "while sending its message")
+
+    def _ws_closed_by_peer(self, conn, event: CloseConnection) -> None:
+        ws = conn.ws
+        self._ws_abandoned(conn)
         if ws.proto.state.name not in ("CLOSED", "LOCAL_CLOSING"):
             try:
                 self._ws_send_now(conn, ws.proto.send(event.response()))
@@ -293,13 +298,7 @@ class WebSocketReader:
 
     def _ws_peer_gone(self, conn) -> None:
         """The socket closed under a WebSocket (no close frame)."""
-        ws = conn.ws
-        if conn.state == WS_READING:
-            self.admission.budget.give(ws.size)
-            ws.parts, ws.size = [], 0
-            self.admission.end()
-            self.obs.count_vanished(ws.session.route, None, conn.addr, time.monotonic() - ws.first_byte,
-                                    "while sending its message")
+        self._ws_abandoned(conn)
         self._close(conn)
 
     def _ws_expired(self, conn) -> None:
