@@ -11,8 +11,9 @@ the connection stays in the front door like any other, and the same bounds hold:
 - a message being received is bounded in time like a body: ``body_timeout_s`` plus its size
   at ``min_body_bytes_per_s`` from its first byte; a stalled one is closed (1008) and never
   holds a thread; an idle connection is closed after ``ws_idle_timeout_s`` (1001);
-- a complete message counts as a request from its first byte: admission (``_overloaded``;
-  past it, a text refusal and close 1013) and the worker's held count; it is then run on a
+- a complete message counts as a request from its first byte: the worker's admission
+  (:mod:`policy_server.front_door_admission`; past it, a text refusal and close 1013) holds
+  it until it is answered; it is then run on a
   request thread, which writes the answer (one message per request, in order: the socket is
   not read while its message is served);
 - pings are answered by the poller, also while the session holds its first frame until
@@ -70,7 +71,7 @@ class WebSocket:
     greeted: bool = False  # the session's first frame was sent
     parts: list = field(default_factory=list)  # the message being received
     size: int = 0  # its bytes so far (taken from the worker's byte budget)
-    started: float = 0.0  # its first byte (time.monotonic())
+    first_byte: float = 0.0  # when its first byte came (time.monotonic())
     text: bool = False  # it is a text message
     queued: list = field(default_factory=list)  # complete messages waiting for the first frame to go out
 
@@ -78,8 +79,8 @@ class WebSocket:
 class WebSocketReader:
     """The WebSocket half of the front door (a mixin over the reader and the worker).
 
-    Needs from the worker: ``settings``, ``poller``, ``conns``, ``held``, ``budget``,
-    ``tpool``, ``method_queue``, ``alive``, ``obs``, ``_overloaded``, ``_close``, ``_timed``
+    Needs from the worker: ``settings``, ``poller``, ``conns``, ``admission``, ``tpool``,
+    ``method_queue``, ``alive``, ``obs``, ``_close``, ``_linger``, ``_timed``
     and, for TLS, ``_tls_resume``.
     """
 
@@ -151,21 +152,22 @@ class WebSocketReader:
         ws, s = conn.ws, self.settings
         if conn.state == WS_IDLE:  # a message begins: a request from its first byte
             conn.state = WS_READING
-            ws.started = conn.arrived = now
+            ws.first_byte = conn.arrived = now
             conn.nreq += 1
-            self.held += 1
+            self.admission.hold()
             ws.text = isinstance(event, TextMessage)
         data = event.data.encode() if isinstance(event.data, str) else event.data
         if ws.size + len(data) > s.max_body_bytes:
             self._ws_refuse(conn, TOO_BIG, 413, f"message over the limit of {s.max_body_bytes} bytes", "too_large")
             return False
-        if not self.budget.take(len(data)):
-            self._ws_refuse(conn, TRY_AGAIN_LATER, 503, f"{self.budget.used} bytes of request data held by this "
-                            "worker", "admission")
+        budget = self.admission.budget
+        if not budget.take(len(data)):
+            self._ws_refuse(conn, TRY_AGAIN_LATER, 503, f"{budget.used} bytes of request data held by this worker",
+                            "admission")
             return False
         ws.size += len(data)
         ws.parts.append(data)
-        conn.deadline = ws.started + s.body_timeout_s + ws.size / s.min_body_bytes_per_s
+        conn.deadline = ws.first_byte + s.body_timeout_s + ws.size / s.min_body_bytes_per_s
         if event.message_finished:
             self._ws_message(conn)
         return True
@@ -176,33 +178,31 @@ class WebSocketReader:
         payload = ws.parts[0] if len(ws.parts) == 1 else b"".join(ws.parts)
         size, ws.parts, ws.size = ws.size, [], 0
         if ws.text:
-            self.budget.give(size)
+            self.admission.budget.give(size)
             self._ws_refuse(conn, UNSUPPORTED_DATA, 400, "send binary frames (msgpack), not text", "text_frame")
             return
-        overload = self._overloaded(0)
+        overload = self.admission.overloaded(0)
         if overload is not None:
-            self.budget.give(size)
+            self.admission.budget.give(size)
             self._ws_refuse(conn, TRY_AGAIN_LATER, 503, overload, "admission")
             return
         conn.state = WS_IDLE
         if not ws.greeted:  # the client spoke first; it is answered after the first frame
-            ws.queued.append((payload, size, ws.started))
+            ws.queued.append((payload, size, ws.first_byte))
             return
-        self._ws_dispatch(conn, payload, size, ws.started)
+        self._ws_dispatch(conn, payload, size, ws.first_byte)
 
     def _ws_dispatch(self, conn, payload: bytes, size: int, arrived: float) -> None:
         conn.state = BUSY
         self.poller.unregister(conn.sock)
-        conn.started = False
         conn.arrived = arrived
-        self.waiting.append((conn, conn.nreq))
-        self.dispatched += 1
+        self.admission.hand_off(conn)
         future = self.tpool.submit(self._timed, conn, lambda: self._ws_serve(conn, payload, size, arrived))
         future.add_done_callback(lambda fut: self.method_queue.defer(self._ws_finished, conn, fut))
 
     def _ws_finished(self, conn, future) -> None:
         """A request thread is done with one message (on the poller thread)."""
-        self.held -= 1
+        self.admission.end()
         try:
             keep = bool(future.result())
         except Exception:  # noqa: BLE001 (the thread logged it; the connection just closes)
@@ -224,7 +224,7 @@ class WebSocketReader:
             conn.sock.settimeout(SEND_TIMEOUT_S)
             reply = ws.session.handle(payload, arrived)
         finally:
-            self.budget.give(size)
+            self.admission.budget.give(size)
         return self._ws_write(conn, reply)
 
     def _ws_write(self, conn, reply: Reply) -> bool:
@@ -256,10 +256,10 @@ class WebSocketReader:
         """Refuse the message being received or just complete: a text frame (``"<status> <error>:
         <detail>"``, as the session's errors), then close ``code``; counted as the front door's refusals."""
         ws = conn.ws
-        self.budget.give(ws.size)
+        self.admission.budget.give(ws.size)
         ws.parts, ws.size = [], 0
-        self.held -= 1
-        self.obs.count_refusal(ws.session.route, status, reason, None, conn.addr, time.monotonic() - ws.started)
+        self.admission.end()
+        self.obs.count_refusal(ws.session.route, status, reason, None, conn.addr, time.monotonic() - ws.first_byte)
         self._ws_close(conn, code, f"{status} {REFUSALS[status]}: {detail}", text=True)
 
     def _ws_close(self, conn, code: int, reason: str, *, text: bool = False) -> None:
@@ -279,10 +279,10 @@ class WebSocketReader:
     def _ws_closed_by_peer(self, conn, event: CloseConnection) -> None:
         ws = conn.ws
         if conn.state == WS_READING:
-            self.budget.give(ws.size)
+            self.admission.budget.give(ws.size)
             ws.parts, ws.size = [], 0
-            self.held -= 1
-            self.obs.count_vanished(ws.session.route, None, conn.addr, time.monotonic() - ws.started,
+            self.admission.end()
+            self.obs.count_vanished(ws.session.route, None, conn.addr, time.monotonic() - ws.first_byte,
                                     "while sending its message")
         if ws.proto.state.name not in ("CLOSED", "LOCAL_CLOSING"):
             try:
@@ -295,10 +295,10 @@ class WebSocketReader:
         """The socket closed under a WebSocket (no close frame)."""
         ws = conn.ws
         if conn.state == WS_READING:
-            self.budget.give(ws.size)
+            self.admission.budget.give(ws.size)
             ws.parts, ws.size = [], 0
-            self.held -= 1
-            self.obs.count_vanished(ws.session.route, None, conn.addr, time.monotonic() - ws.started,
+            self.admission.end()
+            self.obs.count_vanished(ws.session.route, None, conn.addr, time.monotonic() - ws.first_byte,
                                     "while sending its message")
         self._close(conn)
 
@@ -317,7 +317,7 @@ class WebSocketReader:
                 self.ws_holding.discard(conn)
             elif conn.state == WS_IDLE and conn.ws.session.ready():
                 self.ws_holding.discard(conn)
-                self.held += 1  # the greeting is a job like a message
+                self.admission.hold()  # the greeting is a job like a message
                 self._ws_job(conn)
 
     def _ws_job(self, conn) -> None:
@@ -333,6 +333,13 @@ class WebSocketReader:
         except OSError:
             return False
         return conn.ws.greeted
+
+    def _ws_forget_queued(self, conn) -> None:
+        """The connection closes with messages that waited for its first frame: they are over."""
+        for _payload, size, _arrived in conn.ws.queued:
+            self.admission.budget.give(size)
+            self.admission.end()
+        conn.ws.queued.clear()
 
     def _ws_send_now(self, conn, data: bytes) -> None:
         """A small frame from the poller (a pong, a close): one non-blocking send."""

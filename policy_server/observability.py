@@ -41,14 +41,14 @@ def install(app: Flask, stats) -> None:
     @app.before_request
     def _start() -> None:
         arrived = request.environ.get(ARRIVED)
-        g.started = time.perf_counter() - (time.monotonic() - arrived if arrived is not None else 0.0)
+        g.t0 = time.perf_counter() - (time.monotonic() - arrived if arrived is not None else 0.0)
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
     @app.after_request
     def _observe(response: Response) -> Response:
-        started = g.get("started")
-        latency = time.perf_counter() - started if started is not None else 0.0
+        t0 = g.get("t0")
+        latency = time.perf_counter() - t0 if t0 is not None else 0.0
         arrived = request.environ.get(ARRIVED)
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         status = response.status_code

@@ -439,3 +439,20 @@ def test_a_client_that_vanishes_is_counted_499_and_not_computed_for_once_gone(tm
         assert any(line.get("batch_size") == 1 for line in lines), lines  # the one that was computed
         with PolicyClient(f"ws://127.0.0.1:{server.port}") as client:  # the worker serves on
             np.testing.assert_array_equal(client.infer({"x": np.ones(4, np.float32)})["y"], np.full(4, 2.0))
+
+
+def test_messages_sent_before_the_first_frame_are_forgotten_when_their_connection_closes(tmp_path):
+    """A client that sends frames while its first frame is held, then goes: their bytes and
+    their places in admission come back (else the worker's byte budget would fill and it
+    would refuse every upload)."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "policy.py").write_text("def load_model(model_dir, device):\n    raise RuntimeError('no')\n")
+    args = ("--model-path", str(tmp_path / "broken"), "--max-reading-bytes", "1000000", "--max-body-bytes", "1000000")
+    with started_without_a_model(tmp_path, args) as server:
+        for _ in range(3):
+            with raw_plain(server) as ws:
+                ws.send(frame(b"\0" * 600_000))
+                ws.send(frame(b"are you there", PING))
+                assert ws.messages(1) == [("pong", b"are you there")]  # the message was read and queued
+        answer = requests.post(server.base_url + "/infer", data=b"\0" * 600_000, timeout=30)
+        assert answer.status_code == 400, answer.text  # admitted and read (then refused as no frame), not 503
