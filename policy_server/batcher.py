@@ -1,6 +1,6 @@
 """Dynamic batching in one worker: request threads enqueue, one batcher thread runs batches.
 
-Semantics (see ../shared/DESIGN.md, "Batching"):
+Semantics (rationale and measurements: docs/batching.md):
 
 - A lone request never waits for company: with ``max_delay_s == 0`` the batcher takes
   everything already queued (up to ``max_batch_size``) and runs at once, so batches form

@@ -113,7 +113,7 @@ class ServerConfig:
         "request that would pass it gets 503 with Retry-After from its head (bounds the memory slow uploads hold)"
     )
     malloc_tuning: bool = _opt(
-        False, "workers raise glibc's mmap and trim thresholds (mallopt); measured no gain, see DEVELOPMENT.md"
+        False, "workers raise glibc's mmap and trim thresholds (mallopt); measured no gain, see docs/front-door.md"
     )
     log_level: str = _opt("info", "debug, info, warning or error")
     log_dir: str | None = _opt(
