@@ -136,8 +136,8 @@ class ServerConfig:
     channels_last: bool = _opt(False, "convert the policy module to channels_last memory format")
     # Open Inference Protocol and Unix domain sockets
     oip_max_json_bytes: int = _opt(
-        4 * 1024 * 1024, "largest Open Inference Protocol JSON header (or all-JSON body) of /v2 infer requests "
-        "(parsing 4 MiB of JSON numbers holds a worker's GIL for up to ~0.25 s; send images as binary data)"
+        1024 * 1024, "largest Open Inference Protocol JSON header (or all-JSON body) of /v2 infer requests "
+        "(parsing 1 MiB of JSON holds a worker's GIL for up to ~0.1 s; send images as binary data)"
     )
     uds: str | None = _opt(None, "also bind this Unix domain socket path (clients: unix:///path)", str)
     uds_mode: str = _opt("660", "file mode (octal) of the --uds socket, set once it is bound")

@@ -209,6 +209,7 @@ class FrontDoorWorker(RequestReader, TLSReader, WebSocketReader, ThreadWorker):
                 first = next(items, None)  # an app may call start_response only here
                 late = past_deadline(environ, head)
                 if late:  # never a late action: the answer is replaced by a 504
+                    self.obs.count_late_answer("write")
                     head, first, items = late_answer(environ, head)
                 committed = time.monotonic()
                 resp.start_response(*head)

@@ -9,6 +9,8 @@ while a message is answered. The poller owns it; a request thread has it only wh
 
 from __future__ import annotations
 
+import time
+
 IDLE, READING, DISCARDING, BUSY, LINGERING, HANDSHAKING = range(6)  # HANDSHAKING: TLS, front_door_tls
 WS_IDLE, WS_READING = 10, 11  # an upgraded connection between messages, and receiving one (front_door_ws)
 
@@ -19,7 +21,7 @@ class Conn:
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
         "route", "nreq", "scanned", "over_cap", "taken", "body", "filled", "reserved",
-        "callback", "tls", "want_write", "probe", "ws",
+        "callback", "tls", "want_write", "probe", "ws", "last_active",
     )
 
     def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
@@ -44,6 +46,7 @@ class Conn:
         self.tls = False  # an SSL socket: read by front_door_tls, and HANDSHAKING first
         self.want_write = False  # TLS only: registered for EVENT_WRITE while OpenSSL must send
         self.ws = None  # after an upgrade: its WebSocket state (front_door_ws.WebSocket)
+        self.last_active = now  # accepted, answered or (WebSocket) sent a frame: the longest idle are evicted first
 
     # -- what happens to it (the poller's transitions that touch only the connection) ---------
 
@@ -93,6 +96,7 @@ class Conn:
         self.need = 0
         self.route = "front_door"
         self.deadline = deadline
+        self.last_active = time.monotonic()
 
     def linger(self, deadline: float) -> None:
         """Answered and half-closed: what still arrives is dropped until ``deadline``."""

@@ -284,20 +284,23 @@ class RequestReader:
             pass
 
     def _make_room(self) -> None:
-        """At ``worker_connections``: close the longest-idle connections (no request begun),
-        then answered ones still lingering, so a new client (a probe) is still accepted:
-        idle connections cannot lock the door."""
-        idle = sorted((c for c in self.conns if c.state in (IDLE, HANDSHAKING) and not c.buf), key=lambda c: c.deadline)
+        """At ``worker_connections``: close the longest-idle connections (no request begun: idle
+        keep-alive, unfinished TLS handshakes, WebSockets between messages, those with a close
+        frame first), then answered ones still lingering, so a new client (a probe) is still
+        accepted: idle connections cannot lock the door. The newest connections were active
+        last, so they go last."""
+        idle = sorted(
+            (c for c in self.conns
+             if (c.state in (IDLE, HANDSHAKING) and not c.buf) or (c.state == WS_IDLE and c.ws.greeted)),
+            key=lambda c: c.last_active,
+        )
         room = max(1, self.max_conns // EVICT_FRACTION)
         evicted = idle[:room]
-        if len(evicted) < room:  # then idle WebSockets (closed with 1001), then lingering connections
-            evicted += sorted((c for c in self.conns if c.state == WS_IDLE and c.ws.greeted),
-                              key=lambda c: c.deadline)[: room - len(evicted)]
         if len(evicted) < room:
             evicted += [c for c in self.conns if c.state == LINGERING][: room - len(evicted)]
         for conn in evicted:
             if conn.state == WS_IDLE:
-                self._ws_close(conn, 1001, "evicted to make room")
+                self._ws_evict(conn)
             else:
                 self._close(conn)
         if evicted:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
 from policy_server.front_door_conn import BUSY, WS_IDLE, WS_READING
 from policy_server.front_door_http import reset_by_peer
@@ -47,6 +47,8 @@ log = logging.getLogger("policy_server.front_door")
 # Close codes (RFC 6455 section 7.4.1)
 GOING_AWAY, UNSUPPORTED_DATA, POLICY_VIOLATION, TOO_BIG, TRY_AGAIN_LATER = 1001, 1003, 1008, 1009, 1013
 REFUSALS = {400: "bad request", 408: "request timeout", 413: "payload too large", 503: "overloaded"}
+CONTROL_PER_S, CONTROL_BURST = 10.0, 20  # pings and pongs a client may send: this rate, this many at once
+FRAMES_BASE = 64  # frames one message may take, plus one per KiB of it (a flood of empty fragments costs a poller)
 
 
 @dataclass
@@ -54,12 +56,13 @@ class Reply:
     """What a request thread writes for one message: a binary (bytes) or text (str) frame,
     then a close with ``close`` when set. ``deadline`` (time.monotonic()): a 2xx-like reply
     not written by then is replaced by the session's ``late`` reply. ``record(delivered,
-    replaced_status)`` counts it once it was written (or not)."""
+    replaced_status, committed)`` counts it once it was written (or not); ``committed`` is
+    when it was handed to the socket."""
 
     data: bytes | str
     close: int | None = None
     deadline: float | None = None
-    record: Callable[[bool, int | None], None] | None = None
+    record: Callable[[bool, int | None, float], None] | None = None
 
 
 @dataclass
@@ -74,6 +77,18 @@ class WebSocket:
     first_byte: float = 0.0  # when its first byte came (time.monotonic())
     text: bool = False  # it is a text message
     queued: list = field(default_factory=list)  # complete messages waiting for the first frame to go out
+    frames: int = 0  # frames of the message being received
+    control_tokens: float = CONTROL_BURST  # pings and pongs it may still send now
+    control_at: float = 0.0  # when control_tokens was last refilled
+
+    def control_allowed(self, now: float) -> bool:
+        """Take one control frame from the connection's allowance (a token bucket)."""
+        self.control_tokens = min(CONTROL_BURST, self.control_tokens + (now - self.control_at) * CONTROL_PER_S)
+        self.control_at = now
+        if self.control_tokens < 1:
+            return False
+        self.control_tokens -= 1
+        return True
 
 
 class WebSocketReader:
@@ -113,34 +128,45 @@ class WebSocketReader:
         conn.sock.setblocking(False)
         conn.state = WS_IDLE
         conn.deadline = time.monotonic() + self.settings.ws_idle_timeout_s
+        conn.last_active = time.monotonic()
         self.poller.register(conn.sock, selectors.EVENT_READ, conn.callback)
         if conn.buf:  # frames that came in behind the upgrade request
             early, conn.buf = bytes(conn.buf), bytearray()
-            self._ws_received(conn, early)
-            if conn not in self.conns or conn.state != WS_IDLE:
-                return
+            ws.proto.receive_data(early)
         if not ws.greeted:
             self.ws_holding.add(conn)  # greeted by the poller's scan once the session is ready
         elif ws.queued:
             self._ws_dispatch(conn, *ws.queued.pop(0))
-        elif conn.tls:
+            return
+        self._ws_events(conn)  # frames already received behind the last message (a ping, the next one)
+        if conn in self.conns and conn.state in (WS_IDLE, WS_READING) and conn.tls:
             self._tls_resume(conn)
 
     # -- poller: bytes arrive ---------------------------------------------------------
 
     def _ws_received(self, conn, data) -> None:
         """Feed received bytes to the connection's WebSocket and act on its events."""
+        conn.ws.proto.receive_data(bytes(data))
+        self._ws_events(conn)
+
+    def _ws_events(self, conn) -> None:
+        """Act on the frames wsproto has parsed, until a message goes to a thread (the rest
+        waits in wsproto's buffer for :meth:`_ws_resume`) or the connection closes."""
         ws = conn.ws
-        ws.proto.receive_data(bytes(data))
         now = time.monotonic()
         if conn.state == WS_IDLE:
             conn.deadline = now + self.settings.ws_idle_timeout_s  # any frame, a ping too, is a sign of life
+        conn.last_active = now
         for event in ws.proto.events():
             if isinstance(event, Message):
                 if not self._ws_part(conn, event, now):
                     return
-            elif isinstance(event, Ping):
-                self._ws_send_now(conn, ws.proto.send(event.response()))
+            elif isinstance(event, (Ping, Pong)):
+                if not ws.control_allowed(now):
+                    self._ws_flooded(conn, "control frames (pings, pongs)")
+                    return
+                if isinstance(event, Ping):
+                    self._ws_send_now(conn, ws.proto.send(event.response()))
             elif isinstance(event, CloseConnection):
                 self._ws_closed_by_peer(conn, event)
                 return
@@ -153,10 +179,16 @@ class WebSocketReader:
         if conn.state == WS_IDLE:  # a message begins: a request from its first byte
             conn.state = WS_READING
             ws.first_byte = conn.arrived = now
+            ws.frames = 0
             conn.nreq += 1
             self.admission.hold()
             ws.text = isinstance(event, TextMessage)
         data = event.data.encode() if isinstance(event.data, str) else event.data
+        ws.frames += event.frame_finished
+        if ws.frames > FRAMES_BASE + (ws.size + len(data)) // 1024:  # a flood of tiny fragments
+            self._ws_refuse(conn, POLICY_VIOLATION, 400, f"more than {FRAMES_BASE} frames plus one per KiB in one "
+                            "message", "too_many_frames")
+            return False
         if ws.size + len(data) > s.max_body_bytes:
             self._ws_refuse(conn, TOO_BIG, 413, f"message over the limit of {s.max_body_bytes} bytes", "too_large")
             return False
@@ -232,6 +264,7 @@ class WebSocketReader:
         ws = conn.ws
         replaced = None
         if reply.deadline is not None and time.monotonic() > reply.deadline:  # never a late action
+            self.obs.count_late_answer("write")
             late = ws.session.late(reply)
             replaced, reply = 504, Reply(late.data, late.close, None, reply.record)
         message = TextMessage(data=reply.data) if isinstance(reply.data, str) else BytesMessage(data=reply.data)
@@ -239,6 +272,7 @@ class WebSocketReader:
         if reply.close is not None:
             out += ws.proto.send(CloseConnection(code=reply.close))
         delivered = False
+        committed = time.monotonic()  # its latency ends here, as an HTTP answer's at its status line
         try:
             conn.sock.settimeout(SEND_TIMEOUT_S)
             conn.sock.sendall(out)
@@ -247,7 +281,7 @@ class WebSocketReader:
             pass
         finally:
             if reply.record is not None:
-                reply.record(delivered, replaced)
+                reply.record(delivered, replaced, committed)
         return delivered and reply.close is None
 
     # -- refusals and closing (poller) ---------------------------------------------------
@@ -285,6 +319,14 @@ class WebSocketReader:
             self.admission.end()
             self.obs.count_vanished(ws.session.route, None, conn.addr, time.monotonic() - ws.first_byte,
                                     "while sending its message")
+
+    def _ws_evict(self, conn) -> None:
+        """Closed at once to make room (front_door_reader._make_room): a close frame, best effort."""
+        try:
+            self._ws_send_now(conn, conn.ws.proto.send(CloseConnection(code=GOING_AWAY, reason="evicted to make room")))
+        except Exception:  # noqa: BLE001 (the protocol is already closing: just close the socket)
+            pass
+        self._close(conn)
 
     def _ws_closed_by_peer(self, conn, event: CloseConnection) -> None:
         ws = conn.ws
@@ -332,6 +374,15 @@ class WebSocketReader:
         except OSError:
             return False
         return conn.ws.greeted
+
+    def _ws_flooded(self, conn, what: str) -> None:
+        """More ``what`` than a client needs (:data:`CONTROL_PER_S`): refused and closed (1008)."""
+        ws = conn.ws
+        if conn.state == WS_READING:
+            self._ws_refuse(conn, POLICY_VIOLATION, 400, f"too many {what}", "flood")
+            return
+        self.obs.count_refusal(ws.session.route, 400, "flood", None, conn.addr, 0.0)
+        self._ws_close(conn, POLICY_VIOLATION, f"400 bad request: too many {what}", text=True)
 
     def _ws_forget_queued(self, conn) -> None:
         """The connection closes with messages that waited for its first frame: they are over."""

@@ -118,6 +118,11 @@ def count_vanished(route: str, req, remote: str, latency_s: float, when: str) ->
     }))
 
 
+def count_late_answer(stage: str) -> None:
+    """An answer ready past its deadline and replaced by 504 (the front door's "write" stage)."""
+    metrics.LATE_ANSWERS.labels(stage).inc()
+
+
 def count_certificate_reload(outcome: str) -> None:
     """Changed certificate files: "loaded" (new handshakes use them) or "failed" (the old ones serve)."""
     metrics.TLS_CERTIFICATE_RELOADS.labels(outcome).inc()
