@@ -25,7 +25,7 @@ either byte order). An array is pickled by numpy as
 ``numpy._core.numeric._frombuffer(buffer, numpy.dtype(...), shape, order)``
 (``numpy.core.numeric`` under numpy 1); those two globals and ``numpy.dtype`` are the
 only ones a decoder resolves. A client in another language writes exactly that
-opcode sequence (see DEVELOPMENT.md).
+opcode sequence (see docs/wire-formats.md).
 
 Decoding never imports or calls anything outside that allow-list. It does not use
 CPython's unpickler: it implements only the opcodes a protocol-5 pickler emits for the
@@ -623,7 +623,7 @@ def binary_to_dict(
     return loaded
 
 
-# An encoded camera image (opt in, see DEVELOPMENT.md "Compressed camera images") is a plain
+# An encoded camera image (opt in, see docs/wire-formats.md "Compressed camera images") is a plain
 # dict of already-allowed types, so the allow-list does not grow: {"codec": "jpeg" | "png",
 # "data": uint8[n] (the encoded bytes, sent out of band)}. A vectorized request sends a list
 # of them, one per row.

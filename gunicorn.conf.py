@@ -56,7 +56,7 @@ if _config.tls:  # HTTPS on the TCP listeners, with gunicorn's own settings (the
     ca_certs = _config.ca_certs
     cert_reqs = _config.cert_reqs_flag()
 workers = _config.workers
-# gthread, with whole requests read by the poller before a thread sees them (DEVELOPMENT.md, "Front door")
+# gthread, with whole requests read by the poller before a thread sees them (docs/front-door.md)
 worker_class = "policy_server.front_door.FrontDoorWorker"
 threads = _config.threads
 timeout = _config.timeout_s

@@ -12,9 +12,9 @@ was not checked first:
   array and map, no ext types (``max_ext_len=0``), and str or bin map keys; a string's bytes
   that are not UTF-8 decode to lone surrogates (``surrogateescape``), so that the reader of the
   field refuses it by name (the server: 422 naming the input), not the whole frame;
-- a hook counts every array and map as it is built and stops at :data:`MAX_CONTAINERS`, so a
-  small frame of many tiny containers cannot fill memory; nesting deeper than
-  :data:`MAX_DEPTH` is refused;
+- a hook counts every array and map as it is built, and their elements, and stops at
+  :data:`MAX_CONTAINERS` and :data:`MAX_ELEMENTS`, so a frame of many small objects costs
+  neither memory nor seconds; nesting deeper than :data:`MAX_DEPTH` is refused;
 - an array map must have exactly its four keys, a dtype of kind ``b``, ``i``, ``u`` or ``f``
   with a size that kind has (parsed from its string, never handed to numpy as given), a shape
   of at most :data:`MAX_RANK` non-negative ints, and data of exactly ``prod(shape) * itemsize``
@@ -38,6 +38,7 @@ import numpy as np
 from binary_protocol import ProtocolError
 
 MAX_CONTAINERS = 10_000  # arrays and maps in one frame
+MAX_ELEMENTS = 100_000  # their elements (map entries count twice), as wire format v1's object cap
 MAX_DEPTH = 32
 MAX_RANK = 32
 MAX_ARRAY_LEN = 4096  # elements of one msgpack array (shapes, short lists)
@@ -69,22 +70,28 @@ def decode(frame: bytes) -> Any:
 
 
 class _Counter:
-    """The unpacker's hooks: count containers as they are built, turn array maps into arrays."""
+    """The unpacker's hooks: count containers and their elements as they are built (so a frame
+    that would build millions of small objects stops after the first hundred thousand), and
+    turn array maps into arrays."""
 
     def __init__(self) -> None:
         self.containers = 0
+        self.elements = 0
 
-    def _count(self) -> None:
+    def _count(self, elements: int) -> None:
         self.containers += 1
+        self.elements += elements
         if self.containers > MAX_CONTAINERS:
             raise ProtocolError(f"frame holds more than {MAX_CONTAINERS} arrays and maps")
+        if self.elements > MAX_ELEMENTS:
+            raise ProtocolError(f"frame holds more than {MAX_ELEMENTS} elements in its arrays and maps")
 
     def list(self, value: list) -> list:
-        self._count()
+        self._count(len(value))
         return value
 
     def map(self, value: dict) -> Any:
-        self._count()
+        self._count(2 * len(value))
         if b"__ndarray__" in value or "__ndarray__" in value:
             return array_from_map(value)
         if b"__npgeneric__" in value or "__npgeneric__" in value:

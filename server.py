@@ -61,7 +61,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
 
     @app.before_request
     def _before() -> None:
-        if not runtime.started:  # served without gunicorn.conf.py's post_worker_init hook
+        if not runtime.booted:  # served without gunicorn.conf.py's post_worker_init hook
             runtime.start()
 
     # Every route is in the group of its audience, which decides the key it needs (access.py).

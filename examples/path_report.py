@@ -18,6 +18,7 @@ class PathReport:
     latency_ms: float = 0.0  # injected round-trip delay
     jitter_ms: float = 0.0  # plus up to this much, uniform
     moving_target: bool = False
+    swap_instruction: bool = False  # the instructed reacher's control: each instruction names the other disc
     episodes: int = 0
     successes: int = 0
     steps: int = 0
@@ -50,6 +51,7 @@ class PathReport:
         versions = ",".join(f"v{v}x{n}" for v, n in sorted(self.versions.items())) or "-"
         return (
             f"{self.model:<12} {self.path:<10} {self.merge:<9} +{self.latency_ms:.0f}~{self.jitter_ms:.0f} ms  "
+            f"{'(instructions swapped) ' if self.swap_instruction else ''}"
             f"success {self.successes:>3}/{self.episodes:<3} "
             f"({self.success_rate:6.1%})  rate {hz:5.2f} Hz (period p99 {self.period_ms_p99:5.1f} ms, "
             f"worst {self.worst_period_ms:5.1f} ms)  "

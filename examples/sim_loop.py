@@ -105,14 +105,16 @@ def takes_text(model_info: Mapping[str, Any] | None) -> bool:
     return any(entry.get("dtype") == "text" for entry in (model_info or {}).get("inputs", ()))
 
 
-def make_env(seed: int, model_info: Mapping[str, Any] | None, *, moving_target: bool = False) -> ReacherEnv:
+def make_env(seed: int, model_info: Mapping[str, Any] | None, *, moving_target: bool = False,
+             swap: bool = False) -> ReacherEnv:
     """The episode's env for a model: the instructed reacher (two discs, an instruction
-    drawn per episode in every phrasing) for a model with a text input, else the reacher."""
+    drawn per episode in every phrasing; ``swap``: naming the other disc than usual, the
+    mismatched control) for a model with a text input, else the reacher."""
     if not takes_text(model_info):
         return ReacherEnv(seed, moving_target=moving_target)
     if moving_target:
         raise ValueError("the instructed reacher has no moving targets")
-    return InstructedReacherEnv(seed)
+    return InstructedReacherEnv(seed, swap=swap)
 
 
 def run_episodes(
@@ -140,7 +142,7 @@ def run_episodes(
     steps: list[float] = []
     with make_runner(policy, report.merge, model_info, report.request_ahead) as runner:
         for seed in seeds:
-            env = make_env(seed, model_info, moving_target=report.moving_target)
+            env = make_env(seed, model_info, moving_target=report.moving_target, swap=report.swap_instruction)
             obs = env.reset()  # with a "prompt" (str) on the instructed reacher, the same for the episode
             runner.reset()
             clock = LoopClock(env.control_hz)
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--models", default="default", help="comma-separated model names")
     parser.add_argument("--episodes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=SEED_BASE, help="first episode seed")
+    parser.add_argument("--swap-instruction", action="store_true",
+                        help="instructed reacher: every instruction names the other disc (the mismatched control)")
     parser.add_argument("--model-root", default=os.path.join(ROOT, "models"), help="for the in-process runs")
     parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--skip-server", action="store_true", help="run the in-process path only (no server)")
@@ -304,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             latency,
                             args.jitter_ms,
                             args.moving_target,
+                            args.swap_instruction,
                             request_ahead=args.request_ahead,
                         )
                         if latency or args.jitter_ms:
@@ -321,12 +326,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         moving_target=args.moving_target,
                         execute=args.vectorized_execute,
                         max_rows=args.vectorized_rows,
+                        make_env=lambda seed, info=info: make_env(seed, info, moving_target=args.moving_target,
+                                                                  swap=args.swap_instruction),
                     )
                     log.info("%s vectorized: %s", name, json.dumps(vectorized[name]))
         if not args.skip_in_process:
             local = in_process_policy(os.path.join(args.model_root, name))
             report = PathReport(
-                name, "in-process", merges[0], moving_target=args.moving_target, request_ahead=args.request_ahead
+                name, "in-process", merges[0], moving_target=args.moving_target,
+                swap_instruction=args.swap_instruction, request_ahead=args.request_ahead,
             )
             reports.append(run_episodes(local, seeds, report, model_info=local.model_info()))
             log.info("%s", reports[-1].line())

@@ -5,6 +5,7 @@ Re-exported by ``examples/sim_loop.py``."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,11 +28,14 @@ def run_vectorized(
     execute: int,
     model: str | None = None,
     max_rows: int = 0,
+    make_env: Callable[[int], ReacherEnv] | None = None,
 ) -> dict[str, Any]:
     """``len(seeds)`` environments in lockstep: one ``infer_batch`` request per step for every
     live environment (or per ``max_rows`` of them, to fit the server's body limit: 64 two-frame
-    windows are 118 MB), ``execute`` actions of each chunk played before the next request."""
-    envs = [ReacherEnv(seed, moving_target=moving_target) for seed in seeds]
+    windows are 118 MB), ``execute`` actions of each chunk played before the next request.
+    ``make_env(seed)`` builds each environment (default: the reacher; the instructed reacher's
+    observations carry their ``"prompt"``, which the vectorized request sends as a list)."""
+    envs = [make_env(seed) if make_env else ReacherEnv(seed, moving_target=moving_target) for seed in seeds]
     windows = history_windows(client.model_info(model)["inputs"])
     frames = [ObservationWindow(windows) for _ in envs]
     observations = [frame(env.reset()) for frame, env in zip(frames, envs, strict=False)]

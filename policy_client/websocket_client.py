@@ -9,9 +9,9 @@ it unchanged.
 
 Unlike openpi's client, it reconnects: a connection the server closed (after an error, a
 worker restart, a drain) is opened again at the next call, and a call that lost its
-connection before an answer is retried on a new one (inference is idempotent), within the
-call's deadline and ``retries``. Needs the ``websocket`` extra (``websockets``, ``msgpack``),
-imported when the first connection opens.
+connection before an answer, or got a 503 (overloaded, not ready), is retried on a new one
+(inference is idempotent), within the call's deadline and ``retries``. Needs the
+``websocket`` extra (``websockets``, ``msgpack``), imported when the first connection opens.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from policy_client.client import PolicyClient
 from policy_client.errors import PolicyConnectionError, PolicyServerError, PolicyTimeoutError
 
 __all__ = ["WebSocketPolicyClient", "http_url"]
+
+RETRY_AFTER_S = 1.0  # a 503 frame carries no Retry-After: wait what the server's 503s ask over HTTP
 
 
 def http_url(ws_url: str) -> str:
@@ -102,7 +104,12 @@ class WebSocketPolicyClient(PolicyClient):
                 continue
             if isinstance(answer, str):
                 self._drop(model)  # the server closes after an error frame
-                raise _server_error(answer)
+                error = _server_error(answer)
+                wait_s = min(RETRY_AFTER_S, self._wait_s(deadline))
+                if error.status == 503 and attempt < self.retries and (deadline is None or wait_s >= RETRY_AFTER_S):
+                    time.sleep(wait_s)  # overloaded or not ready: as the HTTP client retries a 503
+                    continue
+                raise error
             return self._outputs(openpi_wire.decode(answer), model)
         raise AssertionError("unreachable")
 

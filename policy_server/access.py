@@ -39,6 +39,7 @@ class Audience:
     access: Access
     inference: bool = False  # its requests count in the worker's statistics (/stats)
     quiet: bool = False  # probes and scrapes: the access log line only at DEBUG
+    body_limit: str = "max_body_bytes"  # the ServerConfig setting bounding its bodies (the front door reads it)
 
 
 PROBES = Audience("probes", Access.OPEN, quiet=True)  # liveness, readiness, Prometheus scrapes
@@ -46,7 +47,7 @@ DOCS = Audience("docs", Access.OPEN)  # the OpenAPI document
 INFERENCE = Audience("inference", Access.API, inference=True)
 INFO = Audience("info", Access.API)  # statistics, model and server metadata
 WEBSOCKET = Audience("websocket", Access.API)  # upgrades to openpi's protocol; its messages count as inference
-ADMIN = Audience("admin", Access.ADMIN)  # model management: update, load, unload
+ADMIN = Audience("admin", Access.ADMIN, body_limit="max_update_bytes")  # model management: weights pushes
 REPORTS = Audience("reports", Access.API)  # episode outcomes robots report (not inference: not in /stats)
 
 

@@ -5,7 +5,7 @@ a model version is unloaded (:func:`trim_heap`).
 By default glibc serves blocks over its (dynamic) mmap threshold with fresh ``mmap`` calls
 and gives them back with ``munmap``, so each forward's few MB of temporaries are
 page-faulted afresh. Raising the mmap threshold and the trim threshold keeps them in the
-heap. Off by default: measured in DEVELOPMENT.md ("Front door"), it changed neither page
+heap. Off by default: measured in docs/front-door.md ("Measurements"), it changed neither page
 faults nor CPU per request here (glibc's dynamic mmap threshold already rises after the
 first large free). ``--malloc-tuning`` turns it on.
 """

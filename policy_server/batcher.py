@@ -1,6 +1,6 @@
 """Dynamic batching in one worker: request threads enqueue, one batcher thread runs batches.
 
-Semantics (see ../shared/DESIGN.md, "Batching"):
+Semantics (rationale and measurements: docs/batching.md):
 
 - A lone request never waits for company: with ``max_delay_s == 0`` the batcher takes
   everything already queued (up to ``max_batch_size``) and runs at once, so batches form
@@ -90,7 +90,7 @@ class Request:
     """One queued observation and, once answered, its outputs or error and timings."""
 
     __slots__ = (
-        "inputs", "model", "pinned", "spec", "key", "deadline", "enqueued", "started", "finished", "batch_size",
+        "inputs", "model", "pinned", "spec", "key", "deadline", "enqueued", "launched", "finished", "batch_size",
         "outputs", "version", "error", "cancelled", "_done",
     )
 
@@ -105,7 +105,7 @@ class Request:
         self.key = compatibility_key(inputs, model, pinned)
         self.deadline = deadline
         self.enqueued = now
-        self.started = 0.0
+        self.launched = 0.0  # when its batch was launched (0: not yet)
         self.finished = 0.0
         self.batch_size = 0
         self.outputs: dict[str, np.ndarray] | None = None
@@ -121,11 +121,11 @@ class Request:
 
     @property
     def queue_s(self) -> float:
-        return max(0.0, (self.started or self.finished) - self.enqueued)
+        return max(0.0, (self.launched or self.finished) - self.enqueued)
 
     @property
     def compute_s(self) -> float:
-        return max(0.0, self.finished - self.started) if self.started else 0.0
+        return max(0.0, self.finished - self.launched) if self.launched else 0.0
 
 
 class Batcher:
@@ -333,7 +333,7 @@ class Batcher:
     def _launch(self, batch: list[Request]):
         now = time.monotonic()
         for request in batch:
-            request.started = now
+            request.launched = now
             request.batch_size = len(batch)
         self._observe("launched", batch)
         try:

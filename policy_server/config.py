@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from policy_server.contract import MODEL_NAME_PATTERN
 from policy_server.errors import ConfigError
+from policy_server.key_files import read_key_file
 
 ENV_PREFIX = "POLICY_SERVER_"
 # Measured with benchmarks/bench_serving.py on 2 CPU cores (default policy, 16 clients):
@@ -57,6 +58,9 @@ class ServerConfig:
     admin_key: str | None = _opt(
         None, "key required in X-Admin-Key by /update_model and model management (else the API key rules)", str
     )
+    admin_key_file: str | None = _opt(
+        None, "file holding the admin key (a mounted secret; trailing newlines stripped); not with admin_key", str
+    )
     max_update_bytes: int = _opt(1 << 30, "largest accepted /update_model body (weights push)")
     cache_size: int = _opt(0, "response cache entries per worker (0 = off)")
     cache_ttl_s: float = _opt(60.0, "seconds a cached response stays valid")
@@ -70,6 +74,9 @@ class ServerConfig:
     threads: int = _opt(8, "request threads per worker (gthread)")
     torch_threads: int = _opt(0, "torch threads per worker; 0 means cores // workers")
     api_key: str | None = _opt(None, "key required in X-API-Key on every route but /health, /ready", str)
+    api_key_file: str | None = _opt(
+        None, "file holding the API key (a mounted secret; trailing newlines stripped); not with api_key", str
+    )
     allow_unauthenticated: bool = _opt(
         False, "allow binding a non-loopback address without an API key (trusted networks only)"
     )
@@ -110,7 +117,7 @@ class ServerConfig:
         "request that would pass it gets 503 with Retry-After from its head (bounds the memory slow uploads hold)"
     )
     malloc_tuning: bool = _opt(
-        False, "workers raise glibc's mmap and trim thresholds (mallopt); measured no gain, see DEVELOPMENT.md"
+        False, "workers raise glibc's mmap and trim thresholds (mallopt); measured no gain, see docs/front-door.md"
     )
     log_level: str = _opt("info", "debug, info, warning or error")
     log_dir: str | None = _opt(
@@ -133,8 +140,8 @@ class ServerConfig:
     channels_last: bool = _opt(False, "convert the policy module to channels_last memory format")
     # Open Inference Protocol and Unix domain sockets
     oip_max_json_bytes: int = _opt(
-        4 * 1024 * 1024, "largest Open Inference Protocol JSON header (or all-JSON body) of /v2 infer requests "
-        "(parsing 4 MiB of JSON numbers holds a worker's GIL for up to ~0.25 s; send images as binary data)"
+        1024 * 1024, "largest Open Inference Protocol JSON header (or all-JSON body) of /v2 infer requests "
+        "(parsing 1 MiB of JSON holds a worker's GIL for up to ~0.1 s; send images as binary data)"
     )
     uds: str | None = _opt(None, "also bind this Unix domain socket path (clients: unix:///path)", str)
     uds_mode: str = _opt("660", "file mode (octal) of the --uds socket, set once it is bound")
@@ -147,30 +154,50 @@ class ServerConfig:
     tls_min_version: str = _opt("1.2", "oldest TLS version accepted: 1.2 or 1.3")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServerConfig:
-        """Defaults overridden by ``POLICY_SERVER_*`` variables."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, read_key_files: bool = True) -> ServerConfig:
+        """Defaults overridden by ``POLICY_SERVER_*`` variables, keys read from their files
+        (``api_key_file``, ``admin_key_file``) unless ``read_key_files`` is false."""
         environ = os.environ if environ is None else environ
         values = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
                 values[f.name] = _parse(f, raw)
-        return cls(**values)
+        config = cls(**values)
+        return config._read_key_files() if read_key_files else config
 
     @classmethod
     def from_sources(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> ServerConfig:
-        """CLI flags over environment variables over defaults."""
+        """CLI flags over environment variables over defaults, then keys read from their files."""
         args = vars(_parser(cls).parse_args(argv))
-        return dataclasses.replace(cls.from_env(environ), **args)
+        return dataclasses.replace(cls.from_env(environ, read_key_files=False), **args)._read_key_files()
+
+    def _read_key_files(self) -> ServerConfig:
+        """``api_key``/``admin_key`` from ``*_key_file`` where set (settings as given, read once).
+        A key given both ways is a ConfigError, whichever source each came from."""
+        keys = {}
+        for name in ("api_key", "admin_key"):
+            path = getattr(self, f"{name}_file")
+            if path is None:
+                continue
+            if getattr(self, name) is not None:
+                raise ConfigError(
+                    f"{name} and {name}_file are both set ({ENV_PREFIX}{name.upper()} or --{name.replace('_', '-')}, "
+                    f"and {ENV_PREFIX}{name.upper()}_FILE or --{name.replace('_', '-')}-file): give the key one way"
+                )
+            keys[name] = read_key_file(path, f"{name}_file")
+        return dataclasses.replace(self, **keys) if keys else self
 
     def to_env(self) -> dict[str, str]:
-        """The config as ``POLICY_SERVER_*`` variables (unset fields left out)."""
+        """The config as ``POLICY_SERVER_*`` variables (unset fields left out). A key read from
+        a file travels as its file's path, never as its value."""
         env = {}
+        from_files = {name for name in ("api_key", "admin_key") if getattr(self, f"{name}_file") is not None}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is not None:
+            if value is not None and f.name not in from_files:
                 env[ENV_PREFIX + f.name.upper()] = str(int(value) if isinstance(value, bool) else value)
         return env
 
@@ -220,8 +247,8 @@ class ServerConfig:
             raise ConfigError(f"model_name must match {MODEL_NAME_PATTERN.pattern}")
         if not is_loopback(self.host) and not self.api_key and not self.allow_unauthenticated:
             raise ConfigError(
-                f"refusing to bind {self.host} without an API key: set --api-key "
-                "(POLICY_SERVER_API_KEY), or --allow-unauthenticated on a trusted network"
+                f"refusing to bind {self.host} without an API key: set --api-key-file (POLICY_SERVER_API_KEY_FILE) "
+                "or --api-key (POLICY_SERVER_API_KEY), or --allow-unauthenticated on a trusted network"
             )
 
     @property

@@ -29,11 +29,9 @@ code, but the *poller* thread reads each request's head and body without blockin
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import selectors
-import threading
 import time
 from concurrent import futures
 
@@ -41,6 +39,7 @@ from gunicorn.http import wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from policy_server.config import ServerConfig
+from policy_server.front_door_admission import Admission
 from policy_server.front_door_conn import BUSY, HANDSHAKING, IDLE, WS_IDLE, Conn
 from policy_server.front_door_http import GONE, AppRoutes, late_answer, past_deadline, reset_by_peer
 from policy_server.front_door_reader import SCAN_S, SEND_TIMEOUT_S, RequestReader
@@ -51,7 +50,6 @@ from policy_server.wsgi_keys import ARRIVED, BUDGET, DEFERRED, UPGRADE
 log = logging.getLogger(__name__)
 
 PROBE_THREADS = 2
-SERVICE_EWMA = 0.05  # weight of the newest request in the mean service time
 NOTIFY_S = 1.0  # heartbeat to the master at most this often (each one is a syscall on the poller)
 
 
@@ -63,12 +61,8 @@ class FrontDoorWorker(RequestReader, TLSReader, WebSocketReader, ThreadWorker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.settings = ServerConfig.from_env()
+        self.admission = Admission(self.settings, self.cfg.threads)  # what it holds, and whether it takes more
         self._init_reader()
-        self.dispatched = 0  # requests handed to the request threads' pool ...
-        self.started = 0  # ... and taken by a thread (incremented there, under _count_lock)
-        self._count_lock = threading.Lock()
-        self.service_s = 0.0  # moving average of a request thread's time per request
-        self.waiting: collections.deque[tuple[Conn, int]] = collections.deque()  # (conn, request number)
         self.probe_pool = None
         self.obs = None
 
@@ -87,51 +81,21 @@ class FrontDoorWorker(RequestReader, TLSReader, WebSocketReader, ThreadWorker):
         super().load_wsgi()
         self.routes = AppRoutes(self.wsgi, self.settings)  # once: what the poller needs of the app's routes
 
-    # -- admission and hand-off (poller thread) -------------------------------------
-
-    def _overloaded(self, length: int) -> str | None:
-        """Why a new request with a body of ``length`` bytes cannot be admitted now, or None.
-
-        Three bounds: the count of requests held (``admission_limit``), the bytes of request
-        data held (``max_reading_bytes``: bodies being received and images being decoded; one
-        body alone always fits), and how long ago the oldest request still waiting for a
-        thread arrived (``shed_wait_ms``): past it the worker cannot answer what it holds
-        within their deadlines, so it sheds new ones. When it admits, the body's bytes are
-        taken from the budget (given back by ``_stop_reading``).
-        """
-        s = self.settings
-        if self.held > s.admission_limit:
-            return f"{self.held - 1} requests held by this worker"
-        queued = self.dispatched - self.started  # waiting for a request thread
-        expected_ms = 1e3 * queued * self.service_s / self.cfg.threads
-        if expected_ms > s.shed_wait_ms:
-            return f"{queued} requests wait for a thread here (about {expected_ms:.0f} ms)"
-        waiting = self.waiting
-        while waiting and (waiting[0][0].nreq != waiting[0][1] or waiting[0][0].started):
-            waiting.popleft()
-        if waiting:
-            waited_ms = 1e3 * (time.monotonic() - waiting[0][0].arrived)
-            if waited_ms > s.shed_wait_ms:
-                return f"this worker's oldest waiting request arrived {waited_ms:.0f} ms ago"
-        if not self.budget.take(length):
-            return f"{self.budget.used} bytes of request data held by this worker"
-        return None
+    # -- hand-off (poller thread) ------------------------------------------------------
 
     def _dispatch(self, conn: Conn) -> None:
         self._stop_reading(conn)
         conn.state = BUSY
         self.poller.unregister(conn.sock)
         pool = self.probe_pool if conn.probe else self.tpool
-        conn.started = False
         if pool is self.tpool:
-            self.waiting.append((conn, conn.nreq))
-            self.dispatched += 1
+            self.admission.hand_off(conn)
         future = pool.submit(self.handle, conn)
         future.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 
     def finish_request(self, conn: Conn, future) -> None:
         """A request thread is done with ``conn`` (on the poller thread)."""
-        self.held -= 1
+        self.admission.end()
         try:
             keep = bool(future.result())
         except Exception:  # noqa: BLE001 (handle() already answered and logged it; the connection just closes)
@@ -200,20 +164,14 @@ class FrontDoorWorker(RequestReader, TLSReader, WebSocketReader, ThreadWorker):
 
     def _timed(self, conn: Conn, work) -> bool:
         """Run ``work`` for ``conn``'s request on this request thread, counted for admission."""
-        conn.started = True  # no longer waiting for a thread (read by the poller's admission)
         began = time.monotonic()
         probe = conn.probe
-        if not probe:
-            with self._count_lock:
-                self.started += 1
+        self.admission.take(conn, counted=not probe)
         try:
             return work()
         finally:
             if not probe:  # the request threads' mean time per request, for the admission estimate
-                took = time.monotonic() - began
-                with self._count_lock:
-                    mean = self.service_s
-                    self.service_s = took if not mean else mean + SERVICE_EWMA * (took - mean)
+                self.admission.served(time.monotonic() - began)
 
     def _serve(self, conn: Conn) -> bool:
         req = conn.req
@@ -231,7 +189,7 @@ class FrontDoorWorker(RequestReader, TLSReader, WebSocketReader, ThreadWorker):
             resp, environ = wsgi.create(req, conn.sock, conn.client, conn.server, self.cfg)
             environ["wsgi.multithread"] = True
             environ[ARRIVED] = conn.arrived
-            environ[BUDGET] = self.budget
+            environ[BUDGET] = self.admission.budget
             environ[UPGRADE] = None  # the app may put a WebSocket session here with its 101
             if self.tls_context is not None and not conn.tls:  # a Unix socket beside HTTPS
                 environ["wsgi.url_scheme"] = "http"
@@ -239,21 +197,22 @@ class FrontDoorWorker(RequestReader, TLSReader, WebSocketReader, ThreadWorker):
             self.nr += 1
             if not self.alive or not self.cfg.keepalive:
                 resp.force_close()
-            held: list = []  # the app's status and headers, sent with its first bytes (or replaced)
+            head: list = []  # the app's status and headers, sent with its first bytes (or replaced)
 
             def start_response(status, headers, exc_info=None):
-                held[:] = [status, headers]
+                head[:] = [status, headers]
                 return resp.write
 
             respiter = self.wsgi(environ, start_response)
             try:
                 items = iter(respiter)
                 first = next(items, None)  # an app may call start_response only here
-                late = past_deadline(environ, held)
+                late = past_deadline(environ, head)
                 if late:  # never a late action: the answer is replaced by a 504
-                    held, first, items = late_answer(environ, held)
+                    self.obs.count_late_answer("write")
+                    head, first, items = late_answer(environ, head)
                 committed = time.monotonic()
-                resp.start_response(*held)
+                resp.start_response(*head)
                 for item in itertools.chain([first] if first is not None else [], items):
                     resp.write(item)
                 resp.close()

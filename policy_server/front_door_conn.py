@@ -9,6 +9,8 @@ while a message is answered. The poller owns it; a request thread has it only wh
 
 from __future__ import annotations
 
+import time
+
 IDLE, READING, DISCARDING, BUSY, LINGERING, HANDSHAKING = range(6)  # HANDSHAKING: TLS, front_door_tls
 WS_IDLE, WS_READING = 10, 11  # an upgraded connection between messages, and receiving one (front_door_ws)
 
@@ -18,8 +20,8 @@ class Conn:
 
     __slots__ = (
         "sock", "client", "server", "addr", "buf", "state", "deadline", "arrived", "req", "need",
-        "route", "nreq", "scanned", "over_cap", "started", "body", "filled", "reserved",
-        "callback", "tls", "want_write", "probe", "ws",
+        "route", "nreq", "scanned", "over_cap", "taken", "body", "filled", "reserved",
+        "callback", "tls", "want_write", "probe", "ws", "last_active",
     )
 
     def __init__(self, sock, client, server, now: float, idle_s: float) -> None:
@@ -36,7 +38,7 @@ class Conn:
         self.scanned = 0
         self.over_cap = None  # the Refusal it gets unless its head shows a probe
         self.probe = False  # its current request is a probe (answered on the probe lane)
-        self.started = False  # a request thread took its current request
+        self.taken = False  # a request thread took its current request (front_door_admission)
         self.body: bytearray | None = None  # a body being received in place (up to PREALLOCATE_BYTES)
         self.filled = 0
         self.reserved = 0  # its body's length, taken from the worker's byte budget while being read
@@ -44,3 +46,62 @@ class Conn:
         self.tls = False  # an SSL socket: read by front_door_tls, and HANDSHAKING first
         self.want_write = False  # TLS only: registered for EVENT_WRITE while OpenSSL must send
         self.ws = None  # after an upgrade: its WebSocket state (front_door_ws.WebSocket)
+        self.last_active = now  # accepted, answered or (WebSocket) sent a frame: the longest idle are evicted first
+
+    # -- what happens to it (the poller's transitions that touch only the connection) ---------
+
+    def head_parsed(self, head, length: int) -> None:
+        """Its request's head (``front_door_http.Head``, the first ``length`` bytes of the buffer) is parsed."""
+        del self.buf[:length]
+        self.scanned = 0
+        self.nreq += 1
+        self.req, self.need, self.route, self.probe = head.req, head.length, head.route, head.probe
+
+    def receive_in_place(self, most: int) -> None:
+        """Receive the rest of a body of at most ``most`` bytes straight into its own buffer."""
+        if len(self.buf) < self.need <= most:
+            self.body = bytearray(self.need)
+            self.filled = len(self.buf)
+            self.body[: self.filled] = self.buf
+            self.buf = bytearray()
+
+    def take_body(self) -> bytes | None:
+        """The request's whole body once it is in (the buffer keeps what follows it), else None."""
+        if self.body is not None:
+            if self.filled < self.need:
+                return None
+            body, self.body = bytes(self.body), None
+            return body
+        if len(self.buf) < self.need:
+            return None
+        if len(self.buf) == self.need:
+            body, self.buf = bytes(self.buf), bytearray()
+            return body
+        body = bytes(memoryview(self.buf)[: self.need])
+        del self.buf[: self.need]
+        return body
+
+    def discard(self) -> bool:
+        """Drop what arrived of a refused body; True once all of it is dropped."""
+        dropped = min(self.need, len(self.buf))
+        del self.buf[:dropped]
+        self.need -= dropped
+        return self.need == 0
+
+    def idle(self, deadline: float) -> None:
+        """Between requests (keep-alive) until ``deadline``."""
+        self.state = IDLE
+        self.req = None
+        self.body = None
+        self.need = 0
+        self.route = "front_door"
+        self.deadline = deadline
+        self.last_active = time.monotonic()
+
+    def linger(self, deadline: float) -> None:
+        """Answered and half-closed: what still arrives is dropped until ``deadline``."""
+        self.state = LINGERING
+        self.req = None
+        self.body = None
+        self.buf = bytearray()
+        self.deadline = deadline

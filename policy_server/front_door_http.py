@@ -49,21 +49,30 @@ class Head:
 
 
 class AppRoutes:
-    """The app's routes as the front door sees them before the app runs: the rule a request
-    maps to (its ``route`` label), its body limit, and whether it is a probe: a route of the
-    probes group (:data:`policy_server.access.PROBES`: liveness, readiness, scrapes, ours and
-    OIP's), answered on a lane of its own and never shed. For an app that is not ours (no
-    ``url_map``): every route "unmatched", and /health and /ready the probes."""
+    """The app's routes as the front door sees them before the app runs, each fact taken from
+    the route's own declaration (its audience group, :mod:`policy_server.access`): the rule a
+    request maps to (its ``route`` label), its body limit (the group's ``body_limit`` setting:
+    model management takes weights pushes up to ``max_update_bytes``, everything else
+    ``max_body_bytes``), and whether it is a probe (a route of the probes group: liveness,
+    readiness, scrapes, ours and OIP's), answered on a lane of its own and never shed. For an
+    app that is not ours (no ``url_map``): every route "unmatched", ``max_body_bytes``, and
+    /health and /ready the probes."""
 
     def __init__(self, app, settings) -> None:
         self.settings = settings
         url_map = getattr(app, "url_map", None)
         self._adapter = url_map.bind("localhost") if url_map is not None else None
         self.probes = frozenset({"/health", "/ready"})
+        self.limits: dict[tuple[str, str], int] = {}  # (rule, method) -> body limit, when not max_body_bytes
         if url_map is not None:
             from policy_server.access import PROBES, audience_of  # flask: in the worker, not the master
 
-            self.probes = frozenset(r.rule for r in url_map.iter_rules() if audience_of(app, r.endpoint) is PROBES)
+            audiences = [(r, audience_of(app, r.endpoint)) for r in url_map.iter_rules()]
+            self.probes = frozenset(r.rule for r, audience in audiences if audience is PROBES)
+            for rule, audience in audiences:
+                limit = getattr(settings, audience.body_limit) if audience is not None else settings.max_body_bytes
+                if limit != settings.max_body_bytes:
+                    self.limits.update({(rule.rule, method): limit for method in rule.methods})
 
     def route_of(self, method: str, path: str) -> str:
         """The Flask rule ``path`` maps to, or "unmatched"."""
@@ -75,11 +84,9 @@ class AppRoutes:
         except HTTPException:  # NotFound, MethodNotAllowed, RequestRedirect
             return "unmatched"
 
-    def limit_for(self, path: str) -> int:
-        s = self.settings
-        if path == "/update_model" or (path.startswith("/models/") and path.endswith("/load")):
-            return s.max_update_bytes
-        return s.max_body_bytes
+    def limit_for(self, method: str, route: str) -> int:
+        """The body limit of a request to ``route`` (a rule from :meth:`route_of`) by ``method``."""
+        return self.limits.get((route, method), self.settings.max_body_bytes)
 
     def is_probe(self, method: str, route: str) -> bool:
         return method in ("GET", "HEAD") and route in self.probes
@@ -102,7 +109,7 @@ def parse_head(cfg, head: bytes, client, number: int, routes: AppRoutes) -> Head
     reader = getattr(req.body, "reader", None)
     refusal = None
     length = reader.length if isinstance(reader, LengthReader) else 0
-    limit = routes.limit_for(req.path or "/")
+    limit = routes.limit_for(req.method, route)
     if isinstance(reader, ChunkedReader):
         refusal = Refusal(
             411, "length required", "send Content-Length; chunked request bodies are not accepted", "framing",
@@ -169,25 +176,20 @@ def reset_by_peer(sock) -> bool:
     return False
 
 
-def past_deadline(environ: dict, held: list) -> bool:
+def past_deadline(environ: dict, head: list) -> bool:
     """True when the app's answer is a 2xx and the request's deadline (``environ[DEADLINE]``,
-    set by the app) passed before its status line could be written. Counted as a late answer."""
+    set by the app) passed before its status line could be written."""
     deadline = environ.get(DEADLINE)
-    if deadline is None or not held or not held[0].startswith("2") or time.monotonic() <= deadline:
-        return False
-    from policy_server import metrics  # in the worker: the master must not own metric files
-
-    metrics.LATE_ANSWERS.labels("write").inc()
-    return True
+    return bool(deadline is not None and head and head[0].startswith("2") and time.monotonic() > deadline)
 
 
-def late_answer(environ: dict, held: list) -> tuple[list, bytes, Iterator[bytes]]:
+def late_answer(environ: dict, head: list) -> tuple[list, bytes, Iterator[bytes]]:
     """The 504 that replaces a late 2xx: (status and headers, body, no further items)."""
     late_ms = 1e3 * (time.monotonic() - environ[DEADLINE])
     body = json.dumps({
         "error": "deadline exceeded",
         "detail": f"the answer was ready {late_ms:.1f} ms after the request's deadline; the late answer was dropped",
     }).encode()
-    keep = [(k, v) for k, v in held[1] if k.lower() in ("x-request-id", "x-model-version")]
+    keep = [(k, v) for k, v in head[1] if k.lower() in ("x-request-id", "x-model-version")]
     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body))), *keep]
     return ["504 Gateway Timeout", headers], body, iter(())

@@ -4,7 +4,7 @@
 runs on gunicorn's poller thread only. Per connection (:class:`Conn`) it accepts, receives
 the head and the body into a buffer, parses the head (:mod:`policy_server.front_door_http`),
 bounds the reading (head timeout, body deadline, reading caps per worker, per address and
-in bytes), asks the worker whether to admit (``_overloaded``), hands a complete request to
+in bytes), asks the worker's admission whether to admit, hands a complete request to
 the worker (``_dispatch``), and answers refusals itself (JSON, then linger or keep alive).
 Connections are bounded too: at ``worker_connections`` (or under RLIMIT_NOFILE) the
 longest-idle ones are closed to make room, so idle clients cannot lock the door.
@@ -33,7 +33,6 @@ from policy_server.front_door_conn import (
     Conn,
 )
 from policy_server.front_door_http import Refusal, head_overflow, parse_head, refusal_bytes, send_quietly
-from policy_server.wsgi_keys import ByteBudget
 
 log = logging.getLogger("policy_server.front_door")
 
@@ -53,16 +52,12 @@ class RequestReader:
 
     Needs from the worker: ``settings`` (ServerConfig), ``cfg``, ``poller``, ``alive``,
     ``nr_conns``, ``worker_connections``, ``routes`` (front_door_http.AppRoutes), ``obs`` (policy_server.observability),
-    ``_overloaded(length)``, ``_dispatch(conn)``, and for TLS ``tls_context``, ``_wrap`` and
+    ``admission`` (front_door_admission.Admission), ``_dispatch(conn)``, and for TLS ``tls_context``, ``_wrap`` and
     ``_readable_tls`` (:class:`policy_server.front_door_tls.TLSReader`).
     """
 
     def _init_reader(self) -> None:
         self.conns: set[Conn] = set()
-        self.held = 0  # requests from first byte to answer
-        self.reading = 0
-        self.budget = ByteBudget(self.settings.max_reading_bytes)  # bodies being read (and images decoded)
-        self.reading_by_addr: dict[str, int] = {}
         self.max_conns = self.worker_connections  # lowered under RLIMIT_NOFILE or when descriptors run out
         self._next_scan = 0.0
         self._evicted = 0  # closed to make room since the last log line
@@ -149,103 +144,75 @@ class RequestReader:
         return True
 
     def _start_reading(self, conn: Conn) -> None:
-        s = self.settings
         conn.state = READING
-        self.held += 1
-        self.reading += 1
-        self.reading_by_addr[conn.addr] = self.reading_by_addr.get(conn.addr, 0) + 1
-        # Over a cap, the request is refused once its head shows it is not a probe (probes
-        # always pass), or after OVER_CAP_GRACE_S if its head has not come by then.
-        conn.over_cap = None
-        if self.reading > s.max_reading_per_worker:
-            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent to this worker",
-                                    "too_many_readers", retry=True)
-        elif self.reading_by_addr[conn.addr] > s.max_reading_per_client:
-            conn.over_cap = Refusal(503, "overloaded", "too many requests being sent from this address",
-                                    "too_many_readers_per_client", retry=True)
+        # Over a reading cap, the request is refused once its head shows it is not a probe
+        # (probes always pass), or after OVER_CAP_GRACE_S if its head has not come by then.
+        conn.over_cap = self.admission.begin(conn)
 
     def _stop_reading(self, conn: Conn) -> None:
         if conn.state != READING:
             return
-        self.reading -= 1
-        self.budget.give(conn.reserved)
-        conn.reserved = 0
-        left = self.reading_by_addr[conn.addr] - 1
-        if left:
-            self.reading_by_addr[conn.addr] = left
-        else:
-            del self.reading_by_addr[conn.addr]
+        self.admission.stop_reading(conn)
         conn.state = IDLE
 
     def _advance(self, conn: Conn) -> None:
-        """Act on what a connection's buffer holds: parse the head, wait for the body, dispatch."""
-        s = self.settings
+        """Act on what a connection's buffer holds: drop a refused body, parse the head, wait
+        for the body, dispatch the complete request."""
         if conn.state == DISCARDING:
-            dropped = min(conn.need, len(conn.buf))
-            del conn.buf[:dropped]
-            conn.need -= dropped
-            if conn.need == 0:
+            if conn.discard():
                 self._keep_alive(conn)
             return
-        if conn.req is None:
-            end = conn.buf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
-            if end < 0:
-                conn.scanned = len(conn.buf)
-                refusal = head_overflow(self.cfg, conn.buf)
-                if refusal is not None:
-                    self._refuse(conn, refusal)
-                return
-            try:
-                raw_head = bytes(conn.buf[: end + 4])
-                head = parse_head(self.cfg, raw_head, conn.client, conn.nreq + 1, self.routes)
-            except Refusal as refusal:
-                self._refuse(conn, refusal)
-                return
-            del conn.buf[: end + 4]
-            conn.scanned = 0
-            conn.nreq += 1
-            conn.req, conn.need, conn.route, conn.probe = head.req, head.length, head.route, head.probe
-            if not head.probe and conn.over_cap is not None:
-                self._refuse(conn, conn.over_cap)
-                return
-            overload = None if head.probe else self._overloaded(conn.need)  # probes always pass
-            if overload is not None:
-                # Kept open only when the client will send its body anyway: one waiting for
-                # "100 Continue" may send its next request instead, which would be taken for it.
-                waits = conn.req._expected_100_continue and len(conn.buf) < conn.need
-                self._refuse(
-                    conn,
-                    Refusal(503, "overloaded", overload, "admission", retry=True),
-                    keep_alive=not conn.req.should_close() and not waits,
-                )
-                return
-            if head.probe:  # never refused, but counted
-                self.budget.take(conn.need, force=True)
-            conn.reserved = conn.need  # taken from the budget (by _overloaded for the others)
-            conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
-            if conn.req._expected_100_continue:
-                conn.req._expected_100_continue = False
-                if len(conn.buf) < conn.need:
-                    send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
-            if len(conn.buf) < conn.need <= PREALLOCATE_BYTES:
-                conn.body = bytearray(conn.need)  # the rest is received straight into it
-                conn.filled = len(conn.buf)
-                conn.body[: conn.filled] = conn.buf
-                conn.buf = bytearray()
-                return
-        if conn.body is not None:
-            if conn.filled < conn.need:
-                return
-            body, conn.body = bytes(conn.body), None
-        elif len(conn.buf) < conn.need:
+        if conn.req is None and not self._head_arrived(conn):
             return
-        elif len(conn.buf) == conn.need:
-            body, conn.buf = bytes(conn.buf), bytearray()
-        else:
-            body = bytes(memoryview(conn.buf)[: conn.need])
-            del conn.buf[: conn.need]
+        body = conn.take_body()
+        if body is None:
+            return
         conn.req.body = io.BytesIO(body)  # wsgi.input; reading it all returns ``body`` itself, no copy
         self._dispatch(conn)
+
+    def _head_arrived(self, conn: Conn) -> bool:
+        """Parse the head once its blank line is in, and admit the request; False: not yet,
+        or refused."""
+        end = conn.buf.find(b"\r\n\r\n", max(0, conn.scanned - 3))
+        if end < 0:
+            conn.scanned = len(conn.buf)
+            refusal = head_overflow(self.cfg, conn.buf)
+            if refusal is not None:
+                self._refuse(conn, refusal)
+            return False
+        try:
+            head = parse_head(self.cfg, bytes(conn.buf[: end + 4]), conn.client, conn.nreq + 1, self.routes)
+        except Refusal as refusal:
+            self._refuse(conn, refusal)
+            return False
+        conn.head_parsed(head, end + 4)
+        return self._admit(conn, head.probe)
+
+    def _admit(self, conn: Conn, probe: bool) -> bool:
+        """Whether the request with a parsed head may go on (probes always do): its body's bytes
+        are then held, and it gets its body deadline; else it is refused (503)."""
+        s = self.settings
+        if not probe and conn.over_cap is not None:
+            self._refuse(conn, conn.over_cap)
+            return False
+        overload = None if probe else self.admission.overloaded(conn.need)
+        if overload is not None:
+            # Kept open only when the client will send its body anyway: one waiting for
+            # "100 Continue" may send its next request instead, which would be taken for it.
+            waits = conn.req._expected_100_continue and len(conn.buf) < conn.need
+            self._refuse(conn, Refusal(503, "overloaded", overload, "admission", retry=True),
+                         keep_alive=not conn.req.should_close() and not waits)
+            return False
+        if probe:  # never refused, but counted
+            self.admission.budget.take(conn.need, force=True)
+        conn.reserved = conn.need  # taken from the budget (by admission.overloaded for the others)
+        conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
+        if conn.req._expected_100_continue:
+            conn.req._expected_100_continue = False
+            if len(conn.buf) < conn.need:
+                send_quietly(conn.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.receive_in_place(PREALLOCATE_BYTES)
+        return True
 
     def _refuse(self, conn: Conn, refusal: Refusal, keep_alive: bool = False) -> None:
         """Answer from the poller. ``keep_alive``: the framing is known, drop the body and go on."""
@@ -254,7 +221,7 @@ class RequestReader:
         self.obs.count_refusal(
             route, refusal.status, refusal.reason, conn.req or refusal.req, conn.addr, time.monotonic() - conn.arrived
         )
-        self.held -= 1
+        self.admission.end()
         keep_alive = keep_alive and self.alive
         send_quietly(conn.sock, refusal_bytes(refusal, close=not keep_alive))
         if keep_alive:
@@ -270,23 +237,14 @@ class RequestReader:
     def _linger(self, conn: Conn) -> None:
         """Half-close, then drop what still arrives for a while: closing with unread input would
         send a reset that can destroy the answer before the client reads it."""
-        conn.state = LINGERING
-        conn.req = None
-        conn.body = None
-        conn.buf = bytearray()
-        conn.deadline = time.monotonic() + LINGER_S
+        conn.linger(time.monotonic() + LINGER_S)
         try:
             conn.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self._close(conn)
 
     def _keep_alive(self, conn: Conn) -> None:
-        conn.state = IDLE
-        conn.req = None
-        conn.body = None
-        conn.need = 0
-        conn.route = "front_door"
-        conn.deadline = time.monotonic() + (self.cfg.keepalive if self.alive else min(self.cfg.keepalive, 2.0))
+        conn.idle(time.monotonic() + (self.cfg.keepalive if self.alive else min(self.cfg.keepalive, 2.0)))
         if conn.buf:  # pipelined: the next request is already here
             conn.arrived = time.monotonic()
             conn.deadline = conn.arrived + self.settings.head_timeout_s
@@ -303,7 +261,7 @@ class RequestReader:
                 self.obs.count_vanished(
                     conn.route, conn.req, conn.addr, time.monotonic() - conn.arrived, "while sending its request"
                 )
-            self.held -= 1
+            self.admission.end()
         self._stop_reading(conn)
         self._close(conn)
 
@@ -312,6 +270,8 @@ class RequestReader:
             return
         self.conns.discard(conn)
         self.ws_holding.discard(conn)
+        if conn.ws is not None:
+            self._ws_forget_queued(conn)
         if conn.state != BUSY:
             try:
                 self.poller.unregister(conn.sock)
@@ -324,20 +284,23 @@ class RequestReader:
             pass
 
     def _make_room(self) -> None:
-        """At ``worker_connections``: close the longest-idle connections (no request begun),
-        then answered ones still lingering, so a new client (a probe) is still accepted:
-        idle connections cannot lock the door."""
-        idle = sorted((c for c in self.conns if c.state in (IDLE, HANDSHAKING) and not c.buf), key=lambda c: c.deadline)
+        """At ``worker_connections``: close the longest-idle connections (no request begun: idle
+        keep-alive, unfinished TLS handshakes, WebSockets between messages, those with a close
+        frame first), then answered ones still lingering, so a new client (a probe) is still
+        accepted: idle connections cannot lock the door. The newest connections were active
+        last, so they go last."""
+        idle = sorted(
+            (c for c in self.conns
+             if (c.state in (IDLE, HANDSHAKING) and not c.buf) or (c.state == WS_IDLE and c.ws.greeted)),
+            key=lambda c: c.last_active,
+        )
         room = max(1, self.max_conns // EVICT_FRACTION)
         evicted = idle[:room]
-        if len(evicted) < room:  # then idle WebSockets (closed with 1001), then lingering connections
-            evicted += sorted((c for c in self.conns if c.state == WS_IDLE and c.ws.greeted),
-                              key=lambda c: c.deadline)[: room - len(evicted)]
         if len(evicted) < room:
             evicted += [c for c in self.conns if c.state == LINGERING][: room - len(evicted)]
         for conn in evicted:
             if conn.state == WS_IDLE:
-                self._ws_close(conn, 1001, "evicted to make room")
+                self._ws_evict(conn)
             else:
                 self._close(conn)
         if evicted:

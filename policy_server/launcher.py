@@ -33,7 +33,7 @@ def build_config(argv: Sequence[str] | None = None, environ=None) -> ServerConfi
         run_dir=os.path.abspath(config.run_dir) if config.run_dir else None,
         log_dir=os.path.abspath(config.log_dir) if config.log_dir else None,
         uds=os.path.abspath(config.uds) if config.uds else None,
-        **{name: os.path.abspath(path) for name in ("certfile", "keyfile", "ca_certs")
+        **{name: os.path.abspath(path) for name in ("certfile", "keyfile", "ca_certs", "api_key_file", "admin_key_file")
            if (path := getattr(config, name))},
     )
     config.validate()

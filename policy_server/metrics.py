@@ -9,14 +9,11 @@ the default registry is used. Names follow Prometheus conventions: seconds, ``_t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    REGISTRY,
-    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
@@ -24,7 +21,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from policy_server.metrics_files import collected
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -105,13 +103,7 @@ CACHE_MISSES = Counter("policy_cache_misses_total", "Cache lookups that found no
 
 def exposition() -> tuple[bytes, str]:
     """The text exposition of every worker's metrics (or this process's, outside gunicorn)."""
-    if os.environ.get(MULTIPROC_ENV):
-        from prometheus_client import multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(collected()), CONTENT_TYPE_LATEST
 
 
 def transfer_observer(model: str):

@@ -41,14 +41,14 @@ def install(app: Flask, stats) -> None:
     @app.before_request
     def _start() -> None:
         arrived = request.environ.get(ARRIVED)
-        g.started = time.perf_counter() - (time.monotonic() - arrived if arrived is not None else 0.0)
+        g.t0 = time.perf_counter() - (time.monotonic() - arrived if arrived is not None else 0.0)
         given = request.headers.get("X-Request-Id", "")
         g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
     @app.after_request
     def _observe(response: Response) -> Response:
-        started = g.get("started")
-        latency = time.perf_counter() - started if started is not None else 0.0
+        t0 = g.get("t0")
+        latency = time.perf_counter() - t0 if t0 is not None else 0.0
         arrived = request.environ.get(ARRIVED)
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         status = response.status_code
@@ -118,6 +118,11 @@ def count_vanished(route: str, req, remote: str, latency_s: float, when: str) ->
         "path": getattr(req, "path", None), "status": CLIENT_CLOSED, "latency_ms": round(latency_s * 1e3, 3),
         "remote": remote, "detail": f"client closed the connection {when}",
     }))
+
+
+def count_late_answer(stage: str) -> None:
+    """An answer ready past its deadline and replaced by 504 (the front door's "write" stage)."""
+    metrics.LATE_ANSWERS.labels(stage).inc()
 
 
 def count_certificate_reload(outcome: str) -> None:

@@ -19,17 +19,20 @@ MAX_ELEMENT_BYTES = 1 << 20  # one BYTES element, before the model's own max_byt
 
 def json_texts(name: str, shape: tuple[int, ...], data: list) -> list[str]:
     """A BYTES tensor's JSON ``data``: ``prod(shape)`` strings, flat or nested one level per
-    dimension (BadRequest otherwise)."""
+    dimension (``[["a"], ["b"]]`` for shape ``[2, 1]``). BadRequest when the count disagrees
+    with the shape; InvalidInput (422) naming the input and row for an element that is not
+    a string."""
     count = math.prod(shape)
     flat: list[Any] = data
     for _ in range(len(shape) - 1):
-        if len(flat) == count:
-            break
-        if not all(isinstance(item, list) for item in flat):
+        if not flat or not all(isinstance(item, list) for item in flat):
             break
         flat = [element for item in flat for element in item]
-    if len(flat) != count or not all(isinstance(text, str) for text in flat):
+    if len(flat) != count:
         raise BadRequest(f"input {name!r}: BYTES 'data' must hold {count} strings for shape {list(shape)}")
+    for row, text in enumerate(flat):
+        if not isinstance(text, str):
+            raise InvalidInput(f"input {name!r} row {row}: expected text (a string), got {type(text).__name__}")
     return list(flat)
 
 

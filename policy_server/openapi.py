@@ -1,6 +1,6 @@
 """The OpenAPI 3.0 description of every route, served at ``GET /openapi.json``.
 
-Binary bodies (wire format v1, see DEVELOPMENT.md) are ``application/octet-stream``; their
+Binary bodies (wire format v1, see docs/wire-formats.md) are ``application/octet-stream``; their
 content is described in words, since a pickle frame has no JSON schema. The test suite
 checks that this document and the app's routes name the same operations, and fuzzes the
 running server from it (no answer may be a 5xx).
@@ -186,7 +186,7 @@ def openapi_document(version: str = "1") -> dict[str, Any]:
             "title": "Robot policy server",
             "version": version,
             "description": "Batched torch policy inference for robot and simulator loops. "
-                           "See README.md and DEVELOPMENT.md.",
+                           "See README.md and docs/wire-formats.md.",
         },
         "servers": [{"url": "/"}],
         "paths": {

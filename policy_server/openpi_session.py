@@ -129,6 +129,9 @@ class OpenpiSession:
         request_id = uuid.uuid4().hex
         answer = None
         try:
+            late_ms = 1e3 * (time.monotonic() - arrived) - self.config.deadline_ms
+            if late_ms > 0:  # past even the longest deadline a frame may ask for: not decoded
+                raise DeadlineExceeded(f"deadline passed {late_ms:.1f} ms before the frame reached a thread")
             request = openpi_wire.decode(payload)
             if not isinstance(request, dict):
                 raise BadRequest(f"a frame is a msgpack map, not {type(request).__name__}")
@@ -201,10 +204,10 @@ class OpenpiSession:
         return out
 
     def _recorder(self, request_id: str, arrived: float, status: int, answer):
-        def record(delivered: bool, replaced: int | None) -> None:
+        def record(delivered: bool, replaced: int | None, committed: float) -> None:
             self.observe(
                 route=self.route, request_id=request_id, status=replaced or status, delivered=delivered,
-                latency_s=time.monotonic() - arrived, answer=answer, model=self.model or self.runtime.default_name,
+                latency_s=committed - arrived, answer=answer, model=self.model or self.runtime.default_name,
                 remote=self.remote, session_id=self.session_id,
             )
 

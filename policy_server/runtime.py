@@ -114,7 +114,8 @@ class PolicyRuntime:
         self.reporter.stop()  # the final numbers, for final_metrics.json
 
     @property
-    def started(self) -> bool:
+    def booted(self) -> bool:
+        """Whether :meth:`start` was called (its batcher thread exists)."""
         return self._thread is not None
 
     @property

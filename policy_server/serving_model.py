@@ -51,7 +51,7 @@ def resolve_device(name: str, worker_index: int = 0) -> str:
 
 @dataclass(frozen=True)
 class SpeedOptions:
-    """Optional speed-ups, each off by default (see DEVELOPMENT.md, "Tuning")."""
+    """Optional speed-ups, each off by default (see docs/tuning.md)."""
 
     autocast: str = "off"  # off, bf16, fp16: applied by the executor around each forward
     compile: bool = False

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from policy_server.metrics_files import MULTIPROC_ENV, collected
 from policy_server.worker_status import WorkerStatusBoard
 
 log = logging.getLogger(__name__)
@@ -180,14 +181,10 @@ def write_final_metrics(run_dir: str, log_dir: str) -> str:
 
 def _request_counts() -> dict[str, int]:
     """``policy_requests_total`` summed over every worker, as ``{"route status": n}``."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if not os.environ.get(MULTIPROC_ENV):
         return {}
-    from prometheus_client import CollectorRegistry, multiprocess
-
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
     counts = {}
-    for family in registry.collect():
+    for family in collected().collect():
         if family.name == "policy_requests":
             for sample in family.samples:
                 if sample.name == "policy_requests_total":

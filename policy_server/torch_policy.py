@@ -98,7 +98,7 @@ def rtc_shift(action: torch.Tensor, offset: torch.Tensor, anchor: torch.Tensor) 
     keeps the played step ``|action[i] + shift[i] - action[i - 1] - shift[i - 1]|`` within
     ``L`` in every dim. So no played step exceeds the policy's own largest step (by
     construction) and the old plan's pull ends as soon as that allows (a lag in a closed loop
-    chasing a moving target; DEVELOPMENT.md "Seams that meet the goal"). A chunk that does not
+    chasing a moving target; docs/robot-loop.md "Real-time chunking"). A chunk that does not
     move (L = 0) keeps the whole offset. Numpy twin: ``chunk_merge.rtc_shift``.
     """
     steps = action.diff(dim=1)  # [B, H - 1, D]

@@ -189,3 +189,17 @@ def test_an_unhandled_error_is_a_generic_json_500_logged_once_with_its_traceback
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [(r.name, r.getMessage()) for r in errors] == [("policy_server.web", "unhandled error on GET /stats")]
     assert "secret detail of a bug" in caplog.text and "Traceback" in caplog.text
+
+
+def test_the_front_doors_body_limit_of_every_route_is_its_groups_declaration():
+    """The door bounds a body before the app runs; the limit comes from the route's group, so a
+    renamed or added management route keeps the large limit and nothing else gets it."""
+    from policy_server.front_door_http import AppRoutes
+
+    settings = ServerConfig(max_body_bytes=1000, max_update_bytes=5000)
+    app = make_app()
+    routes = AppRoutes(app, settings)
+    for method, rule, _, audience in operations(app):
+        assert routes.limit_for(method, rule.rule) == getattr(settings, audience.body_limit), (method, rule.rule)
+    assert routes.limit_for("POST", "/update_model") == routes.limit_for("POST", "/models/<name>/load") == 5000
+    assert routes.limit_for("POST", "/infer") == routes.limit_for("POST", "unmatched") == 1000

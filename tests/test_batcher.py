@@ -61,7 +61,7 @@ def test_delay_waits_from_the_first_arrival_to_fill_a_batch(make_batcher):
     batcher.wait(first)
     batcher.wait(second)
     assert executor.batches == [[1.0, 2.0]]
-    assert first.started - first.enqueued >= 0.3 - 0.01
+    assert first.launched - first.enqueued >= 0.3 - 0.01
 
 
 def test_delay_is_counted_from_arrival_not_from_when_the_batcher_is_free(make_batcher):
@@ -74,7 +74,7 @@ def test_delay_is_counted_from_arrival_not_from_when_the_batcher_is_free(make_ba
     executor.release()
     batcher.wait(held)
     batcher.wait(late)
-    assert late.started - released < 0.25  # ran as soon as the batcher was free, no second wait
+    assert late.launched - released < 0.25  # ran as soon as the batcher was free, no second wait
 
 
 def test_delay_ends_early_when_the_batch_is_full(make_batcher):
@@ -83,7 +83,7 @@ def test_delay_ends_early_when_the_batch_is_full(make_batcher):
     b = batcher.submit(obs(2.0), later())
     batcher.wait(a)
     batcher.wait(b)
-    assert a.started - a.enqueued < 2.5 and executor.batches == [[1.0, 2.0]]
+    assert a.launched - a.enqueued < 2.5 and executor.batches == [[1.0, 2.0]]
 
 
 def test_incompatible_requests_never_share_a_batch(make_batcher):

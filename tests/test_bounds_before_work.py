@@ -171,21 +171,20 @@ JSON_PROBE_PROMISE_S = 1.0
 
 @pytest.mark.integration
 def test_probes_answer_while_large_json_bodies_decode(tmp_path):
-    """A 16 MB JSON body is refused before it is parsed. Three clients keep sending the
-    largest accepted all-JSON body (the default model's image as nested JSON numbers, about
-    3.6 MB: a parse of about 0.2 s that holds the GIL); the worker's /health keeps its promise."""
-    image = np.random.default_rng(1).integers(0, 256, (1, 480, 640, 3)).tolist()
-    body = json.dumps({"inputs": [
-        {"name": "state", "datatype": "FP32", "shape": [1, 6], "data": [0.0] * 6},
-        {"name": "image", "datatype": "UINT8", "shape": [1, 480, 640, 3], "data": image},
-    ]}, separators=(",", ":")).encode()
-    assert 3_000_000 < len(body) < 4 << 20, len(body)
-    with run_server(tmp_path, workers=1, args=("--deadline-ms", "20000")) as server:  # no 504 from the backlog
+    """A 16 MB JSON body is refused before it is parsed. Eight clients keep sending the
+    largest accepted all-JSON body, 1 MB of nested numbers the model refuses only once they
+    are parsed (an input it does not have): each a parse that holds the GIL. The worker's
+    /health keeps its promise all along."""
+    n = (1 << 20) // 6 - 20
+    body = json.dumps({"inputs": [{"name": "junk", "datatype": "FP32", "shape": [1, n], "data": [[0.5]] * n}]},
+                      separators=(",", ":")).encode()
+    assert 1_000_000 < len(body) <= 1 << 20, len(body)
+    with run_server(tmp_path, workers=1) as server:
         url = server.base_url + "/v2/models/default/infer"
-        huge = body[:-3] + b"," + b"0," * (6 << 20) + b"0]}]}"  # 16 MB: 413 before any parse
+        huge = body[:-4] + b"," + b"0," * (8 << 20) + b"0]}]}"  # 16 MB: 413 before any parse
         refused = requests.post(url, data=huge, timeout=60)
-        assert refused.status_code == 413 and "exceeds the limit of 4194304" in refused.json()["detail"]
-        assert requests.post(url, data=body, timeout=60).status_code == 200  # warm: the first one allocates
+        assert refused.status_code == 413 and "exceeds the limit of 1048576" in refused.json()["detail"]
+        assert requests.post(url, data=body, timeout=60).status_code == 422  # parsed, then refused: warm
         stop = threading.Event()
 
         def send() -> list[int]:
@@ -195,8 +194,8 @@ def test_probes_answer_while_large_json_bodies_decode(tmp_path):
                     statuses.append(session.post(url, data=body, timeout=60).status_code)
             return statuses
 
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            senders = [pool.submit(send) for _ in range(3)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            senders = [pool.submit(send) for _ in range(8)]
             probes = []
             end = time.monotonic() + 6
             with requests.Session() as session:
@@ -207,10 +206,10 @@ def test_probes_answer_while_large_json_bodies_decode(tmp_path):
                     time.sleep(0.02)
             stop.set()
             statuses = [s for f in senders for s in f.result()]
-    assert statuses and set(statuses) == {200}, set(statuses)
+    assert statuses and set(statuses) <= {422, 503}, set(statuses)  # 503: shed while the others parse
     assert max(probes) < JSON_PROBE_PROMISE_S, sorted(probes)[-5:]
     logging.getLogger(__name__).info(
-        "%d JSON bodies decoded; /health p50 %.1f ms, max %.1f ms over %d probes",
+        "%d JSON bodies parsed; /health p50 %.1f ms, max %.1f ms over %d probes",
         len(statuses), 1e3 * np.median(probes), 1e3 * max(probes), len(probes),
     )
 

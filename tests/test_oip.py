@@ -378,7 +378,7 @@ def test_a_version_not_served_is_409_a_malformed_one_400_and_an_unknown_model_40
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # a generous deadline: conformance, not speed, is checked here, and a busy CI box is slow
-    # JSON images too: three 640x480 rows as JSON numbers are 10 MB, over the 4 MiB default
+    # JSON images too: three 640x480 rows as JSON numbers are 10 MB, over the 1 MiB default
     args = ("--api-key", KEY, "--deadline-ms", "30000", "--oip-max-json-bytes", str(16 << 20))
     with run_server(tmp_path_factory.mktemp("oip"), workers=1, args=args) as running:
         PolicyClient(running.base_url, api_key=KEY, timeout_s=120).load_model("transformer", "transformer", wait_s=120)

@@ -25,7 +25,7 @@ from policy_server.store import ModelStore
 from request_tools import PolicyClient
 from tests.serving import ROOT, RunningServer, free_port, run_server, stop
 from tests.support.prometheus import metric
-from tests.support.raw_websocket import PING, TEXT, RawWebSocket, frame
+from tests.support.raw_websocket import BINARY, PING, TEXT, RawWebSocket, frame
 from tests.support.wait import eventually
 
 openpi_client = pytest.importorskip(
@@ -166,6 +166,8 @@ HOSTILE = {
     "nested too deep": (frame(msgpack.packb(deep(40))), 1011, "deeper than 32"),
     "many tiny containers": (frame(msgpack.packb({"state": [[] for _ in range(4000)] * 3})), 1011,
                              "exceeds max_array_len"),
+    "many small elements": (frame(msgpack.packb({"state": [[0] * 4096] * 30})), 1011,
+                                   "more than 100000 elements"),
     "garbage": (frame(os.urandom(64) + b"\xc1"), 1011, "400 bad request"),
     "not a map": (frame(msgpack.packb([1, 2, 3])), 1011, "a frame is a msgpack map"),
     "a text frame": (frame(b"hello", TEXT), 1003, "send binary frames"),
@@ -439,3 +441,129 @@ def test_a_client_that_vanishes_is_counted_499_and_not_computed_for_once_gone(tm
         assert any(line.get("batch_size") == 1 for line in lines), lines  # the one that was computed
         with PolicyClient(f"ws://127.0.0.1:{server.port}") as client:  # the worker serves on
             np.testing.assert_array_equal(client.infer({"x": np.ones(4, np.float32)})["y"], np.full(4, 2.0))
+
+
+def test_messages_sent_before_the_first_frame_are_forgotten_when_their_connection_closes(tmp_path):
+    """A client that sends frames while its first frame is held, then goes: their bytes and
+    their places in admission come back (else the worker's byte budget would fill and it
+    would refuse every upload)."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "policy.py").write_text("def load_model(model_dir, device):\n    raise RuntimeError('no')\n")
+    args = ("--model-path", str(tmp_path / "broken"), "--max-reading-bytes", "1000000", "--max-body-bytes", "1000000")
+    with started_without_a_model(tmp_path, args) as server:
+        for _ in range(3):
+            with raw_plain(server) as ws:
+                ws.send(frame(b"\0" * 600_000))
+                ws.send(frame(b"are you there", PING))
+                assert ws.messages(1) == [("pong", b"are you there")]  # the message was read and queued
+        answer = requests.post(server.base_url + "/infer", data=b"\0" * 600_000, timeout=30)
+        assert answer.status_code == 400, answer.text  # admitted and read (then refused as no frame), not 503
+
+
+# -- bounds on the wire: connections, floods, frames behind a message, idle, deadlines --------
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """One worker with room for 40 connections and a 3 s WebSocket idle timeout."""
+    env = {"GUNICORN_CMD_ARGS": "--worker-connections 40"}
+    args = ("--threads", "4", "--ws-idle-timeout-s", "3")
+    with run_server(tmp_path_factory.mktemp("small"), workers=1, args=args, env=env) as running:
+        yield running
+
+
+def test_idle_websockets_cannot_lock_the_door(small):
+    """60 greeted, idle openpi connections on a worker with room for 40: the longest idle are
+    closed (1001) to make room, and a probe and a new client still get in."""
+    idle = []
+    try:
+        for _ in range(60):
+            ws = RawWebSocket(small.port)
+            if ws.status == 101:
+                ws.messages(1, timeout_s=10)
+            idle.append(ws)
+        assert requests.get(small.base_url + "/health", timeout=5).status_code == 200
+        fresh = PolicyClient(f"ws://127.0.0.1:{small.port}")
+        assert fresh.infer(observation())["action"].shape == (10, 7)
+        fresh.close()
+        assert idle[0].until_closed(timeout_s=5)[-1][:2] in (("close", 1001), ("gone", "eof"))
+        text = requests.get(small.base_url + "/metrics", timeout=5).text
+        assert metric(text, "policy_front_door_closed_total", reason="evicted") >= 20
+    finally:
+        for ws in idle:
+            ws.close()
+
+
+@pytest.mark.parametrize("flood, fragment", [
+    (frame(b"", PING) * 2000, "400 bad request: too many control frames"),
+    (frame(b"x", BINARY, fin=False) + frame(b"", 0x0, fin=False) * 2000, "more than 64 frames"),
+])
+def test_a_flood_of_pings_or_empty_fragments_is_closed_and_probes_answer(small, flood, fragment):
+    with RawWebSocket(small.port) as ws:
+        ws.messages(1)
+        ws.send(flood)
+        started = time.monotonic()
+        assert requests.get(small.base_url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 1.0
+        got = [m for m in ws.until_closed(timeout_s=10) if not (isinstance(m, tuple) and m[0] == "pong")]
+    assert fragment in got[0] and got[-1][:2] == ("close", 1008), got
+
+
+def test_frames_behind_a_message_are_answered_in_order(small):
+    """Two frames in one write, and a ping right behind a message: each gets its answer, in order."""
+    with RawWebSocket(small.port) as ws:
+        ws.messages(1)
+        reset = frame(packed({"endpoint": "reset"}))
+        ws.send(reset + reset)
+        assert ws.messages(2, timeout_s=10) == ["reset successful", "reset successful"]
+        ws.send(frame(packed(observation())) + frame(b"still there?", PING))
+        answer, pong = ws.messages(2, timeout_s=10)
+        assert openpi_wire.decode(answer)["actions"].shape == (10, 7) and pong == ("pong", b"still there?")
+
+
+def test_an_idle_websocket_is_closed_after_its_timeout_and_pings_keep_it(small):
+    with RawWebSocket(small.port) as quiet, RawWebSocket(small.port) as pinging:
+        quiet.messages(1)
+        pinging.messages(1)
+        for _ in range(5):  # 5 s of pings, one a second: past the 3 s idle timeout
+            pinging.send(frame(b"hi", PING))
+            assert pinging.messages(1) == [("pong", b"hi")]
+            time.sleep(1.0)
+        assert quiet.until_closed(timeout_s=5)[-1][:2] == ("close", 1001)
+        pinging.send(frame(packed(observation())))
+        assert openpi_wire.decode(pinging.messages(1)[0])["actions"].shape == (10, 7)
+
+
+def test_deadlines_on_the_wire_no_late_answer_is_sent(tmp_path):
+    """A frame's deadline_ms bounds it like X-Deadline-Ms: with a 0.5 s forward and 100 ms,
+    the late answer is dropped (504, counted); under load every 200 the access log shows was
+    committed within its deadline."""
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "policy.py").write_text(SLOW_FORWARD)
+    with run_server(tmp_path, workers=1, args=("--model-path", str(tmp_path / "slow"))) as server:
+        with RawWebSocket(server.port) as ws:
+            ws.messages(1)
+            ws.send(frame(packed({"x": np.ones(4, np.float32), "deadline_ms": 100})))
+            got = ws.until_closed()
+        assert got[0].startswith("504 deadline exceeded") and "late answer was dropped" in got[0], got
+        text = requests.get(server.base_url + "/metrics", timeout=5).text
+        assert metric(text, "policy_late_answers_total", stage="batch") >= 1
+    with run_server(tmp_path / "load", workers=2) as server:
+        def client(seed):
+            policy = openpi_client.WebsocketClientPolicy("127.0.0.1", server.port)
+            statuses = []
+            for _ in range(8):
+                try:
+                    policy.infer({**observation(seed), "deadline_ms": 50})
+                    statuses.append(200)
+                except RuntimeError as exc:
+                    assert str(exc).split("\n")[-1].startswith(("504", "503")), exc
+                    statuses.append(504)
+                    policy = openpi_client.WebsocketClientPolicy("127.0.0.1", server.port)
+            return statuses
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            statuses = [s for batch in pool.map(client, range(32)) for s in batch]
+        lines = [json.loads(line[line.index("{"):]) for line in server.log().splitlines() if '"method": "WS"' in line]
+    ok = [line["latency_ms"] for line in lines if line["status"] == 200]
+    assert ok and len(ok) == statuses.count(200) and max(ok) <= 50, sorted(ok)[-5:]

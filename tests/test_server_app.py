@@ -207,7 +207,7 @@ def test_building_the_app_creates_no_model_store(tmp_path, monkeypatch):
 def test_first_request_starts_loading_without_the_gunicorn_hook():
     app = create_app(ServerConfig(), policy=FakePolicy())
     runtime = app.extensions["policy_runtime"]
-    assert not runtime.started
+    assert not runtime.booted
     app.test_client().get("/health")
     runtime.start(block=True)
     assert runtime.ready

@@ -23,7 +23,7 @@ from policy_server.model_loader import describe
 from policy_server.oip_bytes import encode_texts
 from policy_server.response_cache import input_digest
 from policy_server.tensors import complete_inputs
-from request_tools import PolicyClient
+from request_tools import PolicyClient, PolicyServerError
 from tests.conftest import make_app
 from tests.serving import run_server
 from tests.support.raw_websocket import RawWebSocket, frame
@@ -125,6 +125,19 @@ def test_a_batch_mixing_four_prompts_answers_each_as_alone():
         np.testing.assert_allclose(answer, expected(row["x"], row["prompt"]), atol=1e-5)
 
 
+def test_oip_bytes_json_may_be_flat_or_nested_as_its_shape():
+    client = make_app(Echo()).test_client()
+    x = {"name": "x", "datatype": "FP32", "shape": [2, 2], "data": [[1.0, 2.0], [3.0, 4.0]]}
+    for prompt in ({"shape": [2, 1], "data": [["ab"], ["c"]]}, {"shape": [2, 1], "data": ["ab", "c"]},
+                   {"shape": [2], "data": ["ab", "c"]}):
+        body = json.dumps({"inputs": [x, {"name": "prompt", "datatype": "BYTES", **prompt}]}).encode()
+        answer = client.post("/v2/models/default/infer", data=body,
+                             environ_overrides={"CONTENT_LENGTH": str(len(body))})
+        assert answer.status_code == 200, (prompt, answer.get_json())
+        y = np.array(answer.get_json()["outputs"][0]["data"], np.float32).reshape(2, 2)
+        np.testing.assert_allclose(y, [expected(np.array([1.0, 2.0]), "ab"), expected(np.array([3.0, 4.0]), "c")])
+
+
 def test_in_process_every_wire_refuses_bad_text_with_422():
     client = make_app(Echo()).test_client()
     body = dict_to_binary({"x": np.zeros(2, np.float32), "prompt": "x" * 17})
@@ -136,6 +149,8 @@ def test_in_process_every_wire_refuses_bad_text_with_422():
         ({"name": "prompt", "datatype": "BYTES", "shape": [1], "data": ["\udc80"]}, "not valid UTF-8"),
         ({"name": "prompt", "datatype": "FP32", "shape": [1], "data": [1.0]}, "expected datatype BYTES"),
         ({"name": "prompt", "datatype": "BYTES", "shape": [1, 2], "data": ["a", "b"]}, "expected datatype BYTES"),
+        ({"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [5]}, "row 0: expected text (a string)"),
+        ({"name": "prompt", "datatype": "BYTES", "shape": [1], "data": [None]}, "got NoneType"),
     ]:
         body = json.dumps({"inputs": [x, prompt]}).encode()
         answer = client.post("/v2/models/default/infer", data=body,
@@ -155,7 +170,7 @@ def test_in_process_every_wire_refuses_bad_text_with_422():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    args = ("--model-path", "models/instructed", "--model-name", "instructed")
+    args = ("--model-path", "models/instructed", "--model-name", "instructed", "--cache-size", "64")
     with run_server(tmp_path_factory.mktemp("text"), workers=2, args=args) as running:
         yield running
 
@@ -267,3 +282,55 @@ def test_the_runner_carries_the_instruction_and_an_observation_field_changes_it(
     assert seen[0] == "reach the red target" and seen[-1] == "touch the red disc"
     assert "reach the blue target" in seen and seen.index("reach the blue target") < len(seen) - 1
     assert runner.stats.failures == 0
+
+
+@pytest.mark.integration
+def test_the_response_cache_keys_on_the_text(server):
+    obs = observation()
+    body = dict_to_binary(obs)
+    other = dict_to_binary({**obs, "prompt": obs["prompt"] + " now"})
+    url = server.base_url + "/infer"
+    seen = [requests.post(url, data=data, timeout=30).headers.get("X-Cache") for data in (body, body, other, other)]
+    # two workers: a repeat hits when it lands on the worker that computed it; a new text never does
+    assert seen[0] in ("miss", "hit") and seen[2] == "miss", seen
+
+
+@pytest.mark.integration
+def test_the_sim_loop_closes_the_instructed_loop_through_the_server(server, tmp_path):
+    from examples import sim_loop
+
+    result = sim_loop.main(["--url", server.base_url, "--models", "instructed", "--episodes", "2",
+                            "--skip-in-process", "--json", str(tmp_path / "sim.json")])
+    report = next(r for r in result["reports"] if r["path"] == "server")
+    assert report["episodes"] == 2 and report["successes"] == 2 and report["failures"] == 0, report
+
+
+def test_our_websocket_client_retries_a_503_frame_within_the_deadline(monkeypatch):
+    """An overloaded or loading server answers a frame "503 ..." and closes; the client waits
+    and sends it again on a new connection, as the HTTP client retries a 503."""
+    from policy_client import websocket_client
+
+    class Socket:
+        def __init__(self, answer):
+            self.answer, self.sent = answer, []
+
+        def send(self, frame):
+            self.sent.append(frame)
+
+        def recv(self, timeout=None):
+            return self.answer
+
+        def close(self):
+            pass
+
+    answers = iter([Socket("503 overloaded: 64 requests held by this worker"),
+                    Socket(openpi_wire.encode({"y": np.ones(2, np.float32)}))])
+    client = PolicyClient("ws://127.0.0.1:1", check_spec=False, retries=2)
+    monkeypatch.setattr(client, "_socket", lambda model, deadline: next(answers))
+    monkeypatch.setattr(websocket_client.time, "sleep", lambda s: None)
+    assert client.infer({"x": np.zeros(2, np.float32)})["y"].tolist() == [1.0, 1.0]
+    client = PolicyClient("ws://127.0.0.1:1", check_spec=False, retries=0)
+    monkeypatch.setattr(client, "_socket", lambda model, deadline: Socket("503 overloaded: busy"))
+    with pytest.raises(PolicyServerError) as refused:
+        client.infer({"x": np.zeros(2, np.float32)})
+    assert refused.value.status == 503

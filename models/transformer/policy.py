@@ -18,12 +18,12 @@ chunk's own largest step allows (``torch_policy.rtc_shift``: no played step exce
 A request without them (zeros: prefix_length 0) gets the plain chunk. The network itself
 does not take the prefix as an input (no retraining): it is a deterministic
 regression policy, so a seam is new information rather than a change of mode, and the
-inpainting spreads it over the chunk (DEVELOPMENT.md "Seams that meet the goal").
+inpainting spreads it over the chunk (docs/robot-loop.md "Real-time chunking").
 
 Architecture: a conv stem (8x8 stride 8, then 4x4 stride 4) turns the image into 300 patch
 tokens, a linear layer turns the state into one more token, learned positional embeddings
-(initialised to 2-D sine-cosine) are added, two pre-norm encoder layers (self-attention and a
-feed-forward) mix them, and 10 learned action queries go through two decoder layers
+(initialised to 2-D sine-cosine) are added, one pre-norm encoder layer (self-attention and a
+feed-forward) mixes them, and 10 learned action queries go through two decoder layers
 (self-attention among the queries, cross-attention to the tokens, feed-forward) to a linear
 read-out per query. Attention is written out with torch ops so its weights can be returned.
 Trained by behaviour cloning on ``examples/reacher.py`` (``examples/train_policies.py
