@@ -71,12 +71,14 @@ def tensor_metadata(spec: TensorSpec | TextSpec) -> dict[str, Any]:
 
 
 def model_metadata(
-    name: str, version: str, input_spec: Sequence[TensorSpec], output_spec: Sequence[TensorSpec]
+    name: str, version: str, input_spec: Sequence[TensorSpec], output_spec: Sequence[TensorSpec],
+    versions: Sequence[str] = (),
 ) -> dict:
-    """``GET /v2/models/{name}``: name, versions, platform, inputs and outputs."""
+    """``GET /v2/models/{name}``: name, versions (``version`` first: its specs are these, then
+    the other ``versions`` a request may pin), platform, inputs and outputs."""
     return {
         "name": name,
-        "versions": [version],
+        "versions": [version, *(v for v in versions if v != version)],
         "platform": "pytorch",
         "inputs": [tensor_metadata(s) for s in input_spec],
         "outputs": [tensor_metadata(s) for s in output_spec],

@@ -98,7 +98,9 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
     @info.get("/models/<name>/versions/<version>")
     def model_metadata(name: str, version: str | None = None):
         model = served_version(name, version).model
-        return jsonify(oip.model_metadata(name, model.version, model.input_spec, model.output_spec))
+        held = runtime.held(name)
+        return jsonify(oip.model_metadata(name, model.version, model.input_spec, model.output_spec,
+                                          held.versions if held is not None else ()))
 
     @info.get("/models/<name>/ready")
     @info.get("/models/<name>/versions/<version>/ready")

@@ -174,6 +174,7 @@ def test_oip_pins_by_its_versioned_route_and_takes_the_episode_as_a_parameter(ap
     bad = client.post("/v2/models/default/infer", data=oip_json(episode_id="no spaces"))
     assert bad.status_code == 400 and "parameter 'episode_id'" in bad.get_json()["detail"]
     assert client.get("/v2/models/default/versions/2/ready").get_json()["ready"] is True
+    assert client.get("/v2/models/default").get_json()["versions"] == ["1", "2"]  # what a request may pin
 
 
 def test_outcomes_are_counted_per_version_and_bad_reports_refused_naming_the_field(app, client):
