@@ -96,7 +96,7 @@ class StoreFollower:
         self.generations: dict[str, int] = {}  # store pointer generation last acted on, per model
         self.problems: dict[str, str] = {}  # model -> why a version it names did not load here
         self._lock = threading.Lock()  # one load, validation or adoption at a time per worker
-        self._loading: set[tuple[str, str]] = set()  # (model, version) being loaded now
+        self._loading: set[tuple[str, str]] = set()  # (model, version) a pointer being acted on names, not held
         self._marked: dict[tuple[str, str], float] = {}  # the pinned use this worker last marked in the store
         self._mark_warned = False
         self._trim_due = False  # a version was dropped since the last poll
@@ -136,14 +136,27 @@ class StoreFollower:
             pointer = self.store.pointer(name)
             if pointer is None or pointer.generation == self.generations.get(name):
                 return  # removed (the next poll unloads it), or adopted meanwhile
+            missing = self._missing(pointer)
+            self._loading |= missing  # from before the generation counts as acted on to the install
             self.generations[name] = pointer.generation  # acted on, whatever the outcome
-            if not pointer.loaded:
-                if name != self.host.default_name:
-                    self.host.install(name, None)
+            try:
+                if not pointer.loaded:
+                    if name != self.host.default_name:
+                        self.host.install(name, None)
+                        return
+                elif self._reconcile(pointer):
                     return
-            elif self._reconcile(pointer):
-                return
-            self.host.publish_status()
+                self.host.publish_status()
+            finally:
+                self._loading -= missing
+
+    def _missing(self, pointer: Pointer) -> set[tuple[str, str]]:
+        """(model, version) of what ``pointer`` names that this worker does not hold yet."""
+        if not pointer.loaded:
+            return set()
+        held = self.host.held(pointer.model)
+        have = set(held.versions) if held is not None else set()
+        return {(pointer.model, str(v)) for v in pointer.served_versions() if str(v) not in have}
 
     def _reconcile(self, pointer: Pointer, preloaded: Mapping[str, Served] | None = None) -> bool:
         """Hold what ``pointer`` names (reusing what is held or ``preloaded``, loading the rest)
@@ -178,7 +191,6 @@ class StoreFollower:
         name, key = pointer.model, str(version)
         if key in have:
             return have[key]
-        self._loading.add((name, key))
         try:
             return self.host.load(self.store.version_dir(name, version), name, key)
         except Exception as exc:
@@ -190,8 +202,6 @@ class StoreFollower:
             problems.append(f"version {version}: {type(exc).__name__}: {exc}")
             log.exception("loading %s version %d failed; still serving what was served", name, version)
             return None
-        finally:
-            self._loading.discard((name, key))
 
     def _note(self, name: str, problems: list[str]) -> None:
         if problems:
@@ -303,5 +313,10 @@ class StoreFollower:
         with self._lock:
             if self.generations.get(name, 0) >= pointer.generation:
                 return False
+            missing = self._missing(pointer)
+            self._loading |= missing
             self.generations[name] = pointer.generation
-            return self._reconcile(pointer, {str(version): candidate.served.as_version(str(version))})
+            try:
+                return self._reconcile(pointer, {str(version): candidate.served.as_version(str(version))})
+            finally:
+                self._loading -= missing

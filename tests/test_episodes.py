@@ -228,3 +228,19 @@ def test_an_openpi_connection_holds_its_first_answers_version_until_a_reset_or_a
     assert frame(session_id="run-2") == ("2", 2.0)  # another session: its first answer pins it
     assert frame(model_version=8).startswith("409 version not served: model 'default' does not serve version 8")
     assert frame(model_version="x").startswith("400 bad request: model_version must be")
+
+
+def test_a_pin_to_a_version_the_store_names_but_this_worker_has_not_loaded_yet_is_503_not_409(tmp_path, tiny_models):
+    app = make_store_app(tmp_path, tiny_models, store_poll_ms=60_000)  # the watcher does not poll here
+    try:
+        client, runtime = app.test_client(), app.extensions["policy_runtime"]
+        store = runtime.store
+        store.publish("default", store.stage("default", str(tiny_models / "tiny")), canary=0.5)  # another instance
+        waiting = pinned(client, 2)
+        assert waiting.status_code == 503 and waiting.headers["Retry-After"] == "1"
+        assert "version 2 is loading on this worker" in waiting.get_json()["detail"]
+        assert pinned(client, 3).status_code == 409  # a version the store does not name
+        runtime.follower.sync()
+        assert infer(client, headers={"X-Model-Version": "2"})[:2] == ("2", 1.0)
+    finally:
+        app.extensions["policy_runtime"].stop(5)
