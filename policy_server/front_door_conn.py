@@ -4,14 +4,20 @@ A connection is accepted idle (TLS: handshaking first), reads a request (``READI
 served on a thread (``BUSY``) and comes back idle (keep-alive), or is refused and lingers
 (``LINGERING``) or discards a refused body (``DISCARDING``). After a WebSocket upgrade it
 alternates between ``WS_IDLE`` and ``WS_READING`` (one message being received), ``BUSY``
-while a message is answered. The poller owns it; a request thread has it only while ``BUSY``.
+while a message is answered, and keeps its :class:`WebSocket` state. The poller owns it; a
+request thread has it only while ``BUSY``.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from wsproto.connection import Connection, ConnectionType
 
 IDLE, READING, DISCARDING, BUSY, LINGERING, HANDSHAKING = range(6)  # HANDSHAKING: TLS, front_door_tls
+CONTROL_PER_S, CONTROL_BURST = 10.0, 20  # pings and pongs a WebSocket client may send: this rate, this many at once
 WS_IDLE, WS_READING = 10, 11  # an upgraded connection between messages, and receiving one (front_door_ws)
 
 
@@ -105,3 +111,29 @@ class Conn:
         self.body = None
         self.buf = bytearray()
         self.deadline = deadline
+
+
+@dataclass
+class WebSocket:
+    """One upgraded connection's WebSocket state (the poller's, and a thread's while busy)."""
+
+    session: Any
+    proto: Connection = field(default_factory=lambda: Connection(ConnectionType.SERVER))
+    greeted: bool = False  # the session's first frame was sent
+    parts: list = field(default_factory=list)  # the message being received
+    size: int = 0  # its bytes so far (taken from the worker's byte budget)
+    first_byte: float = 0.0  # when its first byte came (time.monotonic())
+    text: bool = False  # it is a text message
+    queued: list = field(default_factory=list)  # complete messages waiting for the first frame to go out
+    frames: int = 0  # frames of the message being received
+    control_tokens: float = CONTROL_BURST  # pings and pongs it may still send now
+    control_at: float = 0.0  # when control_tokens was last refilled
+
+    def control_allowed(self, now: float) -> bool:
+        """Take one control frame from the connection's allowance (a token bucket)."""
+        self.control_tokens = min(CONTROL_BURST, self.control_tokens + (now - self.control_at) * CONTROL_PER_S)
+        self.control_at = now
+        if self.control_tokens < 1:
+            return False
+        self.control_tokens -= 1
+        return True

@@ -13,9 +13,8 @@ the connection stays in the front door like any other, and the same bounds hold:
   holds a thread; an idle connection is closed after ``ws_idle_timeout_s`` (1001);
 - a complete message counts as a request from its first byte: the worker's admission
   (:mod:`policy_server.front_door_admission`; past it, a text refusal and close 1013) holds
-  it until it is answered; it is then run on a
-  request thread, which writes the answer (one message per request, in order: the socket is
-  not read while its message is served);
+  it until it is answered; it is then run on a request thread, which writes the answer (one
+  message per request, in order: the socket is not read while its message is served);
 - pings are answered by the poller, also while the session holds its first frame until
   the model is ready (``session.greeting()`` returns None until then);
 - on shutdown, idle connections are closed with 1001 at once, busy ones once answered.
@@ -32,13 +31,11 @@ import logging
 import selectors
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 
-from policy_server.front_door_conn import BUSY, WS_IDLE, WS_READING
+from policy_server.front_door_conn import BUSY, WS_IDLE, WS_READING, WebSocket
 from policy_server.front_door_http import reset_by_peer
 from policy_server.front_door_reader import SEND_TIMEOUT_S
 
@@ -47,7 +44,6 @@ log = logging.getLogger("policy_server.front_door")
 # Close codes (RFC 6455 section 7.4.1)
 GOING_AWAY, UNSUPPORTED_DATA, POLICY_VIOLATION, TOO_BIG, TRY_AGAIN_LATER = 1001, 1003, 1008, 1009, 1013
 REFUSALS = {400: "bad request", 408: "request timeout", 413: "payload too large", 503: "overloaded"}
-CONTROL_PER_S, CONTROL_BURST = 10.0, 20  # pings and pongs a client may send: this rate, this many at once
 FRAMES_BASE = 64  # frames one message may take, plus one per KiB of it (a flood of empty fragments costs a poller)
 
 
@@ -63,32 +59,6 @@ class Reply:
     close: int | None = None
     deadline: float | None = None
     record: Callable[[bool, int | None, float], None] | None = None
-
-
-@dataclass
-class WebSocket:
-    """One upgraded connection's WebSocket state (the poller's, and a thread's while busy)."""
-
-    session: Any
-    proto: Connection = field(default_factory=lambda: Connection(ConnectionType.SERVER))
-    greeted: bool = False  # the session's first frame was sent
-    parts: list = field(default_factory=list)  # the message being received
-    size: int = 0  # its bytes so far (taken from the worker's byte budget)
-    first_byte: float = 0.0  # when its first byte came (time.monotonic())
-    text: bool = False  # it is a text message
-    queued: list = field(default_factory=list)  # complete messages waiting for the first frame to go out
-    frames: int = 0  # frames of the message being received
-    control_tokens: float = CONTROL_BURST  # pings and pongs it may still send now
-    control_at: float = 0.0  # when control_tokens was last refilled
-
-    def control_allowed(self, now: float) -> bool:
-        """Take one control frame from the connection's allowance (a token bucket)."""
-        self.control_tokens = min(CONTROL_BURST, self.control_tokens + (now - self.control_at) * CONTROL_PER_S)
-        self.control_at = now
-        if self.control_tokens < 1:
-            return False
-        self.control_tokens -= 1
-        return True
 
 
 class WebSocketReader:
