@@ -10,7 +10,7 @@ import os
 import time
 from typing import Any
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, jsonify, request
 
 from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server import access, metrics, observability
@@ -19,6 +19,8 @@ from policy_server.config import ServerConfig
 from policy_server.errors import BatcherLost
 from policy_server.inference import Call, infer_call
 from policy_server.model_admin import ModelAdmin
+from policy_server.model_catalog import ModelCatalog
+from policy_server.observability import note
 from policy_server.oip_routes import oip_blueprint
 from policy_server.openapi import openapi_document
 from policy_server.openpi_routes import openpi_blueprint
@@ -53,7 +55,8 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
     app = PolicyFlask(__name__, static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = max(config.max_body_bytes, config.max_update_bytes)
     runtime = PolicyRuntime(config, policy)
-    model_admin = ModelAdmin(config, runtime)
+    model_admin = ModelAdmin(config, runtime.store, runtime.follower, runtime.board)
+    catalog = ModelCatalog(config, runtime)
     app.extensions["policy_runtime"] = runtime
     register_error_handlers(app)
     observability.install(app, runtime.stats)
@@ -76,14 +79,15 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         t0 = time.perf_counter()
         deadline = request_deadline(config.deadline_ms)
         rows = parse_batch_rows(request.headers.get(BATCH_ROWS_HEADER), config.queue_size)  # vectorized
-        version, g.episode = episode_headers()  # a pin and the episode's id (a canary's assignment)
+        version, episode = episode_headers()  # a pin and the episode's id (a canary's assignment)
+        note(model=name or runtime.default_name, episode=episode)
         body = read_body(config.max_body_bytes)
         t1 = time.perf_counter()
         call = Call(name, binary_to_dict(body), deadline, rows, requested_outputs(), request.environ.get(BUDGET),
-                    version, g.episode)
+                    version, episode)
         t2 = time.perf_counter()
-        g.model = name or runtime.default_name
-        g.answer = answer = infer_call(runtime, config, call)
+        answer = infer_call(runtime, config, call)
+        note(answer=answer)
         t3 = time.perf_counter()
         payload = dict_to_binary(answer.outputs)
         t4 = time.perf_counter()
@@ -128,17 +132,17 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
 
     @info.get("/model_info")
     def model_info():
-        return jsonify(model_admin.model_detail(runtime.default_name))
+        return jsonify(catalog.model_detail(runtime.default_name))
 
     @info.get("/models")
     def list_models():
-        listing = {"default": runtime.default_name, "models": model_admin.models(), "workers": model_admin.workers(),
-                   "held_by_worker": model_admin.held_by_worker()}
+        listing = {"default": runtime.default_name, "models": catalog.models(), "workers": catalog.workers(),
+                   "held_by_worker": catalog.held_by_worker()}
         return jsonify(listing)
 
     @info.get("/models/<name>")
     def named_model_info(name: str):
-        return jsonify(model_admin.model_detail(name))
+        return jsonify(catalog.model_detail(name))
 
     @admin.post("/update_model")
     def update_model():

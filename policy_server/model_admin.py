@@ -1,17 +1,21 @@
 """Model updates as the worker that receives them handles them: stage, validate, publish, wait.
 
 An update is staged as a complete model directory in the store's staging area (a copy
-confined to the model root: see :mod:`policy_server.model_files`), its weights checked
-(:mod:`policy_server.weights_check`: well-formed, finite) before any of its code runs, then
-loaded and warmed up on this worker's device (strict weights, finite outputs on several
-distinct observations), and only then published: a failed check publishes nothing, and
-every worker keeps serving what it served. The validated candidate is handed over
-explicitly (:meth:`StoreFollower.validate` returns it; once published,
-:meth:`StoreFollower.adopt` serves it here without loading it again). Publishing moves the
-pointer; every other worker's store watcher does the rest (see
-:mod:`policy_server.store_follower`). The answer comes once every
-worker of this instance acted on the new pointer (``wait_s``, default ``--update-wait-s``),
-or says which did not; ``wait_s=0`` answers right after publishing.
+confined to the model root: see :mod:`policy_server.model_files`), its weights checked by
+the staging itself (:meth:`ModelStore.stage`) before any of its code runs, then loaded and
+warmed up on this worker's device (strict weights, finite outputs on several distinct
+observations), and only then published: a failed check publishes nothing, and every worker
+keeps serving what it served. The validated candidate is handed over explicitly
+(:meth:`StoreFollower.validate` returns it; once published, :meth:`StoreFollower.adopt`
+serves it here without loading it again). Publishing moves the pointer; every other
+worker's store watcher does the rest (see :mod:`policy_server.store_follower`). The answer
+comes once every worker of this instance acted on the new pointer (read from the
+instance's :class:`WorkerStatusBoard`; ``wait_s``, default ``--update-wait-s``), or says
+which did not; ``wait_s=0`` answers right after publishing.
+
+:class:`ModelAdmin` works with its collaborators only: the store, this worker's store
+follower and the instance's status board. What the models look like from outside
+(``/models``) is :mod:`policy_server.model_catalog`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from policy_server import metrics, model_files, weights_check
+from policy_server import metrics, weights_check
 from policy_server.config import ServerConfig
 from policy_server.contract import WEIGHTS_FILE, check_model_name, require_model_dir
 from policy_server.errors import (
@@ -34,10 +38,10 @@ from policy_server.errors import (
     PayloadTooLarge,
     ServingError,
 )
-from policy_server.runtime import PolicyRuntime
 from policy_server.store import ModelStore, Pointer
 from policy_server.store_follower import StoreFollower
 from policy_server.store_pointer import check_fraction, running_canary_conflict
+from policy_server.worker_status import WorkerStatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +66,32 @@ def _without_paths(text: str, names: dict[str, str]) -> str:
 
 
 class ModelAdmin:
-    """Updates, rollbacks, loads and unloads, as seen from the worker that received them."""
+    """Updates, rollbacks, loads and unloads, as seen from the worker that received them.
 
-    def __init__(self, config: ServerConfig, runtime: PolicyRuntime) -> None:
+    ``store`` and ``follower`` (this worker's, which validates candidates and adopts
+    published ones) are None for a server of a fixed policy object: every command is then
+    Conflict (409). ``board`` is the instance's status board (what each worker serves).
+    """
+
+    def __init__(self, config: ServerConfig, store: ModelStore | None, follower: StoreFollower | None,
+                 board: WorkerStatusBoard) -> None:
         self.config = config
-        self.runtime = runtime
+        self._store = store
+        self._follower = follower
+        self.board = board
         self.model_root = os.path.realpath(config.model_root)
 
     @property
     def store(self) -> ModelStore:
-        if self.runtime.store is None:
+        if self._store is None:
             raise Conflict(NO_STORE)
-        return self.runtime.store
+        return self._store
 
     @property
     def follower(self) -> StoreFollower:
-        """This worker's store follower: it validates candidates and adopts published ones."""
-        if self.runtime.follower is None:
+        if self._follower is None:
             raise Conflict(NO_STORE)
-        return self.runtime.follower
+        return self._follower
 
     # -- commands -------------------------------------------------------------------
 
@@ -98,7 +109,7 @@ class ModelAdmin:
         canary = check_fraction(body["canary"]) if "canary" in body else None
         if len(kinds) > 1 or (not kinds and canary is None):
             raise BadRequest(f"give exactly one of {list(UPDATE_KINDS)} (or only 'canary' to change a running one)")
-        name = check_model_name(body.get("model", self.runtime.default_name))
+        name = check_model_name(body.get("model", self.config.model_name))
         store = self.store
         warnings: list[str] = []
         if not kinds:
@@ -120,7 +131,7 @@ class ModelAdmin:
                     staged = store.stage(name, source, root=self.model_root)
                 else:
                     staged = self._stage_weights(store, name, body["weights"])
-                pointer, warnings = self._publish(name, staged, canary)
+                pointer, warnings = self._validate_then_publish(name, staged, canary)
             except (InvalidModel, Forbidden, PayloadTooLarge):
                 metrics.UPDATES_REFUSED.inc()
                 raise
@@ -137,7 +148,7 @@ class ModelAdmin:
 
     def unload(self, name: str, wait_s: float | None) -> dict[str, Any]:
         """Stop serving ``name`` on every worker; its versions stay in the store."""
-        if check_model_name(name) == self.runtime.default_name:
+        if check_model_name(name) == self.config.model_name:
             raise Conflict("the default model cannot be unloaded")
         return self.answer(self.store.set_loaded(name, False), wait_s)
 
@@ -171,28 +182,22 @@ class ModelAdmin:
         arrays = weights_check.check_push(weights, expected)
         from safetensors.numpy import save
 
-        # serialised here and written by us: safetensors' own save_file reports a full disk
-        # as a SafetensorError, which would be a generic 500 instead of the 507 it is
+        # serialised here and written by the store: safetensors' own save_file reports a full
+        # disk as a SafetensorError, which would be a generic 500 instead of the 507 it is
         data = save(arrays, metadata={"pushed_over": str(current.version)})
-        staged = store.stage(name, source, skip=(WEIGHTS_FILE,))
-        try:
-            model_files.write_new_file(os.path.join(staged, WEIGHTS_FILE), data, "writing the pushed weights")
-        except BaseException:
-            store.discard(staged)
-            raise
-        return staged
+        return store.stage(name, source, skip=(WEIGHTS_FILE,), files={WEIGHTS_FILE: data})
 
-    def _publish(self, name: str, staged: str, canary: float | None = None) -> tuple[Pointer, list[str]]:
-        """Check ``staged``'s weights, validate it on this worker, then publish it (as a canary
-        candidate with ``canary``); InvalidModel and nothing published otherwise. Returns the
-        pointer and the warm-up's warnings."""
-        if not self.runtime.ready:
-            self.store.discard(staged)
-            raise NotReady("this worker is still loading; retry")
+    def _validate_then_publish(self, name: str, staged: str, canary: float | None = None) -> tuple[Pointer, list[str]]:
+        """Validate ``staged`` (weights already checked by the staging) on this worker, then
+        publish it (as a canary candidate with ``canary``); InvalidModel and nothing published
+        otherwise, NotReady while this worker is still loading. Returns the pointer and the
+        warm-up's warnings."""
         start = time.perf_counter()
         try:
-            weights_check.check_directory(staged)  # before any of its code runs
             candidate = self.follower.validate(name, staged)
+        except NotReady:
+            self.store.discard(staged)
+            raise
         except Exception as exc:  # noqa: BLE001 (the model's own code may raise anything: refused, not a 500)
             self.store.discard(staged)
             log.warning("update of %s refused: %s: %s", name, type(exc).__name__, exc)
@@ -234,12 +239,12 @@ class ModelAdmin:
         """Poll the instance's workers until each acted on ``pointer`` (or ``timeout_s`` passed)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            workers = self.runtime.board.read()
+            workers = self.board.read()
             acted = [
                 doc for doc in workers.values()
                 if doc.get("generations", {}).get(pointer.model, 0) >= pointer.generation
             ]
-            complete = len(acted) == len(workers) >= self.runtime.instance_workers
+            complete = len(acted) == len(workers) >= self.board.expected
             if complete or time.monotonic() >= deadline:
                 break
             time.sleep(WAIT_POLL_S)
@@ -260,88 +265,13 @@ class ModelAdmin:
             report.append({
                 "pid": pid, "ok": ok, "version": served["version"] if served else None, "problem": problem,
             })
-        all_ok = all(w["ok"] for w in report) and len(report) >= self.runtime.instance_workers
+        all_ok = all(w["ok"] for w in report) and len(report) >= self.board.expected
         result = {
             "all_workers": all_ok, "workers": report, "switch_s": round(max(0.0, switch_s), 4),
             "lagging": [w["pid"] for w in report if not w["ok"]],
-            "missing_workers": max(0, self.runtime.instance_workers - len(report)),
+            "missing_workers": max(0, self.board.expected - len(report)),
         }
         latest = self.store.pointer(pointer.model) if superseded else None
         if latest is not None and latest.generation > pointer.generation:
             result["superseded_by"] = {"version": latest.version, "generation": latest.generation}
         return result
-
-    def workers(self) -> dict[str, dict[str, str]]:
-        """What each live worker of this instance serves: ``{pid: {model: version}}``."""
-        return {
-            str(pid): {name: m["version"] for name, m in doc.get("models", {}).items()}
-            for pid, doc in sorted(self.runtime.board.read().items())
-        }
-
-    def held_by_worker(self) -> dict[str, dict[str, list[str]]]:
-        """Every version each live worker of this instance holds: ``{pid: {model: [stable,
-        candidate, retained]}}`` (those it holds, stable first)."""
-        return {
-            str(pid): {name: [v for v in (m["version"], m.get("candidate"), m.get("retained")) if v]
-                       for name, m in doc.get("models", {}).items()}
-            for pid, doc in sorted(self.runtime.board.read().items())
-        }
-
-    def models(self) -> list[dict[str, Any]]:
-        """Every model this instance knows, with this worker's view of it."""
-        served = self.runtime.served_models()
-        problems = self.runtime.problems()
-        store = self.runtime.store
-        names = store.names() if store else sorted(served)
-        listing = []
-        for name in names:
-            pointer = store.pointer(name) if store else None
-            mine = served.get(name)
-            current = str(pointer.version) if pointer else (mine.model.version if mine else None)
-            if pointer is not None and not pointer.loaded:
-                state = "unloaded"
-            elif mine is not None and mine.model.version == current:
-                state = "serving"
-            elif name in problems:
-                state = "failed"
-            else:
-                state = "loading"
-            listing.append({
-                "name": name,
-                "default": name == self.runtime.default_name,
-                "version": current,
-                "serving_version": mine.model.version if mine else None,
-                "state": state,
-                "device": mine.model.device if mine else self.runtime.device,
-                "kept_versions": store.versions(name) if store else [],
-                "problem": problems.get(name),
-                **self.versions_of(name, pointer),
-            })
-        return listing
-
-    def versions_of(self, name: str, pointer: Pointer | None) -> dict[str, Any]:
-        """A model's canary and retained version (the store's, else this worker's), and what
-        every version this worker holds costs (``held_versions``: version, role, weight bytes)."""
-        held = self.runtime.held(name)
-        if pointer is not None:
-            canary, retained = pointer.canary, pointer.retained
-            canary = {"version": str(canary.version), "fraction": canary.fraction, "since": canary.since} \
-                if canary else None
-            retained = {"version": str(retained.version), "since": retained.since} if retained else None
-        else:
-            candidate = held.candidate if held else None
-            canary = {"version": candidate.model.version, "fraction": held.fraction} if candidate else None
-            retained = {"version": held.retained.model.version, "since": held.retained_since} \
-                if held and held.retained else None
-        return {
-            "stable_version": str(pointer.version) if pointer else (held.stable.model.version if held else None),
-            "canary": canary, "retained": retained, "retain_previous_s": self.config.retain_previous_s,
-            "held_versions": held.describe() if held else [], "held_bytes": held.held_bytes if held else 0,
-        }
-
-    def model_detail(self, name: str) -> dict[str, Any]:
-        """``GET /models/<name>``: the stable version's info, its canary and retained version,
-        and the memory the versions held here cost. NotReady or UnknownModel as :meth:`PolicyRuntime.served`."""
-        info = self.runtime.served(name).model.info()
-        store = self.runtime.store
-        return {**info, **self.versions_of(name, store.pointer(name) if store else None)}

@@ -22,17 +22,41 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 from flask import Flask, Response, g, request
 
 from policy_server import metrics
 from policy_server.access import request_audience
+from policy_server.inference import Answer
 from policy_server.wsgi_keys import ARRIVED, DEFERRED
 
 access_log = logging.getLogger("policy_server.access")
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CLIENT_CLOSED = 499
+
+
+@dataclass
+class RequestNote:
+    """What a route tells observability about the request it serves (:func:`note`): the
+    model it asked for, its episode id, and the answer (batch size, queue and compute time)."""
+
+    model: str | None = None
+    episode: str | None = None
+    answer: Answer | None = None
+
+
+def note(**fields) -> RequestNote:
+    """This request's :class:`RequestNote`, with ``fields`` (model, episode, answer) set."""
+    current = g.get("note")
+    if current is None:
+        current = g.note = RequestNote()
+    for name, value in fields.items():
+        if not hasattr(current, name):
+            raise AttributeError(f"a request note has no field {name!r}")
+        setattr(current, name, value)
+    return current
 
 
 def install(app: Flask, stats) -> None:
@@ -52,18 +76,19 @@ def install(app: Flask, stats) -> None:
         arrived = request.environ.get(ARRIVED)
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         status = response.status_code
-        answer = g.get("answer")
+        noted = g.get("note") or RequestNote()
+        answer = noted.answer
         request_id = g.get("request_id") or uuid.uuid4().hex
         response.headers["X-Request-Id"] = request_id
         fields = {
             "request_id": request_id, "method": request.method, "route": route, "path": request.path,
             "status": status, "latency_ms": round(latency * 1e3, 3),
             "batch_size": answer.batch_size if answer is not None else None,
-            "model": g.get("model"), "version": response.headers.get("X-Model-Version"),
+            "model": noted.model, "version": response.headers.get("X-Model-Version"),
             "remote": request.remote_addr,
         }
-        if g.get("episode") is not None:
-            fields["episode_id"] = g.episode
+        if noted.episode is not None:
+            fields["episode_id"] = noted.episode
         audience = request_audience()  # None for a request that matched no route
         inference = audience is not None and audience.inference
         quiet = audience is not None and audience.quiet  # probes and scrapes: DEBUG only

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from policy_server import oip
@@ -24,6 +24,7 @@ from policy_server.config import ServerConfig
 from policy_server.episodes import EPISODE_HEADER, VERSION_HEADER, parse_episode_id, parse_version
 from policy_server.errors import BadRequest, ServingError, UnknownModel
 from policy_server.inference import Call, infer_call
+from policy_server.observability import note
 from policy_server.web import (
     answer_headers,
     error_response,
@@ -128,11 +129,11 @@ def oip_blueprint(config: ServerConfig, runtime) -> Blueprint:
         episode = decoded.episode_id or header_episode
         if header_episode is not None and episode != header_episode:
             raise BadRequest(f"{EPISODE_HEADER} and the parameter 'episode_id' differ")
-        g.episode = episode
+        note(model=name, episode=episode)
         call = Call(name, decoded.inputs, deadline, decoded.rows, list(decoded.outputs), version=pin, episode=episode)
         t2 = time.perf_counter()
-        g.model = name
-        g.answer = answer = infer_call(runtime, config, call)
+        answer = infer_call(runtime, config, call)
+        note(answer=answer)
         t3 = time.perf_counter()
         outputs = answer.outputs
         if decoded.outputs:

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, g, jsonify, request
+from flask import Blueprint, jsonify, request
 
 from policy_server import metrics
 from policy_server.access import REPORTS, RouteGroup
@@ -25,6 +25,7 @@ from policy_server.config import ServerConfig
 from policy_server.contract import check_model_name
 from policy_server.episodes import VERSION_NUMBER, parse_episode_id
 from policy_server.errors import BadRequest, UnknownModel, UnknownVersion, UnsupportedMediaType
+from policy_server.observability import note
 from policy_server.web import read_command
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def outcomes_blueprint(config: ServerConfig, runtime) -> Blueprint:
         metrics.EPISODE_OUTCOMES.labels(name, outcome.version, label).inc()
         if outcome.episode_return is not None:
             metrics.EPISODE_RETURN.labels(name, outcome.version).observe(outcome.episode_return)
-        g.model, g.episode = name, outcome.episode_id
+        note(model=name, episode=outcome.episode_id)
         log.info(json.dumps({"outcome": label, "model": name, "version": outcome.version,
                              "episode_id": outcome.episode_id, "return": outcome.episode_return}))
         return jsonify({"model": name, "version": outcome.version, "episode_id": outcome.episode_id,

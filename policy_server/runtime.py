@@ -63,10 +63,10 @@ class PolicyRuntime:
                 limits=Limits(config.stage_max_files, config.stage_max_bytes),
             ) if policy is None and config.model_store else None
         )
+        self.board = WorkerStatusBoard(config.run_dir)  # what each worker of this instance serves
         self.follower = StoreFollower(
-            self.store, self, config.store_poll_ms / 1000.0, config.retain_previous_s
+            self.store, self, self.board, config.store_poll_ms / 1000.0, config.retain_previous_s
         ) if self.store else None
-        self.board = WorkerStatusBoard(config.run_dir)
         self.stats = RequestStats()
         self.reporter = StatsReporter(self.stats, config.run_dir)
         self.cache = ResponseCache(config.cache_size, config.cache_ttl_s)
@@ -87,7 +87,6 @@ class PolicyRuntime:
             executor_for=self._executor_for,
             observer=metrics.BatchObserver(lambda: self.batcher.depth),
         )
-        self.instance_workers = 1
 
     # -- start and stop -------------------------------------------------------------
 
@@ -96,7 +95,7 @@ class PolicyRuntime:
 
         ``workers`` is how many workers this instance runs (an update waits for all of them).
         """
-        self.instance_workers = workers
+        self.board.expected = workers
         with self._start_lock:
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -148,7 +147,7 @@ class PolicyRuntime:
                     self._given_policy, name=self.default_name,
                     version=str(getattr(self._given_policy, "version", "0")), device=self.device,
                 )
-                self.install(self.default_name, self._prepare(model))
+                self.install(self.default_name, self._warm(model))
             else:
                 self.store.seed(self.default_name, self.config.model_path)
                 self.follower.sync()
@@ -202,13 +201,13 @@ class PolicyRuntime:
 
             torch.cuda.set_device(self.device)
 
-    def _prepare(self, model: LoadedModel) -> Served:
+    def _warm(self, model: LoadedModel) -> Served:
         return prepare(model, self.config, self.batcher.max_batch_size)
 
-    def load(self, model_dir: str, name: str, version: str) -> Served:
+    def warm_version(self, model_dir: str, name: str, version: str) -> Served:
         """Load a model directory on this worker's device and warm it up (not yet served).
         Raises ModelError, or whatever the model's code raises."""
-        return self._prepare(load_model_dir(model_dir, self.device, name=name, version=version))
+        return self._warm(load_model_dir(model_dir, self.device, name=name, version=version))
 
     # -- the served models ----------------------------------------------------------
 
@@ -230,7 +229,12 @@ class PolicyRuntime:
         metrics.set_model_version(name, versions.stable.model.version if versions else "0")
         metrics.HELD_BYTES.labels(name).set(versions.held_bytes if versions else 0)
         self.cache.drop_model(name, keep_versions=versions.versions if versions else ())
-        self.publish_status()
+        self.board.update(models={  # for the siblings (an update's wait) and /models
+            model: {"version": v.stable.model.version, "since": v.stable.since,
+                   "candidate": v.candidate.model.version if v.candidate else None,
+                   "retained": v.retained.model.version if v.retained else None, "held_bytes": v.held_bytes}
+            for model, v in models.items()
+        })
 
     def held(self, name: str) -> ModelVersions | None:
         """Every version of ``name`` this worker holds, or None."""
@@ -241,20 +245,6 @@ class PolicyRuntime:
         version here (0: none)."""
         used = self._retained_use.get(name)
         return used[1] if used is not None and used[0] == version else 0.0
-
-    def publish_status(self) -> None:
-        """This worker's served versions, problems and acted-on generations, for its siblings."""
-        follower = self.follower
-        self.board.publish({
-            "models": {
-                name: {"version": v.stable.model.version, "since": v.stable.since,
-                       "candidate": v.candidate.model.version if v.candidate else None,
-                       "retained": v.retained.model.version if v.retained else None, "held_bytes": v.held_bytes}
-                for name, v in self._models.items()
-            },
-            "problems": dict(follower.problems) if follower else {},
-            "generations": dict(follower.generations) if follower else {},
-        })
 
     # -- serving --------------------------------------------------------------------
 
@@ -302,9 +292,6 @@ class PolicyRuntime:
     def served_models(self) -> dict[str, Served]:
         """Each served model's stable version."""
         return {name: versions.stable for name, versions in self._models.items()}
-
-    def problems(self) -> dict[str, str]:
-        return dict(self.follower.problems) if self.follower else {}
 
     def submit(self, inputs: Mapping[str, Any], deadline: float, name: str | None = None) -> Request:
         """Validate and queue an observation (InvalidInput, QueueFull, NotReady); ``wait`` for its answer.

@@ -33,11 +33,19 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
-from policy_server import model_files, store_pointer, weights_check
+from policy_server import model_files, store_marks, store_pointer, weights_check
 from policy_server.contract import MODEL_NAME_PATTERN, check_model_name, directory_digest, require_model_dir
-from policy_server.errors import BadRequest, Conflict, ModelError, ServingError, UnknownModel, UnknownVersion
+from policy_server.errors import (
+    BadRequest,
+    Conflict,
+    InvalidModel,
+    ModelError,
+    ServingError,
+    UnknownModel,
+    UnknownVersion,
+)
 from policy_server.store_leftovers import HOST as _HOST
 from policy_server.store_leftovers import clean_stale, remove_temps
 from policy_server.store_pointer import Pointer
@@ -45,7 +53,6 @@ from policy_server.store_pointer import Pointer
 log = logging.getLogger(__name__)
 
 POINTER = "CURRENT"
-PINNED = "PINNED"
 VERSIONS = "versions"
 STAGING = ".staging"
 LOCK = ".lock"
@@ -106,22 +113,34 @@ class ModelStore:
     # -- writing --------------------------------------------------------------------------
 
     def stage(self, name: str, source_dir: str | None = None, *, root: str | None = None,
-              skip: tuple[str, ...] = ()) -> str:
-        """A fresh private directory for a candidate version, optionally a copy of ``source_dir``
-        confined to ``root`` (default: ``source_dir`` itself), see :func:`model_files.copy_tree`.
-        Publish or :meth:`discard` it. Raises Forbidden, InvalidModel, PayloadTooLarge for the
-        source, InsufficientStorage or StoreWriteFailed when the copy cannot be written."""
+              skip: tuple[str, ...] = (), files: Mapping[str, bytes] | None = None) -> str:
+        """A fresh private directory for a candidate version: a copy of ``source_dir`` (if
+        given) confined to ``root`` (default: ``source_dir`` itself), see
+        :func:`model_files.copy_tree`, less ``skip``, plus ``files`` (relative name -> bytes).
+
+        Every version enters the store through here, so this is where a candidate's weights
+        are checked (:func:`weights_check.check_directory`: well-formed, every value finite),
+        before anything loads it or runs its code. Publish the result or :meth:`discard` it.
+        Raises Forbidden, InvalidModel, PayloadTooLarge for the source, InvalidModel
+        ("validation failed, nothing published: ...") for its weights, InsufficientStorage
+        or StoreWriteFailed when the copy cannot be written; nothing is left staged then."""
         staging = self._path(check_model_name(name), STAGING)
         with model_files.writing("creating the staging directory"):
             os.makedirs(staging, exist_ok=True)
             clean_stale(staging)
             path = tempfile.mkdtemp(prefix=f"candidate-{os.getpid()}@{_HOST}-", dir=staging)
-        if source_dir is not None:
-            try:
+        try:
+            if source_dir is not None:
                 model_files.copy_tree(source_dir, path, root or source_dir, limits=self.limits, skip=skip)
-            except BaseException:
-                self.discard(path)
-                raise
+            for relative, data in (files or {}).items():
+                model_files.write_new_file(os.path.join(path, relative), data, f"writing {relative}")
+            try:
+                weights_check.check_directory(path)
+            except InvalidModel as exc:
+                raise InvalidModel(f"validation failed, nothing published: {exc.detail}") from None
+        except BaseException:
+            self.discard(path)
+            raise
         return path
 
     @staticmethod
@@ -253,29 +272,13 @@ class ModelStore:
         return pointer
 
     def mark_pinned_use(self, name: str, version: int, at: float) -> None:
-        """Record that a worker served a request pinned to ``version`` at ``at`` (wall-clock):
-        every worker sharing the store keeps a retained version while the fleet uses it. Written
-        atomically without the lock (concurrent marks all say "recently"); OSError when the
-        store cannot be written."""
-        data = json.dumps({"version": version, "at": at}).encode()
-        fd, tmp = tempfile.mkstemp(prefix=f".{PINNED}-", dir=self._path(check_model_name(name)))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, self._path(name, PINNED))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        """Record that a worker served a request pinned to ``version`` at ``at`` (wall-clock),
+        see :mod:`policy_server.store_marks`; OSError when the store cannot be written."""
+        store_marks.mark_pinned_use(self._path(check_model_name(name)), version, at)
 
     def pinned_use(self, name: str, version: int) -> float | None:
         """When a worker last marked a request pinned to ``version`` (see :meth:`mark_pinned_use`), or None."""
-        try:
-            with open(self._path(check_model_name(name), PINNED), "rb") as fh:
-                mark = json.loads(fh.read())
-            return float(mark["at"]) if mark.get("version") == version else None
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        return store_marks.pinned_use(self._path(check_model_name(name)), version)
 
     def seed_root(self, model_dir: str) -> str:
         """What the seed directory is confined to: the model root when the seed lies inside it,
@@ -312,9 +315,8 @@ class ModelStore:
                     log.warning("%s runs a canary: the changed seed %s is not published", name, model_dir)
                 return pointer
             try:
-                staged = self.stage(name, model_dir, root=root)
+                staged = self.stage(name, model_dir, root=root)  # its weights checked
                 try:
-                    weights_check.check_directory(staged)
                     with model_files.writing("syncing the staged version to disk"):
                         model_files.fsync_tree(staged)
                     return self._commit(name, staged, directory_digest(staged))
@@ -340,7 +342,7 @@ class ModelStore:
                     pointer = self.pointer(name)
                     removed += self._remove_leftovers(name, pointer, self._visible(pointer, self._on_disk(name)))
                     # no pointer writer is live under the lock; a mark writer that died left its temp
-                    removed += remove_temps(self._path(name), (f".{POINTER}-", f".{PINNED}-"))
+                    removed += remove_temps(self._path(name), (f".{POINTER}-", f".{store_marks.PINNED}-"))
                 staging = self._path(name, STAGING)
                 if os.path.isdir(staging):
                     removed += clean_stale(staging)

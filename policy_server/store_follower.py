@@ -9,7 +9,8 @@ version already held in another role is reused, never loaded again (a promoted c
 rollback to the retained version, the superseded stable kept as the retained one). A
 version that fails to load leaves what was served serving and is reported as the model's
 *problem*; ``generations`` records the pointer generation this worker acted on, whatever
-the outcome (read by ``/update_model``'s wait).
+the outcome. The follower publishes both on the instance's status board once it acted
+(after the worker published what it serves), for ``/update_model``'s wait.
 
 Retention: the retained version stays held until ``--retain-previous-s`` after the last
 request pinned to it, here or on any worker sharing the store. Each worker marks its own
@@ -36,10 +37,12 @@ from typing import Protocol
 
 from policy_server import metrics
 from policy_server.allocator import trim_heap
+from policy_server.errors import NotReady
 from policy_server.model_versions import ModelVersions
 from policy_server.serving_model import Served
 from policy_server.store import ModelStore, Pointer
 from policy_server.store_pointer import Retained
+from policy_server.worker_status import WorkerStatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,9 @@ class Host(Protocol):
     """What the follower needs from the worker it serves (:class:`policy_server.runtime.PolicyRuntime`)."""
 
     default_name: str
+
+    @property
+    def ready(self) -> bool: ...
 
     def served_models(self) -> Mapping[str, Served]: ...
 
@@ -59,9 +65,7 @@ class Host(Protocol):
 
     def retained_use(self, name: str, version: str) -> float: ...
 
-    def publish_status(self) -> None: ...
-
-    def load(self, model_dir: str, name: str, version: str) -> Served: ...
+    def warm_version(self, model_dir: str, name: str, version: str) -> Served: ...
 
     def bind_device(self) -> None: ...
 
@@ -85,11 +89,14 @@ class Candidate:
 
 class StoreFollower:
     """Keeps one worker serving what ``store``'s pointers name (see the module docstring).
-    ``retain_s``: the retention window of a superseded version (0: none)."""
+    ``board``: the instance's status board; ``retain_s``: the retention window of a superseded
+    version (0: none)."""
 
-    def __init__(self, store: ModelStore, host: Host, poll_s: float, retain_s: float = 0.0) -> None:
+    def __init__(self, store: ModelStore, host: Host, board: WorkerStatusBoard, poll_s: float,
+                 retain_s: float = 0.0) -> None:
         self.store = store
         self.host = host
+        self.board = board
         self.poll_s = poll_s
         self.retain_s = retain_s
         self.mark_every_s = min(5.0, retain_s / 4)  # how stale the fleet's mark of a pinned use may be
@@ -143,12 +150,15 @@ class StoreFollower:
                 if not pointer.loaded:
                     if name != self.host.default_name:
                         self.host.install(name, None)
-                        return
-                elif self._reconcile(pointer):
-                    return
-                self.host.publish_status()
+                else:
+                    self._reconcile(pointer)
             finally:
                 self._loading -= missing
+                self._publish()
+
+    def _publish(self) -> None:
+        """This worker's problems and acted-on generations, on the instance's status board."""
+        self.board.update(problems=dict(self.problems), generations=dict(self.generations))
 
     def _missing(self, pointer: Pointer) -> set[tuple[str, str]]:
         """(model, version) of what ``pointer`` names that this worker does not hold yet."""
@@ -192,7 +202,7 @@ class StoreFollower:
         if key in have:
             return have[key]
         try:
-            return self.host.load(self.store.version_dir(name, version), name, key)
+            return self.host.warm_version(self.store.version_dir(name, version), name, key)
         except Exception as exc:
             if self._superseded(pointer, version):
                 log.info("%s version %d was pruned by a later update before it loaded; following the "
@@ -287,13 +297,16 @@ class StoreFollower:
         """Load and warm up a candidate version on this worker's device, off the batcher thread
         (the warm-up runs it on several distinct random observations).
 
-        Raises ModelError (or whatever the model's code raises) when it does not load, its
-        weights do not match strictly, or an output is not finite. The candidate's
-        ``warnings`` name outputs identical for every observation.
+        Raises NotReady while this worker is still loading what it serves, ModelError (or
+        whatever the model's code raises) when it does not load, its weights do not match
+        strictly, or an output is not finite. The candidate's ``warnings`` name outputs
+        identical for every observation.
         """
+        if not self.host.ready:
+            raise NotReady("this worker is still loading; retry")
         with self._lock:
             self.host.bind_device()
-            return Candidate(name, self.host.load(model_dir, name, "candidate"))
+            return Candidate(name, self.host.warm_version(model_dir, name, "candidate"))
 
     def adopt(self, candidate: Candidate, pointer: Pointer, version: int | None = None) -> bool:
         """Serve ``candidate`` as ``pointer``'s ``version`` here, now, without loading it again:
@@ -320,3 +333,4 @@ class StoreFollower:
                 return self._reconcile(pointer, {str(version): candidate.served.as_version(str(version))})
             finally:
                 self._loading -= missing
+                self._publish()

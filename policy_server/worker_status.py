@@ -34,6 +34,7 @@ class WorkerStatusBoard:
     def __init__(self, run_dir: str | None, kind: str = "workers", prune_dead: bool = True) -> None:
         self.directory = os.path.join(run_dir, kind) if run_dir else None
         self.prune_dead = prune_dead  # else a dead worker's last document stays (final statistics)
+        self.expected = 1  # how many workers the instance runs (set when the worker starts)
         self._own: dict[str, Any] | None = None
         self._lock = threading.Lock()
         if self.directory:
@@ -45,9 +46,18 @@ class WorkerStatusBoard:
     def publish(self, status: dict[str, Any]) -> None:
         """Replace this worker's document."""
         with self._lock:
-            self._own = status
-            if not self.directory:
-                return
+            self._write(status)
+
+    def update(self, **parts: Any) -> None:
+        """Replace some top-level fields of this worker's document, keeping the others (each
+        owner publishes its own parts: the runtime its models, the store follower its
+        problems and acted-on generations)."""
+        with self._lock:
+            self._write({**(self._own or {}), **parts})
+
+    def _write(self, status: dict[str, Any]) -> None:
+        self._own = status
+        if self.directory:
             fd, tmp = tempfile.mkstemp(prefix=".worker-", dir=self.directory)
             with os.fdopen(fd, "w") as fh:
                 json.dump(status, fh)

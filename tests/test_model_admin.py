@@ -303,7 +303,7 @@ def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(store_client
     pointer = store.publish("default", staged)  # bypasses validation, as a bad manual copy would
     from policy_server.model_admin import ModelAdmin
 
-    report = ModelAdmin(runtime.config, runtime).wait_for(pointer, 5)
+    report = ModelAdmin(runtime.config, store, runtime.follower, runtime.board).wait_for(pointer, 5)
     assert report["all_workers"] is False and "refuses to load" in report["workers"][0]["problem"]
     assert infer(store_client)[:2] == ("1", 1.0)
     states = {m["name"]: m for m in store_client.get("/models").get_json()["models"]}

@@ -436,7 +436,7 @@ def test_a_failing_weights_write_names_the_reason(store_client, monkeypatch, cod
     """safetensors' save_file reported a full disk as SafetensorError: a generic 500."""
     _fail_writes_to(monkeypatch, "/model.safetensors", code)
     body = refused(push(store_client, tiny_weights(3.0)), status, reason)
-    assert "writing the pushed weights failed" in body["detail"]
+    assert "writing model.safetensors failed" in body["detail"]
     monkeypatch.undo()
     assert_nothing_published(store_client)
 
@@ -533,14 +533,14 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, tiny
         }
 
     docs = {101: doc(2, 2), 102: doc(1, 1), 103: doc(0, 2, problem="version 2: broken")}
-    runtime = SimpleNamespace(board=SimpleNamespace(read=lambda: docs), instance_workers=3, store=store)
-    manager = ModelAdmin(SimpleNamespace(model_root=str(tiny_models), update_wait_s=1.0), runtime)
+    board = SimpleNamespace(read=lambda: docs, expected=3)
+    manager = ModelAdmin(SimpleNamespace(model_root=str(tiny_models), update_wait_s=1.0), store, None, board)
     answer = manager.wait_for(first, 0.0)
     assert [w["ok"] for w in answer["workers"]] == [True, True, False]
     assert answer["lagging"] == [103] and answer["all_workers"] is False  # 103 failed the newer one
     assert answer["superseded_by"] == {"version": second.version, "generation": second.generation}
     del docs[103]
-    runtime.instance_workers = 2
+    board.expected = 2
     answer = manager.wait_for(first, 0.0)
     assert answer["all_workers"] is True and answer["lagging"] == []
     assert "superseded_by" not in manager.wait_for(second, 0.0)
@@ -571,7 +571,7 @@ def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(store_app, stor
     with caplog.at_level("INFO", logger="policy_server.store_follower"):
         runtime.follower._follow("default")
     monkeypatch.undo()
-    assert "default" not in runtime.problems()
+    assert "default" not in runtime.follower.problems
     assert "pruned by a later update" in caplog.text and "failed" not in caplog.text
     deadline = time.monotonic() + 5
     while runtime.follower.generations.get("default") != current.generation and time.monotonic() < deadline:

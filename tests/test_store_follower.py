@@ -26,13 +26,13 @@ def app(tmp_path, tiny_models):  # this module's own: a store the worker does no
 def test_the_receiving_worker_serves_a_validated_update_without_loading_it_again(app, monkeypatch):
     runtime = app.extensions["policy_runtime"]
     loads = []
-    load = runtime.load
+    load = runtime.warm_version
 
     def counting_load(model_dir, name, version):
         loads.append(version)
         return load(model_dir, name, version)
 
-    monkeypatch.setattr(runtime, "load", counting_load)
+    monkeypatch.setattr(runtime, "warm_version", counting_load)
     client = app.test_client()
     answer = push(client, tiny_weights(4.0), wait_s=0).get_json()
     assert answer["version"] == 2
