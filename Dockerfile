@@ -27,7 +27,7 @@ RUN if ! command -v python3 >/dev/null; then \
     fi
 WORKDIR /src
 COPY setup.cfg pyproject.toml constraints.txt ./
-COPY binary_protocol.py openpi_wire.py image_codecs.py request_tools.py robot_loop.py chunk_merge.py ./
+COPY binary_protocol.py openpi_wire.py request_tools.py robot_loop.py ./
 COPY policy_server ./policy_server
 COPY policy_client ./policy_client
 # Removed after the install: pip and setuptools (nothing installs at run time), torch's C++

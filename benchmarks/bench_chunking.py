@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from chunk_merge import rtc_shift  # noqa: E402
+from policy_client.chunk_merge import rtc_shift  # noqa: E402
 from robot_loop import MERGE_STRATEGIES, RTC_INPUTS, ChunkRunner, LoopClock  # noqa: E402
 
 log = logging.getLogger("bench_chunking")

@@ -35,7 +35,7 @@ from benchmarks.timing import write_json  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 from examples.sim_loop import SEED_BASE, PathReport, run_episodes  # noqa: E402
-from image_codecs import encode_observation  # noqa: E402
+from policy_client.image_codecs import encode_observation  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
 
 ENCODINGS = ("raw", "jpeg:90", "jpeg:75", "png")

@@ -1,6 +1,7 @@
-"""``ChunkPolicy``: what a ``ChunkRunner`` talks to, a callable that returns an action chunk.
+"""``ChunkPolicy``: what a ``ChunkRunner`` talks to, a callable that returns an action chunk,
+and the protocols of the optional abilities the runner uses when a policy has them.
 
-``request_tools.PolicyClient`` is one; so is any in-process function ``policy(obs)``.
+``PolicyClient`` is one (with every ability); so is any in-process function ``policy(obs)``.
 """
 
 from __future__ import annotations
@@ -9,7 +10,16 @@ import inspect
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ChunkPolicy", "accepts_deadline", "accepts_episodes"]
+__all__ = [
+    "ChunkPolicy",
+    "Clonable",
+    "Closable",
+    "DeclaresModel",
+    "ReportsOutcomes",
+    "ReportsVersion",
+    "accepts_deadline",
+    "accepts_episodes",
+]
 
 
 @runtime_checkable
@@ -17,16 +27,53 @@ class ChunkPolicy(Protocol):
     """What a :class:`ChunkRunner` needs: ``policy(obs, *, deadline_s=None) -> {"action": [H, ...]}``.
 
     ``deadline_s`` bounds the call (the runner passes the time its answer stays useful); a
-    callable without that keyword is called as ``policy(obs)``. Optional, found by name:
-    ``model_info()`` (a ``/model_info`` dict: ``inputs`` with ``history`` windows,
-    ``optional_inputs``), ``clone()`` (an equivalent policy for another request thread,
-    used when more than one request is in flight; without it the same object is called
-    from several threads), ``last_model_version`` (read after each call), the keywords
-    ``episode_id`` and ``version`` (the runner then pins each episode to a version) and
-    ``report_outcome(episode_id, version, success, *, episode_return=None)``.
+    callable without that keyword is called as ``policy(obs)``. With the keywords
+    ``episode_id`` and ``version`` (:func:`accepts_episodes`) the runner pins each episode
+    to a version. The optional abilities are the protocols below: :class:`DeclaresModel`,
+    :class:`Clonable`, :class:`Closable`, :class:`ReportsVersion`, :class:`ReportsOutcomes`.
     """
 
     def __call__(self, obs: Mapping[str, Any], *, deadline_s: float | None = None) -> Mapping[str, Any]: ...
+
+
+@runtime_checkable
+class DeclaresModel(Protocol):
+    """``model_info()``: a ``/model_info`` dict (``inputs`` with ``history`` windows and text
+    inputs, ``optional_inputs``); the runner keeps history windows and real-time chunking
+    inputs by it."""
+
+    def model_info(self) -> Mapping[str, Any]: ...
+
+
+@runtime_checkable
+class Clonable(Protocol):
+    """``clone()``: an equivalent policy for another request thread, used when more than one
+    request is in flight (without it the same object is called from several threads)."""
+
+    def clone(self) -> Any: ...
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """``close()``: the runner closes the clones it made when it stops."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ReportsVersion(Protocol):
+    """``last_model_version``: the model version of the last answer (read after each call)."""
+
+    last_model_version: str | None
+
+
+@runtime_checkable
+class ReportsOutcomes(Protocol):
+    """``report_outcome(episode_id, version, success, *, episode_return=None)``: how an
+    episode ended, counted per model version by the server."""
+
+    def report_outcome(self, episode_id: str, version: str, success: bool, *,
+                       episode_return: float | None = None) -> Any: ...
 
 
 def accepts_deadline(policy: Any) -> bool:

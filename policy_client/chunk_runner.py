@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from chunk_merge import Chunk, MergeStrategy, merge_strategy
-from policy_client.chunk_policy import ChunkPolicy, accepts_deadline, accepts_episodes
+from policy_client.chunk_merge import Chunk, MergeStrategy, merge_strategy
+from policy_client.chunk_policy import ChunkPolicy, ReportsOutcomes, accepts_deadline, accepts_episodes
 from policy_client.chunk_schedule import delay_estimate_steps, should_ask
 from policy_client.episode_pin import EpisodePin
 from policy_client.errors import EpisodeStopped, PolicyClientError, PolicyTimeoutError
@@ -182,11 +182,10 @@ class ChunkRunner:
         """Report how the current episode ended (call before :meth:`reset`) through the
         policy's ``report_outcome`` (a ``PolicyClient``'s: counted per version on the server);
         None when the policy has none or no chunk came. Raises what the policy raises."""
-        report = getattr(self.policy, "report_outcome", None)
-        if not callable(report) or self._pin.version is None:
+        if not isinstance(self.policy, ReportsOutcomes) or self._pin.version is None:
             log.debug("episode %s: no outcome reported (no report_outcome, or no answer)", self.episode_id)
             return None
-        return report(self.episode_id, self._pin.version, success, episode_return=episode_return)
+        return self.policy.report_outcome(self.episode_id, self._pin.version, success, episode_return=episode_return)
 
     def set_instruction(self, text: str | None) -> None:
         """The task instruction every request carries from now on, in the model's text input

@@ -84,7 +84,7 @@ class PolicyClient(ModelManagement):
         self.base_url = "http://localhost" if self.socket_path else self.url
         self.encode = dict(encode or {})
         if self.encode:
-            from image_codecs import parse_codec  # numpy only; the codec libraries load when used
+            from policy_client.image_codecs import parse_codec  # numpy only; the codec libraries load when used
 
             for spec in self.encode.values():
                 parse_codec(spec)  # ValueError now rather than at the first infer
@@ -242,7 +242,7 @@ class PolicyClient(ModelManagement):
         """The wire body; image inputs named in ``encode`` (else the client's) go encoded."""
         encode = self.encode if encode is None else encode
         if encode:
-            from image_codecs import encode_observation  # the optional codec, only when asked for
+            from policy_client.image_codecs import encode_observation  # the optional codec, only when asked for
 
             obs = encode_observation(obs, encode, rows=rows)
         return dict_to_binary(dict(obs))

@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from policy_client.chunk_policy import DeclaresModel
 from policy_client.history_windows import HistoryWindows
 from policy_client.rtc_inputs import RTC_INPUTS
 
@@ -66,7 +67,7 @@ class ModelDeclarations:
         self.failed = False
         if self.given is not None:
             info = self.given
-        elif callable(getattr(self.policy, "model_info", None)):
+        elif isinstance(self.policy, DeclaresModel):
             try:
                 info = self.policy.model_info()
             except Exception as exc:  # noqa: BLE001 - the loop goes on without declarations

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from policy_client.chunk_policy import Clonable, Closable, ReportsVersion
 from policy_client.errors import PolicyClientError, PolicyTimeoutError
 from policy_client.runner_stats import RunnerStats
 
@@ -50,7 +51,7 @@ class RequestThreads:
             self.busy += 1
             if self.busy > len(self._threads) and len(self._threads) < MAX_THREADS:
                 policy = self.policy
-                if self._threads and callable(getattr(self.policy, "clone", None)):
+                if self._threads and isinstance(self.policy, Clonable):
                     policy = self.policy.clone()
                     self._clones.append(policy)
                 thread = threading.Thread(target=self._serve, args=(policy,), name="chunk-runner", daemon=True)
@@ -77,7 +78,7 @@ class RequestThreads:
                 raise PolicyTimeoutError("deadline passed while the request waited for a thread")
             kwargs = {"deadline_s": deadline - start} if self.accepts_deadline else {}
             result: Any = policy(obs, **kwargs, **pinned)
-            version = getattr(policy, "last_model_version", None)
+            version = policy.last_model_version if isinstance(policy, ReportsVersion) else None
             if not isinstance(result, Mapping) or self.action_key not in result:
                 raise PolicyClientError(f"policy output has no {self.action_key!r}")
         except Exception as exc:  # noqa: BLE001 - the loop goes on; the failure is reported
@@ -93,6 +94,6 @@ class RequestThreads:
         for thread in self._threads:
             thread.join(timeout=max(0.0, give_up - time.monotonic()))
         for clone in self._clones:
-            if callable(getattr(clone, "close", None)):
+            if isinstance(clone, Closable):
                 clone.close()
         self._threads, self._clones = [], []

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from chunk_merge import Chunk, MergeStrategy
+from policy_client.chunk_merge import Chunk, MergeStrategy
 
 __all__ = ["RTC_INPUTS", "plan_plays", "rtc_inputs"]
 

@@ -1,6 +1,7 @@
 """One HTTP call to the policy server, the one request path of the client.
 
-:func:`request` sends it on a ``requests.Session``: deadlines (``X-Deadline-Ms``), retries
+:func:`send_inference_request` is one observation in one call, without a client.
+:func:`request` sends every call on a ``requests.Session``: deadlines (``X-Deadline-Ms``), retries
 of connection failures and of 503s that carry ``Retry-After`` (exponential backoff with
 jitter), and the mapping of every failure to a :mod:`policy_client.errors` type.
 :func:`decode` reads a binary answer through ``binary_protocol``'s allow-list.
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import requests
 
-from binary_protocol import ProtocolError, binary_to_dict
+from binary_protocol import ProtocolError, binary_to_dict, dict_to_binary
 from policy_client.errors import PolicyClientError, PolicyConnectionError, PolicyServerError, PolicyTimeoutError
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "infer_headers",
     "new_session",
     "request",
+    "send_inference_request",
 ]
 
 log = logging.getLogger(__name__)
@@ -139,3 +143,47 @@ def infer_headers(api_key: str | None) -> dict[str, str]:
     if api_key:
         headers["X-API-Key"] = api_key
     return headers
+
+
+DEFAULT_URL = "http://127.0.0.1:50000/infer"
+
+_local = threading.local()
+
+
+def _thread_session() -> requests.Session:
+    """One keep-alive session per thread for send_inference_request (Session is not thread-safe)."""
+    session = getattr(_local, "session", None)
+    if session is None:
+        session = _local.session = new_session(use_env_proxies=False)
+    return session
+
+
+def send_inference_request(
+    data: Mapping[str, Any],
+    url: str = DEFAULT_URL,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    api_key: str | None = None,
+    session: requests.Session | None = None,
+    retries: int = DEFAULT_RETRIES,
+    verify: bool | str = True,
+) -> dict:
+    """Send one observation to ``url`` (the /infer endpoint) and return the decoded outputs.
+
+    Without ``session``, a keep-alive session kept per thread is reused across calls.
+    ``verify``: for ``https://`` URLs, the CA bundle (PEM path) the server's certificate is
+    checked against, True for the system's, False for no check (tests only).
+
+    Raises:
+        PolicyServerError: the server answered 4xx/5xx.
+        PolicyTimeoutError: no answer within ``timeout_s``.
+        PolicyConnectionError: no connection after ``retries`` retries, or TLS failed (a
+            certificate not trusted: not retried).
+        binary_protocol.ProtocolError: ``data`` holds something the wire format cannot carry.
+    """
+    body = dict_to_binary(dict(data))
+    response = request(
+        session or _thread_session(), "POST", url,
+        timeout_s=timeout_s, retries=retries, data=body, headers=infer_headers(api_key), verify=verify,
+    )
+    return decode(response)

@@ -99,7 +99,7 @@ def rtc_shift(action: torch.Tensor, offset: torch.Tensor, anchor: torch.Tensor) 
     ``L`` in every dim. So no played step exceeds the policy's own largest step (by
     construction) and the old plan's pull ends as soon as that allows (a lag in a closed loop
     chasing a moving target; docs/robot-loop.md "Real-time chunking"). A chunk that does not
-    move (L = 0) keeps the whole offset. Numpy twin: ``chunk_merge.rtc_shift``.
+    move (L = 0) keeps the whole offset. Numpy twin: ``policy_client.chunk_merge.rtc_shift``.
     """
     steps = action.diff(dim=1)  # [B, H - 1, D]
     limit = steps.abs().amax(dim=(1, 2))[:, None] if steps.shape[1] else torch.zeros_like(offset[:, :1])

@@ -10,7 +10,14 @@ import math
 import numpy as np
 import pytest
 
-from chunk_merge import BlendMerge, Chunk, RealTimeChunking, ReplaceMerge, TemporalEnsembling, merge_strategy
+from policy_client.chunk_merge import (
+    BlendMerge,
+    Chunk,
+    RealTimeChunking,
+    ReplaceMerge,
+    TemporalEnsembling,
+    merge_strategy,
+)
 from robot_loop import MERGE_STRATEGIES
 
 HORIZON = 10

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from binary_protocol import dict_to_binary
-from image_codecs import encode_array
+from policy_client.image_codecs import encode_array
 from policy_server import oip, oip_json
 from tests.conftest import make_app
 from tests.fakes import FakePolicy, expected_action, fake_observation

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from binary_protocol import binary_to_dict, dict_to_binary, encoded_image, is_encoded_image
-from image_codecs import encode_array, encode_observation, parse_codec
+from policy_client.image_codecs import encode_array, encode_observation, parse_codec
 from policy_server import images
 from policy_server.errors import InvalidInput, ModelError
 from policy_server.model_loader import describe

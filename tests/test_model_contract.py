@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from chunk_merge import rtc_shift
 from examples.reacher import ReacherEnv
+from policy_client.chunk_merge import rtc_shift
 from policy_server.contract import History, TensorSpec, rtc_specs
 from policy_server.errors import ModelError
 from policy_server.launcher import ROOT

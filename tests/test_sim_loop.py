@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import requests
 
-from chunk_merge import rtc_shift
 from examples import sim_loop
+from policy_client.chunk_merge import rtc_shift
 from request_tools import PolicyClient
 from tests.serving import run_server
 
