@@ -5,10 +5,10 @@ import pytest
 from policy_server.batcher import Batcher
 from policy_server.config import ServerConfig
 from server import create_app
-from tests.fakes import FakePolicy
-from tests.gated_executor import GatedExecutor
-from tests.store_app import make_store_app
-from tests.tiny_model import write_tiny_model
+from tests.support.fakes import FakePolicy
+from tests.support.gated_executor import GatedExecutor
+from tests.support.store_app import make_store_app
+from tests.support.tiny_model import write_tiny_model
 
 
 def make_app(policy=None, **config):

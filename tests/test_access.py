@@ -18,7 +18,7 @@ from policy_server.openapi import openapi_document
 from policy_server.web import PolicyFlask, register_error_handlers
 from server import create_app
 from tests.conftest import make_app
-from tests.fakes import FakePolicy
+from tests.support.fakes import FakePolicy
 
 API_KEY, ADMIN_KEY = "access-api-key-0123", "access-admin-key-0123"
 

@@ -10,7 +10,7 @@ import pytest
 
 from policy_server.batcher import Batcher
 from policy_server.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
-from tests.gated_executor import GatedExecutor, later, obs
+from tests.support.gated_executor import GatedExecutor, later, obs
 
 
 def hold(batcher, executor):

@@ -21,7 +21,7 @@ import requests
 
 from binary_protocol import dict_to_binary
 from request_tools import PolicyClient
-from tests.serving import run_server
+from tests.support.serving import run_server
 from tests.test_integration import SLOW_POLICY, observation
 from tests.test_observability import metric
 

@@ -16,7 +16,7 @@ from binary_protocol import dict_to_binary
 from image_codecs import encode_array
 from policy_server import oip, oip_json
 from tests.conftest import make_app
-from tests.fakes import FakePolicy, expected_action, fake_observation
+from tests.support.fakes import FakePolicy, expected_action, fake_observation
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HUGE = 2**31 - 1

@@ -1,7 +1,7 @@
 """Hot reload end to end: real gunicorn servers sharing a model store, the real client.
 
 Every action of the tiny model equals its weights' tag, so each answer proves which
-version computed it (tests/tiny_model.py).
+version computed it (tests/support/tiny_model.py).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import pytest
 import urllib3.connection
 
 from request_tools import PolicyClient, PolicyServerError
-from tests.fakes import fake_observation
-from tests.serving import run_server
-from tests.tiny_model import tiny_weights, write_tiny_model
+from tests.support.fakes import fake_observation
+from tests.support.serving import run_server
+from tests.support.tiny_model import tiny_weights, write_tiny_model
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from policy_server.contract import TensorSpec, directory_digest
 from policy_server.model_loader import load_model_dir
 from policy_server.tensors import sample_inputs
 from request_tools import ObservationSpecError, PolicyClient, PolicyServerError, send_inference_request
-from tests.fakes import run_in_process
-from tests.hostile_payloads import hostile_payloads
-from tests.serving import ROOT, run_server
+from tests.support.fakes import run_in_process
+from tests.support.hostile_payloads import hostile_payloads
+from tests.support.serving import ROOT, run_server
 
 pytestmark = pytest.mark.integration
 

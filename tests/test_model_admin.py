@@ -1,7 +1,7 @@
 """/update_model, rollback, several models, the admin key and the cache, on an in-process app.
 
 The models are tiny ones whose every action equals their weights' tag, so an answer
-proves which version computed it (see tests/tiny_model.py).
+proves which version computed it (see tests/support/tiny_model.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import pytest
 from binary_protocol import dict_to_binary
 from policy_server.config import ServerConfig
 from server import create_app
-from tests.fakes import FakePolicy, fake_observation
-from tests.hostile_payloads import hostile_payloads
-from tests.store_app import BINARY, infer, make_store_app, push
-from tests.tiny_model import tiny_weights, write_tiny_model
+from tests.support.fakes import FakePolicy, fake_observation
+from tests.support.hostile_payloads import hostile_payloads
+from tests.support.store_app import BINARY, infer, make_store_app, push
+from tests.support.tiny_model import tiny_weights, write_tiny_model
 
 ADMIN_KEY = "admin-key-0123"
 API_KEY = "api-key-0123"

@@ -13,10 +13,10 @@ from binary_protocol import dict_to_binary
 from policy_server.stats import RequestStats, summarize
 from request_tools import PolicyClient
 from tests.conftest import make_app
-from tests.fakes import fake_observation
-from tests.serving import run_server
+from tests.support.fakes import fake_observation
 from tests.support.prometheus import metric
-from tests.tiny_model import write_tiny_model
+from tests.support.serving import run_server
+from tests.support.tiny_model import write_tiny_model
 
 BINARY = {"Content-Type": "application/octet-stream"}
 

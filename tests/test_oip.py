@@ -15,8 +15,8 @@ from policy_server import oip
 from policy_server.errors import BadRequest, PayloadTooLarge
 from request_tools import PolicyClient
 from tests.conftest import make_app
-from tests.fakes import expected_action, fake_observation
-from tests.serving import run_server
+from tests.support.fakes import expected_action, fake_observation
+from tests.support.serving import run_server
 
 KEY = "oip-test-key-0123"
 

@@ -23,9 +23,9 @@ import requests
 import openpi_wire
 from policy_server.store import ModelStore
 from request_tools import PolicyClient
-from tests.serving import ROOT, RunningServer, free_port, run_server, stop
 from tests.support.prometheus import metric
 from tests.support.raw_websocket import BINARY, PING, TEXT, RawWebSocket, frame
+from tests.support.serving import ROOT, RunningServer, free_port, run_server, stop
 from tests.support.wait import eventually
 
 openpi_client = pytest.importorskip(
@@ -366,7 +366,7 @@ def raw_plain(server) -> RawWebSocket:
 def test_wss_and_the_unix_socket_speak_it_too(tmp_path):
     from websockets.sync.client import unix_connect
 
-    from tests.tls_certs import HAVE_OPENSSL, make_pki
+    from tests.support.tls_certs import HAVE_OPENSSL, make_pki
 
     if not HAVE_OPENSSL:
         pytest.skip("needs the openssl command")

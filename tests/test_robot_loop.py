@@ -29,8 +29,8 @@ from request_tools import (
     check_observation,
 )
 from robot_loop import MERGE_STRATEGIES, RTC_INPUTS, ChunkPolicy, RunnerStats
-from tests.serving import free_port, run_server
-from tests.tiny_model import write_tiny_model
+from tests.support.serving import free_port, run_server
+from tests.support.tiny_model import write_tiny_model
 
 HORIZON = 10
 RATE_HZ = 50  # a 10-action chunk covers 0.2 s

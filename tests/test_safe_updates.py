@@ -22,8 +22,8 @@ from hypothesis.extra import numpy as hnp
 from binary_protocol import dict_to_binary
 from policy_server.launcher import ROOT
 from policy_server.store import ModelStore
-from tests.store_app import BINARY, infer, make_store_app, push
-from tests.tiny_model import CANARY_CODE, POLICY, tiny_weights, write_linked_out_model, write_tiny_model
+from tests.support.store_app import BINARY, infer, make_store_app, push
+from tests.support.tiny_model import CANARY_CODE, POLICY, tiny_weights, write_linked_out_model, write_tiny_model
 
 
 def assert_nothing_published(store_client, name: str = "default") -> None:

@@ -17,7 +17,7 @@ from policy_server.config import ServerConfig
 from policy_server.contract import TensorSpec
 from server import create_app
 from tests.conftest import make_app
-from tests.fakes import FAKE_OUTPUTS, FakePolicy, expected_action, fake_observation
+from tests.support.fakes import FAKE_OUTPUTS, FakePolicy, expected_action, fake_observation
 
 KEY = "test-key-0123456789"
 

@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from tests.store_app import infer, make_store_app, push
-from tests.tiny_model import tiny_weights, write_tiny_model
+from tests.support.store_app import infer, make_store_app, push
+from tests.support.tiny_model import tiny_weights, write_tiny_model
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """TLS: the certificate settings in the config, and HTTPS end to end through a real gunicorn,
 the front door doing the handshake on its poller (policy_server/front_door_tls.py).
 
-Certificates are made per run with the ``openssl`` command (tests/tls_certs.py): a test CA, a
+Certificates are made per run with the ``openssl`` command (tests/support/tls_certs.py): a test CA, a
 server certificate for 127.0.0.1 and localhost, and a client certificate (mutual TLS)."""
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from policy_server.config import ServerConfig
 from policy_server.errors import ConfigError
 from policy_server.launcher import ROOT, build_config
 from request_tools import PolicyClient, PolicyConnectionError, send_inference_request
-from tests.serving import run_server
+from tests.support.serving import run_server
+from tests.support.tls_certs import HAVE_OPENSSL, issue_server_certificate, make_pki
 from tests.test_front_door import closed_by_server, errors_in, read_answer, read_answers
 from tests.test_observability import metric
-from tests.tls_certs import HAVE_OPENSSL, issue_server_certificate, make_pki
 
 HEAD_TIMEOUT_S = 1.0
 

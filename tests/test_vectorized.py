@@ -17,8 +17,8 @@ from policy_server.launcher import ROOT
 from policy_server.model_loader import load_model_dir
 from policy_server.tensors import parse_batch_rows
 from tests.conftest import make_app
-from tests.fakes import FakePolicy, expected_action, fake_observation
-from tests.gated_executor import GatedExecutor, later, obs
+from tests.support.fakes import FakePolicy, expected_action, fake_observation
+from tests.support.gated_executor import GatedExecutor, later, obs
 from tests.test_server_app import assert_error
 
 
@@ -248,7 +248,7 @@ def test_parse_batch_rows():
 def test_the_executor_fills_an_optional_input_a_queued_request_lacks():
     """A request queued before a hot swap added an optional input still stages."""
     from policy_server.model_loader import describe
-    from tests.fakes import run_in_process
+    from tests.support.fakes import run_in_process
 
     model = describe(RtcFake(), name="rtc", version="1", device="cpu")
     observation = fake_observation(8)
