@@ -25,7 +25,7 @@ from policy_server.contract import TensorSpec
 from policy_server.errors import NonFiniteOutput
 from policy_server.model_loader import describe
 from policy_server.serving_model import Served
-from tests.conftest import make_app
+from tests.support.apps import make_app
 from tests.support.fakes import FakePolicy, fake_observation
 from tests.support.prometheus import metric
 from tests.support.serving import run_server

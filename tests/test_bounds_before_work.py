@@ -24,7 +24,7 @@ from binary_protocol import dict_to_binary, encoded_image
 from policy_server import images
 from policy_server.errors import InvalidInput, QueueFull
 from policy_server.wsgi_keys import ByteBudget
-from tests.conftest import make_app
+from tests.support.apps import make_app
 from tests.support.fakes import FakePolicy, fake_observation
 from tests.support.serving import run_server
 from tests.support.wait import eventually

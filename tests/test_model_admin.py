@@ -16,6 +16,7 @@ import pytest
 from binary_protocol import dict_to_binary
 from policy_server.config import ServerConfig
 from server import create_app
+from tests.support.apps import runtime_of
 from tests.support.fakes import FakePolicy, fake_observation
 from tests.support.hostile_payloads import hostile_payloads
 from tests.support.store_app import BINARY, infer, make_store_app, push
@@ -141,7 +142,7 @@ def test_bad_updates_are_refused_and_serving_is_untouched(store_client, tiny_mod
     outside = write_tiny_model(tmp_path / "outside", tag=6.0)
     (tiny_models / "escape").symlink_to(outside)
     make_request, status, fragment = BAD_UPDATES[case]
-    store = store_client.application.extensions["policy_runtime"].store
+    store = runtime_of(store_client.application).store
     before = store.pointer("default")
     response = store_client.post("/update_model?wait_s=1", **make_request(tiny_models))
     assert response.status_code == status, response.get_json()
@@ -159,12 +160,12 @@ def test_armed_pickles_sent_as_updates_run_nothing(store_client, tmp_path):
         response = store_client.post("/update_model", data=payload.body, headers=BINARY)
         assert response.status_code == 400, payload.id
     assert not canary.exists()
-    assert store_client.application.extensions["policy_runtime"].store.versions("default") == [1]
+    assert runtime_of(store_client.application).store.versions("default") == [1]
 
 
 def test_a_fixed_policy_server_has_no_hot_reload():
     store_app = create_app(ServerConfig(), policy=FakePolicy())
-    store_app.extensions["policy_runtime"].start(block=True)
+    runtime_of(store_app).start(block=True)
     response = store_app.test_client().post("/update_model", json={"version": 1})
     assert response.status_code == 409 and "model store" in response.get_json()["detail"]
 
@@ -186,7 +187,7 @@ def test_admin_key_guards_management_only(tmp_path, tiny_models):
     )  # the admin key is not an inference key
     assert infer(store_client, headers={"X-API-Key": API_KEY})[0] == "1"
     assert store_client.get("/models", headers={"X-API-Key": API_KEY}).status_code == 200
-    store_app.extensions["policy_runtime"].stop(5)
+    runtime_of(store_app).stop(5)
 
 
 def test_without_an_admin_key_management_follows_the_api_key(tmp_path, tiny_models):
@@ -194,7 +195,7 @@ def test_without_an_admin_key_management_follows_the_api_key(tmp_path, tiny_mode
     store_client = store_app.test_client()
     assert store_client.post("/update_model", json={"version": 1}).status_code == 401
     assert store_client.post("/update_model", json={"version": 1}, headers={"X-API-Key": API_KEY}).status_code == 200
-    store_app.extensions["policy_runtime"].stop(5)
+    runtime_of(store_app).stop(5)
 
 
 def test_several_models_load_serve_and_unload(store_client, tiny_models):
@@ -284,7 +285,7 @@ def test_cache_hits_misses_and_a_new_version_invalidates(tmp_path, tiny_models):
     version, value, after = infer(store_client)
     assert (version, value, after.headers["X-Cache"]) == ("2", 9.0, "miss")
     assert infer(store_client)[2].headers["X-Cache"] == "hit"
-    store_app.extensions["policy_runtime"].stop(5)
+    runtime_of(store_app).stop(5)
 
 
 def test_cache_is_off_by_default(store_client):
@@ -295,7 +296,7 @@ def test_cache_is_off_by_default(store_client):
 def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(store_client, store_app):
     """A published version that this worker cannot load (e.g. removed files): it reports the
     problem, keeps serving, and a wait says so."""
-    runtime = store_app.extensions["policy_runtime"]
+    runtime = runtime_of(store_app)
     store = runtime.store
     staged = store.stage("default", store.version_dir("default", 1))
     with open(os.path.join(staged, "raise_on_load"), "w") as fh:
@@ -318,7 +319,7 @@ def test_hot_swap_on_cuda_under_concurrent_requests(tmp_path, tiny_models):
     assert store_app.test_client().get("/model_info").get_json()["device"].startswith("cuda")
     errors, _ = pushes_under_load(store_app, [100.0 + i for i in range(2, 6)])
     assert errors == [] and infer(store_app.test_client())[:2] == ("5", 105.0)
-    store_app.extensions["policy_runtime"].stop(5)
+    runtime_of(store_app).stop(5)
 
 
 def test_updates_show_in_the_metrics(store_client):

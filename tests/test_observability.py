@@ -12,7 +12,7 @@ import requests
 from binary_protocol import dict_to_binary
 from policy_server.stats import RequestStats, summarize
 from request_tools import PolicyClient
-from tests.conftest import make_app
+from tests.support.apps import make_app
 from tests.support.fakes import fake_observation
 from tests.support.prometheus import metric
 from tests.support.serving import run_server

@@ -14,7 +14,7 @@ import pytest
 from policy_server import oip
 from policy_server.errors import BadRequest, PayloadTooLarge
 from request_tools import PolicyClient
-from tests.conftest import make_app
+from tests.support.apps import make_app, runtime_of
 from tests.support.fakes import expected_action, fake_observation
 from tests.support.serving import run_server
 
@@ -244,7 +244,7 @@ def test_every_503_says_when_to_come_back_as_on_our_own_routes(tmp_path):
     from server import create_app
 
     app = create_app(ServerConfig(model_path=str(tmp_path)))  # not a model directory
-    app.extensions["policy_runtime"].start(block=True)
+    runtime_of(app).start(block=True)
     client = app.test_client()
     body, length = oip_body(fake_observation())
     answers = {

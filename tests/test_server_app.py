@@ -16,7 +16,7 @@ from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server.config import ServerConfig
 from policy_server.contract import TensorSpec
 from server import create_app
-from tests.conftest import make_app
+from tests.support.apps import make_app, runtime_of
 from tests.support.fakes import FAKE_OUTPUTS, FakePolicy, expected_action, fake_observation
 
 KEY = "test-key-0123456789"
@@ -152,7 +152,7 @@ def test_ready_is_503_until_warm_then_200():
     gate = threading.Event()
     app = create_app(ServerConfig(), policy=FakePolicy(gate=gate))
     client = app.test_client()
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     runtime.start()
     assert_error(client.get("/ready"), 503, "loading")
     assert_error(post_infer(client, dict_to_binary(fake_observation())), 503, "loading")
@@ -166,7 +166,7 @@ def test_ready_is_503_until_warm_then_200():
 
 def test_failed_load_keeps_ready_503_with_a_pointer_to_the_log(tmp_path):
     app = create_app(ServerConfig(model_path=str(tmp_path)))
-    app.extensions["policy_runtime"].start(block=True)
+    runtime_of(app).start(block=True)
     client = app.test_client()
     assert_error(client.get("/ready"), 503, "failed to load", "log")
     assert str(tmp_path) not in client.get("/ready").get_data(as_text=True)
@@ -175,7 +175,7 @@ def test_failed_load_keeps_ready_503_with_a_pointer_to_the_log(tmp_path):
 
 def test_health_is_503_once_the_batcher_thread_is_gone(monkeypatch):
     app = create_app(ServerConfig(), policy=FakePolicy())
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     monkeypatch.setattr(runtime.batcher, "run", lambda: None)  # the loop ends while serving
     runtime.start(block=True)
     runtime._thread.join(5)
@@ -186,7 +186,7 @@ def test_health_is_503_once_the_batcher_thread_is_gone(monkeypatch):
 
 def test_health_stays_200_while_the_worker_stops():
     app = create_app(ServerConfig(), policy=FakePolicy())
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     runtime.start(block=True)
     runtime.stop(5)
     runtime._thread.join(5)
@@ -206,7 +206,7 @@ def test_building_the_app_creates_no_model_store(tmp_path, monkeypatch):
 
 def test_first_request_starts_loading_without_the_gunicorn_hook():
     app = create_app(ServerConfig(), policy=FakePolicy())
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     assert not runtime.booted
     app.test_client().get("/health")
     runtime.start(block=True)

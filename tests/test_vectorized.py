@@ -16,7 +16,7 @@ from policy_server.errors import PayloadTooLarge, QueueFull
 from policy_server.launcher import ROOT
 from policy_server.model_loader import load_model_dir
 from policy_server.tensors import parse_batch_rows
-from tests.conftest import make_app
+from tests.support.apps import make_app, runtime_of
 from tests.support.fakes import FakePolicy, expected_action, fake_observation
 from tests.support.gated_executor import GatedExecutor, later, obs
 from tests.test_server_app import assert_error
@@ -122,7 +122,7 @@ def test_vectorized_request_over_two_batches_equals_unbatched(default_app):
         {"state": rng.standard_normal(6).astype(np.float32),
          "image": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)} for _ in range(6)
     ]
-    runtime = default_app.extensions["policy_runtime"]
+    runtime = runtime_of(default_app)
     client = default_app.test_client()
     before = runtime.batcher.batches
     response = post(client, stacked(observations), rows=6)
@@ -192,7 +192,7 @@ def test_a_vectorized_request_is_cached_whole(client):
 
 def test_optional_inputs_are_filled_by_the_server_and_share_a_batch():
     app = make_app(RtcFake())
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     client = app.test_client()
     observation = fake_observation(5)
     plain = binary_to_dict(post(client, observation).get_data())["action"]
