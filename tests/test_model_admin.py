@@ -19,8 +19,10 @@ from server import create_app
 from tests.support.apps import runtime_of
 from tests.support.fakes import FakePolicy, fake_observation
 from tests.support.hostile_payloads import hostile_payloads
+from tests.support.prometheus import metric
 from tests.support.store_app import BINARY, infer, make_store_app, push
 from tests.support.tiny_model import tiny_weights, write_tiny_model
+from tests.support.wait import eventually
 
 ADMIN_KEY = "admin-key-0123"
 API_KEY = "api-key-0123"
@@ -51,10 +53,7 @@ def test_weights_push_then_rollback(store_client):
 def test_update_without_wait_answers_at_once_and_the_worker_follows(store_client):
     answer = push(store_client, tiny_weights(4.0), wait_s=0).get_json()
     assert answer["version"] == 2 and "workers" not in answer
-    for _ in range(200):
-        if infer(store_client)[0] == "2":
-            break
-        threading.Event().wait(0.01)
+    eventually(lambda: infer(store_client)[0] == "2", 10, "the worker serving version 2", every_s=0.01)
     assert infer(store_client)[:2] == ("2", 4.0)
 
 
@@ -323,8 +322,6 @@ def test_hot_swap_on_cuda_under_concurrent_requests(tmp_path, tiny_models):
 
 
 def test_updates_show_in_the_metrics(store_client):
-    from tests.test_observability import metric
-
     def scrape():
         return store_client.get("/metrics").get_data(as_text=True)
 

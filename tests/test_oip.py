@@ -16,6 +16,7 @@ from policy_server.errors import BadRequest, PayloadTooLarge
 from request_tools import PolicyClient
 from tests.support.apps import make_app, runtime_of
 from tests.support.fakes import expected_action, fake_observation
+from tests.support.prometheus import metric
 from tests.support.serving import run_server
 
 KEY = "oip-test-key-0123"
@@ -195,8 +196,6 @@ def test_batch_dimension_is_a_vectorized_request(client):
 
 
 def test_access_log_metrics_and_stats_count_oip_requests(caplog):
-    from tests.test_observability import metric
-
     client = make_app().test_client()
     caplog.set_level(logging.INFO, logger="policy_server.access")
     before = client.get("/metrics").get_data(as_text=True)

@@ -350,6 +350,8 @@ def test_sigterm_answers_the_frame_in_flight_then_closes_1001(tmp_path):
         busy.messages(1)
         idle.messages(1)
         busy.send(frame(packed(observation())))
+        # The scenario: SIGTERM while the frame is in flight. Its few milliseconds on the worker
+        # show nowhere a test could watch, so a short fixed pause lets it arrive.
         time.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)
         got_busy, got_idle = busy.until_closed(), idle.until_closed()
@@ -428,6 +430,8 @@ def test_a_client_that_vanishes_is_counted_499_and_not_computed_for_once_gone(tm
         computing.messages(1)
         waiting.messages(1)
         request = frame(packed({"x": np.ones(4, np.float32)}))
+        # The scenario's timing, within the 0.5 s forward (a frame's place, computing or waiting
+        # for the thread, is exported nowhere): the first computes, then the second waits.
         computing.send(request)
         time.sleep(0.1)
         waiting.send(request)

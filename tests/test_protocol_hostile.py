@@ -136,8 +136,9 @@ def test_decoding_hostile_payloads_imports_nothing(tmp_path):
 
 ARMED_CHILD = textwrap.dedent(
     """
-    import json, os, pickle, sys, time
+    import json, os, pickle, sys
     from tests.support.hostile_payloads import hostile_payloads, split_frame
+    from tests.support.wait import eventually
 
     canary = sys.argv[1]
     dead = []
@@ -151,10 +152,9 @@ ARMED_CHILD = textwrap.dedent(
             pickle.loads(data, buffers=buffers)  # deliberately unrestricted
         except Exception:
             pass
-        deadline = time.monotonic() + 5  # Popen / os.popen create it asynchronously
-        while not os.path.exists(canary) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if not os.path.exists(canary):
+        try:  # Popen / os.popen create it asynchronously
+            eventually(lambda: os.path.exists(canary), 5, "the canary", every_s=0.005)
+        except AssertionError:
             dead.append(p.id)
     print(json.dumps(dead))
     """

@@ -25,6 +25,7 @@ from policy_server.store import ModelStore
 from tests.support.apps import runtime_of
 from tests.support.store_app import BINARY, infer, make_store_app, push
 from tests.support.tiny_model import CANARY_CODE, POLICY, tiny_weights, write_linked_out_model, write_tiny_model
+from tests.support.wait import eventually
 
 
 def assert_nothing_published(store_client, name: str = "default") -> None:
@@ -551,7 +552,6 @@ def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(store_app, stor
     """A worker about to load version N while a later publish prunes N: no reload failure, and
     the watcher follows the newer pointer."""
     import dataclasses
-    import time
 
     runtime = runtime_of(store_app)
     store = runtime.store
@@ -574,8 +574,7 @@ def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(store_app, stor
     monkeypatch.undo()
     assert "default" not in runtime.problems()
     assert "pruned by a later update" in caplog.text and "failed" not in caplog.text
-    deadline = time.monotonic() + 5
-    while runtime.follower.generations.get("default") != current.generation and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: runtime.follower.generations.get("default") == current.generation, 5,
+               "the watcher following the newer pointer", every_s=0.01)
     assert runtime.follower.generations["default"] == current.generation
     assert infer(store_client)[:2] == ("1", 1.0)

@@ -6,7 +6,6 @@ import io
 import logging
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server.config import ServerConfig
 from policy_server.contract import TensorSpec
 from server import create_app
-from tests.support.apps import make_app, runtime_of
+from tests.support.apps import assert_error, make_app, runtime_of
 from tests.support.fakes import FAKE_OUTPUTS, FakePolicy, expected_action, fake_observation
+from tests.support.wait import eventually
 
 KEY = "test-key-0123456789"
 
@@ -28,17 +28,6 @@ def post_infer(client, body: bytes, **kwargs):
         "/infer", data=body, content_type="application/octet-stream",
         environ_overrides={"CONTENT_LENGTH": str(len(body))}, **kwargs,
     )
-
-
-def assert_error(response, status: int, *fragments: str) -> dict:
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    payload = response.get_json()
-    assert set(payload) == {"error", "detail"}
-    text = payload["error"] + " " + payload["detail"]
-    for fragment in fragments:
-        assert fragment in text, text
-    return payload
 
 
 def test_infer_answers_the_policy_output_with_headers(client):
@@ -239,16 +228,17 @@ class TestQueueingOverHttp:
     """Deadlines and back-pressure through the routes, with a slow fake policy."""
 
     def busy_app(self, **config):
-        policy = FakePolicy()
+        self.policy = policy = FakePolicy()
         app = make_app(policy, **config)
         policy.delay_s = 0.5  # after warm-up: each forward now takes 0.5 s
         return app
 
     def occupy(self, app) -> threading.Thread:
-        """Start one request that keeps the batcher busy for 0.5 s."""
+        """Start one request that keeps the batcher busy for 0.5 s, once its forward has begun."""
+        calls = self.policy.calls
         thread = threading.Thread(target=post_infer, args=(app.test_client(), dict_to_binary(fake_observation())))
         thread.start()
-        time.sleep(0.1)
+        eventually(lambda: self.policy.calls > calls, 10, "the busy request's forward begun")
         return thread
 
     def test_deadline_header_gives_504_without_compute(self):
@@ -275,7 +265,7 @@ class TestQueueingOverHttp:
         busy = self.occupy(app)
         queued = threading.Thread(target=post_infer, args=(app.test_client(), dict_to_binary(fake_observation())))
         queued.start()
-        time.sleep(0.1)
+        eventually(lambda: runtime_of(app).batcher.depth == 1, 10, "a request queued behind the busy one")
         response = post_infer(app.test_client(), dict_to_binary(fake_observation()))
         busy.join()
         queued.join()

@@ -16,10 +16,9 @@ from policy_server.errors import PayloadTooLarge, QueueFull
 from policy_server.launcher import ROOT
 from policy_server.model_loader import load_model_dir
 from policy_server.tensors import parse_batch_rows
-from tests.support.apps import make_app, runtime_of
+from tests.support.apps import assert_error, make_app, runtime_of
 from tests.support.fakes import FakePolicy, expected_action, fake_observation
 from tests.support.gated_executor import GatedExecutor, later, obs
-from tests.test_server_app import assert_error
 
 
 def post(client, inputs, rows=None, route="/infer"):
