@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.timing import write_json  # noqa: E402
 from binary_protocol import dict_to_binary  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
-from tests.serving import run_server  # noqa: E402
+from tests.support.serving import run_server  # noqa: E402
 
 log = logging.getLogger("bench_front_door")
 

@@ -1,7 +1,7 @@
 """Sequential round trips over HTTPS against plain HTTP on loopback: what TLS costs.
 
 Two servers (``--workers 1``), one plain and one with ``--certfile``/``--keyfile`` (a throwaway
-EC P-256 certificate made with ``openssl``, tests/tls_certs.py); the real client
+EC P-256 certificate made with ``openssl``, tests/support/tls_certs.py); the real client
 (``PolicyClient``, keep-alive) calls ``GET /health`` (transport and HTTP only) and
 ``POST /infer`` with a reacher observation (921 KB camera frame), and a fresh connection per
 call for ``/health`` (what a client that does not keep connections alive pays: the TCP and
@@ -27,7 +27,7 @@ from benchmarks.local_server import local_server  # noqa: E402
 from benchmarks.timing import latency_table, timed_calls, write_json  # noqa: E402
 from examples.reacher import ReacherEnv  # noqa: E402
 from request_tools import PolicyClient  # noqa: E402
-from tests.tls_certs import make_pki  # noqa: E402
+from tests.support.tls_certs import make_pki  # noqa: E402
 
 log = logging.getLogger("bench_tls")
 

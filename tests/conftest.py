@@ -3,19 +3,10 @@ from __future__ import annotations
 import pytest
 
 from policy_server.batcher import Batcher
-from policy_server.config import ServerConfig
-from server import create_app
-from tests.fakes import FakePolicy
-from tests.gated_executor import GatedExecutor
-from tests.store_app import make_store_app
-from tests.tiny_model import write_tiny_model
-
-
-def make_app(policy=None, **config):
-    """An app around ``policy`` (default FakePolicy) with its runtime loaded and warmed up."""
-    app = create_app(ServerConfig(**config), policy=policy if policy is not None else FakePolicy())
-    app.extensions["policy_runtime"].start(block=True)
-    return app
+from tests.support.apps import make_app, runtime_of
+from tests.support.gated_executor import GatedExecutor
+from tests.support.store_app import make_store_app
+from tests.support.tiny_model import write_tiny_model
 
 
 @pytest.fixture
@@ -40,7 +31,7 @@ def tiny_models(tmp_path):
 def store_app(tmp_path, tiny_models):
     app = make_store_app(tmp_path, tiny_models)
     yield app
-    app.extensions["policy_runtime"].stop(5)
+    runtime_of(app).stop(5)
 
 
 @pytest.fixture

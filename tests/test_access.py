@@ -17,8 +17,8 @@ from policy_server.errors import ConfigError
 from policy_server.openapi import openapi_document
 from policy_server.web import PolicyFlask, register_error_handlers
 from server import create_app
-from tests.conftest import make_app
-from tests.fakes import FakePolicy
+from tests.support.apps import make_app, runtime_of
+from tests.support.fakes import FakePolicy
 
 API_KEY, ADMIN_KEY = "access-api-key-0123", "access-admin-key-0123"
 
@@ -176,7 +176,7 @@ def test_create_app_refuses_an_invalid_config_as_the_cli_does(change):
 
 def test_an_unhandled_error_is_a_generic_json_500_logged_once_with_its_traceback(caplog, monkeypatch):
     app = make_app()
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
 
     def broken():
         raise RuntimeError("secret detail of a bug")

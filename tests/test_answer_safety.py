@@ -25,10 +25,10 @@ from policy_server.contract import TensorSpec
 from policy_server.errors import NonFiniteOutput
 from policy_server.model_loader import describe
 from policy_server.serving_model import Served
-from tests.conftest import make_app
-from tests.fakes import FakePolicy, fake_observation
-from tests.serving import run_server
+from tests.support.apps import make_app
+from tests.support.fakes import FakePolicy, fake_observation
 from tests.support.prometheus import metric
+from tests.support.serving import run_server
 
 
 def post(client, obs, rows=None):

@@ -10,7 +10,8 @@ import pytest
 
 from policy_server.batcher import Batcher
 from policy_server.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
-from tests.gated_executor import GatedExecutor, later, obs
+from tests.support.gated_executor import GatedExecutor, later, obs
+from tests.support.wait import eventually
 
 
 def hold(batcher, executor):
@@ -56,7 +57,7 @@ def test_batches_are_capped_at_max_batch_size(make_batcher):
 def test_delay_waits_from_the_first_arrival_to_fill_a_batch(make_batcher):
     batcher, executor = make_batcher(max_batch_size=8, max_delay_s=0.3)
     first = batcher.submit(obs(1.0), later())
-    time.sleep(0.1)
+    time.sleep(0.1)  # the scenario: the second arrives 0.1 s into the first one's 0.3 s delay
     second = batcher.submit(obs(2.0), later())
     batcher.wait(first)
     batcher.wait(second)
@@ -116,7 +117,7 @@ def test_expired_requests_get_504_and_are_not_computed(make_batcher):
     first = hold(batcher, executor)
     expiring = batcher.submit(obs(7.0), time.monotonic() + 0.05)
     fresh = batcher.submit(obs(8.0), later())
-    time.sleep(0.15)
+    time.sleep(0.15)  # the scenario: its 0.05 s deadline passes while the batch is held
     executor.release()
     batcher.wait(first)
     batcher.wait(fresh)
@@ -130,7 +131,7 @@ def test_an_answer_computed_after_its_deadline_is_504_not_a_late_answer(make_bat
     batcher, executor = make_batcher(max_batch_size=8)
     late = batcher.submit(obs(-5.0), time.monotonic() + 0.1)  # held at the gate
     assert executor.entered.wait(5)  # its batch started in time
-    time.sleep(0.2)
+    time.sleep(0.2)  # the scenario: its 0.1 s deadline passes while its batch computes
     executor.release()
     with pytest.raises(DeadlineExceeded, match="before its batch finished.*late answer was dropped") as info:
         batcher.wait(late)
@@ -177,7 +178,7 @@ def test_stop_answers_every_accepted_request_then_refuses(make_batcher):
     accepted = [batcher.submit(obs(float(i)), later()) for i in range(1, 11)]
     stopper = threading.Thread(target=batcher.stop, args=(10,))
     stopper.start()
-    time.sleep(0.05)
+    eventually(lambda: batcher._stopping, 5, "the batcher stopping")
     with pytest.raises(NotReady, match="shutting down"):
         batcher.submit(obs(99.0), later())
     executor.release()

@@ -22,7 +22,7 @@ from request_tools import (
     PolicyTimeoutError,
     send_inference_request,
 )
-from tests.serving import free_port
+from tests.support.serving import free_port
 
 ACTION = np.arange(70, dtype=np.float32).reshape(10, 7)
 

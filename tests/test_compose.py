@@ -11,7 +11,7 @@ import yaml
 
 from policy_server.config import ServerConfig
 from server import create_app
-from tests.serving import ROOT
+from tests.support.serving import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
 NGINX = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()

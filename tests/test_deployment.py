@@ -15,7 +15,7 @@ import yaml
 
 from policy_server import metrics
 from policy_server.config import ServerConfig
-from tests.serving import ROOT
+from tests.support.serving import ROOT
 
 MANIFESTS = ("deployment.yaml", "deploy/prometheus-adapter.yaml")
 DOCS = [d for d in yaml.safe_load_all((ROOT / "deployment.yaml").read_text()) if d]

@@ -14,7 +14,7 @@ from policy_server.launcher import ROOT
 from policy_server.model_loader import describe, load_model_dir
 from policy_server.serving_model import Served, SpeedOptions, apply_speed_options
 from policy_server.tensors import sample_inputs
-from tests.fakes import run_in_process
+from tests.support.fakes import run_in_process
 
 DEFAULT = ROOT + "/models/default"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -17,8 +17,8 @@ import requests
 
 from policy_server import healthcheck
 from policy_server.config import ServerConfig
-from tests.serving import ROOT, free_port, run_server
-from tests.tls_certs import HAVE_OPENSSL, make_pki
+from tests.support.serving import ROOT, free_port, run_server
+from tests.support.tls_certs import HAVE_OPENSSL, make_pki
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

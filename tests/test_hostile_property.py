@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from binary_protocol import dict_to_binary
 from policy_client.image_codecs import encode_array
 from policy_server import oip, oip_json
-from tests.conftest import make_app
-from tests.fakes import FakePolicy, expected_action, fake_observation
+from tests.support.apps import make_app, runtime_of
+from tests.support.fakes import FakePolicy, expected_action, fake_observation
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 HUGE = 2**31 - 1
@@ -240,4 +240,4 @@ def test_hostile_image_markers_are_4xx_never_5xx(client, marker, rows, listed):
 
 def test_after_every_generated_body_the_worker_answers_as_before(client):
     assert_worker_unchanged(client)
-    assert not client.application.extensions["policy_runtime"].batcher_lost
+    assert not runtime_of(client.application).batcher_lost

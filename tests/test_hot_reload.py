@@ -1,7 +1,7 @@
 """Hot reload end to end: real gunicorn servers sharing a model store, the real client.
 
 Every action of the tiny model equals its weights' tag, so each answer proves which
-version computed it (tests/tiny_model.py).
+version computed it (tests/support/tiny_model.py).
 """
 
 from __future__ import annotations
@@ -10,15 +10,15 @@ import logging
 import os
 import signal
 import threading
-import time
 
 import pytest
 import urllib3.connection
 
 from request_tools import PolicyClient, PolicyServerError
-from tests.fakes import fake_observation
-from tests.serving import run_server
-from tests.tiny_model import tiny_weights, write_tiny_model
+from tests.support.fakes import fake_observation
+from tests.support.serving import run_server
+from tests.support.tiny_model import tiny_weights, write_tiny_model
+from tests.support.wait import eventually
 
 log = logging.getLogger(__name__)
 
@@ -128,18 +128,12 @@ def test_two_instances_sharing_a_store_both_switch(tmp_path, root):
             assert client_b.last_model_version == "1"
             answer = client_a.update_model(weights=tiny_weights(41.0), wait_s=10)
             assert answer["version"] == 2 and answer["all_workers"]
-            deadline = time.monotonic() + 10
-            while client_b.model_info()["version"] != "2":
-                assert time.monotonic() < deadline, "instance B never followed the store"
-                time.sleep(0.05)
+            eventually(lambda: client_b.model_info()["version"] == "2", 10, "instance B following the store")
             assert float(client_b.infer(fake_observation(0))["action"].flat[0]) == 41.0
             assert client_b.last_model_version == "2"
             rolled = client_b.update_model(version=1, wait_s=10)
             assert rolled["version"] == 1 and rolled["all_workers"]
-            deadline = time.monotonic() + 10
-            while client_a.model_info()["version"] != "1":
-                assert time.monotonic() < deadline, "instance A never followed the rollback"
-                time.sleep(0.05)
+            eventually(lambda: client_a.model_info()["version"] == "1", 10, "instance A following the rollback")
 
 
 def test_a_worker_killed_while_loading_comes_back_serving_the_current_version(tmp_path, root):
@@ -151,13 +145,15 @@ def test_a_worker_killed_while_loading_comes_back_serving_the_current_version(tm
         loading = [int(pid) for pid, models in workers.items() if models.get("default") != "2"]
         assert loading, f"every worker already switched: {workers}"
         os.kill(loading[0], signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while True:
-            workers = client._call("GET", "/models").json()["workers"]
-            if len(workers) == 2 and all(m.get("default") == "2" for m in workers.values()):
-                break
-            assert time.monotonic() < deadline, f"workers did not all come back on version 2: {workers}"
-            time.sleep(0.2)
+
+        def listing() -> dict:
+            return client._call("GET", "/models").json()["workers"]
+
+        def both_on_version_2() -> dict | None:
+            workers = listing()
+            return workers if len(workers) == 2 and all(m.get("default") == "2" for m in workers.values()) else None
+
+        workers = eventually(both_on_version_2, 60, "both workers back on version 2", every_s=0.2, context=listing)
         assert str(loading[0]) not in workers
         for i in range(10):
             with PolicyClient(server.base_url) as fresh:  # a new connection each time

@@ -18,9 +18,9 @@ from policy_server import images
 from policy_server.errors import InvalidInput, ModelError
 from policy_server.model_loader import describe
 from request_tools import PolicyClient
-from tests.conftest import make_app
-from tests.fakes import FakePolicy, expected_action, fake_observation
-from tests.serving import ROOT, run_server
+from tests.support.apps import make_app
+from tests.support.fakes import FakePolicy, expected_action, fake_observation
+from tests.support.serving import ROOT, run_server
 
 
 def encodable_app():

@@ -8,9 +8,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from request_tools import ObservationSpecError, PolicyClient, PolicyServerError, check_observation, stack_observations
-from tests.fakes import fake_observation
-from tests.serving import run_server
-from tests.tiny_model import write_tiny_model
+from tests.support.fakes import fake_observation
+from tests.support.serving import run_server
+from tests.support.tiny_model import write_tiny_model
 
 SPEC = [
     {"name": "state", "dtype": "float32", "shape": [6]},

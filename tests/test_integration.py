@@ -15,19 +15,18 @@ import numpy as np
 import pytest
 import requests
 
-from policy_server.contract import TensorSpec, directory_digest
+from policy_server.contract import directory_digest
 from policy_server.model_loader import load_model_dir
-from policy_server.tensors import sample_inputs
 from request_tools import ObservationSpecError, PolicyClient, PolicyServerError, send_inference_request
-from tests.fakes import run_in_process
-from tests.hostile_payloads import hostile_payloads
-from tests.serving import ROOT, run_server
+from tests.support.fakes import run_in_process
+from tests.support.hostile_payloads import hostile_payloads
+from tests.support.policies import SLOW_POLICY, observation
+from tests.support.serving import ROOT, run_server
 
 pytestmark = pytest.mark.integration
 
 DEFAULT = str(ROOT / "models" / "default")
 KEY = "integration-key-123"
-SPEC = (TensorSpec("state", "float32", (6,)), TensorSpec("image", "uint8", (480, 640, 3)))
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +41,6 @@ def reference():
     model = load_model_dir(DEFAULT, "cpu")
 
     return lambda obs: run_in_process(model, [obs])[0]
-
-
-def observation(seed: int) -> dict[str, np.ndarray]:
-    """A random reference observation: state float32[6], image uint8[480, 640, 3]."""
-    sample = sample_inputs(SPEC, batch=1, seed=seed)
-    return {name: value[0] for name, value in sample.items()}
 
 
 def test_client_gets_the_same_action_as_in_process(server, reference):
@@ -175,25 +168,6 @@ def test_gunicorn_directly_with_environment_and_api_key(tmp_path):
             assert client.infer(obs)["action"].shape == (10, 7)
 
 
-SLOW_POLICY = """
-import time
-from policy_server.contract import TensorSpec
-
-
-class Slow:
-    input_spec = (TensorSpec("x", "float32", (4,)),)
-    output_spec = (TensorSpec("y", "float32", (4,)),)
-
-    def forward(self, batch):
-        time.sleep(0.15)
-        return {"y": batch["x"] * 2}
-
-
-def load_model(model_dir, device):
-    return Slow()
-"""
-
-
 def test_a_model_load_longer_than_the_worker_timeout_does_not_get_the_worker_killed(tmp_path):
     """gunicorn restarts a worker silent for --timeout-s; the load heartbeat (gunicorn.conf.py
     post_worker_init) keeps a slow model load (here 5 s against a 2 s timeout) from being taken
@@ -239,7 +213,9 @@ def test_sigterm_answers_every_accepted_request(tmp_path):
         threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
         for t in threads:
             t.start()
-        time.sleep(0.3)  # all 8 accepted; 4 batches of 2 at 0.15 s each are still to run
+        # All 8 accepted, 4 batches of 2 at 0.15 s each still to run: the door exports no count of
+        # the requests it holds, and the signal must come while batches remain, so a fixed pause.
+        time.sleep(0.3)
         running.process.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from tests.serving import ROOT, run_server
-from tests.tiny_model import write_tiny_model
+from tests.support.serving import ROOT, run_server
+from tests.support.tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """/update_model, rollback, several models, the admin key and the cache, on an in-process app.
 
 The models are tiny ones whose every action equals their weights' tag, so an answer
-proves which version computed it (see tests/tiny_model.py).
+proves which version computed it (see tests/support/tiny_model.py).
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ import pytest
 from binary_protocol import dict_to_binary
 from policy_server.config import ServerConfig
 from server import create_app
-from tests.fakes import FakePolicy, fake_observation
-from tests.hostile_payloads import hostile_payloads
-from tests.store_app import BINARY, infer, make_store_app, push
-from tests.tiny_model import tiny_weights, write_tiny_model
+from tests.support.apps import runtime_of
+from tests.support.fakes import FakePolicy, fake_observation
+from tests.support.hostile_payloads import hostile_payloads
+from tests.support.prometheus import metric
+from tests.support.store_app import BINARY, infer, make_store_app, push
+from tests.support.tiny_model import tiny_weights, write_tiny_model
+from tests.support.wait import eventually
 
 ADMIN_KEY = "admin-key-0123"
 API_KEY = "api-key-0123"
@@ -50,10 +53,7 @@ def test_weights_push_then_rollback(store_client):
 def test_update_without_wait_answers_at_once_and_the_worker_follows(store_client):
     answer = push(store_client, tiny_weights(4.0), wait_s=0).get_json()
     assert answer["version"] == 2 and "workers" not in answer
-    for _ in range(200):
-        if infer(store_client)[0] == "2":
-            break
-        threading.Event().wait(0.01)
+    eventually(lambda: infer(store_client)[0] == "2", 10, "the worker serving version 2", every_s=0.01)
     assert infer(store_client)[:2] == ("2", 4.0)
 
 
@@ -141,7 +141,7 @@ def test_bad_updates_are_refused_and_serving_is_untouched(store_client, tiny_mod
     outside = write_tiny_model(tmp_path / "outside", tag=6.0)
     (tiny_models / "escape").symlink_to(outside)
     make_request, status, fragment = BAD_UPDATES[case]
-    store = store_client.application.extensions["policy_runtime"].store
+    store = runtime_of(store_client.application).store
     before = store.pointer("default")
     response = store_client.post("/update_model?wait_s=1", **make_request(tiny_models))
     assert response.status_code == status, response.get_json()
@@ -159,12 +159,12 @@ def test_armed_pickles_sent_as_updates_run_nothing(store_client, tmp_path):
         response = store_client.post("/update_model", data=payload.body, headers=BINARY)
         assert response.status_code == 400, payload.id
     assert not canary.exists()
-    assert store_client.application.extensions["policy_runtime"].store.versions("default") == [1]
+    assert runtime_of(store_client.application).store.versions("default") == [1]
 
 
 def test_a_fixed_policy_server_has_no_hot_reload():
     store_app = create_app(ServerConfig(), policy=FakePolicy())
-    store_app.extensions["policy_runtime"].start(block=True)
+    runtime_of(store_app).start(block=True)
     response = store_app.test_client().post("/update_model", json={"version": 1})
     assert response.status_code == 409 and "model store" in response.get_json()["detail"]
 
@@ -186,7 +186,7 @@ def test_admin_key_guards_management_only(tmp_path, tiny_models):
     )  # the admin key is not an inference key
     assert infer(store_client, headers={"X-API-Key": API_KEY})[0] == "1"
     assert store_client.get("/models", headers={"X-API-Key": API_KEY}).status_code == 200
-    store_app.extensions["policy_runtime"].stop(5)
+    runtime_of(store_app).stop(5)
 
 
 def test_without_an_admin_key_management_follows_the_api_key(tmp_path, tiny_models):
@@ -194,7 +194,7 @@ def test_without_an_admin_key_management_follows_the_api_key(tmp_path, tiny_mode
     store_client = store_app.test_client()
     assert store_client.post("/update_model", json={"version": 1}).status_code == 401
     assert store_client.post("/update_model", json={"version": 1}, headers={"X-API-Key": API_KEY}).status_code == 200
-    store_app.extensions["policy_runtime"].stop(5)
+    runtime_of(store_app).stop(5)
 
 
 def test_several_models_load_serve_and_unload(store_client, tiny_models):
@@ -284,7 +284,7 @@ def test_cache_hits_misses_and_a_new_version_invalidates(tmp_path, tiny_models):
     version, value, after = infer(store_client)
     assert (version, value, after.headers["X-Cache"]) == ("2", 9.0, "miss")
     assert infer(store_client)[2].headers["X-Cache"] == "hit"
-    store_app.extensions["policy_runtime"].stop(5)
+    runtime_of(store_app).stop(5)
 
 
 def test_cache_is_off_by_default(store_client):
@@ -295,7 +295,7 @@ def test_cache_is_off_by_default(store_client):
 def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(store_client, store_app):
     """A published version that this worker cannot load (e.g. removed files): it reports the
     problem, keeps serving, and a wait says so."""
-    runtime = store_app.extensions["policy_runtime"]
+    runtime = runtime_of(store_app)
     store = runtime.store
     staged = store.stage("default", store.version_dir("default", 1))
     with open(os.path.join(staged, "raise_on_load"), "w") as fh:
@@ -318,12 +318,10 @@ def test_hot_swap_on_cuda_under_concurrent_requests(tmp_path, tiny_models):
     assert store_app.test_client().get("/model_info").get_json()["device"].startswith("cuda")
     errors, _ = pushes_under_load(store_app, [100.0 + i for i in range(2, 6)])
     assert errors == [] and infer(store_app.test_client())[:2] == ("5", 105.0)
-    store_app.extensions["policy_runtime"].stop(5)
+    runtime_of(store_app).stop(5)
 
 
 def test_updates_show_in_the_metrics(store_client):
-    from tests.test_observability import metric
-
     def scrape():
         return store_client.get("/metrics").get_data(as_text=True)
 

@@ -19,7 +19,7 @@ from policy_server.model_loader import describe, load_model_dir
 from policy_server.tensors import complete_inputs, sample_inputs
 from policy_server.torch_policy import inpaint_prefix
 from policy_server.torch_policy import rtc_shift as torch_rtc_shift
-from tests.fakes import FAKE_OUTPUTS, FakePolicy
+from tests.support.fakes import FAKE_OUTPUTS, FakePolicy
 
 STATE = TensorSpec("state", "float32", (6,))
 

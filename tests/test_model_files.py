@@ -13,7 +13,7 @@ import pytest
 from policy_server.contract import directory_digest
 from policy_server.errors import Forbidden, InvalidModel, PayloadTooLarge, StoreWriteFailed
 from policy_server.model_files import Limits, copy_tree, digest
-from tests.tiny_model import write_tiny_model
+from tests.support.tiny_model import write_tiny_model
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from policy_server.launcher import ROOT
 from policy_server.model_loader import load_model_dir
 from policy_server.runtime import PolicyRuntime
 from policy_server.tensors import sample_inputs
-from tests.fakes import FakePolicy, run_in_process
+from tests.support.fakes import FakePolicy, run_in_process
 
 DEFAULT = ROOT + "/models/default"
 

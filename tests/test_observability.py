@@ -12,11 +12,12 @@ import requests
 from binary_protocol import dict_to_binary
 from policy_server.stats import RequestStats, summarize
 from request_tools import PolicyClient
-from tests.conftest import make_app
-from tests.fakes import fake_observation
-from tests.serving import run_server
+from tests.support.apps import make_app
+from tests.support.fakes import fake_observation
 from tests.support.prometheus import metric
-from tests.tiny_model import write_tiny_model
+from tests.support.serving import run_server
+from tests.support.tiny_model import write_tiny_model
+from tests.support.wait import eventually
 
 BINARY = {"Content-Type": "application/octet-stream"}
 
@@ -120,13 +121,12 @@ def test_metrics_and_stats_add_up_over_four_workers(tmp_path):
         assert metric(text, "policy_requests_total", route="/infer", status="200") == sent
         assert metric(text, "policy_batch_size_count", model="default") == sent
         assert len(re.findall(r'^policy_model_version\{model="default",pid="\d+"\} 1.0$', text, re.M)) == 4
-        import time
 
-        deadline = time.monotonic() + 10
-        while True:  # siblings publish their statistics every second
+        def every_window_published() -> dict | None:  # siblings publish their statistics every second
             stats = requests.get(server.base_url + "/stats", timeout=10).json()
-            if stats["window_requests"] == sent or time.monotonic() > deadline:  # totals: at once (Prometheus)
-                break
-            time.sleep(0.2)
+            return stats if stats["window_requests"] == sent else None  # totals: at once (Prometheus)
+
+        stats = eventually(every_window_published, 10, f"/stats windows adding up to {sent}", every_s=0.2,
+                           context=lambda: requests.get(server.base_url + "/stats", timeout=10).json())
         assert (stats["workers"], stats["total_requests"], stats["failed_requests"]) == (4, sent, 0)
         assert stats["window_requests"] == sent

@@ -14,9 +14,10 @@ import pytest
 from policy_server import oip
 from policy_server.errors import BadRequest, PayloadTooLarge
 from request_tools import PolicyClient
-from tests.conftest import make_app
-from tests.fakes import expected_action, fake_observation
-from tests.serving import run_server
+from tests.support.apps import make_app, runtime_of
+from tests.support.fakes import expected_action, fake_observation
+from tests.support.prometheus import metric
+from tests.support.serving import run_server
 
 KEY = "oip-test-key-0123"
 
@@ -195,8 +196,6 @@ def test_batch_dimension_is_a_vectorized_request(client):
 
 
 def test_access_log_metrics_and_stats_count_oip_requests(caplog):
-    from tests.test_observability import metric
-
     client = make_app().test_client()
     caplog.set_level(logging.INFO, logger="policy_server.access")
     before = client.get("/metrics").get_data(as_text=True)
@@ -244,7 +243,7 @@ def test_every_503_says_when_to_come_back_as_on_our_own_routes(tmp_path):
     from server import create_app
 
     app = create_app(ServerConfig(model_path=str(tmp_path)))  # not a model directory
-    app.extensions["policy_runtime"].start(block=True)
+    runtime_of(app).start(block=True)
     client = app.test_client()
     body, length = oip_body(fake_observation())
     answers = {

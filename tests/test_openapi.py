@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 
 from policy_server.openapi import openapi_document
 from server import create_app
-from tests.serving import run_server
-from tests.tiny_model import write_tiny_model
+from tests.support.serving import run_server
+from tests.support.tiny_model import write_tiny_model
 
 API_KEY, ADMIN_KEY = "fuzz-api-key-0123456789", "fuzz-admin-key-0123456789"
 KEYS = {"X-API-Key": API_KEY, "X-Admin-Key": ADMIN_KEY}

@@ -23,9 +23,9 @@ import requests
 import openpi_wire
 from policy_server.store import ModelStore
 from request_tools import PolicyClient
-from tests.serving import ROOT, RunningServer, free_port, run_server, stop
 from tests.support.prometheus import metric
 from tests.support.raw_websocket import BINARY, PING, TEXT, RawWebSocket, frame
+from tests.support.serving import ROOT, RunningServer, free_port, run_server, stop
 from tests.support.wait import eventually
 
 openpi_client = pytest.importorskip(
@@ -350,6 +350,8 @@ def test_sigterm_answers_the_frame_in_flight_then_closes_1001(tmp_path):
         busy.messages(1)
         idle.messages(1)
         busy.send(frame(packed(observation())))
+        # The scenario: SIGTERM while the frame is in flight. Its few milliseconds on the worker
+        # show nowhere a test could watch, so a short fixed pause lets it arrive.
         time.sleep(0.01)
         server.process.send_signal(signal.SIGTERM)
         got_busy, got_idle = busy.until_closed(), idle.until_closed()
@@ -366,7 +368,7 @@ def raw_plain(server) -> RawWebSocket:
 def test_wss_and_the_unix_socket_speak_it_too(tmp_path):
     from websockets.sync.client import unix_connect
 
-    from tests.tls_certs import HAVE_OPENSSL, make_pki
+    from tests.support.tls_certs import HAVE_OPENSSL, make_pki
 
     if not HAVE_OPENSSL:
         pytest.skip("needs the openssl command")
@@ -428,6 +430,8 @@ def test_a_client_that_vanishes_is_counted_499_and_not_computed_for_once_gone(tm
         computing.messages(1)
         waiting.messages(1)
         request = frame(packed({"x": np.ones(4, np.float32)}))
+        # The scenario's timing, within the 0.5 s forward (a frame's place, computing or waiting
+        # for the thread, is exported nowhere): the first computes, then the second waits.
         computing.send(request)
         time.sleep(0.1)
         waiting.send(request)

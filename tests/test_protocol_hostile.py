@@ -1,6 +1,6 @@
 """Hostile bodies against ``binary_to_dict``: no code runs, no crash, no blow-up, one error type.
 
-The payloads live in ``tests/hostile_payloads.py`` (hand-assembled opcodes). Tests that
+The payloads live in ``tests/support/hostile_payloads.py`` (hand-assembled opcodes). Tests that
 record a genuine weakness of ``binary_protocol`` are strict xfails with the reason; when
 the decoder is fixed they turn into XPASS failures, and the mark should then be removed.
 """
@@ -25,7 +25,7 @@ import pytest
 
 import binary_protocol
 from binary_protocol import ProtocolError, binary_to_dict
-from tests import hostile_payloads as hp
+from tests.support import hostile_payloads as hp
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [p.id for p in hp.hostile_payloads("/nonexistent/collect-canary")]
@@ -136,8 +136,9 @@ def test_decoding_hostile_payloads_imports_nothing(tmp_path):
 
 ARMED_CHILD = textwrap.dedent(
     """
-    import json, os, pickle, sys, time
-    from tests.hostile_payloads import hostile_payloads, split_frame
+    import json, os, pickle, sys
+    from tests.support.hostile_payloads import hostile_payloads, split_frame
+    from tests.support.wait import eventually
 
     canary = sys.argv[1]
     dead = []
@@ -151,10 +152,9 @@ ARMED_CHILD = textwrap.dedent(
             pickle.loads(data, buffers=buffers)  # deliberately unrestricted
         except Exception:
             pass
-        deadline = time.monotonic() + 5  # Popen / os.popen create it asynchronously
-        while not os.path.exists(canary) and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if not os.path.exists(canary):
+        try:  # Popen / os.popen create it asynchronously
+            eventually(lambda: os.path.exists(canary), 5, "the canary", every_s=0.005)
+        except AssertionError:
             dead.append(p.id)
     print(json.dumps(dead))
     """
@@ -246,7 +246,7 @@ EXT_CACHE_CHILD = textwrap.dedent(
     """
     import copyreg, pickle, sys
     import binary_protocol
-    from tests.hostile_payloads import ext_call_body
+    from tests.support.hostile_payloads import ext_call_body
 
     canary, code = sys.argv[1], 0xF2
     copyreg.add_extension("builtins", "exec", code)
@@ -281,7 +281,7 @@ MEMO_CHILD = textwrap.dedent(
     """
     import sys, tracemalloc
     import binary_protocol
-    from tests.hostile_payloads import memo_index_body
+    from tests.support.hostile_payloads import memo_index_body
 
     body = memo_index_body(int(sys.argv[1]))
     tracemalloc.start()

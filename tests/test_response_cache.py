@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from policy_server.response_cache import ResponseCache, input_digest
-from tests.fakes import fake_observation
+from tests.support.fakes import fake_observation
 
 
 class Clock:

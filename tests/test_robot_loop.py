@@ -29,8 +29,9 @@ from request_tools import (
     check_observation,
 )
 from robot_loop import MERGE_STRATEGIES, RTC_INPUTS, ChunkPolicy, RunnerStats
-from tests.serving import free_port, run_server
-from tests.tiny_model import write_tiny_model
+from tests.support.serving import free_port, run_server
+from tests.support.tiny_model import write_tiny_model
+from tests.support.wait import eventually
 
 HORIZON = 10
 RATE_HZ = 50  # a 10-action chunk covers 0.2 s
@@ -370,15 +371,11 @@ def test_rtc_answer_with_a_stale_prefix_is_anchored_one_with_the_live_prefix_pla
         return float(runner.act(step_obs(t))[1])
 
     def answered(count: int) -> None:  # wait until `count` answers wait in the runner's queue
-        give_up = time.monotonic() + 10.0
-        while runner._answers.qsize() < count and time.monotonic() < give_up:
-            time.sleep(0.001)
+        eventually(lambda: runner._answers.qsize() >= count, 10.0, f"{count} answers queued", every_s=0.001)
 
     try:
         played = [act(t) for t in range(6)]  # chunk 0 (rows [i, 0]); A sent at step 1, B at step 2
-        give_up = time.monotonic() + 10.0
-        while len(policy.requests) < 3 and time.monotonic() < give_up:  # B's thread picks it up
-            time.sleep(0.001)
+        eventually(lambda: len(policy.requests) >= 3, 10.0, "B's thread picking it up", every_s=0.001)
         assert [int(r["t"]) for r in policy.requests] == [0, 1, 2]
         assert [int(r["inference_delay"][0]) for r in policy.requests[1:]] == [5, 5]
         policy.release(1)
@@ -408,15 +405,11 @@ def test_rtc_answer_whose_prefix_ends_before_it_arrives_goes_on_from_the_last_pl
     runner = ChunkRunner(policy, rate_hz=RATE_HZ, merge="rtc", request_ahead=9, max_in_flight=2)
 
     def answered(count: int) -> None:
-        give_up = time.monotonic() + 10.0
-        while runner._answers.qsize() < count and time.monotonic() < give_up:
-            time.sleep(0.001)
+        eventually(lambda: runner._answers.qsize() >= count, 10.0, f"{count} answers queued", every_s=0.001)
 
     try:
         played = [float(runner.act(step_obs(t))[1]) for t in range(3)]
-        give_up = time.monotonic() + 10.0
-        while len(policy.requests) < 3 and time.monotonic() < give_up:
-            time.sleep(0.001)
+        eventually(lambda: len(policy.requests) >= 3, 10.0, "3 requests sent", every_s=0.001)
         assert [int(r["t"]) for r in policy.requests] == [0, 1, 2]
         assert [int(r["prefix_length"][0]) for r in policy.requests[1:]] == [9, 8]
         policy.release(1)

@@ -22,12 +22,14 @@ from hypothesis.extra import numpy as hnp
 from binary_protocol import dict_to_binary
 from policy_server.launcher import ROOT
 from policy_server.store import ModelStore
-from tests.store_app import BINARY, infer, make_store_app, push
-from tests.tiny_model import CANARY_CODE, POLICY, tiny_weights, write_linked_out_model, write_tiny_model
+from tests.support.apps import runtime_of
+from tests.support.store_app import BINARY, infer, make_store_app, push
+from tests.support.tiny_model import CANARY_CODE, POLICY, tiny_weights, write_linked_out_model, write_tiny_model
+from tests.support.wait import eventually
 
 
 def assert_nothing_published(store_client, name: str = "default") -> None:
-    store: ModelStore = store_client.application.extensions["policy_runtime"].store
+    store: ModelStore = runtime_of(store_client.application).store
     pointer = store.pointer(name)
     assert (pointer.version, pointer.generation) == (1, 1)
     assert store.versions(name) == [1]
@@ -74,7 +76,7 @@ def test_a_link_inside_the_root_is_served_as_a_copy(store_client, tiny_models):
     (linked / "model.safetensors").symlink_to("../weights_only/model.safetensors")
     answer = store_client.post("/update_model", json={"model_path": "linked"}).get_json()
     assert answer["version"] == 2 and answer["all_workers"] is True
-    store = store_client.application.extensions["policy_runtime"].store
+    store = runtime_of(store_client.application).store
     published = store.version_dir("default", 2)
     assert not any(os.path.islink(os.path.join(published, f)) for f in os.listdir(published))
     (tiny_models / "weights_only" / "model.safetensors").write_bytes(b"changed later")  # the copy is what serves
@@ -94,7 +96,7 @@ def test_special_files_and_limits_are_refused(store_client, tiny_models, tmp_pat
         refused(small.post("/update_model", json={"model_path": "three"}), 413, "more than 2 files")
         assert_nothing_published(small)
     finally:
-        store_app.extensions["policy_runtime"].stop(5)
+        runtime_of(store_app).stop(5)
 
 
 # -- weights checked before anything runs -----------------------------------------------
@@ -144,7 +146,7 @@ def test_a_policy_that_uses_its_input_has_no_warning(tmp_path):
         assert answer["version"] == 2, answer
         assert "warnings" not in answer and answer["all_workers"] is True
     finally:
-        store_app.extensions["policy_runtime"].stop(5)
+        runtime_of(store_app).stop(5)
 
 
 # -- store failures ---------------------------------------------------------------------
@@ -180,7 +182,7 @@ def test_a_failing_pointer_write_answers_json_and_keeps_serving(
 
 
 def test_a_staging_area_that_cannot_be_written_is_500(store_client, tiny_models):
-    store = store_client.application.extensions["policy_runtime"].store
+    store = runtime_of(store_client.application).store
     staging = os.path.join(store.root, "default", ".staging")
     os.rmdir(staging)
     open(staging, "w").close()  # a file where the staging directory should be: fails even for root
@@ -218,7 +220,7 @@ def test_the_default_wait_is_a_setting(tmp_path, tiny_models):
         answer = store_app.test_client().post("/update_model", json={"version": 1}).get_json()
         assert answer["version"] == 1 and "all_workers" not in answer
     finally:
-        store_app.extensions["policy_runtime"].stop(5)
+        runtime_of(store_app).stop(5)
 
 
 # -- fuzzing the update path --------------------------------------------------------------
@@ -288,7 +290,7 @@ def test_fuzzed_weight_files_are_refused_with_a_reason(tmp_path, tiny_models):
         check()
         assert_nothing_published(store_client)
     finally:
-        store_app.extensions["policy_runtime"].stop(5)
+        runtime_of(store_app).stop(5)
 
 
 PUSH_DTYPES = st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.uint8, np.bool_])
@@ -323,7 +325,7 @@ def test_fuzzed_weight_pushes_are_refused_with_a_reason(tmp_path, tiny_models):
         check()
         assert_nothing_published(store_client)
     finally:
-        store_app.extensions["policy_runtime"].stop(5)
+        runtime_of(store_app).stop(5)
 
 
 def _pickled_push_repeating_a_key(setitems: bool) -> bytes:
@@ -455,7 +457,7 @@ def test_the_previous_version_stays_a_rollback_target(tmp_path, tiny_models):
         assert back.status_code == 200, back.get_json()
         assert infer(store_client)[:2] == ("2", 2.0)
     finally:
-        store_app.extensions["policy_runtime"].stop(5)
+        runtime_of(store_app).stop(5)
 
 
 @pytest.mark.parametrize("route", ["/update_model", "/models/other/load"])
@@ -506,7 +508,7 @@ def test_a_validation_error_shows_no_server_path(store_client, tiny_models):
     policy = tiny_models / "leaky" / "policy.py"
     policy.write_text(policy.read_text() + "\nopen(__file__ + '.missing')\n")
     body = refused(store_client.post("/update_model", json={"model_path": "leaky"}), 422, "policy.py.missing")
-    store = store_client.application.extensions["policy_runtime"].store
+    store = runtime_of(store_client.application).store
     for secret in (store.root, str(tiny_models), ".staging", socket.gethostname()):
         assert secret not in body["detail"], body
     outside = refused(store_client.post("/update_model", json={"model_path": ".."}), 403, "inside the model root")
@@ -550,9 +552,8 @@ def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(store_app, stor
     """A worker about to load version N while a later publish prunes N: no reload failure, and
     the watcher follows the newer pointer."""
     import dataclasses
-    import time
 
-    runtime = store_app.extensions["policy_runtime"]
+    runtime = runtime_of(store_app)
     store = runtime.store
     current = store.pointer("default")
     pruned = dataclasses.replace(current, version=99, generation=current.generation - 1)
@@ -573,8 +574,7 @@ def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(store_app, stor
     monkeypatch.undo()
     assert "default" not in runtime.follower.problems
     assert "pruned by a later update" in caplog.text and "failed" not in caplog.text
-    deadline = time.monotonic() + 5
-    while runtime.follower.generations.get("default") != current.generation and time.monotonic() < deadline:
-        time.sleep(0.01)
+    eventually(lambda: runtime.follower.generations.get("default") == current.generation, 5,
+               "the watcher following the newer pointer", every_s=0.01)
     assert runtime.follower.generations["default"] == current.generation
     assert infer(store_client)[:2] == ("1", 1.0)

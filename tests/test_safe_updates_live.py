@@ -18,9 +18,9 @@ import pytest
 from policy_server import store as store_module
 from policy_server.store import ModelStore
 from request_tools import PolicyClient, PolicyServerError
-from tests.fakes import fake_observation
-from tests.serving import run_server
-from tests.tiny_model import tiny_weights, write_linked_out_model, write_tiny_model
+from tests.support.fakes import fake_observation
+from tests.support.serving import run_server
+from tests.support.tiny_model import tiny_weights, write_linked_out_model, write_tiny_model
 
 pytestmark = pytest.mark.integration
 

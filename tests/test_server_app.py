@@ -6,7 +6,6 @@ import io
 import logging
 import os
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,8 +15,9 @@ from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server.config import ServerConfig
 from policy_server.contract import TensorSpec
 from server import create_app
-from tests.conftest import make_app
-from tests.fakes import FAKE_OUTPUTS, FakePolicy, expected_action, fake_observation
+from tests.support.apps import assert_error, make_app, runtime_of
+from tests.support.fakes import FAKE_OUTPUTS, FakePolicy, expected_action, fake_observation
+from tests.support.wait import eventually
 
 KEY = "test-key-0123456789"
 
@@ -28,17 +28,6 @@ def post_infer(client, body: bytes, **kwargs):
         "/infer", data=body, content_type="application/octet-stream",
         environ_overrides={"CONTENT_LENGTH": str(len(body))}, **kwargs,
     )
-
-
-def assert_error(response, status: int, *fragments: str) -> dict:
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/json"
-    payload = response.get_json()
-    assert set(payload) == {"error", "detail"}
-    text = payload["error"] + " " + payload["detail"]
-    for fragment in fragments:
-        assert fragment in text, text
-    return payload
 
 
 def test_infer_answers_the_policy_output_with_headers(client):
@@ -152,7 +141,7 @@ def test_ready_is_503_until_warm_then_200():
     gate = threading.Event()
     app = create_app(ServerConfig(), policy=FakePolicy(gate=gate))
     client = app.test_client()
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     runtime.start()
     assert_error(client.get("/ready"), 503, "loading")
     assert_error(post_infer(client, dict_to_binary(fake_observation())), 503, "loading")
@@ -166,7 +155,7 @@ def test_ready_is_503_until_warm_then_200():
 
 def test_failed_load_keeps_ready_503_with_a_pointer_to_the_log(tmp_path):
     app = create_app(ServerConfig(model_path=str(tmp_path)))
-    app.extensions["policy_runtime"].start(block=True)
+    runtime_of(app).start(block=True)
     client = app.test_client()
     assert_error(client.get("/ready"), 503, "failed to load", "log")
     assert str(tmp_path) not in client.get("/ready").get_data(as_text=True)
@@ -175,7 +164,7 @@ def test_failed_load_keeps_ready_503_with_a_pointer_to_the_log(tmp_path):
 
 def test_health_is_503_once_the_batcher_thread_is_gone(monkeypatch):
     app = create_app(ServerConfig(), policy=FakePolicy())
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     monkeypatch.setattr(runtime.batcher, "run", lambda: None)  # the loop ends while serving
     runtime.start(block=True)
     runtime._thread.join(5)
@@ -186,7 +175,7 @@ def test_health_is_503_once_the_batcher_thread_is_gone(monkeypatch):
 
 def test_health_stays_200_while_the_worker_stops():
     app = create_app(ServerConfig(), policy=FakePolicy())
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     runtime.start(block=True)
     runtime.stop(5)
     runtime._thread.join(5)
@@ -206,7 +195,7 @@ def test_building_the_app_creates_no_model_store(tmp_path, monkeypatch):
 
 def test_first_request_starts_loading_without_the_gunicorn_hook():
     app = create_app(ServerConfig(), policy=FakePolicy())
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     assert not runtime.booted
     app.test_client().get("/health")
     runtime.start(block=True)
@@ -239,16 +228,17 @@ class TestQueueingOverHttp:
     """Deadlines and back-pressure through the routes, with a slow fake policy."""
 
     def busy_app(self, **config):
-        policy = FakePolicy()
+        self.policy = policy = FakePolicy()
         app = make_app(policy, **config)
         policy.delay_s = 0.5  # after warm-up: each forward now takes 0.5 s
         return app
 
     def occupy(self, app) -> threading.Thread:
-        """Start one request that keeps the batcher busy for 0.5 s."""
+        """Start one request that keeps the batcher busy for 0.5 s, once its forward has begun."""
+        calls = self.policy.calls
         thread = threading.Thread(target=post_infer, args=(app.test_client(), dict_to_binary(fake_observation())))
         thread.start()
-        time.sleep(0.1)
+        eventually(lambda: self.policy.calls > calls, 10, "the busy request's forward begun")
         return thread
 
     def test_deadline_header_gives_504_without_compute(self):
@@ -275,7 +265,7 @@ class TestQueueingOverHttp:
         busy = self.occupy(app)
         queued = threading.Thread(target=post_infer, args=(app.test_client(), dict_to_binary(fake_observation())))
         queued.start()
-        time.sleep(0.1)
+        eventually(lambda: runtime_of(app).batcher.depth == 1, 10, "a request queued behind the busy one")
         response = post_infer(app.test_client(), dict_to_binary(fake_observation()))
         busy.join()
         queued.join()

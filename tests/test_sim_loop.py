@@ -13,7 +13,7 @@ import requests
 from examples import sim_loop
 from policy_client.chunk_merge import rtc_shift
 from request_tools import PolicyClient
-from tests.serving import run_server
+from tests.support.serving import run_server
 
 EPISODES = 3
 

@@ -25,7 +25,7 @@ from policy_server.errors import (
     UnknownVersion,
 )
 from policy_server.store import ModelStore
-from tests.tiny_model import tiny_weights, write_tiny_model
+from tests.support.tiny_model import tiny_weights, write_tiny_model
 
 
 @pytest.fixture

@@ -12,19 +12,20 @@ import os
 
 import pytest
 
-from tests.store_app import infer, make_store_app, push
-from tests.tiny_model import tiny_weights, write_tiny_model
+from tests.support.apps import runtime_of
+from tests.support.store_app import infer, make_store_app, push
+from tests.support.tiny_model import tiny_weights, write_tiny_model
 
 
 @pytest.fixture
 def app(tmp_path, tiny_models):  # this module's own: a store the worker does not poll
     app = make_store_app(tmp_path, tiny_models, store_poll_ms=60_000)
     yield app
-    app.extensions["policy_runtime"].stop(5)
+    runtime_of(app).stop(5)
 
 
 def test_the_receiving_worker_serves_a_validated_update_without_loading_it_again(app, monkeypatch):
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     loads = []
     load = runtime.warm_version
 
@@ -43,7 +44,7 @@ def test_the_receiving_worker_serves_a_validated_update_without_loading_it_again
 
 
 def test_adopt_never_serves_a_candidate_over_a_newer_pointer(app, tiny_models):  # noqa: F811 (the imported fixture)
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     follower, store, client = runtime.follower, runtime.store, app.test_client()
     write_tiny_model(tiny_models / "next", tag=5.0)
     staged = store.stage("default", str(tiny_models / "next"))
@@ -70,7 +71,7 @@ def test_adopt_never_serves_a_candidate_over_a_newer_pointer(app, tiny_models): 
 def test_the_watcher_never_swaps_back_to_a_pointer_an_adopted_update_superseded(app, tiny_models, monkeypatch):
     """The watcher reads a pointer, then an update is published and adopted here before the
     watcher takes the lock: it must not load the version it read (older than the one served)."""
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     follower, store, client = runtime.follower, runtime.store, app.test_client()
     write_tiny_model(tiny_models / "two", tag=2.0)
     write_tiny_model(tiny_models / "three", tag=3.0)

@@ -24,9 +24,9 @@ from policy_server.oip_bytes import encode_texts
 from policy_server.response_cache import input_digest
 from policy_server.tensors import complete_inputs
 from request_tools import PolicyClient, PolicyServerError
-from tests.conftest import make_app
-from tests.serving import run_server
+from tests.support.apps import make_app
 from tests.support.raw_websocket import RawWebSocket, frame
+from tests.support.serving import run_server
 
 
 class Echo:

@@ -1,7 +1,7 @@
 """TLS: the certificate settings in the config, and HTTPS end to end through a real gunicorn,
 the front door doing the handshake on its poller (policy_server/front_door_tls.py).
 
-Certificates are made per run with the ``openssl`` command (tests/tls_certs.py): a test CA, a
+Certificates are made per run with the ``openssl`` command (tests/support/tls_certs.py): a test CA, a
 server certificate for 127.0.0.1 and localhost, and a client certificate (mutual TLS)."""
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from policy_server.config import ServerConfig
 from policy_server.errors import ConfigError
 from policy_server.launcher import ROOT, build_config
 from request_tools import PolicyClient, PolicyConnectionError, send_inference_request
-from tests.serving import run_server
-from tests.test_front_door import closed_by_server, errors_in, read_answer, read_answers
-from tests.test_observability import metric
-from tests.tls_certs import HAVE_OPENSSL, issue_server_certificate, make_pki
+from tests.support.prometheus import metric, scrape
+from tests.support.raw_http import closed_by_server, read_answer, read_answers, taken_in
+from tests.support.serving import errors_in, run_server
+from tests.support.tls_certs import HAVE_OPENSSL, issue_server_certificate, make_pki
+from tests.support.wait import eventually
 
 HEAD_TIMEOUT_S = 1.0
 
@@ -113,10 +114,6 @@ def tls_socket(port: int, ca: Path, timeout_s: float = 30.0) -> ssl.SSLSocket:
                                server_hostname="127.0.0.1")
 
 
-def _metrics(server, ca: Path) -> str:
-    return requests.get(server.base_url + "/metrics", timeout=10, verify=str(ca)).text
-
-
 def _observation() -> dict:
     from examples.reacher import ReacherEnv
 
@@ -183,7 +180,7 @@ def test_a_request_already_decrypted_is_read_after_the_previous_answer(tls_serve
     probe = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     with tls_socket(tls_server.port, pki / "ca.pem", timeout_s=10.0) as sock:
         sock.sendall(head + body[:100])
-        time.sleep(0.2)  # the head arrives alone: the rest of the body is received in place
+        time.sleep(0.2)  # the scenario: the head arrives alone, the rest of the body is received in place
         sock.sendall(body[100:-50])
         sock.sendall(body[-50:] + probe)  # one record: the body's end and the next request
         answers = read_answers(sock, 2, timeout_s=10.0)
@@ -193,7 +190,7 @@ def test_a_request_already_decrypted_is_read_after_the_previous_answer(tls_serve
 
 @pytest.mark.integration
 def test_plain_http_on_the_tls_port_is_told_and_closed(tls_server, pki):
-    before = metric(_metrics(tls_server, pki / "ca.pem"), "policy_front_door_refusals_total",
+    before = metric(scrape(tls_server, verify=str(pki / "ca.pem")), "policy_front_door_refusals_total",
                     reason="plain_http_on_tls", status="400")
     answer = requests.get(f"http://127.0.0.1:{tls_server.port}/health", timeout=10)
     assert answer.status_code == 400 and "https://" in answer.json()["detail"]
@@ -202,7 +199,7 @@ def test_plain_http_on_the_tls_port_is_told_and_closed(tls_server, pki):
         assert closed_by_server(sock)
     with PolicyClient(tls_server.base_url, verify=str(pki / "ca.pem")) as client:
         assert client.health() and "action" in client.infer(_observation())
-    after = metric(_metrics(tls_server, pki / "ca.pem"), "policy_front_door_refusals_total",
+    after = metric(scrape(tls_server, verify=str(pki / "ca.pem")), "policy_front_door_refusals_total",
                    reason="plain_http_on_tls", status="400")
     assert after == before + 1
     assert len(tls_server.ready_workers()) == 1 and not errors_in(tls_server.log())
@@ -220,7 +217,7 @@ def _client_hello() -> bytes:
 @pytest.mark.integration
 def test_a_stalled_handshake_holds_no_thread_and_is_closed_after_the_head_timeout(tls_server, pki):
     hello = _client_hello()
-    before = metric(_metrics(tls_server, pki / "ca.pem"), "policy_front_door_closed_total",
+    before = metric(scrape(tls_server, verify=str(pki / "ca.pem")), "policy_front_door_closed_total",
                     reason="tls_handshake_timeout")
     stalled = []
     for i in range(6):  # more than the worker's 4 request threads
@@ -232,6 +229,8 @@ def test_a_stalled_handshake_holds_no_thread_and_is_closed_after_the_head_timeou
         assert client.health() and client.ready()  # probes answered while the handshakes stall
         assert "action" in client.infer(_observation())
     try:
+        # Nothing to wait for: 0.3 s of the 1 s head timeout pass, and no stalled handshake may be
+        # closed by then.
         time.sleep(max(0.0, 0.3 - (time.monotonic() - began)))
         for sock in stalled:  # not closed before the head timeout ...
             sock.setblocking(False)
@@ -245,7 +244,7 @@ def test_a_stalled_handshake_holds_no_thread_and_is_closed_after_the_head_timeou
     finally:
         for sock in stalled:
             sock.close()
-    after = metric(_metrics(tls_server, pki / "ca.pem"), "policy_front_door_closed_total",
+    after = metric(scrape(tls_server, verify=str(pki / "ca.pem")), "policy_front_door_closed_total",
                    reason="tls_handshake_timeout")
     assert after == before + len(stalled)
     assert len(tls_server.ready_workers()) == 1 and not errors_in(tls_server.log())
@@ -296,10 +295,10 @@ def test_stalled_handshakes_cannot_lock_the_door(pki, tmp_path):
     with run_server(tmp_path, workers=1, args=_tls_args(pki), env=env, tls_ca=ca) as server:
         stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(60)]
         try:
-            time.sleep(0.3)
+            taken_in(stalled, held=40)
             assert requests.get(server.base_url + "/health", timeout=2, verify=ca).status_code == 200
             assert closed_by_server(stalled[0], timeout_s=2)  # the oldest went, quietly
-            assert metric(_metrics(server, pki / "ca.pem"), "policy_front_door_closed_total", reason="evicted") >= 20
+            assert metric(scrape(server, verify=ca), "policy_front_door_closed_total", reason="evicted") >= 20
         finally:
             for sock in stalled:
                 sock.close()
@@ -310,15 +309,6 @@ def _served_certificate(port: int, ca: Path) -> bytes:
     """The DER certificate the server presents now (a fresh connection and handshake)."""
     with tls_socket(port, ca, timeout_s=10) as sock:
         return sock.getpeercert(binary_form=True)
-
-
-def _wait_for(condition, timeout_s: float = 15.0) -> bool:
-    give_up = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > give_up:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 @pytest.mark.integration
@@ -340,7 +330,7 @@ def test_rotated_certificate_files_are_served_without_new_workers(pki, tmp_path)
         (live / f"{target}.new").replace(live / target)
 
     def reloads(outcome: str) -> float:
-        return metric(_metrics(server, ca), "policy_tls_certificate_reloads_total", outcome=outcome) or 0.0
+        return metric(scrape(server, verify=str(ca)), "policy_tls_certificate_reloads_total", outcome=outcome) or 0.0
 
     with run_server(tmp_path, workers=1, args=args, tls_ca=str(ca)) as server:
         old = _served_certificate(server.port, ca)
@@ -348,13 +338,15 @@ def test_rotated_certificate_files_are_served_without_new_workers(pki, tmp_path)
         workers = server.ready_workers()
 
         swap(new_pem, "server.pem")  # the new certificate beside the old key: they do not load together
-        assert _wait_for(lambda: reloads("failed") >= 1), server.log()[-2000:]
+        eventually(lambda: reloads("failed") >= 1, 15, "a failed certificate reload counted", every_s=0.1,
+                   context=lambda: server.log()[-2000:])
         assert _served_certificate(server.port, ca) == old
         assert "still serving the previous certificate" in server.log()
 
         swap(new_key, "server.key")
         new = ssl.PEM_cert_to_DER_cert(new_pem.read_text())
-        assert _wait_for(lambda: _served_certificate(server.port, ca) == new), server.log()[-2000:]
+        eventually(lambda: _served_certificate(server.port, ca) == new, 15, "the new certificate served",
+                   every_s=0.1, context=lambda: server.log()[-2000:])
         assert reloads("loaded") >= 1
         with PolicyClient(server.base_url, verify=str(ca)) as client:
             assert client.infer(_observation())["action"].shape[-1] > 0

@@ -15,7 +15,7 @@ import requests
 from policy_server.config import ServerConfig
 from policy_server.errors import ConfigError
 from request_tools import ChunkRunner, LoopClock, PolicyClient, PolicyConnectionError, unix_socket_path
-from tests.serving import ROOT, run_server
+from tests.support.serving import ROOT, run_server
 
 HORIZON_OF_DEFAULT = 10  # models/default answers 10-action chunks: ask at every step, so several are out
 

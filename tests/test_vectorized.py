@@ -16,10 +16,9 @@ from policy_server.errors import PayloadTooLarge, QueueFull
 from policy_server.launcher import ROOT
 from policy_server.model_loader import load_model_dir
 from policy_server.tensors import parse_batch_rows
-from tests.conftest import make_app
-from tests.fakes import FakePolicy, expected_action, fake_observation
-from tests.gated_executor import GatedExecutor, later, obs
-from tests.test_server_app import assert_error
+from tests.support.apps import assert_error, make_app, runtime_of
+from tests.support.fakes import FakePolicy, expected_action, fake_observation
+from tests.support.gated_executor import GatedExecutor, later, obs
 
 
 def post(client, inputs, rows=None, route="/infer"):
@@ -122,7 +121,7 @@ def test_vectorized_request_over_two_batches_equals_unbatched(default_app):
         {"state": rng.standard_normal(6).astype(np.float32),
          "image": rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)} for _ in range(6)
     ]
-    runtime = default_app.extensions["policy_runtime"]
+    runtime = runtime_of(default_app)
     client = default_app.test_client()
     before = runtime.batcher.batches
     response = post(client, stacked(observations), rows=6)
@@ -192,7 +191,7 @@ def test_a_vectorized_request_is_cached_whole(client):
 
 def test_optional_inputs_are_filled_by_the_server_and_share_a_batch():
     app = make_app(RtcFake())
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     client = app.test_client()
     observation = fake_observation(5)
     plain = binary_to_dict(post(client, observation).get_data())["action"]
@@ -248,7 +247,7 @@ def test_parse_batch_rows():
 def test_the_executor_fills_an_optional_input_a_queued_request_lacks():
     """A request queued before a hot swap added an optional input still stages."""
     from policy_server.model_loader import describe
-    from tests.fakes import run_in_process
+    from tests.support.fakes import run_in_process
 
     model = describe(RtcFake(), name="rtc", version="1", device="cpu")
     observation = fake_observation(8)

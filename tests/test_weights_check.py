@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from policy_server.errors import InvalidModel
 from policy_server.weights_check import check_directory, check_file, check_push, read_header
-from tests.tiny_model import tiny_weights
+from tests.support.tiny_model import tiny_weights
 
 
 def raw_file(path, header, data: bytes = b"") -> str:

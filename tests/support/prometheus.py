@@ -1,8 +1,10 @@
-"""Reading one sample out of a Prometheus text exposition."""
+"""Reading one sample out of a Prometheus text exposition, and a running server's exposition."""
 
 from __future__ import annotations
 
 import re
+
+import requests
 
 
 def metric(text: str, name: str, **labels) -> float:
@@ -13,3 +15,9 @@ def metric(text: str, name: str, **labels) -> float:
     )
     match = pattern.search(text)
     return float(match.groups()[-1]) if match else 0.0
+
+
+def scrape(server, verify: bool | str = True) -> str:
+    """``GET /metrics`` of a running server (``tests.support.serving.RunningServer``); ``verify``
+    is a CA bundle for HTTPS."""
+    return requests.get(server.base_url + "/metrics", timeout=10, verify=verify).text

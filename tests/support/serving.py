@@ -9,14 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support.wait import eventually
+
+ROOT = Path(__file__).resolve().parents[2]
 READY_LINE = re.compile(r"worker (\d+) ready")
 
 
@@ -87,14 +88,14 @@ def run_server(
             start_new_session=True,
         )
     server = RunningServer(process, port, log_path, "https" if tls_ca else "http")
+
+    def all_ready() -> bool:  # a server that exited is not waited for
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        return len(server.ready_workers()) >= workers
+
     try:
-        deadline = time.monotonic() + startup_timeout_s
-        while len(server.ready_workers()) < workers:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in {startup_timeout_s} s:\n{server.log()}")
-            time.sleep(0.1)
+        eventually(all_ready, startup_timeout_s, f"{workers} workers ready", every_s=0.1, context=server.log)
         if tcp:
             requests.get(server.base_url + "/health", timeout=5, verify=tls_ca or True).raise_for_status()
         yield server
@@ -110,3 +111,8 @@ def stop(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def errors_in(log: str) -> list[str]:
+    """Lines logged at ERROR (ours or gunicorn's) and tracebacks."""
+    return [line for line in log.splitlines() if " ERROR " in line or "[ERROR]" in line or "Traceback" in line]

@@ -1,4 +1,4 @@
-"""An in-process app over a model store seeded with a tiny model (tests/tiny_model.py).
+"""An in-process app over a model store seeded with a tiny model (tests/support/tiny_model.py).
 
 The fixtures ``tiny_models``, ``store_app`` and ``store_client`` (tests/conftest.py) build on
 these helpers; model admin, safe update and store follower tests share them.
@@ -9,7 +9,8 @@ from __future__ import annotations
 from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server.config import ServerConfig
 from server import create_app
-from tests.fakes import fake_observation
+from tests.support.apps import runtime_of
+from tests.support.fakes import fake_observation
 
 BINARY = {"Content-Type": "application/octet-stream"}
 
@@ -22,7 +23,7 @@ def make_store_app(tmp_path, model_root, **config):
     )
     settings.update(config)
     app = create_app(ServerConfig(**settings))
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     runtime.start(block=True)
     assert runtime.ready, runtime.failure
     return app
