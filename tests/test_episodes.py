@@ -16,10 +16,11 @@ import openpi_wire
 from binary_protocol import dict_to_binary
 from policy_server.episodes import canary_share
 from policy_server.openpi_session import OpenpiSession
-from tests.fakes import fake_observation
-from tests.store_app import BINARY, infer, make_store_app, push
+from tests.support.apps import runtime_of
+from tests.support.fakes import fake_observation
+from tests.support.store_app import BINARY, infer, make_store_app, push
+from tests.support.tiny_model import tiny_weights
 from tests.support.wait import eventually
-from tests.tiny_model import tiny_weights
 
 RETAIN_S = 0.6
 
@@ -28,7 +29,7 @@ RETAIN_S = 0.6
 def app(tmp_path, tiny_models):  # version 1 answers 1.0
     app = make_store_app(tmp_path, tiny_models, retain_previous_s=RETAIN_S)
     yield app
-    app.extensions["policy_runtime"].stop(5)
+    runtime_of(app).stop(5)
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def detail(client, name="default"):
 
 
 def test_a_pin_is_answered_by_exactly_its_version_across_an_update_and_a_version_not_served_is_409(app, client):
-    batches = app.extensions["policy_runtime"].batcher
+    batches = runtime_of(app).batcher
     assert push(client, tiny_weights(2.0)).status_code == 200  # version 2
     assert infer(client)[:2] == ("2", 2.0)
     assert infer(client, headers={"X-Model-Version": "1"})[:2] == ("1", 1.0)  # the retained version
@@ -74,7 +75,7 @@ def test_a_pin_is_answered_by_exactly_its_version_across_an_update_and_a_version
 
 def test_the_retained_version_stays_while_pinned_requests_come_and_goes_a_window_after_the_last(app, client):
     assert push(client, tiny_weights(2.0)).status_code == 200
-    runtime = app.extensions["policy_runtime"]
+    runtime = runtime_of(app)
     keep_until = time.monotonic() + 2.5 * RETAIN_S  # pinned requests past the first window keep it
     while time.monotonic() < keep_until:
         assert infer(client, headers={"X-Model-Version": "1"})[:2] == ("1", 1.0)
@@ -94,7 +95,7 @@ def test_without_retention_the_superseded_version_is_gone_at_once(tmp_path, tiny
         assert push(client, tiny_weights(2.0)).status_code == 200
         assert pinned(client, 1).status_code == 409 and infer(client)[:2] == ("2", 2.0)
     finally:
-        app.extensions["policy_runtime"].stop(5)
+        runtime_of(app).stop(5)
 
 
 def test_a_canary_assigns_episodes_by_their_hash_and_ends_promoted_or_retained(app, client):
@@ -208,7 +209,8 @@ def test_outcomes_are_counted_per_version_and_bad_reports_refused_naming_the_fie
 
 
 def test_an_openpi_connection_holds_its_first_answers_version_until_a_reset_or_a_new_session(app, client):
-    runtime, config = app.extensions["policy_runtime"], app.extensions["policy_runtime"].config
+    runtime = runtime_of(app)
+    config = runtime.config
     session = OpenpiSession(runtime, config, None, "ws:/", "127.0.0.1", observe=lambda **_: None)
     session.greeting()
 
@@ -233,7 +235,7 @@ def test_an_openpi_connection_holds_its_first_answers_version_until_a_reset_or_a
 def test_a_pin_to_a_version_the_store_names_but_this_worker_has_not_loaded_yet_is_503_not_409(tmp_path, tiny_models):
     app = make_store_app(tmp_path, tiny_models, store_poll_ms=60_000)  # the watcher does not poll here
     try:
-        client, runtime = app.test_client(), app.extensions["policy_runtime"]
+        client, runtime = app.test_client(), runtime_of(app)
         store = runtime.store
         store.publish("default", store.stage("default", str(tiny_models / "tiny")), canary=0.5)  # another instance
         waiting = pinned(client, 2)
@@ -243,4 +245,4 @@ def test_a_pin_to_a_version_the_store_names_but_this_worker_has_not_loaded_yet_i
         runtime.follower.sync()
         assert infer(client, headers={"X-Model-Version": "2"})[:2] == ("2", 1.0)
     finally:
-        app.extensions["policy_runtime"].stop(5)
+        runtime_of(app).stop(5)

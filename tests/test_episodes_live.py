@@ -20,10 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from policy_server.episodes import canary_share
 from request_tools import ChunkRunner, PolicyClient, PolicyServerError
-from tests.fakes import fake_observation
-from tests.serving import run_server
+from tests.support.fakes import fake_observation
+from tests.support.serving import run_server
+from tests.support.tiny_model import tiny_weights, write_tiny_model
 from tests.support.wait import eventually
-from tests.tiny_model import tiny_weights, write_tiny_model
 
 pytestmark = pytest.mark.integration
 
@@ -79,7 +79,7 @@ def test_pinned_episodes_across_updates_on_every_worker_then_409_after_the_windo
             actions: list[float] = []
             episode = threading.Thread(target=run_episode, args=(runner, 120, actions))
             episode.start()
-            time.sleep(0.6)
+            eventually(lambda: runner.episode_version, 10, "the episode's first chunk")
             answer = admin.update_model(weights=tiny_weights(tag("2")), wait_s=10)  # mid-episode
             assert (answer["version"], answer["retained"]["version"], answer["all_workers"]) == (2, 1, True)
             with ThreadPoolExecutor(8) as pool:  # new connections, spread over the workers

@@ -13,7 +13,7 @@ from policy_server.episodes import canary_share, parse_episode_id, parse_version
 from policy_server.errors import BadRequest, Conflict, UnknownVersion
 from policy_server.store import ModelStore
 from policy_server.store_pointer import Pointer, check_fraction
-from tests.tiny_model import write_tiny_model
+from tests.support.tiny_model import write_tiny_model
 
 
 @pytest.fixture
