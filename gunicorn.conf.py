@@ -38,7 +38,7 @@ _created_run_dir = _config.run_dir is None
 _run_dir = _config.run_dir or tempfile.mkdtemp(prefix="policy-server-")
 os.environ["POLICY_SERVER_RUN_DIR"] = _run_dir
 # prometheus_client reads this when a worker first imports it: every worker's metrics go
-# to mmap files here and /metrics sums them (policy_server/metrics.py).
+# to mmap files here and /metrics sums them (policy_server/telemetry/metrics.py).
 _metrics_dir = os.path.join(_run_dir, "metrics")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
@@ -101,7 +101,7 @@ def child_exit(server, worker):
 
 def on_exit(server):
     """After every worker drained: the instance's final numbers, then the scratch space goes."""
-    from policy_server.stats import write_final_metrics
+    from policy_server.telemetry.stats import write_final_metrics
 
     try:
         path = write_final_metrics(_run_dir, _config.log_dir or "logs")
@@ -122,7 +122,7 @@ def post_worker_init(worker):
     master's worker timeout from firing while it loads. ``worker.age`` counts spawned
     workers, so with several GPUs worker i gets GPU i % n."""
     if _config.malloc_tuning:
-        from policy_server.allocator import tune_malloc
+        from policy_server.serving.allocator import tune_malloc
 
         tune_malloc()
     runtime = _runtime(worker)

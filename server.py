@@ -13,22 +13,14 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 
 from binary_protocol import binary_to_dict, dict_to_binary
-from policy_server import access, metrics, observability
-from policy_server.access import ADMIN, DOCS, INFERENCE, INFO, PROBES, RouteGroup
-from policy_server.config import ServerConfig
-from policy_server.errors import BatcherLost
-from policy_server.inference import Call, infer_call
-from policy_server.model_admin import ModelAdmin
-from policy_server.model_catalog import ModelCatalog
-from policy_server.observability import note
-from policy_server.oip_routes import oip_blueprint
-from policy_server.openapi import openapi_document
-from policy_server.openpi_routes import openpi_blueprint
-from policy_server.outcomes import outcomes_blueprint
-from policy_server.runtime import PolicyRuntime
-from policy_server.stats import instance_summary
-from policy_server.tensors import BATCH_ROWS_HEADER, parse_batch_rows
-from policy_server.web import (
+from policy_server.app import access, observability
+from policy_server.app.access import ADMIN, DOCS, INFERENCE, INFO, PROBES, RouteGroup
+from policy_server.app.model_admin import ModelAdmin
+from policy_server.app.model_catalog import ModelCatalog
+from policy_server.app.observability import note
+from policy_server.app.openapi import openapi_document
+from policy_server.app.outcomes import outcomes_blueprint
+from policy_server.app.web import (
     PolicyFlask,
     answer_headers,
     binary_response,
@@ -40,6 +32,15 @@ from policy_server.web import (
     requested_outputs,
     wait_seconds,
 )
+from policy_server.config import ServerConfig
+from policy_server.errors import BatcherLost
+from policy_server.inputs.tensors import BATCH_ROWS_HEADER, parse_batch_rows
+from policy_server.oip.routes import oip_blueprint
+from policy_server.openpi.routes import openpi_blueprint
+from policy_server.serving.inference import Call, infer_call
+from policy_server.serving.runtime import PolicyRuntime
+from policy_server.telemetry import metrics
+from policy_server.telemetry.stats import instance_summary
 from policy_server.wsgi_keys import BUDGET
 
 
@@ -67,7 +68,7 @@ def create_app(config: ServerConfig | None = None, policy: Any = None) -> Flask:
         if not runtime.booted:  # served without gunicorn.conf.py's post_worker_init hook
             runtime.start()
 
-    # Every route is in the group of its audience, which decides the key it needs (access.py).
+    # Every route is in the group of its audience, which decides the key it needs (policy_server/app/access.py).
     keys = (config.api_key, config.admin_key)
     probes = RouteGroup(PROBES, *keys)  # open; the access log line at DEBUG
     docs = RouteGroup(DOCS, *keys)  # open

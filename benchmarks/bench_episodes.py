@@ -273,8 +273,8 @@ def micro(args) -> dict:
     import timeit
     from types import SimpleNamespace
 
-    from policy_server.episodes import parse_episode_id, parse_version
-    from policy_server.model_versions import ModelVersions
+    from policy_server.inputs.episodes import parse_episode_id, parse_version
+    from policy_server.serving.model_versions import ModelVersions
 
     def served(version: str):
         return SimpleNamespace(model=SimpleNamespace(version=version), weight_bytes=0)

@@ -22,11 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.timing import time_executor  # noqa: E402
-from policy_server.batcher import Batcher  # noqa: E402
-from policy_server.executor import BatchExecutor  # noqa: E402
-from policy_server.model_loader import load_model_dir  # noqa: E402
-from policy_server.serving_model import Served  # noqa: E402
-from policy_server.tensors import sample_inputs  # noqa: E402
+from policy_server.inputs.tensors import sample_inputs  # noqa: E402
+from policy_server.model.loader import load_model_dir  # noqa: E402
+from policy_server.serving.batcher import Batcher  # noqa: E402
+from policy_server.serving.executor import BatchExecutor  # noqa: E402
+from policy_server.serving.served import Served  # noqa: E402
 
 log = logging.getLogger("bench_gpu")
 MODEL = str(ROOT / "models" / "default")

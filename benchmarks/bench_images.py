@@ -106,7 +106,7 @@ def closed_loop_in_process(episodes: int, seed: int) -> list[dict]:
     """The same episodes in-process (no network, no queue): only the JPEG round trip differs."""
     from examples.sim_loop import in_process_policy
     from policy_server.contract import TensorSpec
-    from policy_server.images import decoded_inputs
+    from policy_server.inputs.images import decoded_inputs
 
     policy = in_process_policy(str(Path(__file__).resolve().parent.parent / "models" / "default"))
     spec = [TensorSpec("image", "uint8", (480, 640, 3))]

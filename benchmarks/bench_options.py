@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.timing import time_executor  # noqa: E402
 from policy_server.config import ServerConfig  # noqa: E402
-from policy_server.executor import BatchExecutor  # noqa: E402
-from policy_server.model_loader import load_model_dir  # noqa: E402
-from policy_server.serving_model import SpeedOptions, apply_speed_options  # noqa: E402
-from policy_server.tensors import sample_inputs  # noqa: E402
+from policy_server.inputs.tensors import sample_inputs  # noqa: E402
+from policy_server.model.loader import load_model_dir  # noqa: E402
+from policy_server.serving.executor import BatchExecutor  # noqa: E402
+from policy_server.serving.served import SpeedOptions, apply_speed_options  # noqa: E402
 
 log = logging.getLogger("bench_options")
 MODEL = str(ROOT / "models" / "default")

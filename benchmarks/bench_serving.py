@@ -73,8 +73,8 @@ def compute_floor(iters: int) -> dict:
     """In-process forward of the same policy through the batch executor, per batch size."""
     import torch
 
-    from policy_server.executor import BatchExecutor
-    from policy_server.model_loader import load_model_dir
+    from policy_server.model.loader import load_model_dir
+    from policy_server.serving.executor import BatchExecutor
 
     out = {}
     obs = reference_observation()

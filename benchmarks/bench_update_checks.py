@@ -2,7 +2,7 @@
 
 Per step, over ``--repeats`` runs: median, p90 and max in milliseconds of
 
-- ``copy_confined``: staging by :func:`policy_server.model_files.copy_tree` (fd walk,
+- ``copy_confined``: staging by :func:`policy_server.model.files.copy_tree` (fd walk,
   O_NOFOLLOW, link checks), against ``copy_shutil`` (``shutil.copytree``, what it replaced);
 - ``check_directory``: every safetensors header parsed strictly and every tensor finite;
 - ``check_push``: a pushed state dict checked against the header (keys, dtype, shape, finite);
@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.timing import write_json  # noqa: E402
-from policy_server import model_files, weights_check  # noqa: E402
 from policy_server.config import ServerConfig  # noqa: E402
-from policy_server.model_loader import load_model_dir  # noqa: E402
-from policy_server.serving_model import prepare, warm_up  # noqa: E402
+from policy_server.model import files as model_files  # noqa: E402
+from policy_server.model import weights_check
+from policy_server.model.loader import load_model_dir  # noqa: E402
+from policy_server.serving.served import prepare, warm_up  # noqa: E402
 
 log = logging.getLogger("bench_update_checks")
 

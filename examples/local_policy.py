@@ -1,8 +1,8 @@
 """A model directory loaded in this process, and one observation through it, text inputs included.
 
 The examples and tests call policies in process the way the server does: loaded through
-``policy_server.model_loader.load_model_dir`` (strict weights, the contract's checks), the
-observation checked and completed by the server's own ``policy_server.tensors.complete_inputs``
+``policy_server.model.loader.load_model_dir`` (strict weights, the contract's checks), the
+observation checked and completed by the server's own ``policy_server.inputs.tensors.complete_inputs``
 (422-style ``InvalidInput`` naming the field, text inputs included), and handed a batch of one:
 the tensors as ``[1, *shape]`` and each text input (a ``contract.TextSpec``, e.g. the
 instructed policy's ``prompt``) as a list of one ``str``.
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from policy_server.contract import is_text
-from policy_server.model_loader import LoadedModel, load_model_dir
-from policy_server.tensors import complete_inputs
+from policy_server.inputs.tensors import complete_inputs
+from policy_server.model.loader import LoadedModel, load_model_dir
 
 
 def load_local(model_dir: str, device: str = "cpu") -> LoadedModel:

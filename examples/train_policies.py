@@ -17,7 +17,7 @@ random staleness 0-3, aligned or not) and every state it visits is added with th
 label (DAgger), so the policy learns to recover from its own mistakes.
 
 Each policy is written to ``<out-dir>/<model>/model.safetensors`` through its own
-``policy.py`` architecture, loaded back through ``policy_server.model_loader`` and evaluated
+``policy.py`` architecture, loaded back through ``policy_server.model.loader`` and evaluated
 in process, fresh and with stale observations, on ``ReacherEnv(seed)`` episodes for seeds
 from ``--eval-seed`` (1,000,000) on. Training never builds a ``ReacherEnv``: its episodes
 and states come from one generator seeded with ``--seed`` (+1 for the transformer, +2 for

@@ -84,7 +84,7 @@ class ServerConfig:
     timeout_s: int = _opt(120, "gunicorn worker timeout: a silent worker is restarted after this")
     graceful_timeout_s: int = _opt(30, "seconds a worker gets to finish in-flight requests on SIGTERM")
     keepalive_s: int = _opt(75, "seconds an idle keep-alive connection stays open")
-    # The front door (policy_server/front_door.py): reading requests before a thread sees them.
+    # The front door (policy_server/front_door/worker.py): reading requests before a thread sees them.
     head_timeout_s: float = _opt(
         10.0, "seconds from a request's first byte to its complete head; past it: 408 and the connection "
         "closes (a connection that sends nothing is closed quietly after keepalive_s)"

@@ -3,7 +3,7 @@
 A model directory holds ``policy.py`` (:data:`POLICY_FILE`) defining
 ``load_model(model_dir: str, device) -> policy`` and its weights (safetensors, conventionally
 :data:`WEIGHTS_FILE`; never an arbitrary pickle). :func:`require_model_dir` is the one check
-that a path is a model directory, :func:`directory_digest` its content digest, and
+that a path is a model directory (its content digest is :func:`policy_server.model.files.digest`), and
 :data:`MODEL_NAME_PATTERN` what a model may be called (:func:`check_model_name`). The policy
 ``load_model`` returns follows :class:`Policy`:
 
@@ -48,7 +48,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from policy_server import model_files
 from policy_server.errors import InvalidModelName, NotAModelDirectory
 
 POLICY_FILE = "policy.py"
@@ -193,7 +192,7 @@ class Policy(Protocol):
     """What ``load_model`` returns. ``forward`` takes and returns batched tensors.
 
     The members in :data:`POLICY_REQUIRED` must exist; the others are optional, with the
-    defaults in :data:`POLICY_DEFAULTS` (``model_loader.describe`` checks both).
+    defaults in :data:`POLICY_DEFAULTS` (``model.loader.describe`` checks both).
     """
 
     input_spec: Sequence[TensorSpec]
@@ -229,13 +228,3 @@ def require_model_dir(path: str, shown: str | None = None) -> str:
     if not os.path.isfile(os.path.join(path, POLICY_FILE)):
         raise NotAModelDirectory(f"{shown or path} is not a model directory (no {POLICY_FILE})")
     return path
-
-
-def directory_digest(model_dir: str, root: str | None = None, *, suffix: str = "",
-                     limits: model_files.Limits | None = None) -> str:
-    """A model directory's digest: a short sha256 over every regular file's relative path and
-    content in sorted order (only files ending in ``suffix`` when given), read confined to
-    ``root`` (default: ``model_dir``). The store's pointer and ``/model_info`` carry it.
-    Raises what :func:`policy_server.model_files.digest` raises (Forbidden, InvalidModel,
-    PayloadTooLarge)."""
-    return model_files.digest(model_dir, root, suffix=suffix, limits=limits)

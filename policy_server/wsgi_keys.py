@@ -1,6 +1,6 @@
 """What the front door and the app tell each other about one request, through its WSGI environ.
 
-The front door (:mod:`policy_server.front_door`) sets the first three before the app runs;
+The front door (:mod:`policy_server.front_door.worker`) sets the first three before the app runs;
 the app sets :data:`DEADLINE` once it knows the request's deadline, and :data:`UPGRADE` when
 it answers a WebSocket upgrade. Outside the front door
 (a test client, plain gthread) none is set, and the app falls back as each reader says.

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from policy_server.batcher import Batcher
+from policy_server.serving.batcher import Batcher
 from tests.support.apps import make_app, runtime_of
 from tests.support.gated_executor import GatedExecutor
 from tests.support.store_app import make_store_app

@@ -11,11 +11,11 @@ import re
 import pytest
 from flask import Blueprint, Flask
 
-from policy_server.access import ADMIN, INFO, WEBSOCKET, Access, RouteGroup, audience_of, require_declared_access
+from policy_server.app.access import ADMIN, INFO, WEBSOCKET, Access, RouteGroup, audience_of, require_declared_access
+from policy_server.app.openapi import openapi_document
+from policy_server.app.web import PolicyFlask, register_error_handlers
 from policy_server.config import ServerConfig
 from policy_server.errors import ConfigError
-from policy_server.openapi import openapi_document
-from policy_server.web import PolicyFlask, register_error_handlers
 from server import create_app
 from tests.support.apps import make_app, runtime_of
 from tests.support.fakes import FakePolicy
@@ -159,7 +159,7 @@ def test_the_group_decides_stats_and_log_level(caplog):
 def test_the_instance_totals_count_the_inference_groups_routes():
     """Under gunicorn, /stats totals and final_metrics.json count policy_requests_total by
     route rule from a set the master keeps (it builds no app): the inference group's rules."""
-    from policy_server.stats import INFERENCE_ROUTES
+    from policy_server.telemetry.stats import INFERENCE_ROUTES
 
     app = make_app()
     http = {rule.rule for _, rule, _, audience in operations(app) if audience.inference}
@@ -187,14 +187,14 @@ def test_an_unhandled_error_is_a_generic_json_500_logged_once_with_its_traceback
     assert response.status_code == 500
     assert response.get_json() == {"error": "internal server error", "detail": "see the server log"}
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert [(r.name, r.getMessage()) for r in errors] == [("policy_server.web", "unhandled error on GET /stats")]
+    assert [(r.name, r.getMessage()) for r in errors] == [("policy_server.app.web", "unhandled error on GET /stats")]
     assert "secret detail of a bug" in caplog.text and "Traceback" in caplog.text
 
 
 def test_the_front_doors_body_limit_of_every_route_is_its_groups_declaration():
     """The door bounds a body before the app runs; the limit comes from the route's group, so a
     renamed or added management route keeps the large limit and nothing else gets it."""
-    from policy_server.front_door_http import AppRoutes
+    from policy_server.front_door.http import AppRoutes
 
     settings = ServerConfig(max_body_bytes=1000, max_update_bytes=5000)
     app = make_app()

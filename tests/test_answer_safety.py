@@ -19,12 +19,13 @@ import requests
 import torch
 
 from binary_protocol import binary_to_dict, dict_to_binary
-from policy_server import metrics, oip
-from policy_server.batcher import Batcher
 from policy_server.contract import TensorSpec
 from policy_server.errors import NonFiniteOutput
-from policy_server.model_loader import describe
-from policy_server.serving_model import Served
+from policy_server.model.loader import describe
+from policy_server.oip import codec as oip
+from policy_server.serving.batcher import Batcher
+from policy_server.serving.served import Served
+from policy_server.telemetry import metrics
 from tests.support.apps import make_app
 from tests.support.fakes import FakePolicy, fake_observation
 from tests.support.prometheus import metric
@@ -112,7 +113,7 @@ def overflowing(seed: int) -> dict[str, np.ndarray]:
 def test_a_non_finite_output_is_refused_counted_and_logged(client, caplog):
     before = metric(metrics.exposition()[0].decode(), "policy_nonfinite_outputs_total", model="default",
                     version="fake-1")
-    with caplog.at_level(logging.WARNING, logger="policy_server.serving_model"):
+    with caplog.at_level(logging.WARNING, logger="policy_server.serving.served"):
         response = post(client, overflowing(0))
     assert response.status_code == 500
     assert response.get_json()["error"] == "non-finite output" and "'action'" in response.get_json()["detail"]
@@ -125,7 +126,7 @@ def test_a_non_finite_output_is_refused_counted_and_logged(client, caplog):
 
 def test_only_the_rows_with_non_finite_outputs_fail_their_batch_mates_are_answered():
     model = describe(FakePolicy(), name="fake", version="3", device="cpu")
-    from policy_server.executor import BatchExecutor
+    from policy_server.serving.executor import BatchExecutor
 
     served = Served(model, BatchExecutor(model, 4), 0.0)
     batcher = Batcher(served, max_batch_size=4)

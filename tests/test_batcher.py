@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from policy_server.batcher import Batcher
 from policy_server.errors import DeadlineExceeded, InferenceFailed, NotReady, QueueFull
+from policy_server.serving.batcher import Batcher
 from tests.support.gated_executor import GatedExecutor, later, obs
 from tests.support.wait import eventually
 
@@ -191,7 +191,7 @@ def test_stop_answers_every_accepted_request_then_refuses(make_batcher):
 
 
 def test_waiting_thread_gives_up_after_deadline_and_grace(monkeypatch, make_batcher):
-    monkeypatch.setattr("policy_server.batcher.RESULT_GRACE_S", 0.1)
+    monkeypatch.setattr("policy_server.serving.batcher.RESULT_GRACE_S", 0.1)
     batcher, executor = make_batcher(max_batch_size=8)
     held = hold(batcher, executor)
     with pytest.raises(DeadlineExceeded, match="no answer in time"):

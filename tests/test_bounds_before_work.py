@@ -21,8 +21,8 @@ import requests
 from PIL import Image
 
 from binary_protocol import dict_to_binary, encoded_image
-from policy_server import images
 from policy_server.errors import InvalidInput, QueueFull
+from policy_server.inputs import images
 from policy_server.wsgi_keys import ByteBudget
 from tests.support.apps import make_app
 from tests.support.fakes import FakePolicy, fake_observation

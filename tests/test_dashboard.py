@@ -12,7 +12,7 @@ from prometheus_client.metrics import MetricWrapperBase
 # Imported as the rest of the suite does (conftest imports server, which imports it): in the test
 # process PROMETHEUS_MULTIPROC_DIR is unset, so the metrics live in the default registry and
 # importing writes no files. Only the objects' names, types and labels are read here.
-from policy_server import metrics
+from policy_server.telemetry import metrics
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "grafana" / "policy-server-dashboard.json"
 ROWS = ["Traffic", "Latency", "Batching", "Models", "Episodes", "Cache", "CUDA", "Front door", "Answer safety"]
@@ -59,7 +59,7 @@ def queries(dashboard: dict) -> list[tuple[str, str]]:
 
 
 def defined_families() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """name -> (type, label names) of every prometheus_client metric object in policy_server.metrics."""
+    """name -> (type, label names) of every prometheus_client metric object in policy_server.telemetry.metrics."""
     families = {}
     for obj in vars(metrics).values():
         if not isinstance(obj, MetricWrapperBase):

@@ -13,8 +13,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from policy_server import metrics
 from policy_server.config import ServerConfig
+from policy_server.telemetry import metrics
 from tests.support.serving import ROOT
 
 MANIFESTS = ("deployment.yaml", "deploy/prometheus-adapter.yaml")

@@ -14,8 +14,8 @@ from prometheus_client import REGISTRY
 
 import openpi_wire
 from binary_protocol import dict_to_binary
-from policy_server.episodes import canary_share
-from policy_server.openpi_session import OpenpiSession
+from policy_server.inputs.episodes import canary_share
+from policy_server.openpi.session import OpenpiSession
 from tests.support.apps import runtime_of
 from tests.support.fakes import fake_observation
 from tests.support.store_app import BINARY, infer, make_store_app, push

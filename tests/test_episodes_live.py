@@ -18,7 +18,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from policy_server.episodes import canary_share
+from policy_server.inputs.episodes import canary_share
 from request_tools import ChunkRunner, PolicyClient, PolicyServerError
 from tests.support.fakes import fake_observation
 from tests.support.serving import run_server

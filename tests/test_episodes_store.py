@@ -9,10 +9,10 @@ import os
 
 import pytest
 
-from policy_server.episodes import canary_share, parse_episode_id, parse_version
 from policy_server.errors import BadRequest, Conflict, UnknownVersion
-from policy_server.store import ModelStore
-from policy_server.store_pointer import Pointer, check_fraction
+from policy_server.inputs.episodes import canary_share, parse_episode_id, parse_version
+from policy_server.store.model_store import ModelStore
+from policy_server.store.pointer import Pointer, check_fraction
 from tests.support.tiny_model import write_tiny_model
 
 

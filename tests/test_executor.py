@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from policy_server.contract import TensorSpec
-from policy_server.executor import BatchExecutor
+from policy_server.inputs.tensors import sample_inputs
 from policy_server.launcher import ROOT
-from policy_server.model_loader import describe, load_model_dir
-from policy_server.serving_model import Served, SpeedOptions, apply_speed_options
-from policy_server.tensors import sample_inputs
+from policy_server.model.loader import describe, load_model_dir
+from policy_server.serving.executor import BatchExecutor
+from policy_server.serving.served import Served, SpeedOptions, apply_speed_options
 from tests.support.fakes import run_in_process
 
 DEFAULT = ROOT + "/models/default"
@@ -109,7 +109,7 @@ def test_gpu_results_equal_cpu_results():
 @gpu
 def test_gpu_pipelined_batches_under_concurrent_load_are_each_right():
     """Random data from many threads through the real batcher: catches staging reuse races."""
-    from policy_server.batcher import Batcher
+    from policy_server.serving.batcher import Batcher
 
     cpu = load_model_dir(DEFAULT, "cpu")
     cuda = load_model_dir(DEFAULT, "cuda:0")

@@ -1,4 +1,4 @@
-"""The front door (policy_server/front_door.py) against a real gunicorn, with misbehaving raw-socket clients.
+"""The front door (policy_server/front_door/worker.py) against a real gunicorn, with misbehaving raw-socket clients.
 
 One test per front-door fault: stalled uploads, deadlines counted from arrival, admission
 control, vanished clients, protocol refusals, cold workers, totals after a worker death.

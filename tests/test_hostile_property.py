@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from binary_protocol import dict_to_binary
 from policy_client.image_codecs import encode_array
-from policy_server import oip, oip_json
+from policy_server.oip import codec as oip
+from policy_server.oip import json_data as oip_json
 from tests.support.apps import make_app, runtime_of
 from tests.support.fakes import FakePolicy, expected_action, fake_observation
 

@@ -29,7 +29,7 @@ def _modules() -> list[Path]:
 
 def test_the_tree_has_modules_to_check():
     names = {str(p.relative_to(ROOT)) for p in _modules()}
-    assert {"server.py", "policy_server/runtime.py", "policy_client/client.py"} <= names
+    assert {"server.py", "policy_server/serving/runtime.py", "policy_client/client.py"} <= names
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -75,3 +75,87 @@ def test_the_runtime_is_reached_through_runtime_of():
     found = [str(p.relative_to(ROOT)) for p in _test_tree()
              if lookup in p.read_text() and p != TESTS / "support" / "apps.py" and p != Path(__file__).resolve()]
     assert found == [], f"use tests.support.apps.runtime_of(app) in {found}"
+
+
+# -- the wings of policy_server/ -------------------------------------------------------------
+
+# Each wing may import from its own rank and below, never above ("no upward arrow").
+WING_RANK = {"": 0, "telemetry": 1, "inputs": 2, "model": 3, "store": 4, "serving": 5, "app": 6,
+             "front_door": 7, "oip": 8, "openpi": 8}
+# The modules of the package itself that every wing may use; entry points rank with them
+# only as long as they import nothing above the foundation.
+FOUNDATION = {"errors", "contract", "config", "key_files", "wsgi_keys", "torch_policy", "launcher", "healthcheck"}
+
+
+def _server_modules() -> dict[str, Path]:
+    package = ROOT / "policy_server"
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
+
+
+def _imports(path: Path, top_level_only: bool) -> set[str]:
+    import ast
+
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & MODULES
+            names |= submodules or {node.module}  # "from package import module" imports the module
+    return {n for n in names if n.startswith("policy_server.")}
+
+
+MODULES = set(_server_modules())
+
+
+def _wing(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in WING_RANK) else ""
+
+
+def test_every_wing_and_foundation_module_is_known():
+    modules = _server_modules()
+    wings = {_wing(m) for m in modules}
+    assert wings == set(WING_RANK), f"a new wing needs a rank in WING_RANK: {sorted(wings - set(WING_RANK))}"
+    top = {m.split(".")[1] for m in modules if m.count(".") == 1 and _wing(m) == ""}
+    assert top == FOUNDATION, f"modules at the top of policy_server/: {sorted(top ^ FOUNDATION)}"
+
+
+def test_no_wing_imports_a_wing_above_it():
+    modules = _server_modules()
+    upward = []
+    for module, path in modules.items():
+        rank = WING_RANK[_wing(module)]
+        for target in _imports(path, top_level_only=False):
+            if target in modules and WING_RANK[_wing(target)] > rank:
+                upward.append(f"{module} -> {target}")
+    assert not upward, upward
+
+
+def test_the_server_package_has_no_import_cycle():
+    modules = _server_modules()
+    # a module's own package is set up before it: that edge is no cycle
+    graph = {m: {t for t in _imports(p, top_level_only=True) if t in modules and not m.startswith(t + ".")}
+             for m, p in modules.items()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

@@ -14,9 +14,9 @@ import pytest
 
 from binary_protocol import binary_to_dict, dict_to_binary, encoded_image, is_encoded_image
 from policy_client.image_codecs import encode_array, encode_observation, parse_codec
-from policy_server import images
 from policy_server.errors import InvalidInput, ModelError
-from policy_server.model_loader import describe
+from policy_server.inputs import images
+from policy_server.model.loader import describe
 from request_tools import PolicyClient
 from tests.support.apps import make_app
 from tests.support.fakes import FakePolicy, expected_action, fake_observation

@@ -18,7 +18,7 @@ from examples.reacher import expert_actions
 from examples.reacher_instructed import COLOURS, InstructedReacherEnv, evaluate, with_prompt
 from policy_server.errors import InvalidInput, ModelError
 from policy_server.launcher import ROOT
-from policy_server.model_loader import load_model_dir
+from policy_server.model.loader import load_model_dir
 
 MODEL_DIR = os.path.join(ROOT, "models", "instructed")
 HELD_OUT = range(2_000_000, 2_000_006)  # seeds neither training nor train_policies' evaluation uses

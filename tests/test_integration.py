@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import requests
 
-from policy_server.contract import directory_digest
-from policy_server.model_loader import load_model_dir
+from policy_server.model.files import digest as directory_digest
+from policy_server.model.loader import load_model_dir
 from request_tools import ObservationSpecError, PolicyClient, PolicyServerError, send_inference_request
 from tests.support.fakes import run_in_process
 from tests.support.hostile_payloads import hostile_payloads

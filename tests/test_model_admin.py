@@ -301,7 +301,7 @@ def test_a_version_that_fails_to_load_in_a_worker_keeps_the_old_one(store_client
     with open(os.path.join(staged, "raise_on_load"), "w") as fh:
         fh.write("1")
     pointer = store.publish("default", staged)  # bypasses validation, as a bad manual copy would
-    from policy_server.model_admin import ModelAdmin
+    from policy_server.app.model_admin import ModelAdmin
 
     report = ModelAdmin(runtime.config, store, runtime.follower, runtime.board).wait_for(pointer, 5)
     assert report["all_workers"] is False and "refuses to load" in report["workers"][0]["problem"]

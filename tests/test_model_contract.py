@@ -14,9 +14,9 @@ from examples.reacher import ReacherEnv
 from policy_client.chunk_merge import rtc_shift
 from policy_server.contract import History, TensorSpec, rtc_specs
 from policy_server.errors import ModelError
+from policy_server.inputs.tensors import complete_inputs, sample_inputs
 from policy_server.launcher import ROOT
-from policy_server.model_loader import describe, load_model_dir
-from policy_server.tensors import complete_inputs, sample_inputs
+from policy_server.model.loader import describe, load_model_dir
 from policy_server.torch_policy import inpaint_prefix
 from policy_server.torch_policy import rtc_shift as torch_rtc_shift
 from tests.support.fakes import FAKE_OUTPUTS, FakePolicy

@@ -1,4 +1,4 @@
-"""Confined, link-safe, bounded reading of model directories (policy_server/model_files.py)."""
+"""Confined, link-safe, bounded reading of model directories (policy_server/model/files.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from policy_server.contract import directory_digest
 from policy_server.errors import Forbidden, InvalidModel, PayloadTooLarge, StoreWriteFailed
-from policy_server.model_files import Limits, copy_tree, digest
+from policy_server.model.files import Limits, copy_tree, digest
+from policy_server.model.files import digest as directory_digest
 from tests.support.tiny_model import write_tiny_model
 
 
@@ -143,7 +143,7 @@ def test_a_write_failure_names_the_reason(root, tmp_path):
 
 def test_opening_beneath_the_root_follows_no_link_on_the_way(root, tmp_path):
     """What stops a swap between check and read: a component that is (or became) a link fails."""
-    from policy_server.model_files import _open_beneath
+    from policy_server.model.files import _open_beneath
 
     (root / "hop").symlink_to(root / "m")
     root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
@@ -162,7 +162,7 @@ def test_opening_beneath_the_root_follows_no_link_on_the_way(root, tmp_path):
 def test_a_file_swapped_for_an_outside_link_between_check_and_open_is_refused(root, tmp_path, monkeypatch):
     """lstat says "regular file", then the file becomes a link out: the O_NOFOLLOW open fails
     and the copy is refused, never reading the outside file."""
-    from policy_server import model_files
+    from policy_server.model import files as model_files
 
     (tmp_path / "secret").write_text("outside")
     real_stat = os.stat
@@ -217,7 +217,7 @@ def test_every_entry_counts_against_the_walk_limit(root, tmp_path):
 
 
 def test_a_very_deep_directory_is_refused_with_a_reason(root, tmp_path):
-    from policy_server.model_files import MAX_DEPTH
+    from policy_server.model.files import MAX_DEPTH
 
     deep = root / "m"
     for _ in range(MAX_DEPTH):
@@ -240,7 +240,7 @@ def test_a_file_name_that_is_not_utf8_is_refused_before_copying(root, tmp_path):
 
 
 def test_a_source_whose_link_vanishes_while_resolving_is_refused(root, tmp_path, monkeypatch):
-    from policy_server import model_files
+    from policy_server.model import files as model_files
 
     def vanished(path, *args, **kwargs):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory")

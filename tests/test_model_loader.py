@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from policy_server.config import ServerConfig
-from policy_server.contract import directory_digest
 from policy_server.errors import ModelError
+from policy_server.inputs.tensors import sample_inputs
 from policy_server.launcher import ROOT
-from policy_server.model_loader import load_model_dir
-from policy_server.runtime import PolicyRuntime
-from policy_server.tensors import sample_inputs
+from policy_server.model.files import digest as directory_digest
+from policy_server.model.loader import load_model_dir
+from policy_server.serving.runtime import PolicyRuntime
 from tests.support.fakes import FakePolicy, run_in_process
 
 DEFAULT = ROOT + "/models/default"

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from binary_protocol import dict_to_binary
-from policy_server.stats import RequestStats, summarize
+from policy_server.telemetry.stats import RequestStats, summarize
 from request_tools import PolicyClient
 from tests.support.apps import make_app
 from tests.support.fakes import fake_observation

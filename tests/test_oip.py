@@ -11,8 +11,8 @@ import socket
 import numpy as np
 import pytest
 
-from policy_server import oip
 from policy_server.errors import BadRequest, PayloadTooLarge
+from policy_server.oip import codec as oip
 from request_tools import PolicyClient
 from tests.support.apps import make_app, runtime_of
 from tests.support.fakes import expected_action, fake_observation

@@ -9,7 +9,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from policy_server.openapi import openapi_document
+from policy_server.app.openapi import openapi_document
 from server import create_app
 from tests.support.serving import run_server
 from tests.support.tiny_model import write_tiny_model

@@ -21,7 +21,7 @@ import pytest
 import requests
 
 import openpi_wire
-from policy_server.store import ModelStore
+from policy_server.store.model_store import ModelStore
 from request_tools import PolicyClient
 from tests.support.prometheus import metric
 from tests.support.raw_websocket import BINARY, PING, TEXT, RawWebSocket, frame

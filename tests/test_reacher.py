@@ -11,7 +11,7 @@ import torch
 from examples import reacher
 from examples.reacher import CHUNK, ReacherEnv, evaluate, expert_chunk, expert_policy, run_episode
 from policy_server.launcher import ROOT
-from policy_server.model_loader import load_model_dir
+from policy_server.model.loader import load_model_dir
 
 HELD_OUT = range(2_000_000, 2_000_005)  # seeds neither training nor train_policies' evaluation uses
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policy_server.response_cache import ResponseCache, input_digest
+from policy_server.serving.response_cache import ResponseCache, input_digest
 from tests.support.fakes import fake_observation
 
 

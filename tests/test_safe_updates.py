@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 
 from binary_protocol import dict_to_binary
 from policy_server.launcher import ROOT
-from policy_server.store import ModelStore
+from policy_server.store.model_store import ModelStore
 from tests.support.apps import runtime_of
 from tests.support.store_app import BINARY, infer, make_store_app, push
 from tests.support.tiny_model import CANARY_CODE, POLICY, tiny_weights, write_linked_out_model, write_tiny_model
@@ -407,7 +407,7 @@ def test_a_chain_of_double_directory_links_is_refused_at_once(store_client, tiny
 
 
 def test_a_directory_too_deep_is_422(store_client, tiny_models):
-    from policy_server.model_files import MAX_DEPTH
+    from policy_server.model.files import MAX_DEPTH
 
     write_tiny_model(tiny_models / "deep", tag=2.0)
     (tiny_models / "deep" / "/".join(["d"] * (MAX_DEPTH + 1))).mkdir(parents=True)
@@ -521,7 +521,7 @@ def test_a_worker_that_followed_a_later_update_counts_as_switched(tmp_path, tiny
     newer, which is not lagging."""
     from types import SimpleNamespace
 
-    from policy_server.model_admin import ModelAdmin
+    from policy_server.app.model_admin import ModelAdmin
 
     store = ModelStore(str(tmp_path / "store"))
     first = store.publish("default", store.stage("default", str(tiny_models / "tiny")))
@@ -569,7 +569,7 @@ def test_a_version_pruned_before_a_worker_loads_it_is_no_failure(store_app, stor
         return real_pointer(name)
 
     monkeypatch.setattr(store, "pointer", pointer)
-    with caplog.at_level("INFO", logger="policy_server.store_follower"):
+    with caplog.at_level("INFO", logger="policy_server.serving.store_follower"):
         runtime.follower._follow("default")
     monkeypatch.undo()
     assert "default" not in runtime.follower.problems

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from policy_server import store as store_module
-from policy_server.store import ModelStore
+from policy_server.store import model_store as store_module
+from policy_server.store.model_store import ModelStore
 from request_tools import PolicyClient, PolicyServerError
 from tests.support.fakes import fake_observation
 from tests.support.serving import run_server

@@ -314,7 +314,7 @@ def test_asking_for_an_output_the_model_lacks_is_400_before_compute():
 
 def test_a_policy_whose_optional_outputs_are_not_its_outputs_does_not_load():
     from policy_server.errors import ModelError
-    from policy_server.model_loader import describe
+    from policy_server.model.loader import describe
 
     for optional in (("saliency",), ("action", "attention")):
         policy = AttendingPolicy()

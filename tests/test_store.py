@@ -13,9 +13,7 @@ import threading
 
 import pytest
 
-from policy_server import model_files
-from policy_server import store as store_module
-from policy_server.contract import check_model_name, directory_digest
+from policy_server.contract import check_model_name
 from policy_server.errors import (
     InsufficientStorage,
     InvalidModelName,
@@ -24,7 +22,10 @@ from policy_server.errors import (
     UnknownModel,
     UnknownVersion,
 )
-from policy_server.store import ModelStore
+from policy_server.model import files as model_files
+from policy_server.model.files import digest as directory_digest
+from policy_server.store import model_store as store_module
+from policy_server.store.model_store import ModelStore
 from tests.support.tiny_model import tiny_weights, write_tiny_model
 
 

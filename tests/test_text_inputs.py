@@ -15,14 +15,14 @@ import torch
 
 import openpi_wire
 from binary_protocol import dict_to_binary
-from policy_server.batcher import Batcher, compatibility_key
 from policy_server.contract import TensorSpec, TextSpec
 from policy_server.errors import InvalidInput, ModelError
-from policy_server.executor import BatchExecutor
-from policy_server.model_loader import describe
-from policy_server.oip_bytes import encode_texts
-from policy_server.response_cache import input_digest
-from policy_server.tensors import complete_inputs
+from policy_server.inputs.tensors import complete_inputs
+from policy_server.model.loader import describe
+from policy_server.oip.bytes_tensors import encode_texts
+from policy_server.serving.batcher import Batcher, compatibility_key
+from policy_server.serving.executor import BatchExecutor
+from policy_server.serving.response_cache import input_digest
 from request_tools import PolicyClient, PolicyServerError
 from tests.support.apps import make_app
 from tests.support.raw_websocket import RawWebSocket, frame

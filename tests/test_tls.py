@@ -1,5 +1,5 @@
 """TLS: the certificate settings in the config, and HTTPS end to end through a real gunicorn,
-the front door doing the handshake on its poller (policy_server/front_door_tls.py).
+the front door doing the handshake on its poller (policy_server/front_door/tls.py).
 
 Certificates are made per run with the ``openssl`` command (tests/support/tls_certs.py): a test CA, a
 server certificate for 127.0.0.1 and localhost, and a client certificate (mutual TLS)."""

@@ -13,9 +13,9 @@ import torch
 from binary_protocol import binary_to_dict, dict_to_binary
 from policy_server.contract import TensorSpec, rtc_specs
 from policy_server.errors import PayloadTooLarge, QueueFull
+from policy_server.inputs.tensors import parse_batch_rows
 from policy_server.launcher import ROOT
-from policy_server.model_loader import load_model_dir
-from policy_server.tensors import parse_batch_rows
+from policy_server.model.loader import load_model_dir
 from tests.support.apps import assert_error, make_app, runtime_of
 from tests.support.fakes import FakePolicy, expected_action, fake_observation
 from tests.support.gated_executor import GatedExecutor, later, obs
@@ -246,7 +246,7 @@ def test_parse_batch_rows():
 
 def test_the_executor_fills_an_optional_input_a_queued_request_lacks():
     """A request queued before a hot swap added an optional input still stages."""
-    from policy_server.model_loader import describe
+    from policy_server.model.loader import describe
     from tests.support.fakes import run_in_process
 
     model = describe(RtcFake(), name="rtc", version="1", device="cpu")

@@ -1,4 +1,4 @@
-"""Weights checked before any model code runs (policy_server/weights_check.py)."""
+"""Weights checked before any model code runs (policy_server/model/weights_check.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from policy_server.errors import InvalidModel
-from policy_server.weights_check import check_directory, check_file, check_push, read_header
+from policy_server.model.weights_check import check_directory, check_file, check_push, read_header
 from tests.support.tiny_model import tiny_weights
 
 

@@ -21,7 +21,7 @@ from binary_protocol import binary_to_dict
 def create_app() -> Flask:
     import torch
 
-    from policy_server.model_loader import load_model_dir
+    from policy_server.model.loader import load_model_dir
 
     torch.set_num_threads(int(os.environ.get("BASELINE_TORCH_THREADS", "1")))
     model = load_model_dir(os.environ["BASELINE_MODEL_PATH"], "cpu")

@@ -25,7 +25,7 @@ async def serve(port: int, model_path: str) -> None:
     import websockets.asyncio.server
     from openpi_client import msgpack_numpy
 
-    from policy_server.model_loader import load_model_dir
+    from policy_server.model.loader import load_model_dir
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     model = load_model_dir(model_path, "cpu")

@@ -36,7 +36,7 @@ def serve(port: int, model_path: str, threads: int) -> None:
     import torch
 
     from binary_protocol import binary_to_dict, dict_to_binary
-    from policy_server.model_loader import load_model_dir
+    from policy_server.model.loader import load_model_dir
 
     torch.set_num_threads(threads)
     model = load_model_dir(model_path, "cpu")

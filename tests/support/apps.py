@@ -5,7 +5,7 @@ an error answer."""
 from __future__ import annotations
 
 from policy_server.config import ServerConfig
-from policy_server.runtime import PolicyRuntime
+from policy_server.serving.runtime import PolicyRuntime
 from server import create_app
 from tests.support.fakes import FakePolicy
 

@@ -63,7 +63,7 @@ class FakePolicy:
 
 def run_in_process(model, observations):
     """Outputs of ``model`` (a LoadedModel) for ``observations``, as one in-process batch."""
-    from policy_server.executor import BatchExecutor
+    from policy_server.serving.executor import BatchExecutor
 
     executor = BatchExecutor(model, max_batch_size=len(observations))
     return executor.finish(executor.launch(observations))

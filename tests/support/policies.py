@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from policy_server.contract import TensorSpec
-from policy_server.tensors import sample_inputs
+from policy_server.inputs.tensors import sample_inputs
 
 DEFAULT_SPEC = (TensorSpec("state", "float32", (6,)), TensorSpec("image", "uint8", (480, 640, 3)))
 
