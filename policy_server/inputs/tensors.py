@@ -15,21 +15,28 @@ from policy_server.errors import BadRequest, InvalidInput, PayloadTooLarge
 BATCH_ROWS_HEADER = "X-Batch-Rows"
 
 
+def positive_header(raw: str | None, name: str) -> int | None:
+    """A header that carries a positive integer: None when absent, else its value;
+    BadRequest (400) naming ``name`` for anything else."""
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise BadRequest(f"{name} is not an integer: {raw[:20]!r}") from None
+    if value < 1:
+        raise BadRequest(f"{name} must be at least 1, got {value}")
+    return value
+
+
 def parse_batch_rows(raw: str | None, max_rows: int | None = None) -> int | None:
     """The ``X-Batch-Rows`` header: None when absent (one observation), else N >= 1 (BadRequest).
 
     PayloadTooLarge (413) for N over ``max_rows`` (the worker's queue size: more rows than it
     could ever hold), before anything of the body is decoded.
     """
-    if raw is None:
-        return None
-    try:
-        rows = int(raw.strip())
-    except ValueError:
-        raise BadRequest(f"{BATCH_ROWS_HEADER} is not an integer: {raw[:20]!r}") from None
-    if rows < 1:
-        raise BadRequest(f"{BATCH_ROWS_HEADER} must be at least 1, got {rows}")
-    if max_rows is not None and rows > max_rows:
+    rows = positive_header(raw, BATCH_ROWS_HEADER)
+    if rows is not None and max_rows is not None and rows > max_rows:
         raise PayloadTooLarge(f"{rows} rows exceed the queue size {max_rows}")
     return rows
 

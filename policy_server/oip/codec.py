@@ -33,6 +33,7 @@ import numpy as np
 from policy_server.contract import TensorSpec, TextSpec, is_text
 from policy_server.errors import BadRequest, InvalidInput, NonFiniteOutput, PayloadTooLarge
 from policy_server.inputs.episodes import parse_episode_id
+from policy_server.inputs.tensors import positive_header
 from policy_server.oip.bytes_tensors import binary_texts, json_texts
 from policy_server.oip.json_data import BIG_JSON_BYTES, big_json, json_tensor
 
@@ -127,14 +128,9 @@ def parse_header_length(raw: str | None, body_length: int, max_header_bytes: int
     Raises BadRequest for a malformed value or one past the body, PayloadTooLarge for a JSON
     header over ``max_header_bytes``.
     """
-    if raw is None:
+    length = positive_header(raw, HEADER_LENGTH)
+    if length is None:
         return None
-    try:
-        length = int(raw.strip())
-    except ValueError:
-        raise BadRequest(f"{HEADER_LENGTH} is not an integer: {raw[:20]!r}") from None
-    if length <= 0:
-        raise BadRequest(f"{HEADER_LENGTH} must be positive, got {length}")
     if length > max_header_bytes:
         raise PayloadTooLarge(f"JSON header of {length} bytes exceeds the limit of {max_header_bytes}")
     if length > body_length:
