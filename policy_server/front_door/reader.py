@@ -207,6 +207,8 @@ class RequestReader:
             self.admission.budget.take(conn.need, force=True)
         conn.reserved = conn.need  # taken from the budget (by admission.overloaded for the others)
         conn.deadline = time.monotonic() + s.body_timeout_s + conn.need / s.min_body_bytes_per_s
+        # gunicorn's own flag (its parser sets it, its wsgi.create sends "100 Continue" while it
+        # is set): the door answers the expectation here, once, and clears it for gunicorn
         if conn.req._expected_100_continue:
             conn.req._expected_100_continue = False
             if len(conn.buf) < conn.need:
