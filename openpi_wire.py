@@ -64,7 +64,8 @@ def decode(frame: bytes) -> Any:
     except ProtocolError:
         raise
     except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:  # ExtraData, StackError, bad UTF-8
-        raise ProtocolError(f"frame is not msgpack this server takes: {str(exc)[:200]}") from None
+        reason = str(exc) or type(exc).__name__  # some of msgpack's errors carry no message
+        raise ProtocolError(f"frame is not msgpack this server takes: {reason[:200]}") from None
     _check_depth(value)
     return value
 

@@ -193,6 +193,9 @@ def test_outcomes_are_counted_per_version_and_bad_reports_refused_naming_the_fie
     assert REGISTRY.get_sample_value("policy_episode_return_sum", {"model": "default", "version": "1"}) <= -2.5
     refusals = [
         ({"version": 1, "success": True}, 400, "episode_id is required"),
+        ({"episode_id": None, "version": 1, "success": True}, 400, "episode_id is required"),
+        ({"episode_id": "e3", "version": 1, "success": True, "return": 10 ** 400}, 400, "return must be"),
+        ({"episode_id": "e3", "version": 1, "success": True, "return": True}, 400, "return must be"),
         ({"episode_id": "e 3", "version": 1, "success": True}, 400, "episode_id must be"),
         ({"episode_id": "e3", "version": 1, "success": 1}, 400, "success must be true or false"),
         ({"episode_id": "e3", "version": 1, "success": True, "return": "nan"}, 400, "return must be"),
@@ -230,6 +233,9 @@ def test_an_openpi_connection_holds_its_first_answers_version_until_a_reset_or_a
     assert frame(session_id="run-2") == ("2", 2.0)  # another session: its first answer pins it
     assert frame(model_version=8).startswith("409 version not served: model 'default' does not serve version 8")
     assert frame(model_version="x").startswith("400 bad request: model_version must be")
+    assert frame(session_id=42) == ("2", 2.0)  # a number is its digits: another session
+    for bad in ("", "é ü", "a" * 129, 1.5, [1]):  # as X-Episode-Id: 400 naming the field
+        assert frame(session_id=bad).startswith("400 bad request: session_id must be 1-128 characters"), bad
 
 
 def test_a_pin_to_a_version_the_store_names_but_this_worker_has_not_loaded_yet_is_503_not_409(tmp_path, tiny_models):

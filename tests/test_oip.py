@@ -136,8 +136,8 @@ def test_header_length_checks():
         oip.parse_header_length("11", 10, 100)
     with pytest.raises(PayloadTooLarge):
         oip.parse_header_length("1000", 5000, 100)
-    for raw in ("x", "-1", "0"):
-        with pytest.raises(BadRequest):
+    for raw in ("x", "-1", "0", "+3", "3_1", "\u0663"):
+        with pytest.raises(BadRequest, match="Inference-Header-Content-Length must be a positive integer"):
             oip.parse_header_length(raw, 10, 100)
 
 

@@ -226,6 +226,35 @@ def test_a_stalled_frame_is_closed_without_holding_a_thread_while_probes_answer(
     assert waited < 30, waited
 
 
+@pytest.mark.parametrize("declared", [(4 << 20) + 1, 1 << 62])
+def test_a_frame_declaring_more_than_a_message_may_hold_is_refused_before_its_payload(server, declared):
+    """The header alone decides: 413 as a text frame and close 1009 at once, not after the
+    body timeout (the limit here is 4 MiB), and the worker's byte budget is untouched."""
+    with raw(server) as ws:
+        ws.messages(1)
+        started = time.monotonic()
+        ws.send(frame(b"\0" * 16, length=declared)[:14 + 16])
+        got = ws.until_closed(timeout_s=30)
+        waited = time.monotonic() - started
+    assert got[0] == (f"413 payload too large: a frame declares {declared} bytes, over the limit of {4 << 20} "
+                      "for a message"), got
+    assert got[-1][:2] == ("close", 1009) and waited < 1.5, (got, waited)
+    assert openpi(server).infer(observation())["actions"].shape == (10, 7)
+
+
+def test_a_frame_header_without_payload_is_timed_like_a_body(server):
+    """A header that declares 1 KiB and nothing after it: the message's time limit runs from
+    the header (2 s here), not the 300 s idle timeout."""
+    with raw(server) as ws:
+        ws.messages(1)
+        started = time.monotonic()
+        ws.send(frame(b"", length=1024))
+        got = ws.until_closed(timeout_s=60)
+        waited = time.monotonic() - started
+    assert got[0] == "408 request timeout: message not received in time" and got[-1][:2] == ("close", 1008), got
+    assert waited < 10, waited
+
+
 def test_24_concurrent_openpi_clients_are_batched_together(server):
     clients = [openpi(server) for _ in range(24)]
     barrier = threading.Barrier(24)

@@ -142,12 +142,12 @@ def test_one_row_request_answers_a_leading_dimension_of_one(client):
     np.testing.assert_array_equal(binary_to_dict(response.get_data())["action"], expected_action(observation)[None])
 
 
-@pytest.mark.parametrize("header, fragment", [("zero", "not an integer"), ("0", "at least 1"), ("-3", "at least 1")])
-def test_a_bad_batch_rows_header_is_400(client, header, fragment):
+@pytest.mark.parametrize("header", ["zero", "0", "-3", "+3", "1_0", "\u0663", "3.0", "", "9" * 19])
+def test_a_bad_batch_rows_header_is_400(client, header):
     body = dict_to_binary(fake_observation(0))
     response = client.post("/infer", data=body, content_type="application/octet-stream",
                            headers={"X-Batch-Rows": header}, environ_overrides={"CONTENT_LENGTH": str(len(body))})
-    assert_error(response, 400, "X-Batch-Rows", fragment)
+    assert_error(response, 400, "X-Batch-Rows must be a positive integer")
 
 
 def test_a_leading_dimension_that_is_not_n_is_422_naming_the_field(client):

@@ -53,6 +53,8 @@ def parse_outcome(body: dict[str, Any]) -> Outcome:
         if key not in body:
             raise BadRequest(f"{key} is required")
     episode_id = parse_episode_id(body["episode_id"], "episode_id")
+    if episode_id is None:
+        raise BadRequest("episode_id is required")
     raw = body["version"]
     if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0:
         version = str(raw)
@@ -64,8 +66,11 @@ def parse_outcome(body: dict[str, Any]) -> Outcome:
         raise BadRequest("success must be true or false")
     episode_return = body.get("return")
     if episode_return is not None:
-        if isinstance(episode_return, bool) or not isinstance(episode_return, (int, float)) \
-                or not math.isfinite(episode_return):
+        try:  # an integer past a float's range overflows: not finite either
+            finite = not isinstance(episode_return, bool) and math.isfinite(float(episode_return))
+        except (TypeError, ValueError, OverflowError):
+            finite = False
+        if not finite or not isinstance(episode_return, (int, float)):
             raise BadRequest("return must be a finite number")
         episode_return = float(episode_return)
     return Outcome(episode_id, version, body["success"], episode_return)

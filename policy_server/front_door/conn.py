@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wsproto.connection import Connection, ConnectionType
+from wsproto.extensions import Extension
+from wsproto.frame_protocol import CloseReason, Opcode, RsvBits
 
 IDLE, READING, DISCARDING, BUSY, LINGERING, HANDSHAKING = range(6)  # HANDSHAKING: TLS, front_door_tls
 CONTROL_PER_S, CONTROL_BURST = 10.0, 20  # pings and pongs a WebSocket client may send: this rate, this many at once
@@ -113,12 +115,44 @@ class Conn:
         self.deadline = deadline
 
 
+class FrameHeaders(Extension):
+    """wsproto's hook on every frame header, never offered to the client: a data frame that
+    declares more than ``limit`` bytes fails to parse (close 1009) before any of its payload
+    is read, and ``opened`` notes a message whose header came before any of its payload (its
+    time limit starts then)."""
+
+    name = "policy-server-frame-headers"
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.declared = 0  # the length of the last data frame refused
+        self.opened: Opcode | None = None  # a message begun by its header: text or binary
+
+    def enabled(self) -> bool:
+        return True
+
+    def offer(self) -> bool:
+        return False
+
+    def frame_inbound_header(self, proto, opcode: Opcode, rsv: RsvBits, payload_length: int) -> CloseReason | RsvBits:
+        if not opcode.iscontrol():
+            if payload_length > self.limit:
+                self.declared = payload_length
+                return CloseReason.MESSAGE_TOO_BIG
+            if opcode is not Opcode.CONTINUATION:
+                self.opened = opcode
+        return RsvBits(False, False, False)
+
+
 @dataclass
 class WebSocket:
-    """One upgraded connection's WebSocket state (the poller's, and a thread's while busy)."""
+    """One upgraded connection's WebSocket state (the poller's, and a thread's while busy).
+    ``max_message_bytes`` bounds one frame's declared length (see :class:`FrameHeaders`)."""
 
     session: Any
-    proto: Connection = field(default_factory=lambda: Connection(ConnectionType.SERVER))
+    max_message_bytes: int
+    headers: FrameHeaders = field(init=False)
+    proto: Connection = field(init=False)
     greeted: bool = False  # the session's first frame was sent
     parts: list = field(default_factory=list)  # the message being received
     size: int = 0  # its bytes so far (taken from the worker's byte budget)
@@ -128,6 +162,10 @@ class WebSocket:
     frames: int = 0  # frames of the message being received
     control_tokens: float = CONTROL_BURST  # pings and pongs it may still send now
     control_at: float = 0.0  # when control_tokens was last refilled
+
+    def __post_init__(self) -> None:
+        self.headers = FrameHeaders(self.max_message_bytes)
+        self.proto = Connection(ConnectionType.SERVER, extensions=[self.headers])
 
     def control_allowed(self, now: float) -> bool:
         """Take one control frame from the connection's allowance (a token bucket)."""

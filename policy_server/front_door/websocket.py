@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
+from wsproto.frame_protocol import Opcode
 
 from policy_server.front_door.conn import BUSY, WS_IDLE, WS_READING, WebSocket
 from policy_server.front_door.http import reset_by_peer
@@ -74,7 +75,7 @@ class WebSocketReader:
     def _ws_upgraded(self, conn, session) -> None:
         """The app answered 101 with ``session``: the connection speaks WebSocket from now
         on. Sends the session's first frame when it is ready (this is a request thread)."""
-        conn.ws = WebSocket(session)
+        conn.ws = WebSocket(session, self.settings.max_body_bytes)
         self._ws_greet(conn)
 
     def _ws_greet(self, conn) -> None:
@@ -138,21 +139,41 @@ class WebSocketReader:
                 if isinstance(event, Ping):
                     self._ws_send_now(conn, ws.proto.send(event.response()))
             elif isinstance(event, CloseConnection):
-                self._ws_closed_by_peer(conn, event)
+                if ws.headers.declared:  # our frame-header check, not the peer
+                    self._ws_too_big(conn, now)
+                else:
+                    self._ws_closed_by_peer(conn, event)
                 return
             if conn not in self.conns or conn.state not in (WS_IDLE, WS_READING):
                 return
+        if conn.state == WS_IDLE and ws.headers.opened is not None:  # a header and no payload yet
+            self._ws_begin(conn, now, ws.headers.opened is Opcode.TEXT)
+
+    def _ws_begin(self, conn, now: float, text: bool) -> None:
+        """A message begins (its header or first bytes): a request from now on, with its time limit."""
+        ws, s = conn.ws, self.settings
+        conn.state = WS_READING
+        ws.first_byte = conn.arrived = now
+        ws.frames = 0
+        ws.text = text
+        ws.headers.opened = None
+        conn.nreq += 1
+        self.admission.hold()
+        conn.deadline = now + s.body_timeout_s
+
+    def _ws_too_big(self, conn, now: float) -> None:
+        """A data frame declared more than a message may hold: refused before its payload."""
+        ws = conn.ws
+        if conn.state == WS_IDLE:
+            self._ws_begin(conn, now, False)
+        self._ws_refuse(conn, TOO_BIG, 413, f"a frame declares {ws.headers.declared} bytes, over the limit of "
+                        f"{self.settings.max_body_bytes} for a message", "too_large")
 
     def _ws_part(self, conn, event: Message, now: float) -> bool:
         """One piece of a message; False when the connection was refused and closed."""
         ws, s = conn.ws, self.settings
         if conn.state == WS_IDLE:  # a message begins: a request from its first byte
-            conn.state = WS_READING
-            ws.first_byte = conn.arrived = now
-            ws.frames = 0
-            conn.nreq += 1
-            self.admission.hold()
-            ws.text = isinstance(event, TextMessage)
+            self._ws_begin(conn, now, isinstance(event, TextMessage))
         data = event.data.encode() if isinstance(event.data, str) else event.data
         ws.frames += event.frame_finished
         if ws.frames > FRAMES_BASE + (ws.size + len(data)) // 1024:  # a flood of tiny fragments

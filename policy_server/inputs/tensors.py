@@ -4,6 +4,7 @@ and tests."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from policy_server.contract import RTC_INPUTS, TensorSpec, TextSpec, is_text
 from policy_server.errors import BadRequest, InvalidInput, PayloadTooLarge
 
 BATCH_ROWS_HEADER = "X-Batch-Rows"
+DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 def positive_header(raw: str | None, name: str) -> int | None:
@@ -20,13 +22,11 @@ def positive_header(raw: str | None, name: str) -> int | None:
     BadRequest (400) naming ``name`` for anything else."""
     if raw is None:
         return None
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise BadRequest(f"{name} is not an integer: {raw[:20]!r}") from None
-    if value < 1:
-        raise BadRequest(f"{name} must be at least 1, got {value}")
-    return value
+    digits = raw.strip()
+    # ASCII digits only: int() would also take "1_0", "+3" and other scripts' digits
+    if not DIGITS.fullmatch(digits) or int(digits) < 1:
+        raise BadRequest(f"{name} must be a positive integer, got {raw[:20]!r}")
+    return int(digits)
 
 
 def parse_batch_rows(raw: str | None, max_rows: int | None = None) -> int | None:

@@ -43,7 +43,7 @@ from binary_protocol import ProtocolError
 from policy_server.config import ServerConfig
 from policy_server.errors import BadRequest, DeadlineExceeded, InvalidInput, NotReady, ServingError
 from policy_server.front_door.websocket import Reply
-from policy_server.inputs.episodes import parse_version
+from policy_server.inputs.episodes import parse_episode_id, parse_version
 from policy_server.serving.inference import Call, infer_call
 
 log = logging.getLogger(__name__)
@@ -162,11 +162,12 @@ class OpenpiSession:
             raise BadRequest(f"endpoint must be 'infer' or 'reset', got {str(endpoint)[:20]!r}")
         session_id = request.pop("session_id", None)
         if session_id is not None:
-            if not isinstance(session_id, (str, int)) or isinstance(session_id, bool) or len(str(session_id)) > 128:
-                raise BadRequest("session_id must be a string (or number) of at most 128 characters")
-            if str(session_id) != self.session_id:
+            if isinstance(session_id, int) and not isinstance(session_id, bool):
+                session_id = str(session_id)  # a number is its digits
+            session_id = parse_episode_id(session_id, "session_id")  # as X-Episode-Id: 400 naming it
+            if session_id != self.session_id:
                 self.pinned = None  # another episode
-            self.session_id = str(session_id)
+            self.session_id = session_id
         pin = request.pop("model_version", None)
         if pin is not None:
             if isinstance(pin, bool) or not isinstance(pin, (str, int)):
