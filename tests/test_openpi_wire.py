@@ -600,3 +600,22 @@ def test_deadlines_on_the_wire_no_late_answer_is_sent(tmp_path):
         lines = [json.loads(line[line.index("{"):]) for line in server.log().splitlines() if '"method": "WS"' in line]
     ok = [line["latency_ms"] for line in lines if line["status"] == 200]
     assert ok and len(ok) == statuses.count(200) and max(ok) <= 50, sorted(ok)[-5:]
+
+
+def test_our_unmasking_gives_wsprotos_bytes_for_any_chunking():
+    """The front door's numpy unmasking replaces wsproto's (see front_door.conn.XorMasker):
+    payloads cut into chunks anywhere, the key carried across them, give the same bytes."""
+    import random
+
+    from wsproto import frame_protocol
+
+    from policy_server.front_door.conn import WSPROTO_MASKER, XorMasker
+
+    assert frame_protocol.XorMaskerSimple is XorMasker  # what wsproto uses when it parses a header
+    rng = random.Random(7)
+    for _ in range(300):
+        key, data = os.urandom(4), os.urandom(rng.randrange(0, 5000))
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randrange(1, 7))))
+        pieces = [data[i:j] for i, j in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        ours, theirs = XorMasker(key), WSPROTO_MASKER(key)
+        assert b"".join(ours.process(p) for p in pieces) == b"".join(theirs.process(p) for p in pieces)
