@@ -1,17 +1,20 @@
-"""Structurally hostile bodies, generated: every field of an Open Inference Protocol request and
-of an encoded-image marker takes values of the wrong kind, wrong size or absurd range. Every
-one is answered 4xx JSON naming what is wrong (or 200 when it happens to be valid), never
-5xx, and the worker answers a good request exactly as before."""
+"""Structurally hostile bodies, generated: every field of an Open Inference Protocol request, of
+an encoded-image marker and of an openpi frame takes values of the wrong kind, wrong size or
+absurd range. Every one is answered 4xx naming what is wrong (JSON over HTTP, a text frame and
+a close on openpi's wire), or 200 when it happens to be valid, never 5xx, and the worker
+answers a good request exactly as before."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import openpi_wire
 from binary_protocol import dict_to_binary
 from policy_client.image_codecs import encode_array
 from policy_server.oip import codec as oip
@@ -242,3 +245,85 @@ def test_hostile_image_markers_are_4xx_never_5xx(client, marker, rows, listed):
 def test_after_every_generated_body_the_worker_answers_as_before(client):
     assert_worker_unchanged(client)
     assert not runtime_of(client.application).batcher_lost
+
+
+# -- openpi's WebSocket wire ----------------------------------------------------------
+
+
+def openpi_array(dtype: str, data: bytes, shape) -> dict:
+    return {"__ndarray__": True, "data": data, "dtype": dtype, "shape": shape}
+
+
+ARRAY_VALUES = {
+    "__ndarray__": st.one_of(st.just(True), WRONG_KINDS),
+    "dtype": st.one_of(
+        st.sampled_from(["<f4", "|O8", "|O", "<f8", ">f4", "=f4", "|u1", "<i8", "|b1", "<c8", "|V8", "<U4",
+                         "<M8", "|S4", "<f16", "<f3", "f4", "<f 4", "<f4\x00", "<f04", "|i4", "<u128"]),
+        WRONG_KINDS, st.binary(max_size=6),
+    ),
+    "shape": st.one_of(
+        st.sampled_from([[6], [1, 6], [0, HUGE, HUGE], [-1], [HUGE, HUGE], [6.0], [True], [2**64], [[6]], [0] * 40]),
+        WRONG_KINDS,
+    ),
+    "data": st.one_of(st.binary(max_size=64), WRONG_KINDS, st.just(b"\x41" * 48)),
+    "extra": WRONG_KINDS,
+}
+FIELD_VALUES = st.one_of(
+    WRONG_KINDS,
+    st.binary(max_size=16),
+    st.sampled_from([b"\xff\xfe", "\udcff", "x" * 70_000, [[[[[[[]]]]]]], {"cam": {"x": {}}}]),
+)
+
+
+@st.composite
+def openpi_frames(draw) -> bytes:
+    """A valid observation map, then a few fields or array members replaced, added or removed."""
+    import msgpack
+
+    obs = fake_observation(4)
+    frame = {
+        "state": openpi_array("<f4", obs["state"].tobytes(), list(obs["state"].shape)),
+        "image": openpi_array("|u1", obs["image"].tobytes(), list(obs["image"].shape)),
+    }
+    for _ in range(draw(st.integers(1, 3))):
+        where = draw(st.sampled_from(["state", "image", "prompt", "deadline_ms", "session_id", "model_version",
+                                      "endpoint", "images", "other"]))
+        if where in ("state", "image") and isinstance(frame[where], dict) and draw(st.booleans()):
+            member = draw(st.sampled_from(sorted(ARRAY_VALUES)))
+            if draw(st.booleans()) and member != "extra":
+                frame[where].pop(member, None)
+            else:
+                frame[where][member] = draw(ARRAY_VALUES[member])
+        else:
+            frame[where] = draw(FIELD_VALUES)
+    try:
+        payload = msgpack.packb(frame, use_bin_type=True)
+    except (ValueError, TypeError, OverflowError):  # a value msgpack cannot write: send garbage instead
+        payload = draw(st.binary(max_size=64))
+    return payload[: draw(st.integers(0, len(payload)))] if draw(st.integers(0, 9)) == 0 else payload
+
+
+@SETTINGS
+@given(payload=openpi_frames())
+def test_hostile_openpi_frames_are_refused_4xx_never_5xx(client, payload):
+    from policy_server.openpi.session import OpenpiSession
+
+    runtime = runtime_of(client.application)
+    session = OpenpiSession(runtime, runtime.config, None, "ws:/", "127.0.0.1", observe=lambda **_: None)
+    assert session.greeting() is not None
+    reply = session.handle(payload, time.monotonic())
+    if reply.data == "reset successful":  # a generated endpoint that happens to be RoboArena's reset
+        return
+    if isinstance(reply.data, str):  # a refusal: a text frame naming what is wrong, then close
+        status = reply.data.split(" ", 1)[0]
+        if status == "504":  # a generated deadline_ms too short for this box: rightly missed
+            import msgpack
+
+            deadline = msgpack.unpackb(payload)["deadline_ms"]
+            assert isinstance(deadline, (int, float)) and deadline < 1_000, (deadline, reply.data)
+            return
+        assert status.isdigit() and 400 <= int(status) < 500 and status != "499", reply.data
+        assert "Traceback" not in reply.data and reply.close is not None, reply.data
+    else:
+        answer = openpi_wire.decode(reply.data)
+        assert answer["actions"].shape == answer["action"].shape and np.isfinite(answer["actions"]).all()
