@@ -21,7 +21,7 @@ import requests
 from PIL import Image
 
 from binary_protocol import dict_to_binary, encoded_image
-from policy_server.errors import InvalidInput, QueueFull
+from policy_server.errors import DeadlineExceeded, InvalidInput, QueueFull
 from policy_server.inputs import images
 from policy_server.wsgi_keys import ByteBudget
 from tests.support.apps import make_app
@@ -127,6 +127,49 @@ def test_an_image_of_many_idat_chunks_as_encoders_write_them_still_decodes():
     np.testing.assert_array_equal(out, image)
 
 
+def test_a_pngs_compressed_text_and_profile_chunks_never_reach_the_decoder(monkeypatch):
+    """Pillow inflates every zTXt, compressed iTXt and iCCP chunk it meets (up to 1 MiB each):
+    60 of them in a 67 KB PNG cost 70 ms, 72 rows sharing it 5 s. Only IHDR, IDAT and IEND
+    are decoded, and the pixels are the same."""
+    from PIL import PngImagePlugin
+
+    image = fake_observation()["image"]
+    valid = png(image)
+    iend = valid.rindex(b"IEND") - 4
+    bomb = zlib.compress(b"\0" * (1 << 20), 9)  # 1 KB that inflates to 1 MiB
+    extras = (chunk(b"zTXt", b"k\0\0" + bomb) * 20 + chunk(b"iTXt", b"k\0\1\0\0\0" + bomb) * 20
+              + chunk(b"tEXt", b"k\0v") + chunk(b"gAMA", struct.pack(">I", 45455)))
+    padded = valid[:33] + chunk(b"iCCP", b"p\0\0" + bomb) + valid[33:iend] + extras + valid[iend:]
+    assert len(padded) < images.max_encoded_bytes(image.shape)  # inside every earlier bound
+    inflated = []
+    for name in ("chunk_zTXt", "chunk_iTXt", "chunk_iCCP", "chunk_tEXt"):
+        monkeypatch.setattr(PngImagePlugin.PngStream, name, lambda *a, name=name: inflated.append(name))
+    out = np.empty(image.shape, np.uint8)
+    images.decode_into(encoded_image("png", padded), out, "'image'")
+    assert inflated == []
+    np.testing.assert_array_equal(out, image)
+    assert images.png_pixel_chunks(padded) == images.png_pixel_chunks(valid)
+
+
+def test_decoding_stops_when_the_deadline_passes_between_images(monkeypatch):
+    """A vectorized request's images are decoded one after another; once its deadline has
+    passed the rest are not decoded (504), so a slow body cannot spend seconds past it."""
+    clock = iter(range(100))  # time.monotonic() as seen by the decoder: 0, 1, 2, ...
+    monkeypatch.setattr(images, "time", type("Clock", (), {"monotonic": staticmethod(lambda: next(clock))}))
+    decoded = []
+    monkeypatch.setattr(images, "_decode", lambda marker, out, where: decoded.append(where))
+    spec = FakePolicy().input_spec
+    with pytest.raises(DeadlineExceeded, match="while decoding images, before input 'image' row 3"):
+        with images.decoded_inputs(vectorized(8), spec, ("image",), 8, max_bytes=1 << 20, deadline=2.5):
+            pass
+    assert decoded == ["'image' row 0", "'image' row 1", "'image' row 2"]
+    later = time.monotonic() + 3600  # through the app: its deadline has passed by the first image
+    monkeypatch.setattr(images, "time", type("Clock", (), {"monotonic": staticmethod(lambda: later)}))
+    response = post(encodable_client(), vectorized(4), rows=4)
+    assert response.status_code == 504 and "while decoding images" in response.get_json()["detail"]
+    assert len(decoded) == 3
+
+
 # -- through a real worker ----------------------------------------------------------
 
 
@@ -227,6 +270,8 @@ def test_an_error_from_the_batcher_leaves_no_cycle_holding_the_decoded_images(mo
         decoded.append(weakref.ref(out.base if out.base is not None else out))
 
     monkeypatch.setattr(images, "_decode", spy)
+    # the decoder sees time stand still, so the deadline passes only in the batcher's queue
+    monkeypatch.setattr(images, "time", type("Clock", (), {"monotonic": staticmethod(lambda: 0.0)}))
     obs = {**fake_observation(), "image": encoded_image("png", png(fake_observation()["image"]))}
     body = dict_to_binary(obs)
     collecting = gc.isenabled()

@@ -20,6 +20,7 @@ import contextlib
 import io
 import math
 import struct
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from binary_protocol import IMAGE_CODECS, is_encoded_image
 from policy_server.contract import TensorSpec
-from policy_server.errors import InvalidInput, PayloadTooLarge, QueueFull
+from policy_server.errors import DeadlineExceeded, InvalidInput, PayloadTooLarge, QueueFull
 from policy_server.wsgi_keys import ByteBudget
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -51,6 +52,7 @@ def decoded_inputs(
     *,
     max_bytes: int,
     budget: ByteBudget | None = None,
+    deadline: float | None = None,
 ) -> Iterator[Mapping[str, Any]]:
     """``inputs`` with every encoded-image marker decoded to its uint8 array, for the ``with``
     block (the request's handling); the decoded bytes are held in ``budget`` until it ends.
@@ -64,7 +66,9 @@ def decoded_inputs(
     does not declare encodable, a malformed marker, an unknown codec, an encoded size past
     its bound, header dimensions or channels that disagree with the spec, data that does not
     decode; PayloadTooLarge (413) for a request that would decode to more than ``max_bytes``;
-    QueueFull (503, Retry-After) when the worker holds too much request data now.
+    QueueFull (503, Retry-After) when the worker holds too much request data now;
+    DeadlineExceeded (504) when ``deadline`` (``time.monotonic()``) passes between two images:
+    the rest are not decoded.
     """
     found = [name for name, value in inputs.items() if _holds_markers(value)]
     if not found:
@@ -102,6 +106,8 @@ def decoded_inputs(
         for name, shape, markers in plan:
             image = np.empty((len(markers), *shape) if rows is not None else shape, np.uint8)
             for i, (where, marker) in enumerate(markers):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise DeadlineExceeded(f"the deadline passed while decoding images, before input {where}")
                 _decode(marker, image[i] if rows is not None else image, where)
             out[name] = image
         yield out
@@ -181,7 +187,7 @@ def _decode(marker: dict, out: np.ndarray, where: str) -> None:
 
             simplejpeg.decode_jpeg(raw, colorspace="RGB" if out.shape[2] == 3 else "GRAY", buffer=out)
         else:
-            _decode_png(bytes(raw), out)
+            _decode_png(raw, out)
     except (ValueError, OSError, SyntaxError) as exc:
         raise InvalidInput(f"input {where}: {codec} data does not decode: {str(exc)[:200]}") from None
 
@@ -254,10 +260,33 @@ def png_header(data, where: str) -> tuple[int, int, int]:
     return height, width, PNG_COLOUR_CHANNELS[colour]
 
 
-def _decode_png(data: bytes, out: np.ndarray) -> None:
+PNG_PIXEL_CHUNKS = (b"IHDR", b"IDAT", b"IEND")
+
+
+def png_pixel_chunks(data) -> bytes:
+    """The PNG with only the chunks its pixels need (IHDR, IDAT, IEND; grey and RGB have no
+    palette), each kept whole with its CRC. Ancillary chunks never reach the decoder: Pillow
+    inflates every compressed text chunk and colour profile it meets (up to 1 MiB each), so a
+    small PNG of many zTXt chunks could keep a worker busy, and none of them changes a pixel.
+    Called after :func:`png_header` has bounded the chunk count."""
+    view = memoryview(data)
+    kept = [PNG_SIGNATURE]
+    offset = 8
+    while offset + 8 <= len(view):
+        end = offset + 12 + int.from_bytes(view[offset : offset + 4], "big")
+        kind = bytes(view[offset + 4 : offset + 8])
+        if kind in PNG_PIXEL_CHUNKS:
+            kept.append(bytes(view[offset:end]))
+        if kind == b"IEND":
+            break
+        offset = end
+    return b"".join(kept)
+
+
+def _decode_png(data, out: np.ndarray) -> None:
     from PIL import Image
 
-    with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+    with Image.open(io.BytesIO(png_pixel_chunks(data)), formats=["PNG"]) as image:
         if image.size != (out.shape[1], out.shape[0]):  # IHDR was checked; Pillow agrees or refuses
             raise ValueError(f"size {image.size}")
         pixels = np.asarray(image)

@@ -79,7 +79,7 @@ def infer_call(runtime, config: ServerConfig, call: Call):
     start = time.perf_counter()
     with decoded_inputs(
         call.inputs, model.input_spec, model.encoded_inputs, call.rows,
-        max_bytes=config.max_body_bytes, budget=call.budget,
+        max_bytes=config.max_body_bytes, budget=call.budget, deadline=call.deadline,
     ) as inputs:
         images_s = time.perf_counter() - start if inputs is not call.inputs else 0.0
         answer = runtime.infer(inputs, call.deadline, call.model, call.outputs, call.rows, target)
