@@ -269,6 +269,31 @@ def test_observation_not_matching_the_spec_is_refused_before_sending(stub, obs, 
     assert server.script.requests == []  # nothing was sent to /infer
 
 
+@pytest.mark.parametrize(
+    "prompt, reason",
+    [
+        (7, "is int, expected text"),
+        (b"reach red", "is bytes, expected text"),
+        ("é" * 9, "is 18 bytes of text, the model takes at most 16"),
+        ("reach \udcff", "is not valid UTF-8 text"),
+        (None, "missing"),
+    ],
+    ids=["int", "bytes", "too-long", "lone-surrogate", "missing"],
+)
+def test_text_not_matching_the_spec_is_refused_before_sending(stub, prompt, reason):
+    server, url = stub("ok")
+    server.script.inputs = [*server.script.inputs, {"name": "prompt", "dtype": "text", "shape": [], "max_bytes": 16}]
+    obs = {**OBS, "prompt": prompt} if prompt is not None else dict(OBS)
+    with PolicyClient(url) as client:
+        with pytest.raises(ObservationSpecError, match=reason) as info:
+            client.infer(obs)
+        assert info.value.field == "prompt"
+        with pytest.raises(ObservationSpecError, match="prompt"):
+            client.infer_batch([{**OBS, "prompt": "reach red"}, obs])
+        client.infer({**OBS, "prompt": "é" * 8})  # 16 bytes: sent
+    assert len(server.script.requests) == 1
+
+
 def test_spec_is_read_once_and_again_only_when_an_observation_stops_matching(stub):
     server, url = stub("ok")
     with PolicyClient(url) as client:

@@ -73,14 +73,18 @@ class ModelCatalog:
         return listing
 
     def versions_of(self, name: str, pointer: Pointer | None) -> dict[str, Any]:
-        """A model's canary and retained version (the store's, else this worker's), and what
-        every version this worker holds costs (``held_versions``: version, role, weight bytes)."""
+        """A model's canary (the store's, else this worker's) and its retained version while this
+        worker still holds it (null once the window after its last pinned request has closed: a
+        pin to it would be 409), and what every version this worker holds costs
+        (``held_versions``: version, role, weight bytes)."""
         held = self.runtime.held(name)
         if pointer is not None:
             canary, retained = pointer.canary, pointer.retained
             canary = {"version": str(canary.version), "fraction": canary.fraction, "since": canary.since} \
                 if canary else None
-            retained = {"version": str(retained.version), "since": retained.since} if retained else None
+            kept = held.retained.model.version if held and held.retained else None
+            retained = {"version": str(retained.version), "since": retained.since} \
+                if retained and str(retained.version) == kept else None
         else:
             candidate = held.candidate if held else None
             canary = {"version": candidate.model.version, "fraction": held.fraction} if candidate else None

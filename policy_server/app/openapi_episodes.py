@@ -17,8 +17,8 @@ CANARY = {
 }
 RETAINED = {
     "type": "object", "nullable": True,
-    "description": "The superseded version every worker keeps serving to pinned requests, until "
-                   "retain_previous_s after the last one",
+    "description": "The superseded version this worker still serves to pinned requests, until "
+                   "retain_previous_s after the last one; null once it is dropped",
     "properties": {"version": VERSION_STR, "since": {"type": "number", "description": "Unix time it was superseded"}},
 }
 VERSIONS = {
