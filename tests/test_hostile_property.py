@@ -271,7 +271,8 @@ ARRAY_VALUES = {
 FIELD_VALUES = st.one_of(
     WRONG_KINDS,
     st.binary(max_size=16),
-    st.sampled_from([b"\xff\xfe", "\udcff", "x" * 70_000, [[[[[[[]]]]]]], {"cam": {"x": {}}}]),
+    st.sampled_from([b"\xff\xfe", "\udcff", "x" * 70_000, [[[[[[[]]]]]]], {"cam": {"x": {}}},
+                     openpi_array("<f4", b"\0" * 8, [2]), openpi_array("<i8", b"\0" * 8, [])]),
 )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import selectors
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,25 @@ class Reply:
     record: Callable[[bool, int | None, float], None] | None = None
 
 
+def peer_went(sock) -> bool:
+    """True when the client of a WebSocket is gone: it reset the connection, closed its end
+    (a WebSocket client never half-closes while it waits for an answer), or what it sent
+    since is exactly one close frame. ``sock`` must be non-blocking. Only the kernel's
+    buffer is peeked; nothing is consumed."""
+    if reset_by_peer(sock):
+        return True
+    try:
+        pending = socket.socket.recv(sock, 2 + 4 + 125 + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    if not pending:
+        return True
+    # a client frame: FIN and the close opcode, then the mask bit and a length of at most 125
+    return pending[0] == 0x88 and bool(pending[1] & 0x80) and len(pending) == 2 + 4 + (pending[1] & 0x7F)
+
+
 class WebSocketReader:
     """The WebSocket half of the front door (a mixin over the reader and the worker).
 
@@ -91,7 +111,12 @@ class WebSocketReader:
         """Back from a request thread: read frames again, run a message that waited, or close."""
         ws = conn.ws
         if not keep or ws.proto.state.name != "OPEN":
-            self._close(conn)
+            if ws.proto.state.name == "LOCAL_CLOSING":  # our close frame went out: let the client's reply in
+                conn.sock.setblocking(False)
+                self.poller.register(conn.sock, selectors.EVENT_READ, conn.callback)
+                self._linger(conn)  # closing at once could reset the error text before the client reads it
+            else:
+                self._close(conn)
             return
         if not self.alive:
             self._ws_close(conn, GOING_AWAY, "server shutting down")
@@ -237,10 +262,11 @@ class WebSocketReader:
 
     def _ws_serve(self, conn, payload: bytes, size: int, arrived: float) -> bool:
         """Answer one message (on a request thread); True keeps the connection. A client that
-        reset its connection while its message waited for a thread is not computed for (499)."""
+        went while its message waited for a thread (a reset, its end of the connection closed,
+        or a close frame) is not computed for (499)."""
         ws = conn.ws
         try:
-            if reset_by_peer(conn.sock):  # while the socket is still non-blocking
+            if peer_went(conn.sock):  # while the socket is still non-blocking
                 self.obs.count_vanished(ws.session.route, None, conn.addr, time.monotonic() - arrived,
                                         "before its message ran")
                 return False
@@ -254,16 +280,17 @@ class WebSocketReader:
         """Write ``reply`` (blocking, bounded by the socket's timeout; a request thread)."""
         ws = conn.ws
         replaced = None
-        if reply.deadline is not None and time.monotonic() > reply.deadline:  # never a late action
+        message = TextMessage(data=reply.data) if isinstance(reply.data, str) else BytesMessage(data=reply.data)
+        out = ws.proto.send(message)
+        committed = time.monotonic()  # its latency ends here, as an HTTP answer's at its status line
+        if reply.deadline is not None and committed > reply.deadline:  # never a late action
             self.obs.count_late_answer("write")
             late = ws.session.late(reply)
             replaced, reply = 504, Reply(late.data, late.close, None, reply.record)
-        message = TextMessage(data=reply.data) if isinstance(reply.data, str) else BytesMessage(data=reply.data)
-        out = ws.proto.send(message)
+            out = ws.proto.send(TextMessage(data=reply.data))
         if reply.close is not None:
             out += ws.proto.send(CloseConnection(code=reply.close))
         delivered = False
-        committed = time.monotonic()  # its latency ends here, as an HTTP answer's at its status line
         try:
             conn.sock.settimeout(SEND_TIMEOUT_S)
             conn.sock.sendall(out)

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "robot-policy-server"
 ERROR_CLOSE = 1011  # internal error: what openpi's server closes with after an error frame
+PROMPT = "prompt"  # openpi's instruction field: dropped for a model without an input of that name
 RESERVED = ("endpoint", "session_id", "deadline_ms", "model_version")  # request fields that are not observations
 
 
@@ -134,7 +135,10 @@ class OpenpiSession:
             if endpoint == "reset":
                 self.pinned = None  # a new episode: its first answer pins it
                 return Reply("reset successful", record=self._recorder(request_id, arrived, 200, None))
-            call = Call(self.model, flatten(request), deadline, version=asked or self.pinned, episode=self.session_id)
+            inputs = flatten(request)
+            if PROMPT in inputs and not self._takes_prompt():
+                del inputs[PROMPT]  # openpi's examples send one to every policy; one without text ignores it
+            call = Call(self.model, inputs, deadline, version=asked or self.pinned, episode=self.session_id)
             answer = infer_call(self.runtime, self.config, call)
             self.pinned = answer.version
             data = openpi_wire.encode(self._answer_map(answer, arrived))
@@ -158,7 +162,7 @@ class OpenpiSession:
 
     def _take_reserved(self, request: dict, arrived: float) -> tuple[str, float, str | None]:
         endpoint = request.pop("endpoint", "infer")
-        if endpoint not in ("infer", "reset"):
+        if not isinstance(endpoint, str) or endpoint not in ("infer", "reset"):
             raise BadRequest(f"endpoint must be 'infer' or 'reset', got {str(endpoint)[:20]!r}")
         session_id = request.pop("session_id", None)
         if session_id is not None:
@@ -182,6 +186,13 @@ class OpenpiSession:
         if endpoint == "infer" and deadline <= now:
             raise DeadlineExceeded(f"deadline passed {1e3 * (now - deadline):.1f} ms before the frame reached a thread")
         return endpoint, deadline, pin
+
+    def _takes_prompt(self) -> bool:
+        """Whether the model (the version this connection is pinned to, else the stable one)
+        has an input named ``prompt``."""
+        held = self.runtime.held(self.model or self.runtime.default_name)
+        served = (held.get(self.pinned) if held and self.pinned else None) or self.runtime.served(self.model)
+        return any(spec.name == PROMPT for spec in served.model.input_spec)
 
     def _answer_map(self, answer, arrived: float) -> dict[str, Any]:
         held = self.runtime.held(self.model or self.runtime.default_name)
