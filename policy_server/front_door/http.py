@@ -176,6 +176,26 @@ def reset_by_peer(sock) -> bool:
     return False
 
 
+def peer_went(sock) -> bool:
+    """True when the client of a WebSocket is gone: it reset the connection, closed its end
+    (a WebSocket client never half-closes while it waits for an answer), or what it sent
+    since is exactly one close frame (over TLS only the first two are seen: its frames are
+    encrypted). ``sock`` must be non-blocking. Only the kernel's buffer is peeked; nothing
+    is consumed."""
+    if reset_by_peer(sock):
+        return True
+    try:
+        pending = socket.socket.recv(sock, 2 + 4 + 125 + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+    if not pending:
+        return True
+    # a client frame: FIN and the close opcode, then the mask bit and a length of at most 125
+    return pending[0] == 0x88 and bool(pending[1] & 0x80) and len(pending) == 2 + 4 + (pending[1] & 0x7F)
+
+
 def past_deadline(environ: dict, head: list) -> bool:
     """True when the app's answer is a 2xx and the request's deadline (``environ[DEADLINE]``,
     set by the app) passed before its status line could be written."""

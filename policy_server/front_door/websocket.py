@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import selectors
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, T
 from wsproto.frame_protocol import Opcode
 
 from policy_server.front_door.conn import BUSY, WS_IDLE, WS_READING, WebSocket
-from policy_server.front_door.http import reset_by_peer
+from policy_server.front_door.http import peer_went
 from policy_server.front_door.reader import SEND_TIMEOUT_S
 
 log = logging.getLogger("policy_server.front_door.worker")
@@ -61,25 +60,6 @@ class Reply:
     close: int | None = None
     deadline: float | None = None
     record: Callable[[bool, int | None, float], None] | None = None
-
-
-def peer_went(sock) -> bool:
-    """True when the client of a WebSocket is gone: it reset the connection, closed its end
-    (a WebSocket client never half-closes while it waits for an answer), or what it sent
-    since is exactly one close frame. ``sock`` must be non-blocking. Only the kernel's
-    buffer is peeked; nothing is consumed."""
-    if reset_by_peer(sock):
-        return True
-    try:
-        pending = socket.socket.recv(sock, 2 + 4 + 125 + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
-    if not pending:
-        return True
-    # a client frame: FIN and the close opcode, then the mask bit and a length of at most 125
-    return pending[0] == 0x88 and bool(pending[1] & 0x80) and len(pending) == 2 + 4 + (pending[1] & 0x7F)
 
 
 class WebSocketReader:
