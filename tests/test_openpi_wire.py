@@ -180,6 +180,11 @@ HOSTILE = {
     "an array as the endpoint": (
         frame(msgpack.packb({"endpoint": ndarray("<f4", b"\0" * 8, [2])}, use_bin_type=True)), 1011,
         "endpoint must be"),
+    "a reserved opcode": (frame(b"x", 0x3), 1002, "400 bad request: malformed frame"),
+    "a reserved bit set": ((lambda f: bytes([f[0] | 0x40]) + f[1:])(frame(b"x")), 1002, "malformed frame"),
+    "an unmasked frame": (bytes([0x82, 0x01]) + b"x", 1002, "malformed frame"),
+    "a continuation with nothing to continue": (frame(b"x", 0x0), 1002, "malformed frame"),
+    "invalid UTF-8 in a text frame": (frame(b"\xff\xfe", TEXT), 1007, "malformed frame"),
     "a message over the size limit": (frame(b"\0" * ((4 << 20) + 1)), 1009, "over the limit of 4194304"),
     "a message over the limit in fragments": (
         frame(b"\0" * (3 << 20), fin=False) + frame(b"\0" * (2 << 20), 0x0), 1009, "over the limit of 4194304"),

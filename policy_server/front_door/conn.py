@@ -11,6 +11,7 @@ request thread has it only while ``BUSY``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,6 +180,20 @@ class FrameHeaders(Extension):
             if opcode is not Opcode.CONTINUATION:
                 self.opened = opcode
         return RsvBits(False, False, False)
+
+
+@dataclass
+class Reply:
+    """What a request thread writes for one message: a binary (bytes) or text (str) frame,
+    then a close with ``close`` when set. ``deadline`` (time.monotonic()): a 2xx-like reply
+    not written by then is replaced by the session's ``late`` reply. ``record(delivered,
+    replaced_status, committed)`` counts it once it was written (or not); ``committed`` is
+    when it was handed to the socket."""
+
+    data: bytes | str
+    close: int | None = None
+    deadline: float | None = None
+    record: Callable[[bool, int | None, float], None] | None = None
 
 
 @dataclass

@@ -30,13 +30,11 @@ from __future__ import annotations
 import logging
 import selectors
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
 from wsproto.frame_protocol import Opcode
 
-from policy_server.front_door.conn import BUSY, WS_IDLE, WS_READING, WebSocket
+from policy_server.front_door.conn import BUSY, WS_IDLE, WS_READING, Reply, WebSocket
 from policy_server.front_door.http import peer_went
 from policy_server.front_door.reader import SEND_TIMEOUT_S
 
@@ -46,20 +44,6 @@ log = logging.getLogger("policy_server.front_door.worker")
 GOING_AWAY, UNSUPPORTED_DATA, POLICY_VIOLATION, TOO_BIG, TRY_AGAIN_LATER = 1001, 1003, 1008, 1009, 1013
 REFUSALS = {400: "bad request", 408: "request timeout", 413: "payload too large", 503: "overloaded"}
 FRAMES_BASE = 64  # frames one message may take, plus one per KiB of it (a flood of empty fragments costs a poller)
-
-
-@dataclass
-class Reply:
-    """What a request thread writes for one message: a binary (bytes) or text (str) frame,
-    then a close with ``close`` when set. ``deadline`` (time.monotonic()): a 2xx-like reply
-    not written by then is replaced by the session's ``late`` reply. ``record(delivered,
-    replaced_status, committed)`` counts it once it was written (or not); ``committed`` is
-    when it was handed to the socket."""
-
-    data: bytes | str
-    close: int | None = None
-    deadline: float | None = None
-    record: Callable[[bool, int | None, float], None] | None = None
 
 
 class WebSocketReader:
@@ -146,6 +130,8 @@ class WebSocketReader:
             elif isinstance(event, CloseConnection):
                 if ws.headers.declared:  # our frame-header check, not the peer
                     self._ws_too_big(conn, now)
+                elif ws.proto.state.name == "OPEN":  # wsproto could not parse a frame: not the peer's close
+                    self._ws_malformed(conn, event, now)
                 else:
                     self._ws_closed_by_peer(conn, event)
                 return
@@ -173,6 +159,13 @@ class WebSocketReader:
             self._ws_begin(conn, now, False)
         self._ws_refuse(conn, TOO_BIG, 413, f"a frame declares {ws.headers.declared} bytes, over the limit of "
                         f"{self.settings.max_body_bytes} for a message", "too_large")
+
+    def _ws_malformed(self, conn, event: CloseConnection, now: float) -> None:
+        """A frame that breaks RFC 6455 (a reserved opcode or bit, no mask, invalid UTF-8 in
+        a text frame, a stray continuation): a text refusal, then wsproto's close code (1002, 1007)."""
+        if conn.state == WS_IDLE:
+            self._ws_begin(conn, now, False)
+        self._ws_refuse(conn, event.code, 400, f"malformed frame: {event.reason}"[:200], "malformed")
 
     def _ws_part(self, conn, event: Message, now: float) -> bool:
         """One piece of a message; False when the connection was refused and closed."""

@@ -42,7 +42,7 @@ import openpi_wire
 from binary_protocol import ProtocolError
 from policy_server.config import ServerConfig
 from policy_server.errors import BadRequest, DeadlineExceeded, InvalidInput, NotReady, ServingError
-from policy_server.front_door.websocket import Reply
+from policy_server.front_door.conn import Reply
 from policy_server.inputs.episodes import parse_episode_id, parse_version
 from policy_server.serving.inference import Call, infer_call
 
