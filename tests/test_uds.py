@@ -69,7 +69,10 @@ def test_missing_socket_is_a_connection_error(tmp_path):
 @pytest.mark.integration
 def test_socket_beside_tcp_gives_the_same_answers(tmp_path):
     sock = tmp_path / "policy.sock"
-    with run_server(tmp_path, workers=1, args=("--uds", str(sock), "--uds-mode", "600")) as server:
+    # every request waits 30 ms for company, so a round trip spans several 10 ms steps of the
+    # runner below however fast the box (requests overlap: the runner must clone its client)
+    args = ("--uds", str(sock), "--uds-mode", "600", "--max-batch-delay-ms", "30")
+    with run_server(tmp_path, workers=1, args=args) as server:
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600 and stat.S_ISSOCK(os.stat(sock).st_mode)
         from examples.reacher import ReacherEnv
 
@@ -85,7 +88,7 @@ def test_socket_beside_tcp_gives_the_same_answers(tmp_path):
                 np.testing.assert_array_equal(twin.infer(obs)["action"], expected)
             # the chunk runner clones its client for each request it keeps in flight
             with ChunkRunner(uds, rate_hz=100, request_ahead=HORIZON_OF_DEFAULT, max_in_flight=3) as runner:
-                clock = LoopClock(100)  # 10 ms steps: a round trip spans several, so requests overlap
+                clock = LoopClock(100)  # 10 ms steps
                 for _ in range(60):
                     runner.act(obs)
                     clock.tick()
