@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 
 import pytest
 import requests
 
 from binary_protocol import dict_to_binary
-from policy_server.telemetry.stats import RequestStats, summarize
+from policy_server.telemetry.stats import RequestStats, StatsReporter, summarize
 from request_tools import PolicyClient
 from tests.support.apps import make_app
 from tests.support.fakes import fake_observation
@@ -107,6 +108,18 @@ def test_summarize_merges_workers_and_windows_throughput():
 
 
 @pytest.mark.integration
+def test_a_worker_is_counted_in_stats_from_its_start_not_its_first_interval(tmp_path):
+    """A worker's first snapshot is published when its reporter starts (before it logs
+    ready), so /stats counts an idle worker at once; /stats once said 3 of 4 workers."""
+    reporter = StatsReporter(RequestStats(), str(tmp_path), interval_s=3600)
+    try:
+        reporter.start()
+        assert list(reporter.board.read()) == [os.getpid()]
+        assert summarize(list(reporter.board.read().values()))["workers"] == 1
+    finally:
+        reporter.stop()
+
+
 def test_metrics_and_stats_add_up_over_four_workers(tmp_path):
     root = tmp_path / "models"
     write_tiny_model(root / "tiny", tag=0.0)
@@ -124,7 +137,7 @@ def test_metrics_and_stats_add_up_over_four_workers(tmp_path):
 
         def every_window_published() -> dict | None:  # siblings publish their statistics every second
             stats = requests.get(server.base_url + "/stats", timeout=10).json()
-            return stats if stats["window_requests"] == sent else None  # totals: at once (Prometheus)
+            return stats if stats["window_requests"] == sent and stats["workers"] == 4 else None
 
         stats = eventually(every_window_published, 10, f"/stats windows adding up to {sent}", every_s=0.2,
                            context=lambda: requests.get(server.base_url + "/stats", timeout=10).json())

@@ -164,10 +164,12 @@ class PolicyRuntime:
             log.warning("worker %d follows the store: a version of %s that loads will be served", os.getpid(),
                         self.default_name)
         else:
+            self.reporter.start()  # its first snapshot before "ready": /stats counts every ready worker
             self._log_ready()
+        if not self.reporter.started:
+            self.reporter.start()
         self._serving = True
         self._settled.set()
-        self.reporter.start()
         if self.follower is not None:
             self.follower.start(self._stopping)
         try:

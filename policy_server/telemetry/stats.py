@@ -80,8 +80,12 @@ class StatsReporter:
         self.board = WorkerStatusBoard(run_dir, "stats", prune_dead=False)
         self.interval_s = interval_s
         self._stopping = threading.Event()
+        self.started = False
 
     def start(self) -> None:
+        """Publish a first snapshot now, then one every ``interval_s`` (a thread)."""
+        self.started = True
+        self._publish()
         threading.Thread(target=self._report, name="policy-stats", daemon=True).start()
 
     def stop(self) -> None:
@@ -91,10 +95,13 @@ class StatsReporter:
 
     def _report(self) -> None:
         while not self._stopping.wait(self.interval_s):
-            try:
-                self.board.publish(self.stats.snapshot())
-            except OSError:
-                log.exception("writing request statistics failed")
+            self._publish()
+
+    def _publish(self) -> None:
+        try:
+            self.board.publish(self.stats.snapshot())
+        except OSError:
+            log.exception("writing request statistics failed")
 
 
 def _spread(values_s: list[float]) -> dict[str, float | None]:
