@@ -182,14 +182,12 @@ def peer_went(sock) -> bool:
     since is exactly one close frame (over TLS only the first two are seen: its frames are
     encrypted). ``sock`` must be non-blocking. Only the kernel's buffer is peeked; nothing
     is consumed."""
-    if reset_by_peer(sock):
-        return True
     try:
         pending = socket.socket.recv(sock, 2 + 4 + 125 + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return False
-    except OSError:
-        return True
+    except OSError as exc:
+        return exc.errno in GONE  # as reset_by_peer
     if not pending:
         return True
     # a client frame: FIN and the close opcode, then the mask bit and a length of at most 125

@@ -245,19 +245,24 @@ def png_header(data, where: str) -> tuple[int, int, int]:
     width, height, depth, colour = struct.unpack(">IIBB", head[16:26])
     if depth != 8 or colour not in PNG_COLOUR_CHANNELS or head[28] != 0:
         raise InvalidInput(f"input {where}: PNG must be 8-bit grey or RGB, not interlaced")
-    view = memoryview(data)
-    most = PNG_CHUNKS_BASE + len(view) // 1024
-    offset, chunks = 8, 0
-    while offset + 8 <= len(view):
-        chunks += 1
+    most = PNG_CHUNKS_BASE + len(data) // 1024
+    for chunks, _ in enumerate(_png_chunks(memoryview(data)), 1):
         if chunks > most:
-            raise InvalidInput(f"input {where}: PNG has more than {most} chunks for its {len(view)} bytes")
-        length = int.from_bytes(view[offset : offset + 4], "big")
-        kind = bytes(view[offset + 4 : offset + 8])
-        offset += 12 + length
-        if kind == b"IEND":
-            break
+            raise InvalidInput(f"input {where}: PNG has more than {most} chunks for its {len(data)} bytes")
     return height, width, PNG_COLOUR_CHANNELS[colour]
+
+
+def _png_chunks(view: memoryview) -> Iterator[tuple[bytes, memoryview]]:
+    """Each chunk of a PNG as (type, the whole chunk: length, type, data and CRC), up to IEND
+    or the data's end (a last chunk cut short comes as far as it goes)."""
+    offset = 8
+    while offset + 8 <= len(view):
+        end = offset + 12 + int.from_bytes(view[offset : offset + 4], "big")
+        kind = bytes(view[offset + 4 : offset + 8])
+        yield kind, view[offset:end]
+        if kind == b"IEND":
+            return
+        offset = end
 
 
 PNG_PIXEL_CHUNKS = (b"IHDR", b"IDAT", b"IEND")
@@ -269,18 +274,7 @@ def png_pixel_chunks(data) -> bytes:
     inflates every compressed text chunk and colour profile it meets (up to 1 MiB each), so a
     small PNG of many zTXt chunks could keep a worker busy, and none of them changes a pixel.
     Called after :func:`png_header` has bounded the chunk count."""
-    view = memoryview(data)
-    kept = [PNG_SIGNATURE]
-    offset = 8
-    while offset + 8 <= len(view):
-        end = offset + 12 + int.from_bytes(view[offset : offset + 4], "big")
-        kind = bytes(view[offset + 4 : offset + 8])
-        if kind in PNG_PIXEL_CHUNKS:
-            kept.append(bytes(view[offset:end]))
-        if kind == b"IEND":
-            break
-        offset = end
-    return b"".join(kept)
+    return PNG_SIGNATURE + b"".join(chunk for kind, chunk in _png_chunks(memoryview(data)) if kind in PNG_PIXEL_CHUNKS)
 
 
 def _decode_png(data, out: np.ndarray) -> None:

@@ -190,13 +190,15 @@ class OpenpiSession:
     def _takes_prompt(self) -> bool:
         """Whether the model (the version this connection is pinned to, else the stable one)
         has an input named ``prompt``."""
+        return any(spec.name == PROMPT for spec in self._loaded(self.pinned).input_spec)
+
+    def _loaded(self, version: str | None):
+        """The model of ``version`` while this worker holds it, else the stable one."""
         held = self.runtime.held(self.model or self.runtime.default_name)
-        served = (held.get(self.pinned) if held and self.pinned else None) or self.runtime.served(self.model)
-        return any(spec.name == PROMPT for spec in served.model.input_spec)
+        return ((held.get(version) if held and version else None) or self.runtime.served(self.model)).model
 
     def _answer_map(self, answer, arrived: float) -> dict[str, Any]:
-        held = self.runtime.held(self.model or self.runtime.default_name)
-        loaded = ((held.get(answer.version) if held else None) or self.runtime.served(self.model)).model
+        loaded = self._loaded(answer.version)
         action, horizon = action_output(loaded.output_spec)
         out: dict[str, Any] = {
             name: value for name, value in answer.outputs.items()

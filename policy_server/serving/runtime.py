@@ -163,11 +163,9 @@ class PolicyRuntime:
             # instance sharing it, makes this worker ready (held WebSocket clients included).
             log.warning("worker %d follows the store: a version of %s that loads will be served", os.getpid(),
                         self.default_name)
-        else:
-            self.reporter.start()  # its first snapshot before "ready": /stats counts every ready worker
+        self.reporter.start()  # its first snapshot before "ready": /stats counts every ready worker
+        if self._failure is None:
             self._log_ready()
-        if not self.reporter.started:
-            self.reporter.start()
         self._serving = True
         self._settled.set()
         if self.follower is not None:

@@ -80,11 +80,9 @@ class StatsReporter:
         self.board = WorkerStatusBoard(run_dir, "stats", prune_dead=False)
         self.interval_s = interval_s
         self._stopping = threading.Event()
-        self.started = False
 
     def start(self) -> None:
         """Publish a first snapshot now, then one every ``interval_s`` (a thread)."""
-        self.started = True
         self._publish()
         threading.Thread(target=self._report, name="policy-stats", daemon=True).start()
 
